@@ -1,0 +1,3 @@
+from chute.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,520 @@
+"""The `chute` command: one subcommand per verb, exit codes 0 ok, 1 failed, 2 usage or input.
+
+Owns: argument parsing, what each command prints, and exit codes. Not here: what the
+commands do (chute.engine, chute.rundir, chute.spec).
+Diagnostics: user mistakes print one line per problem to stderr and exit 2; a failed run
+exits 1; a chute bug prints a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+
+from chute import logs, rundir
+from chute.clock import Clock
+from chute.config import Config, ConfigError, load_config
+from chute.engine import runs
+from chute.engine.loop import ActiveRun, Engine
+from chute.local import LocalExecutor
+from chute.spec import SpecError, json_schema, load_file
+from chute.spec.model import Pipeline
+from chute.spool import Spool, resolve_spool
+from chute.topology import Topology, format_cpulist, read_topology
+from chute.units import format_duration
+
+log = logging.getLogger("chute")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A mistake of the caller: printed as one line per problem, exit 2."""
+
+
+# -- shared plumbing -------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _spool(args: argparse.Namespace, config: Config) -> Spool:
+    return resolve_spool(args.spool, config)
+
+
+def _topology(config: Config) -> Topology:
+    try:
+        return read_topology(
+            cpus=config.cpus, reserve_cpus=config.reserve_cpus, memory=config.memory
+        )
+    except ValueError as exc:
+        raise UsageError(f"config: {exc}") from None
+
+
+def _load(path: str, config: Config, topo: Topology) -> tuple[Pipeline, bytes]:
+    try:
+        return load_file(
+            path,
+            max_file_size=config.max_file_size,
+            node_cpus=len(topo.cpus),
+            node_memory=topo.memory,
+        )
+    except SpecError as exc:
+        raise UsageError("\n".join(str(i) for i in exc.issues)) from None
+
+
+def _find(spool: Spool, ref: str) -> Path:
+    try:
+        return rundir.find_run(spool, ref)
+    except rundir.UnknownRun as exc:
+        raise UsageError(str(exc)) from None
+
+
+# -- validate --------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    topo = _topology(config)
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            pipeline, _ = _load(path, config, topo)
+        except UsageError as exc:
+            print(exc, file=sys.stderr)
+            status = EXIT_USAGE
+            continue
+        print(f"{path}: ok: {pipeline.kind} {pipeline.name}, {_plan(pipeline)}")
+    return status
+
+
+def _plan(p: Pipeline) -> str:
+    """The stage plan: stages in topological order with what each waits for."""
+    when = "runs now" if p.schedule is None else f"scheduled ({_trigger_text(p)})"
+    lines = [f"{len(p.stages)} stage{'s' if len(p.stages) != 1 else ''}, {when}"]
+    for s in p.stages:
+        what = f"run: {s.run}" if s.run is not None else f"call: {s.call}"
+        extra = [f"cpus={s.cpus}"]
+        if s.shards is not None:
+            extra.append(f"shards={s.shards.count}")
+        if s.depends_on:
+            extra.append(f"after {', '.join(s.depends_on)}")
+        lines.append(f"  {s.name}: {what[:60]} ({', '.join(extra)})")
+    return "\n".join(lines)
+
+
+def _trigger_text(p: Pipeline) -> str:
+    s = p.schedule
+    assert s is not None
+    if s.cron is not None:
+        return f"cron {s.cron} {s.timezone}"
+    if s.every is not None:
+        return f"every {format_duration(s.every)}"
+    return f"at {s.at}"
+
+
+# -- run, retry: one run in the foreground ---------------------------------------------------
+
+
+class Progress:
+    """A live status line on a terminal; nothing otherwise (the log lines tell the story)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._last = 0.0
+        self._width = 0
+
+    def update(self, run: ActiveRun, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        counts = run.graph.counts()
+        done = sum(counts.get(k, 0) for k in ("succeeded", "cached", "fallback"))
+        failed = sum(counts.get(k, 0) for k in ("failed", "timed_out"))
+        line = (
+            f"{run.pipeline.name} {run.run_id}: {done}/{len(run.graph.stages)} done, "
+            f"{counts.get('running', 0)} running, {counts.get('waiting', 0)} waiting, "
+            f"{failed} failed"
+        )
+        pad = max(0, self._width - len(line))
+        self._width = len(line)
+        sys.stdout.write("\r" + line + " " * pad)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._width:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def _foreground(spool: Spool, config: Config, topo: Topology, make: Callable[[], ActiveRun]) -> int:
+    """Run one run to its end in this process; Ctrl-C or SIGTERM cancels it."""
+    spool.ensure()
+    stop = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop
+        stop = True
+        executor.wake()
+
+    executor = LocalExecutor(kill_grace=config.kill_grace, max_workers=len(topo.cpus))
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    progress = Progress(sys.stdout.isatty())
+    try:
+        engine = Engine(spool=spool, executor=executor, topology=topo, policy=config.policy)
+        run = make()
+        engine.add(run)
+        log.info("%s run started pipeline=%s", run.run_id, run.pipeline.name)
+
+        def should_stop() -> bool:
+            progress.update(run)
+            return stop
+
+        engine.run_until_done(should_stop)
+        progress.update(run, force=True)
+    finally:
+        progress.close()
+        executor.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    print(summary(run.dir))
+    return EXIT_OK if run.record["state"] == "succeeded" else EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    spool = _spool(args, config)
+    topo = _topology(config)
+    pipeline, raw = _load(args.file, config, topo)
+    if pipeline.schedule is not None:
+        log.warning(
+            "%s: has a schedule; `chute run` runs it once now (the daemon would schedule it)",
+            args.file,
+        )
+    clock = Clock()
+
+    def make() -> ActiveRun:
+        return runs.create_run(
+            spool,
+            pipeline,
+            raw,
+            trigger={"type": "run", "source": str(Path(args.file).absolute())},
+            now=clock.now(),
+        )
+
+    return _foreground(spool, config, topo, make)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    config = _config(args)
+    spool = _spool(args, config)
+    topo = _topology(config)
+    old_dir = _find(spool, args.run)
+    old = rundir.read_json(old_dir / "run.json")
+    pipeline, raw = _load(str(old_dir / "spec.yaml"), config, topo)
+    if args.from_stage is not None and args.from_stage not in {s.name for s in pipeline.stages}:
+        names = ", ".join(s.name for s in pipeline.stages)
+        raise UsageError(
+            f"--from {args.from_stage}: no such stage in {old['run_id']} (stages: {names})"
+        )
+    if old.get("state") in ("queued", "running"):
+        raise UsageError(f"{old['run_id']}: still {old['state']}; retry it once it has ended")
+    try:
+        reused = runs.reusable_stages(old_dir, pipeline, args.from_stage)
+    except FileNotFoundError:
+        reused = {}
+    clock = Clock()
+
+    def make() -> ActiveRun:
+        run = runs.create_run(
+            spool,
+            pipeline,
+            raw,
+            trigger={"type": "retry", "source": old["run_id"]},
+            now=clock.now(),
+            run_date=old.get("run_date"),
+            resumed_from=old["run_id"],
+            reused=reused,
+        )
+        runs.copy_reused(old_dir, run.dir, list(reused))
+        log.info(
+            "%s retry of %s keeps %d stage(s): %s",
+            run.run_id,
+            old["run_id"],
+            len(reused),
+            ", ".join(reused) or "none",
+        )
+        return run
+
+    return _foreground(spool, config, topo, make)
+
+
+# -- show, logs ------------------------------------------------------------------------------
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def summary(run_dir: Path) -> str:
+    """The execution summary of a run: one row per stage (and shard), then the total."""
+    rec = rundir.read_json(run_dir / "run.json")
+    try:
+        stages: list[dict[str, Any]] = rundir.read_json(run_dir / "manifest.json")["stages"]
+    except FileNotFoundError:
+        stages = []
+    head = (
+        f"run {rec['run_id']}  pipeline {rec['pipeline']}  state {rec['state']}"
+        f"  trigger {rec['trigger'].get('type')}"
+    )
+    if rec.get("resumed_from"):
+        head += f"  resumed_from {rec['resumed_from']}"
+    rows: list[list[str]] = [["STAGE", "STATE", "ATTEMPTS", "DURATION", "CORES"]]
+
+    def dur(v: float | None) -> str:
+        return "-" if v is None else format_duration(v)
+
+    for s in stages:
+        rows.append(
+            [
+                s["name"],
+                s["state"],
+                str(len(s["attempts"])) if not s["shards"] else "-",
+                dur(s["duration_seconds"]),
+                format_cpulist(s["cores"]) if s["cores"] else "-",
+            ]
+        )
+        for sh in s["shards"]:
+            rows.append(
+                [
+                    f"  [{sh['index']}]",
+                    sh["state"],
+                    str(len(sh["attempts"])),
+                    dur(sh["duration_seconds"]),
+                    format_cpulist(sh["cores"]) if sh["cores"] else "-",
+                ]
+            )
+    counts: dict[str, int] = {}
+    for s in stages:
+        counts[s["state"]] = counts.get(s["state"], 0) + 1
+    tally = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    rows.append(["total", tally or "-", "", dur(rec.get("duration_seconds")), ""])
+    lines = [head, *_table(rows)]
+    if rec.get("error"):
+        lines.append(f"error: {rec['error']}")
+    lines.append(f"folder: {run_dir}")
+    return "\n".join(lines)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    config = _config(args)
+    spool = _spool(args, config)
+    run_dir = _find(spool, args.run)
+    if args.json:
+        doc = {
+            "run": rundir.read_json(run_dir / "run.json"),
+            "manifest": rundir.read_json(run_dir / "manifest.json")
+            if (run_dir / "manifest.json").exists()
+            else None,
+        }
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(summary(run_dir))
+    return EXIT_OK
+
+
+def _log_files(run_dir: Path, stage: str | None) -> list[tuple[str, Path]]:
+    stages_dir = run_dir / "stages"
+    if stage is not None:
+        if not (stages_dir / stage).is_dir():
+            spec_names: list[str] = []
+            try:
+                manifest = rundir.read_json(run_dir / "manifest.json")
+                spec_names = [s["name"] for s in manifest["stages"]]
+            except FileNotFoundError:
+                pass
+            known = ", ".join(spec_names) or "none ran yet"
+            raise UsageError(f"{stage}: no such stage in {run_dir.name} (stages: {known})")
+        names = [stage]
+    else:
+        names = sorted(p.name for p in stages_dir.iterdir()) if stages_dir.is_dir() else []
+    out: list[tuple[str, Path]] = []
+    for name in names:
+        folder = stages_dir / name
+        if (folder / "log").exists():
+            out.append((name, folder / "log"))
+        shards = sorted(
+            (p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+        )
+        out.extend((f"{name}[{p.name}]", p / "log") for p in shards if (p / "log").exists())
+    return out
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    config = _config(args)
+    spool = _spool(args, config)
+    run_dir = _find(spool, args.run)
+    files = _log_files(run_dir, args.stage)
+    if not args.follow:
+        for name, path in files:
+            if len(files) > 1 or args.stage is None:
+                print(f"==> {name} <==")
+            sys.stdout.write(path.read_text(errors="replace"))
+        return EXIT_OK
+    return _follow(run_dir, args.stage)
+
+
+def _follow(run_dir: Path, stage: str | None) -> int:
+    """Print logs as they grow until the run has ended."""
+    offsets: dict[Path, int] = {}
+    while True:
+        final = rundir.read_json(run_dir / "run.json")["state"] in rundir.FINAL_RUN_STATES
+        for name, path in _log_files(run_dir, stage):
+            with open(path, "rb") as f:
+                f.seek(offsets.get(path, 0))
+                chunk = f.read()
+                offsets[path] = f.tell()
+            if chunk:
+                for line in chunk.decode(errors="replace").splitlines():
+                    print(f"{name}: {line}")
+                sys.stdout.flush()
+        if final:
+            return EXIT_OK
+        time.sleep(0.2)
+
+
+# -- schema ----------------------------------------------------------------------------------
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    if args.what == "spec":
+        doc: Any = json_schema()
+    else:
+        text = resources.files("chute").joinpath(f"schemas/{args.what}.schema.json").read_bytes()
+        doc = orjson.loads(text)
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--spool", help="spool folder (default: $CHUTE_SPOOL, the config's, ./spool)"
+    )
+    common.add_argument(
+        "--config", help="config file (default: $CHUTE_CONFIG, /etc/chute/chute.yaml)"
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+    common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+    parser = argparse.ArgumentParser(
+        prog="chute",
+        description="chute: drop YAML job and pipeline files into a spool; chute runs them.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], synopsis: str, example: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=synopsis,
+            description=f"{synopsis}\n\nexample:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        return p
+
+    p = add(
+        "validate",
+        cmd_validate,
+        "chute validate FILE...: check files; print errors or the stage plan",
+        "chute validate spool/examples/etl.yaml",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+
+    p = add(
+        "run",
+        cmd_run,
+        "chute run FILE: run a job or pipeline once, in the foreground",
+        "chute run spool/examples/etl.yaml",
+    )
+    p.add_argument("file", metavar="FILE")
+
+    p = add(
+        "show",
+        cmd_show,
+        "chute show RUN|latest: the execution summary of a run",
+        "chute show latest",
+    )
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print run.json and manifest.json")
+
+    p = add(
+        "logs",
+        cmd_logs,
+        "chute logs RUN [STAGE] [-f]: print a run's stage logs",
+        "chute logs latest extract",
+    )
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("stage", nargs="?", metavar="STAGE")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+
+    p = add(
+        "retry",
+        cmd_retry,
+        "chute retry RUN [--from STAGE]: a new run that keeps the old run's succeeded stages",
+        "chute retry latest --from validate",
+    )
+    p.add_argument("run", metavar="RUN")
+    p.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="run STAGE and what follows it again"
+    )
+
+    p = add(
+        "schema",
+        cmd_schema,
+        "chute schema spec|run|manifest|output: print a JSON Schema",
+        "chute schema spec > chute.schema.json",
+    )
+    p.add_argument("what", choices=("spec", "run", "manifest", "output"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logs.setup(level)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED

@@ -1,0 +1,556 @@
+"""The engine loop: ready units of every active run, through the allocator, to the executor.
+
+Owns: the queue of units waiting for CPUs, the cores each running task holds, turning a
+unit into a Task (folders, environment, inputs), turning a Result into output files, and
+when run.json and manifest.json are written. Not here: stage states (chute.engine.dag),
+processes (chute.local), which cores (chute.allocator).
+Crash safety: all writes of one loop step go out in one group commit (chute.atomic), a
+unit's output.json before the manifest that points at it, and a run's final manifest
+before its final run.json. A stage's output.json is its idempotent "done" mark: it is
+written once, after the task ended, so a crash leaves the stage done or not run.
+The manifest of a running run is rewritten at most every MANIFEST_INTERVAL seconds, and at
+once when a stage fails or the run ends.
+Diagnostics: a task's own failure is recorded in the manifest; an OSError writing the run
+folder propagates (the caller logs the path and errno).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mimetypes
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from chute import allocator, atomic
+from chute.clock import Clock, parse_rfc3339, rfc3339
+from chute.engine import cache
+from chute.engine.dag import STAGE_FINAL, STAGE_OK, RunGraph, StageRun, Unit
+from chute.executor import Context, Executor, Result, Task
+from chute.spec.model import Pipeline, Stage
+from chute.spool import Spool
+from chute.topology import Topology, format_cpulist
+
+log = logging.getLogger(__name__)
+
+MANIFEST_INTERVAL = 0.5
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EMPTY_INPUTS = b'{"inputs":{},"upstream":{}}\n'
+
+
+@dataclass(slots=True, eq=False)
+class ActiveRun:
+    """A run the engine is driving."""
+
+    run_id: str
+    pipeline: Pipeline
+    graph: RunGraph
+    dir: Path
+    record: dict[str, Any]
+    accepted: float  # epoch seconds: when its file was accepted (orders the queue)
+    manifest_due: float | None = None  # monotonic time by which manifest.json must be written
+
+    @property
+    def state(self) -> str:
+        return str(self.record["state"])
+
+
+def base_env() -> dict[str, str]:
+    """The clean environment every task starts from: PATH, HOME, LANG, TZ of the daemon."""
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TZ") if k in os.environ}
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.setdefault("LANG", "C.UTF-8")
+    return env
+
+
+def resolve_input(ref: str, upstream: dict[str, Any]) -> Any:
+    """The value `stage.a.b` names in the upstream outputs; KeyError says what is there."""
+    stage, _, path = ref.partition(".")
+    value = upstream.get(stage)
+    walked = stage
+    for part in path.split(".") if path else []:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            if isinstance(value, dict):
+                have = f"fields: {', '.join(map(str, value)) or 'none'}"
+            elif isinstance(value, list):
+                have = f"a list of {len(value)}"
+            else:
+                have = f"its value is {orjson.dumps(value).decode()[:60]}"
+            raise KeyError(f"{walked} has no {part!r} ({have})")
+        walked += f".{part}"
+    return value
+
+
+def _hash(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _artifacts(folder: Path, relative_to: Path) -> list[dict[str, str]]:
+    """Every file under `folder`, as output.json lists it (path relative to the stage folder)."""
+    out: list[dict[str, str]] = []
+
+    def walk(path: str) -> Iterator[os.DirEntry[str]]:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                yield from walk(e.path)
+            else:
+                yield e
+
+    for e in walk(str(folder)):
+        kind = mimetypes.guess_type(e.name)[0] or "application/octet-stream"
+        out.append({"name": e.name, "path": os.path.relpath(e.path, relative_to), "type": kind})
+    return out
+
+
+class Engine:
+    """Drives runs: call `step()`, wait in `executor.poll(timeout)`, pass results to `handle`."""
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        executor: Executor,
+        topology: Topology,
+        policy: str = "fifo-first-fit",
+        clock: Clock | None = None,
+        on_finished: Callable[[ActiveRun], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.executor = executor
+        self.topology = topology
+        self.policy = policy
+        self.clock = clock or Clock()
+        self.on_finished = on_finished
+        self.runs: dict[str, ActiveRun] = {}
+        self._waiting: dict[str, tuple[ActiveRun, Unit, allocator.Request]] = {}
+        self._running: dict[str, tuple[ActiveRun, Unit, allocator.Grant]] = {}
+        self._writes: list[tuple[Path, bytes]] = []
+        self._new_dirs: set[Path] = set()
+        self._empty_inputs: Path | None = None
+        self._stage_order: dict[tuple[str, str], int] = {}
+
+    # -- public ----------------------------------------------------------------------------
+
+    def add(self, run: ActiveRun) -> None:
+        self.runs[run.run_id] = run
+        for i, s in enumerate(run.pipeline.stages):
+            self._stage_order[(run.run_id, s.name)] = i
+
+    def cancel(self, run_id: str) -> bool:
+        run = self.runs.get(run_id)
+        if run is None:
+            return False
+        for unit in run.graph.cancel(self.clock.time()):
+            self.executor.cancel(unit.key)
+        self._dirty(run, urgent=True)
+        self._maybe_finish(run)
+        return True
+
+    @property
+    def cores_in_use(self) -> int:
+        return sum(len(g.cores) for _, _, g in self._running.values())
+
+    @property
+    def tasks_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def tasks_waiting(self) -> int:
+        return len(self._waiting)
+
+    def step(self) -> float | None:
+        """Queue what became ready, start what fits, write what changed.
+
+        Returns the seconds until the engine must step again without a result (None: only
+        a result or a new run can change anything).
+        """
+        now = self.clock.monotonic()
+        wall = self.clock.time()
+        for run in list(self.runs.values()):
+            for unit in run.graph.take_ready(now):
+                self._enqueue(run, unit, wall)
+            self._maybe_finish(run)
+        if self._waiting:
+            self._start_ready(now, wall)
+        self._flush(now)
+        wake: float | None = None
+        for run in self.runs.values():
+            for t in (run.graph.next_retry(), run.manifest_due):
+                if t is not None:
+                    wake = t if wake is None else min(wake, t)
+        return None if wake is None else max(0.0, wake - self.clock.monotonic())
+
+    def handle(self, results: list[Result]) -> None:
+        for result in results:
+            self._handle(result)
+
+    def run_until_done(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Drive until no run is active; `should_stop()` true cancels every run."""
+        stopping = False
+        while self.runs:
+            if not stopping and should_stop():
+                stopping = True
+                for run_id in list(self.runs):
+                    self.cancel(run_id)
+            timeout = self.step()
+            if not self.runs:
+                break
+            self.handle(self.executor.poll(timeout))
+        self._flush(self.clock.monotonic())
+
+    # -- queue and start -------------------------------------------------------------------
+
+    def _enqueue(self, run: ActiveRun, unit: Unit, wall: float) -> None:
+        stage = run.graph.stages[unit.stage]
+        if stage.spec.cache and not unit.fallback and stage.cache is None:
+            self._consult_cache(run, stage, wall)
+        if unit.state != "waiting":
+            return
+        spec = stage.spec
+        order = self._stage_order[(run.run_id, spec.name)] * 100_000 + (unit.shard or 0)
+        req = allocator.Request(
+            key=unit.key,
+            cpus=spec.cpus,
+            memory=spec.memory,
+            priority=run.pipeline.priority,
+            accepted=run.accepted,
+            order=order,
+            walltime=spec.timeout,
+        )
+        self._waiting[unit.key] = (run, unit, req)
+
+    def _consult_cache(self, run: ActiveRun, stage: StageRun, wall: float) -> None:
+        upstream = {d: run.graph.stages[d].output_hash or "" for d in stage.spec.depends_on}
+        key = cache.cache_key(stage.spec, upstream)
+        stage.cache = {"key": key, "hit": False}
+        blob = cache.lookup(self.spool.cache, key)
+        if blob is None:
+            return
+        try:
+            doc = orjson.loads(blob)
+            data = doc["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("%s cache entry %s is unreadable; running the stage", run.run_id, key)
+            return
+        sdir = self._stage_folder(run, stage.name, None)
+        self._writes.append((sdir / "output.json", blob))
+        run.graph.cache_hit(stage.name, data, doc.get("_meta", {}).get("output_hash"), wall)
+        log.info("%s stage %s finished state=cached key=%s", run.run_id, stage.name, key[:12])
+        self._dirty(run)
+
+    def _start_ready(self, now: float, wall: float) -> None:
+        # Units of cancelled runs stay in the queue until seen here.
+        for key in [k for k, (_, u, _) in self._waiting.items() if u.state != "waiting"]:
+            del self._waiting[key]
+        grants = [g for _, _, g in self._running.values()]
+        if sum(len(g.cores) for g in grants) >= len(self.topology.cpus):
+            return
+        requests = [req for _, _, req in self._waiting.values()]
+        for req, cores in allocator.allocate(requests, grants, self.topology, self.policy, now):
+            run, unit, _ = self._waiting.pop(req.key)
+            grant = allocator.Grant(
+                key=req.key, cores=cores, memory=req.memory, started=now, walltime=req.walltime
+            )
+            self._start(run, unit, grant, wall)
+
+    def _stage_folder(self, run: ActiveRun, stage: str, shard: int | None) -> Path:
+        base = run.dir / "stages" / stage
+        folder = base if shard is None else base / str(shard)
+        if not folder.is_dir():
+            (folder / "artifacts").mkdir(parents=True, exist_ok=True)
+            self._new_dirs.update((folder, folder.parent, base.parent))
+        return folder
+
+    def _start(self, run: ActiveRun, unit: Unit, grant: allocator.Grant, wall: float) -> None:
+        graph = run.graph
+        stage = graph.stages[unit.stage]
+        spec = stage.spec
+        folder = self._stage_folder(run, spec.name, unit.shard)
+        fb = spec.fallback if unit.fallback else None
+        run_cmd = fb.run if fb is not None else spec.run
+        call = fb.call if fb is not None else spec.call
+        kwargs: dict[str, Any] = dict(fb.with_ if fb is not None else spec.with_)
+
+        upstream = graph.upstream_data(spec)
+        inputs: dict[str, Any] = {}
+        problem: str | None = None
+        for kwarg, ref in spec.inputs.items():
+            try:
+                inputs[kwarg] = resolve_input(ref, upstream)
+            except KeyError as exc:
+                problem = f"inputs.{kwarg}: {exc.args[0]}"
+        inputs_blob = (
+            orjson.dumps({"inputs": inputs, "upstream": upstream}) if spec.depends_on else None
+        )
+        unit.input_hash = _hash(inputs_blob or EMPTY_INPUTS)
+        if inputs_blob is None:
+            inputs_path = self._empty_inputs_file()
+        else:
+            inputs_path = folder / ".inputs.json"
+            inputs_path.write_bytes(inputs_blob)  # derived data, rebuilt on every attempt
+
+        count = spec.shards.count if spec.shards is not None else 1
+        index = unit.shard if unit.shard is not None else 0
+        item: Any = None
+        if spec.shards is not None and spec.shards.items is not None and unit.shard is not None:
+            item = spec.shards.items[unit.shard]
+        chute_env = {
+            "CHUTE_RUN_ID": run.run_id,
+            "CHUTE_RUN_DIR": str(run.dir),
+            "CHUTE_RUN_DATE": str(run.record.get("run_date", "")),
+            "CHUTE_STAGE": spec.name,
+            "CHUTE_ARTIFACTS": str(folder / "artifacts"),
+            "CHUTE_INPUTS": str(inputs_path),
+            "CHUTE_OUTPUT": str(folder / ".output.json"),
+            "CHUTE_SHARD_INDEX": str(index),
+            "CHUTE_SHARD_COUNT": str(count),
+            "CHUTE_CPUS": str(len(grant.cores)),
+            "CHUTE_CPU_LIST": format_cpulist(grant.cores),
+        }
+        if item is not None:
+            chute_env["CHUTE_SHARD_ITEM"] = (
+                item if isinstance(item, str) else orjson.dumps(item).decode()
+            )
+        env = (
+            {**base_env(), **spec.env, **chute_env}
+            if run_cmd is not None
+            else {
+                **spec.env,
+                **chute_env,
+            }
+        )
+        log_path = (
+            folder / "log"
+            if not unit.fallback
+            else self._stage_folder(run, spec.name, None) / "log"
+        )
+        attempt_no = len(unit.attempts) + 1
+        if attempt_no > 1 or unit.fallback:
+            what = "fallback" if unit.fallback else f"attempt {attempt_no}"
+            with open(log_path, "ab") as f:
+                f.write(f"--- chute: {what} at {rfc3339(wall)} ---\n".encode())
+        graph.start(unit, grant.cores, wall)
+        key = unit.key
+        task = Task(
+            key=key,
+            kind="run" if run_cmd is not None else "call",
+            cores=grant.cores,
+            log_path=str(log_path),
+            output_path=chute_env["CHUTE_OUTPUT"],
+            env=env,
+            cwd=spec.workdir or str(folder),
+            timeout=spec.timeout,
+            command=run_cmd,
+            call=call,
+            kwargs={**kwargs, **inputs},
+            context=Context(
+                run_id=run.run_id,
+                stage=spec.name,
+                artifacts=chute_env["CHUTE_ARTIFACTS"],
+                shard_index=index,
+                shard_count=count,
+                shard_item=item,
+                cores=grant.cores,
+            ),
+        )
+        if run.record["state"] == "queued":
+            run.record["state"] = "running"
+            run.record["started_at"] = rfc3339(wall)
+            self._writes.append((run.dir / "run.json", atomic.dumps(run.record)))
+        self._running[key] = (run, unit, grant)
+        if problem is not None:
+            self._handle(Result(key=key, exit_code=None, error=problem))
+            return
+        self.executor.start(task)
+        self._dirty(run)
+
+    def _empty_inputs_file(self) -> Path:
+        if self._empty_inputs is None:
+            path = self.spool.state / "empty-inputs.json"
+            if not path.exists():
+                atomic.write_bytes(path, EMPTY_INPUTS)
+            self._empty_inputs = path
+        return self._empty_inputs
+
+    # -- results ---------------------------------------------------------------------------
+
+    def _handle(self, result: Result) -> None:
+        entry = self._running.pop(result.key, None)
+        if entry is None:
+            log.debug("result for unknown task %s", result.key)
+            return
+        run, unit, _ = entry
+        now = self.clock.monotonic()
+        wall = self.clock.time()
+        data: Any = None
+        output_hash: str | None = None
+        if result.ok:
+            try:
+                data = orjson.loads(result.output) if result.output else None
+            except orjson.JSONDecodeError as exc:
+                result = Result(
+                    key=result.key, exit_code=result.exit_code, error=f"output is not JSON: {exc}"
+                )
+            else:
+                output_hash = _hash(orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
+        graph = run.graph
+        stage = graph.stages[unit.stage]
+        for other in graph.finish(unit, result, now, wall, data, output_hash):
+            self.executor.cancel(other.key)
+        self._log_unit(run, unit, result)
+        blob: bytes | None = None
+        if unit.state == "succeeded":
+            folder = self._stage_folder(run, unit.stage, None if unit.fallback else unit.shard)
+            blob = self._write_output(folder, stage.spec, unit.data, unit, wall)
+        if stage.state in STAGE_FINAL:
+            self._stage_finished(run, stage, wall, blob)
+        self._dirty(run, urgent=stage.state in STAGE_FINAL and stage.state not in STAGE_OK)
+        self._maybe_finish(run)
+
+    def _log_unit(self, run: ActiveRun, unit: Unit, result: Result) -> None:
+        a = unit.attempts[-1] if unit.attempts else None
+        name = unit.stage if unit.shard is None else f"{unit.stage}[{unit.shard}]"
+        if unit.fallback:
+            name += " fallback"
+        level = logging.INFO if result.ok or unit.state == "pending" else logging.WARNING
+        if a is None:
+            return
+        dur = (a.finished_at or 0.0) - a.started_at
+        max_attempts = run.graph.stages[unit.stage].spec.retries.max + 1
+        log.log(
+            level,
+            "%s stage %s finished state=%s exit_code=%s attempt=%d/%d duration=%.3fs%s",
+            run.run_id,
+            name,
+            "retrying" if unit.state == "pending" else unit.state,
+            a.exit_code,
+            a.attempt,
+            max_attempts,
+            dur,
+            f" error={a.error!r}" if a.error else "",
+        )
+
+    def _write_output(
+        self, folder: Path, spec: Stage, data: Any, unit: Unit | None, wall: float
+    ) -> bytes:
+        started = unit.started_at if unit is not None else None
+        doc = {
+            "_meta": {
+                "stage": spec.name,
+                "version": spec.version,
+                "created_at": rfc3339(wall),
+                "duration_seconds": None if started is None else round(wall - started, 6),
+                "input_hash": unit.input_hash if unit is not None else None,
+                "output_hash": _hash(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)),
+            },
+            "data": data,
+            "artifacts": _artifacts(folder / "artifacts", folder)
+            if unit is not None
+            else _shard_artifacts(folder),
+        }
+        blob = atomic.dumps(doc)
+        # Handover: this output.json is the stage's done-mark; the manifest follows it.
+        self._writes.append((folder / "output.json", blob))
+        return blob
+
+    def _stage_finished(
+        self, run: ActiveRun, stage: StageRun, wall: float, blob: bytes | None
+    ) -> None:
+        """Gather a sharded stage's output; keep a cacheable stage's output in cache/."""
+        spec = stage.spec
+        if stage.state != "succeeded":
+            return
+        if spec.shards is not None:
+            folder = self._stage_folder(run, spec.name, None)
+            blob = self._write_output(folder, spec, stage.data, None, wall)
+            stage.output_hash = _hash(orjson.dumps(stage.data, option=orjson.OPT_SORT_KEYS))
+        if spec.cache and stage.cache is not None and blob is not None:
+            entry = cache.entry_path(self.spool.cache, stage.cache["key"])
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            self._writes.append((entry, blob))
+
+    # -- run records -----------------------------------------------------------------------
+
+    def _dirty(self, run: ActiveRun, urgent: bool = False) -> None:
+        now = self.clock.monotonic()
+        due = now if urgent else now + MANIFEST_INTERVAL
+        if run.manifest_due is None or due < run.manifest_due:
+            run.manifest_due = due
+
+    def _manifest(self, run: ActiveRun) -> bytes:
+        return atomic.dumps(
+            {"run_id": run.run_id, "pipeline": run.pipeline.name, "stages": run.graph.manifest()}
+        )
+
+    def _maybe_finish(self, run: ActiveRun) -> None:
+        graph = run.graph
+        if not graph.done or run.run_id not in self.runs:
+            return
+        if any(r is run for r, _, _ in self._running.values()):
+            return
+        wall = self.clock.time()
+        rec = run.record
+        rec["state"] = graph.state
+        rec["finished_at"] = rfc3339(wall)
+        started = rec.get("started_at") or rec.get("created_at")
+        if started:
+            rec["duration_seconds"] = round(wall - parse_rfc3339(started).timestamp(), 6)
+        rec["error"] = _run_error(graph)
+        # Handover: the final manifest, then the final run.json that says the run is over.
+        self._writes.append((run.dir / "manifest.json", self._manifest(run)))
+        self._writes.append((run.dir / "run.json", atomic.dumps(rec)))
+        run.manifest_due = None
+        del self.runs[run.run_id]
+        self._flush(self.clock.monotonic())
+        if self.on_finished is not None:
+            self.on_finished(run)
+
+    def _flush(self, now: float) -> None:
+        for run in self.runs.values():
+            if run.manifest_due is not None and run.manifest_due <= now:
+                self._writes.append((run.dir / "manifest.json", self._manifest(run)))
+                run.manifest_due = None
+        if not self._writes and not self._new_dirs:
+            return
+        writes, self._writes = self._writes, []
+        folders, self._new_dirs = self._new_dirs, set()
+        atomic.write_many(writes, folders=folders)
+
+
+def _shard_artifacts(stage_folder: Path) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    shards = sorted(
+        (p for p in stage_folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    for shard in shards:
+        out.extend(_artifacts(shard / "artifacts", stage_folder))
+    return out
+
+
+def _run_error(graph: RunGraph) -> str | None:
+    if graph.cancelled:
+        return "cancelled"
+    for stage in graph.stages.values():
+        if stage.state in ("failed", "timed_out"):
+            errors = [
+                a.error or (f"exit code {a.exit_code}" if a.exit_code else None)
+                for u in stage.all_units()
+                for a in u.attempts
+            ]
+            last = next((e for e in reversed(errors) if e), None)
+            detail = f": {last}" if last else ""
+            return f"stage {stage.name} {stage.state.replace('_', ' ')}{detail}"
+    return None

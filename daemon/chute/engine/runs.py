@@ -1,0 +1,116 @@
+"""Making runs: a new run folder and its graph, from a spec or from an earlier run.
+
+Owns: the step from "a validated spec" to "an ActiveRun the engine can drive", and which
+stages of an earlier run a retry keeps. Not here: the folder's files (chute.rundir), the
+loop (chute.engine.loop).
+Crash safety: the run folder with spec.yaml and run.json exists durably before the run is
+handed to the engine (chute.rundir.create).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import shutil
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from chute import rundir
+from chute.engine.dag import Reused, RunGraph
+from chute.engine.loop import ActiveRun
+from chute.spec.model import Pipeline
+from chute.spool import Spool
+
+REUSABLE = ("succeeded", "cached")
+
+
+def submitter(uid: int | None = None) -> dict[str, Any]:
+    uid = os.getuid() if uid is None else uid
+    try:
+        user: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = None
+    return {"uid": uid, "user": user}
+
+
+def create_run(
+    spool: Spool,
+    pipeline: Pipeline,
+    spec_bytes: bytes,
+    *,
+    trigger: dict[str, Any],
+    now: datetime,
+    submitted_by: dict[str, Any] | None = None,
+    run_date: str | None = None,
+    run_id: str | None = None,
+    resumed_from: str | None = None,
+    reused: Mapping[str, Reused] | None = None,
+) -> ActiveRun:
+    run_id = run_id or rundir.new_run_id(now)
+    record = rundir.new_record(
+        run_id=run_id,
+        pipeline=pipeline.name,
+        kind=pipeline.kind,
+        trigger=trigger,
+        submitted_by=submitted_by or submitter(),
+        spec_sha256=hashlib.sha256(spec_bytes).hexdigest(),
+        created_at=now,
+        run_date=run_date or now.astimezone().date().isoformat(),
+        resumed_from=resumed_from,
+    )
+    folder = rundir.create(spool, record, spec_bytes)
+    return ActiveRun(
+        run_id=run_id,
+        pipeline=pipeline,
+        graph=RunGraph(run_id, pipeline, reused),
+        dir=folder,
+        record=record,
+        accepted=now.timestamp(),
+    )
+
+
+def downstream(pipeline: Pipeline, stage: str) -> set[str]:
+    """`stage` and every stage that depends on it, directly or not."""
+    out = {stage}
+    for s in pipeline.stages:  # topological order: dependencies come first
+        if any(d in out for d in s.depends_on):
+            out.add(s.name)
+    return out
+
+
+def reusable_stages(old_dir: Path, pipeline: Pipeline, rerun_from: str | None) -> dict[str, Reused]:
+    """Stages of the run in `old_dir` whose outputs a retry keeps: those that succeeded (or
+    were cached), less `rerun_from` and what depends on it, and less anything downstream of a
+    stage that is run again."""
+    manifest = rundir.read_json(old_dir / "manifest.json")
+    entries = {e["name"]: e for e in manifest.get("stages", [])}
+    rerun: set[str] = downstream(pipeline, rerun_from) if rerun_from else set()
+    keep: dict[str, Reused] = {}
+    for s in pipeline.stages:
+        entry = entries.get(s.name)
+        redo = s.name in rerun or any(d not in keep for d in s.depends_on)
+        if redo or entry is None or entry.get("state") not in REUSABLE:
+            rerun.add(s.name)
+            continue
+        try:
+            doc = orjson.loads((old_dir / "stages" / s.name / "output.json").read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            rerun.add(s.name)
+            continue
+        keep[s.name] = Reused(
+            entry=entry, data=doc.get("data"), output_hash=doc["_meta"].get("output_hash")
+        )
+    return keep
+
+
+def copy_reused(old_dir: Path, new_dir: Path, names: list[str]) -> None:
+    """Copy the kept stages' folders (output, log, artifacts) into the new run."""
+    for name in names:
+        src = old_dir / "stages" / name
+        if src.is_dir():
+            shutil.copytree(src, new_dir / "stages" / name, symlinks=True, dirs_exist_ok=True)

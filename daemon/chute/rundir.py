@@ -1,0 +1,132 @@
+"""A run's folder: run.json, manifest.json, spec.yaml, stages/, and the `latest` links.
+
+Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/latest, and
+finding a run by name. Not here: deciding states (chute.engine), durable writes (chute.atomic).
+Crash safety: the folder is created with spec.yaml and run.json (state queued) in one group
+commit before the run is acknowledged; every later file is replaced atomically, so a reader
+sees a whole run.json or the previous one. `latest` links are replaced by rename.
+Diagnostics: an unknown run name raises UnknownRun with the closest known names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import secrets
+import socket
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from chute import __version__, atomic
+from chute.clock import rfc3339
+from chute.spool import Spool
+
+RUN_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINAL_RUN_STATES = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+class UnknownRun(LookupError):
+    pass
+
+
+def new_run_id(now: datetime) -> str:
+    """Sortable by time: `20261122_101500_a1b2c3` (UTC)."""
+    return now.strftime("%Y%m%d_%H%M%S_") + secrets.token_hex(3)
+
+
+def stage_dir(run_dir: Path, stage: str, shard: int | None = None) -> Path:
+    base = run_dir / "stages" / stage
+    return base if shard is None else base / str(shard)
+
+
+def new_record(
+    *,
+    run_id: str,
+    pipeline: str,
+    kind: str,
+    trigger: dict[str, Any],
+    submitted_by: dict[str, Any],
+    spec_sha256: str,
+    created_at: datetime,
+    run_date: str,
+    resumed_from: str | None = None,
+) -> dict[str, Any]:
+    """run.json of a run just accepted (state queued)."""
+    return {
+        "run_id": run_id,
+        "pipeline": pipeline,
+        "kind": kind,
+        "state": "queued",
+        "trigger": trigger,
+        "submitted_by": submitted_by,
+        "spec_sha256": spec_sha256,
+        "created_at": rfc3339(created_at),
+        "started_at": None,
+        "finished_at": None,
+        "duration_seconds": None,
+        "resumed_from": resumed_from,
+        "recoveries": 0,
+        "run_date": run_date,
+        "host": socket.gethostname(),
+        "chute_version": __version__,
+        "error": None,
+    }
+
+
+def create(spool: Spool, record: dict[str, Any], spec_bytes: bytes) -> Path:
+    """Make runs/<id>/ with spec.yaml and run.json, durably, then point the latest links at it."""
+    run_dir = spool.runs / record["run_id"]
+    (run_dir / "stages").mkdir(parents=True)
+    # Handover: once run.json (queued) is durable the run exists; the caller may now
+    # remove the file it was made from.
+    atomic.write_many(
+        [(run_dir / "spec.yaml", spec_bytes), (run_dir / "run.json", atomic.dumps(record))]
+    )
+    atomic.fsync_dir(spool.runs)
+    update_latest(spool, record["run_id"], record["pipeline"])
+    return run_dir
+
+
+def update_latest(spool: Spool, run_id: str, pipeline: str) -> None:
+    atomic.replace_symlink(spool.runs / "latest", run_id)
+    folder = spool.pipelines / pipeline
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic.replace_symlink(folder / "latest", os.path.relpath(spool.runs / run_id, folder))
+
+
+def read_json(path: Path) -> Any:
+    return orjson.loads(path.read_bytes())
+
+
+def run_ids(spool: Spool) -> list[str]:
+    """Every run folder's name, oldest first (run ids sort by time)."""
+    try:
+        names = [e.name for e in os.scandir(spool.runs) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def find_run(spool: Spool, ref: str) -> Path:
+    """The folder of run `ref`: an id, a unique id prefix, `latest`, or `<pipeline>/latest`."""
+    if ref == "latest" or ref.endswith("/latest"):
+        link = spool.runs / "latest" if ref == "latest" else spool.pipelines / ref
+        if link.exists():
+            return (link.parent / os.readlink(link)).resolve() if link.is_symlink() else link
+        raise UnknownRun(f"{ref}: no run yet" + ("" if ref == "latest" else " for that pipeline"))
+    candidate = spool.runs / ref
+    if ref and "/" not in ref and not ref.startswith(".") and (candidate / "run.json").exists():
+        return candidate
+    ids = run_ids(spool)
+    matches = [i for i in ids if ref and i.startswith(ref)]
+    if len(matches) == 1:
+        return spool.runs / matches[0]
+    if len(matches) > 1:
+        raise UnknownRun(f"{ref}: ambiguous, matches {', '.join(matches[-5:])}")
+    close = difflib.get_close_matches(ref, ids, n=3, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    known = f" ({len(ids)} runs in {spool.runs})" if ids else f" (no runs in {spool.runs})"
+    raise UnknownRun(f"{ref}: no such run{known}{hint}")

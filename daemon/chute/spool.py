@@ -1,0 +1,84 @@
+"""Where things live: the spool's folders, resolved once.
+
+Owns: the spool layout of DESIGN.md (incoming/, queue/, schedules/, rejected/, control/,
+runs/, pipelines/, cache/, state/). Not here: what moves between them (chute.intake),
+what a run folder holds (chute.rundir).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from chute.config import Config
+
+FOLDERS = (
+    "incoming",
+    "queue",
+    "schedules",
+    "rejected",
+    "control",
+    "pipelines",
+    "cache",
+    "state",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Spool:
+    root: Path
+    runs: Path
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+    @property
+    def queue(self) -> Path:
+        return self.root / "queue"
+
+    @property
+    def schedules(self) -> Path:
+        return self.root / "schedules"
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / "rejected"
+
+    @property
+    def control(self) -> Path:
+        return self.root / "control"
+
+    @property
+    def pipelines(self) -> Path:
+        return self.root / "pipelines"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    def ensure(self) -> None:
+        """Create missing folders (the daemon and `chute run` both call this)."""
+        for name in FOLDERS:
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        self.runs.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_spool(arg: str | Path | None, config: Config) -> Spool:
+    """`--spool`, else $CHUTE_SPOOL, else the config's `spool`, else ./spool."""
+    if arg is not None:
+        root = Path(arg)
+    elif os.environ.get("CHUTE_SPOOL"):
+        root = Path(os.environ["CHUTE_SPOOL"])
+    elif config.spool is not None:
+        root = config.spool
+    else:
+        root = Path("spool")
+    root = root.absolute()
+    runs = config.runs_dir.absolute() if config.runs_dir is not None else root / "runs"
+    return Spool(root=root, runs=runs)

@@ -1,0 +1,111 @@
+"""Shared fixtures: a temporary spool, the real `chute` CLI as a subprocess, leak checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "spool" / "examples"
+sys.path.insert(0, str(REPO / "daemon"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@dataclass
+class Done:
+    code: int
+    out: str
+    err: str
+
+
+def chute_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHUTE_")}
+    env["PYTHONPATH"] = str(REPO / "daemon") + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("JOURNAL_STREAM", None)
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    root = tmp_path / "spool"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def chute(spool: Path) -> Callable[..., Done]:
+    """Run `chute ARGS --spool <spool>` as a real process; returns its code and output."""
+
+    def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> Done:
+        cmd = [sys.executable, "-m", "chute", *args, "--spool", str(spool)]
+        p = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=chute_env(env)
+        )
+        return Done(p.returncode, p.stdout, p.stderr)
+
+    return run
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path) -> Callable[[str, str], Path]:
+    def write(name: str, text: str) -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def load_json(path: Path) -> Any:
+    return orjson.loads(path.read_bytes())
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll `check` until it returns something truthy; fail saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail a test that leaves child processes or threads behind (watchdog's model)."""
+    threads = set(threading.enumerate())
+    yield
+    me = psutil.Process()
+    deadline = time.monotonic() + 5
+    while True:
+        kids = [c for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
+        extra = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+        if not kids and not extra:
+            return
+        if time.monotonic() > deadline:
+            for c in kids:
+                c.kill()
+            pytest.fail(f"test leaked processes {kids} / threads {extra}")
+        time.sleep(0.05)

@@ -1,0 +1,158 @@
+"""The run state machine on its own: pure transitions with time passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from chute.engine.dag import Reused, RunGraph, Unit
+from chute.engine.retry import retry_delay, should_retry
+from chute.executor import Result
+from chute.spec.model import Fallback, Pipeline, Retries, Shards, Stage
+
+
+def graph(*stages: Stage, fail_fast: bool = False) -> RunGraph:
+    return RunGraph("r1", Pipeline("Pipeline", "p", tuple(stages), fail_fast=fail_fast))
+
+
+def ok(u: Unit) -> Result:
+    return Result(key=u.key, exit_code=0)
+
+
+def fail(u: Unit, code: int = 1) -> Result:
+    return Result(key=u.key, exit_code=code, error=f"exit code {code}")
+
+
+def start_all(g: RunGraph, now: float = 0.0) -> list[Unit]:
+    units = g.take_ready(now)
+    for u in units:
+        g.start(u, (0,), now)
+    return units
+
+
+@pytest.mark.parametrize(
+    ("retries", "attempt", "delay"),
+    [
+        (Retries(max=5, delay=2.0), 1, 2.0),
+        (Retries(max=5, delay=2.0), 4, 2.0),
+        (Retries(max=5, backoff="exponential", delay=2.0), 1, 2.0),
+        (Retries(max=5, backoff="exponential", delay=2.0), 3, 8.0),
+        (Retries(max=5, backoff="exponential", delay=2.0, max_delay=5.0), 3, 5.0),
+    ],
+    ids=["fixed-first", "fixed-later", "exp-first", "exp-third", "exp-capped"],
+)
+def test_retry_delay_follows_the_backoff(retries: Retries, attempt: int, delay: float) -> None:
+    assert retry_delay(retries, attempt) == delay
+
+
+def test_on_exit_codes_limits_which_failures_retry() -> None:
+    r = Retries(max=2, on_exit_codes=(75,))
+    assert should_retry(r, 1, 75)
+    assert not should_retry(r, 1, 1)
+    assert not should_retry(r, 1, None)  # a timeout has no exit code
+    assert not should_retry(r, 3, 75)
+
+
+def test_dependent_becomes_ready_only_when_its_own_dependency_succeeds() -> None:
+    g = graph(Stage("a"), Stage("b"), Stage("c", depends_on=("a",)))
+    a, b = start_all(g)
+    assert [u.stage for u in (a, b)] == ["a", "b"]
+    assert g.take_ready(0.0) == []
+    g.finish(a, ok(a), 1.0, 1.0)
+    ready = g.take_ready(1.0)
+    assert [u.stage for u in ready] == ["c"]
+    assert g.stages["b"].state == "running"
+
+
+def test_retry_waits_its_delay_on_the_given_clock() -> None:
+    g = graph(Stage("a", retries=Retries(max=1, delay=5.0)))
+    (a,) = start_all(g)
+    g.finish(a, fail(a), now=10.0, wall=10.0)
+    assert g.take_ready(14.9) == []
+    assert g.next_retry() == 15.0
+    (again,) = g.take_ready(15.0)
+    g.start(again, (0,), 15.0)
+    g.finish(again, ok(again), 16.0, 16.0)
+    assert g.state == "succeeded"
+    assert [a.exit_code for a in g.stages["a"].units[0].attempts] == [1, 0]
+
+
+def test_lost_task_is_rerun_without_charging_an_attempt() -> None:
+    g = graph(Stage("a"))
+    (a,) = start_all(g)
+    g.finish(a, Result(key=a.key, lost=True, error="pool broke"), 1.0, 1.0)
+    (again,) = g.take_ready(1.0)
+    assert again is a and a.attempts == []
+
+
+def test_failure_skips_dependents_transitively_and_fails_the_run() -> None:
+    g = graph(
+        Stage("a"), Stage("b", depends_on=("a",)), Stage("c", depends_on=("b",)), Stage("d")
+    )
+    a, d = start_all(g)
+    g.finish(a, fail(a), 1.0, 1.0)
+    assert g.stages["b"].state == "skipped" and g.stages["c"].state == "skipped"
+    assert not g.done
+    g.finish(d, ok(d), 2.0, 2.0)
+    assert g.done and g.state == "failed"
+
+
+def test_fallback_result_lets_dependents_run() -> None:
+    g = graph(Stage("a", fallback=Fallback(run="echo degraded")), Stage("b", depends_on=("a",)))
+    (a,) = start_all(g)
+    g.finish(a, fail(a), 1.0, 1.0)
+    (fb,) = g.take_ready(1.0)
+    assert fb.fallback
+    g.start(fb, (0,), 1.0)
+    g.finish(fb, ok(fb), 2.0, 2.0, data={"degraded": True})
+    assert g.stages["a"].state == "fallback"
+    assert g.stages["a"].data == {"degraded": True}
+    assert [u.stage for u in g.take_ready(2.0)] == ["b"]
+
+
+def test_fail_fast_returns_running_units_to_cancel_and_cancels_the_rest() -> None:
+    g = graph(Stage("a"), Stage("b"), Stage("c", depends_on=("b",)), fail_fast=True)
+    a, b = start_all(g)
+    to_cancel = g.finish(a, fail(a), 1.0, 1.0)
+    assert to_cancel == [b]
+    g.finish(b, Result(key=b.key, cancelled=True, error="cancelled"), 2.0, 2.0)
+    assert g.stages["b"].state == "cancelled"
+    assert g.stages["c"].state in ("skipped", "cancelled")
+    assert g.state == "failed"
+
+
+def test_shard_failure_stops_unstarted_siblings_and_fails_the_stage() -> None:
+    g = graph(Stage("s", shards=Shards(3)))
+    units = g.take_ready(0.0)
+    g.start(units[0], (0,), 0.0)
+    g.finish(units[0], fail(units[0]), 1.0, 1.0)
+    assert [u.state for u in units] == ["failed", "skipped", "skipped"]
+    assert g.stages["s"].state == "failed"
+
+
+def test_shard_outputs_are_gathered_in_index_order_whatever_the_finish_order() -> None:
+    g = graph(Stage("s", shards=Shards(3)))
+    units = start_all(g)
+    for u in reversed(units):
+        g.finish(u, ok(u), 1.0, 1.0, data={"i": u.shard})
+    assert g.stages["s"].data == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_cancel_stops_running_units_and_marks_everything_cancelled() -> None:
+    g = graph(Stage("a"), Stage("b", depends_on=("a",)))
+    (a,) = start_all(g)
+    assert g.cancel(1.0) == [a]
+    g.finish(a, Result(key=a.key, cancelled=True, error="cancelled"), 2.0, 2.0)
+    assert g.done and g.state == "cancelled"
+
+
+def test_reused_stages_count_as_done_and_keep_their_data() -> None:
+    entry = {"name": "a", "state": "succeeded", "attempts": []}
+    g = RunGraph(
+        "r2",
+        Pipeline("Pipeline", "p", (Stage("a"), Stage("b", depends_on=("a",)))),
+        {"a": Reused(entry=entry, data={"x": 1}, output_hash="h")},
+    )
+    (b,) = g.take_ready(0.0)
+    assert b.stage == "b"
+    assert g.upstream_data(g.stages["b"].spec) == {"a": {"x": 1}}
+    assert g.manifest()[0] == entry
