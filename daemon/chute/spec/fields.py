@@ -1,0 +1,875 @@
+"""The fields of a spec file, declared once: the validator and the JSON Schema both walk them.
+
+Owns: every field's name, type, description and rule (patterns, ranges, enums, "exactly one
+of", "only with"), how a YAML value is checked and converted (durations to seconds, sizes to
+bytes, numbers in env to text), and how each rule is written as JSON Schema. Not here: rules
+that span fields (stage references, cycles, node limits) and the model (chute.spec.validate,
+chute.spec.model); reading YAML (chute.spec.load).
+Crash safety: pure functions; no I/O.
+Diagnostics: a wrong value adds an Issue `<path>: <what was found>; <the rule or choices>`;
+check() then returns INVALID and the caller carries on, so a file's problems come all at once.
+Limits: a few rules have no JSON Schema form (a duration > 0, a cron field's range, a known
+time zone, YAML 1.1 booleans in env); the schema accepts those and only the validator refuses.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import zoneinfo
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Final
+
+from chute.spec.load import Issue, Node
+from chute.units import (
+    _DURATION,  # the parser's own pattern, so the schema cannot drift from it
+    _SIZE,
+    DURATION_HINT,
+    SIZE_HINT,
+    parse_duration,
+    parse_size,
+)
+
+
+class _Invalid:
+    def __repr__(self) -> str:
+        return "INVALID"
+
+
+INVALID: Final = _Invalid()
+"""Returned by check() for a value that produced an Issue."""
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+NAME_HINT = (
+    "a name of lowercase letters, digits, '.', '_' or '-' (starting with a letter or digit, "
+    "at most 63), like nightly-etl"
+)
+CALL_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ENV_NAME_PATTERN = IDENT_PATTERN
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
+INPUT_REF_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+RFC3339_PATTERN = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+CRON_FIELDS = {  # APScheduler's name -> the name a crontab user knows
+    "minute": "minute",
+    "hour": "hour",
+    "day": "day of month",
+    "month": "month",
+    "day_of_week": "weekday",
+}
+
+
+@dataclass(slots=True)
+class Context:
+    """Where issues go while one file is checked."""
+
+    file: str
+    issues: list[Issue] = field(default_factory=list)
+
+    def report(self, line: int, path: str, message: str) -> _Invalid:
+        self.issues.append(Issue(self.file, line, path, message))
+        return INVALID
+
+
+def found(node: Node) -> str:
+    """What a value is, for messages: `'high' is a string`, `yes is a boolean`, `a list`."""
+    if node.is_map:
+        return "a mapping"
+    if node.is_list:
+        return "a list"
+    v = node.value
+    shown = node.text if node.text is not None else ""
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    if v is None:
+        return "empty" if not shown or shown == "~" else f"{shown} is null"
+    if isinstance(v, bool):
+        return f"{shown} is a boolean"
+    if isinstance(v, int | float):
+        return f"{shown} is a number"
+    if isinstance(v, datetime):
+        return f"{shown} is a date and time"
+    if isinstance(v, date):
+        return f"{shown} is a date"
+    return f"{shown!r} is a string"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _or(words: Sequence[str]) -> str:
+    if len(words) <= 1:
+        return "".join(words)
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str | None:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if not close:
+        lowered = {c.lower(): c for c in choices}
+        return lowered.get(word.lower())
+    return close[0]
+
+
+class Type:
+    """A kind of value: checks and converts a Node, and describes itself as JSON Schema."""
+
+    hint = "a value"
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        raise NotImplementedError
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def wrong(self, node: Node, path: str, cx: Context) -> _Invalid:
+        if node.is_scalar and isinstance(node.value, bool) and isinstance(self, Str | Text):
+            return cx.report(node.line, path, _quote_bool(node))
+        return cx.report(node.line, path, f"{found(node)}; expected {self.hint}")
+
+
+def _quote_bool(node: Node) -> str:
+    return (
+        f'{node.text} is a boolean; quote it ("{node.text}") — YAML reads yes/no/on/off as booleans'
+    )
+
+
+class Str(Type):
+    def __init__(self, hint: str = "a string", pattern: str | None = None) -> None:
+        self.hint = hint
+        self.pattern = pattern
+        self.regex = re.compile(pattern) if pattern else None
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        if not node.is_scalar or not isinstance(node.value, str):
+            return self.wrong(node, path, cx)
+        if node.value == "":
+            return cx.report(node.line, path, f"is empty; expected {self.hint}")
+        if self.regex and not self.regex.match(node.value):
+            return cx.report(node.line, path, f"{node.value!r} is not {self.hint}")
+        return node.value
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        s: dict[str, Any] = {"type": "string", "minLength": 1}
+        if self.pattern:
+            s["pattern"] = self.pattern
+        return s
+
+
+class Text(Type):
+    """A string; a number is taken as its text as written (`version: 2` is "2")."""
+
+    def __init__(self, hint: str = "a string", allow_empty: bool = True) -> None:
+        self.hint = hint
+        self.allow_empty = allow_empty
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        v = node.value
+        if not node.is_scalar or isinstance(v, bool) or v is None:
+            return self.wrong(node, path, cx)
+        assert node.text is not None
+        if isinstance(v, int | float):
+            return node.text
+        if not isinstance(v, str):  # a date: its text; a spec never means a date object here
+            return node.text
+        if not v and not self.allow_empty:
+            return cx.report(node.line, path, f"is empty; expected {self.hint}")
+        return v
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        if self.allow_empty:
+            return {"type": ["string", "number"]}
+        return {"anyOf": [{"type": "string", "minLength": 1}, {"type": "number"}]}
+
+
+class Int(Type):
+    def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        if minimum is not None and maximum is not None:
+            self.hint = f"an integer from {minimum} to {maximum}"
+        elif minimum is not None:
+            self.hint = f"an integer ≥ {minimum}"
+        else:
+            self.hint = "an integer"
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        v = node.value
+        if not node.is_scalar or type(v) is not int:
+            return self.wrong(node, path, cx)
+        if (self.minimum is not None and v < self.minimum) or (
+            self.maximum is not None and v > self.maximum
+        ):
+            return cx.report(node.line, path, f"{v} is out of range; expected {self.hint}")
+        return v
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        s: dict[str, Any] = {"type": "integer"}
+        if self.minimum is not None:
+            s["minimum"] = self.minimum
+        if self.maximum is not None:
+            s["maximum"] = self.maximum
+        return s
+
+
+class Bool(Type):
+    hint = "true or false"
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        if not node.is_scalar or not isinstance(node.value, bool):
+            return self.wrong(node, path, cx)
+        return node.value
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "boolean"}
+
+
+class Enum(Type):
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+        self.hint = "one of " + ", ".join(choices)
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        v = node.value
+        if node.is_scalar and isinstance(v, str) and v in self.choices:
+            return v
+        what = f"{node.text!r} is not a choice" if node.is_scalar and node.text else found(node)
+        if len(self.choices) == 1:
+            return cx.report(node.line, path, f"{what}; expected {self.choices[0]}")
+        message = f"{what}; choose one of {', '.join(self.choices)}"
+        if node.is_scalar and node.text:
+            close = _suggest(node.text, self.choices)
+            if close:
+                message += f" (did you mean {close!r}?)"
+        return cx.report(node.line, path, message)
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {"enum": list(self.choices)}
+
+
+class Duration(Type):
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive
+        self.hint = DURATION_HINT
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        v = node.value
+        if node.is_scalar and isinstance(v, int | float) and not isinstance(v, bool):
+            return cx.report(
+                node.line, path, f"{node.text} has no unit; expected {self.hint} ({v}s for seconds)"
+            )
+        if not node.is_scalar or not isinstance(v, str):
+            return self.wrong(node, path, cx)
+        try:
+            seconds = parse_duration(v)
+        except ValueError as e:
+            return cx.report(node.line, path, str(e))
+        if self.positive and seconds <= 0:
+            return cx.report(node.line, path, f"{v!r} is zero; expected a duration more than 0")
+        return seconds
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "string", "pattern": _DURATION.pattern}
+
+
+class Size(Type):
+    hint = SIZE_HINT
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        v = node.value
+        if node.is_scalar and isinstance(v, int | float) and not isinstance(v, bool):
+            return cx.report(
+                node.line, path, f"{node.text} has no unit; expected {self.hint} ({v}B for bytes)"
+            )
+        if not node.is_scalar or not isinstance(v, str):
+            return self.wrong(node, path, cx)
+        try:
+            return parse_size(v)
+        except ValueError as e:
+            return cx.report(node.line, path, str(e))
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "string", "pattern": _SIZE.pattern}
+
+
+class AbsPath(Str):
+    def __init__(self) -> None:
+        super().__init__("an absolute path, like /srv/etl", r"^/")
+
+
+class DateTime(Type):
+    """An instant in RFC 3339 with its UTC offset; YAML may hand us a datetime already."""
+
+    hint = "a date and time with its UTC offset, like 2026-12-01T02:00:00+08:00"
+    regex = re.compile(RFC3339_PATTERN)
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        if not node.is_scalar or isinstance(node.value, bool | int | float) or node.value is None:
+            return self.wrong(node, path, cx)
+        text = node.text or ""
+        if not self.regex.match(text):
+            if re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?$", text):
+                return cx.report(
+                    node.line, path, f"{text} has no UTC offset; add one, like {text}+00:00"
+                )
+            return cx.report(node.line, path, f"{found(node)}; expected {self.hint}")
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError as e:
+            return cx.report(node.line, path, f"{text} is not a real date and time ({e})")
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "string", "pattern": RFC3339_PATTERN}
+
+
+class Cron(Type):
+    hint = "5 fields: minute hour day month weekday, like '0 2 * * *'"
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        if not node.is_scalar or not isinstance(node.value, str):
+            return self.wrong(node, path, cx)
+        from apscheduler.triggers.cron import CronTrigger  # slow import; only for cron specs
+
+        parts = node.value.split()
+        if len(parts) != 5:
+            return cx.report(
+                node.line, path, f"{node.value!r} has {len(parts)} fields; expected {self.hint}"
+            )
+        bad: list[str] = []
+        for (name, label), part in zip(CRON_FIELDS.items(), parts, strict=True):
+            try:
+                CronTrigger(**{name: part}, timezone="UTC")
+            except (ValueError, TypeError) as e:
+                reason = re.sub(r"^Error validating expression '.*?': ", "", str(e))
+                bad.append(f"{label} field {part!r}: {reason}")
+        if bad:
+            return cx.report(node.line, path, f"{node.value!r}: " + "; ".join(bad))
+        try:
+            CronTrigger.from_crontab(node.value, timezone="UTC")
+        except (ValueError, TypeError) as e:
+            return cx.report(node.line, path, f"{node.value!r}: {e}")
+        return " ".join(parts)
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "string", "pattern": r"^\s*\S+(\s+\S+){4}\s*$"}
+
+
+class TimeZone(Type):
+    hint = "an IANA time zone name like UTC or Asia/Shanghai"
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        if not node.is_scalar or not isinstance(node.value, str):
+            return self.wrong(node, path, cx)
+        name = node.value
+        try:
+            zoneinfo.ZoneInfo(name)
+            return name
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            pass
+        message = f"{name!r} is not a known time zone; expected {self.hint}"
+        close = _suggest(name, sorted(zoneinfo.available_timezones()))
+        if close:
+            message += f" (did you mean {close!r}?)"
+        return cx.report(node.line, path, message)
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "string", "minLength": 1}
+
+
+class JSONValue(Type):
+    """Any plain value, converted to what JSON can carry (dates become their text)."""
+
+    hint = "a plain value (string, number, boolean, null, list or mapping)"
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        if node.is_map:
+            out: dict[str, Any] = {}
+            for key, child in node.value.items():
+                v = self.check(child, _join(path, key), cx)
+                if v is not INVALID:
+                    out[key] = v
+            return out
+        if node.is_list:
+            return [self.check(child, f"{path}[{i}]", cx) for i, child in enumerate(node.value)]
+        v = node.value
+        if isinstance(v, float) and not math.isfinite(v):
+            return cx.report(node.line, path, f"{node.text} is not a finite number; quote it")
+        if isinstance(v, date):
+            return node.text
+        return v
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+
+class Later(Type):
+    """A mapping whose fields are checked later, by a rule that needs other fields first."""
+
+    hint = "a mapping"
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        return node if node.is_map else self.wrong(node, path, cx)
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "object"}
+
+
+class ListOf(Type):
+    def __init__(self, item: Type, min_items: int = 1, hint: str | None = None) -> None:
+        self.item = item
+        self.min_items = min_items
+        self.hint = hint or f"a list of {item.hint}"
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        if not node.is_list:
+            return self.wrong(node, path, cx)
+        if len(node.value) < self.min_items:
+            return cx.report(node.line, path, f"is an empty list; expected {self.hint}")
+        # INVALID items stay in place, so cross-field rules still see the valid ones by index
+        return [self.item.check(child, f"{path}[{i}]", cx) for i, child in enumerate(node.value)]
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        s: dict[str, Any] = {"type": "array", "items": self.item.schema(defs)}
+        if self.min_items:
+            s["minItems"] = self.min_items
+        return s
+
+
+class MapOf(Type):
+    """A mapping from free keys (matching key_pattern) to values of one type."""
+
+    def __init__(self, value: Type, key_pattern: str, key_hint: str, hint: str) -> None:
+        self.value = value
+        self.key_pattern = key_pattern
+        self.key_regex = re.compile(key_pattern)
+        self.key_hint = key_hint
+        self.hint = hint
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        if not node.is_map:
+            return self.wrong(node, path, cx)
+        out: dict[str, Any] = {}
+        ok = True
+        for key, child in node.value.items():
+            key_path = _join(path, key)
+            if not self.key_regex.match(key):
+                cx.report(node.key_lines[key], key_path, f"{key!r} is not {self.key_hint}")
+                ok = False
+                continue
+            v = self.value.check(child, key_path, cx)
+            if v is INVALID:
+                ok = False
+            else:
+                out[key] = v
+        return out if ok else INVALID
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "propertyNames": {"pattern": self.key_pattern},
+            "additionalProperties": self.value.schema(defs),
+        }
+
+
+class Either(Type):
+    """One type for a scalar, another for a list, another for a mapping."""
+
+    def __init__(
+        self,
+        hint: str,
+        scalar: Type | None = None,
+        list_: Type | None = None,
+        map_: Type | None = None,
+    ) -> None:
+        self.hint = hint
+        self.scalar = scalar
+        self.list_ = list_
+        self.map_ = map_
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        t = self.map_ if node.is_map else self.list_ if node.is_list else self.scalar
+        if t is None:
+            return self.wrong(node, path, cx)
+        return t.check(node, path, cx)
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        return {"anyOf": [t.schema(defs) for t in (self.scalar, self.list_, self.map_) if t]}
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    name: str
+    type: Type
+    description: str
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OneOf:
+    """Exactly one of `names` must be present; `rule` says why, for messages."""
+
+    names: tuple[str, ...]
+    rule: str
+
+
+class Struct(Type):
+    """A mapping with named fields: unknown ones are errors, with a suggestion when close."""
+
+    def __init__(
+        self,
+        name: str,
+        description: str,
+        fields: Sequence[Field],
+        *,
+        one_of: Sequence[OneOf] = (),
+        only_with: dict[str, tuple[str, str]] | None = None,
+        forbidden: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.description = description
+        self.fields = {f.name: f for f in fields}
+        self.one_of = tuple(one_of)
+        self.only_with = only_with or {}  # field -> (the field it needs, message)
+        self.forbidden = forbidden or {}  # field -> why it has no meaning here
+        shown = [f.name for f in fields if f.required] or [f.name for f in fields]
+        self.hint = "a mapping with " + ", ".join(shown)
+
+    def check(self, node: Node, path: str, cx: Context) -> Any:
+        if not node.is_map:
+            return self.wrong(node, path, cx)
+        items: dict[str, Node] = node.value
+        out: dict[str, Any] = {}
+        for key, child in items.items():
+            key_path = _join(path, key)
+            key_line = node.key_lines[key]
+            if key in self.forbidden:
+                cx.report(key_line, key_path, self.forbidden[key])
+                continue
+            f = self.fields.get(key)
+            if f is None:
+                names = list(self.fields)
+                close = _suggest(key, names)
+                listing = ", ".join(names)
+                cx.report(
+                    key_line,
+                    key_path,
+                    f"unknown field; did you mean {close!r}? (fields here: {listing})"
+                    if close
+                    else f"unknown field; fields here: {listing}",
+                )
+                continue
+            value = f.type.check(child, key_path, cx)
+            if value is not INVALID:
+                out[key] = value
+        for f in self.fields.values():
+            if f.required and f.name not in items:
+                cx.report(node.line, _join(path, f.name), f"missing; expected {f.type.hint}")
+        for group in self.one_of:
+            present = [n for n in group.names if n in items]
+            where = path or "(top level)"
+            if len(present) > 1:
+                line = max(node.key_lines[n] for n in present)
+                cx.report(line, where, f"has both {' and '.join(present)}; {group.rule}")
+            elif not present:
+                none = (
+                    f"neither {group.names[0]} nor {group.names[1]}"
+                    if len(group.names) == 2
+                    else f"none of {_or(group.names)}"
+                )
+                cx.report(node.line, where, f"has {none}; {group.rule}")
+        for name, (needs, message) in self.only_with.items():
+            if name in items and needs not in items:
+                cx.report(node.key_lines[name], _join(path, name), message)
+        return out
+
+    def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
+        if self.name not in defs:
+            defs[self.name] = {}  # placeholder against recursion
+            props: dict[str, Any] = {}
+            for f in self.fields.values():
+                props[f.name] = {**f.type.schema(defs), "description": f.description}
+            body: dict[str, Any] = {
+                "type": "object",
+                "description": self.description,
+                "properties": props,
+                "additionalProperties": False,
+            }
+            required = [f.name for f in self.fields.values() if f.required]
+            if required:
+                body["required"] = required
+            if len(self.one_of) == 1:
+                body["oneOf"] = [{"required": [n]} for n in self.one_of[0].names]
+            elif self.one_of:
+                body["allOf"] = [
+                    {"oneOf": [{"required": [n]} for n in g.names]} for g in self.one_of
+                ]
+            if self.only_with:
+                body["dependentRequired"] = {k: [v[0]] for k, v in self.only_with.items()}
+            defs[self.name] = body
+        return {"$ref": f"#/$defs/{self.name}"}
+
+
+# --- the file format (DESIGN.md "File format"), one definition per field --------------------
+
+_CALL = Str("module.path:function, like etl.mes:extract", CALL_PATTERN)
+_RUN = Either(
+    "a command string or a non-empty list of argv strings",
+    scalar=Text("a command string", allow_empty=False),
+    list_=ListOf(
+        Text("an argv string", allow_empty=False), hint="a non-empty list of argv strings"
+    ),
+)
+_WITH = MapOf(
+    JSONValue(),
+    IDENT_PATTERN,
+    "a Python keyword name",
+    "a mapping of keyword arguments",
+)
+_ENV = MapOf(
+    Text("a string; quote booleans"),
+    ENV_NAME_PATTERN,
+    "an environment variable name (letters, digits, '_', not starting with a digit)",
+    "a mapping of variable names to strings",
+)
+
+RETRIES = Struct(
+    "retries",
+    "How a failed stage is retried.",
+    [
+        Field("max", Int(0), "Retries after the first attempt (0: none)."),
+        Field(
+            "backoff",
+            Enum("fixed", "exponential"),
+            "fixed: wait delay each time; exponential: delay, then 2×, 4×, … capped at maxDelay.",
+        ),
+        Field("delay", Duration(), "Wait before the first retry, like 2s."),
+        Field("maxDelay", Duration(), "Cap on the exponential wait, like 1m."),
+        Field(
+            "onExitCodes",
+            ListOf(Int(0, 255), min_items=1),
+            "Retry only these exit codes (absent: every failure is retried).",
+        ),
+    ],
+)
+
+SHARDS = Either(
+    "an integer ≥ 1 or {over: [items]}",
+    scalar=Int(1),
+    map_=Struct(
+        "shardsOver",
+        "One shard per item.",
+        [
+            Field(
+                "over",
+                ListOf(JSONValue(), hint="a non-empty list of items"),
+                "The items; each shard gets one as CHUTE_SHARD_ITEM.",
+                required=True,
+            )
+        ],
+    ),
+)
+
+_RUN_OR_CALL = OneOf(
+    ("run", "call"), "a stage runs one command (run) or one Python callable (call)"
+)
+_WITH_NEEDS_CALL = {
+    "with": (
+        "call",
+        "goes only with call (keyword arguments of the callable); "
+        "pass arguments to a command in run",
+    )
+}
+
+FALLBACK = Struct(
+    "fallback",
+    "What runs when the stage fails for good.",
+    [
+        Field("run", _RUN, "Command: a string runs under /bin/sh -c; a list is argv."),
+        Field("call", _CALL, "Python callable, module.path:function."),
+        Field("with", _WITH, "Keyword arguments of the callable."),
+    ],
+    one_of=[OneOf(("run", "call"), "a fallback runs one command (run) or one callable (call)")],
+    only_with=_WITH_NEEDS_CALL,
+)
+
+SCHEDULE = Struct(
+    "schedule",
+    "When the file runs again and again (absent: once, now).",
+    [
+        Field("cron", Cron(), "Five-field cron expression, like '0 2 * * *'."),
+        Field("at", DateTime(), "One instant, RFC 3339 with offset: 2026-12-01T02:00:00+08:00."),
+        Field(
+            "every",
+            Duration(positive=True),
+            "A fixed interval, like 15m; the first fire "
+            "is one interval after the file is accepted.",
+        ),
+        Field("timezone", TimeZone(), "IANA zone for cron and run dates (default UTC)."),
+        Field(
+            "misfire",
+            Enum("run_once", "skip"),
+            "Fires missed beyond grace: run_once "
+            "makes one run for all of them (default), skip drops them.",
+        ),
+        Field("grace", Duration(), "A fire later than this is a misfire (default 10m)."),
+        Field(
+            "overlap",
+            Enum("skip", "queue", "allow"),
+            "When the last run still runs: skip this fire (default), queue one, or allow both.",
+        ),
+    ],
+    one_of=[OneOf(("cron", "at", "every"), "a schedule takes exactly one of cron, at or every")],
+)
+
+# Stage fields, in the order messages list them.
+_NAME = Field(
+    "name", Str(NAME_HINT, NAME_PATTERN), "Stage name, unique in the pipeline.", required=True
+)
+_STAGE_RUN = Field("run", _RUN, "Command: a string runs under /bin/sh -c; a list is argv.")
+_STAGE_CALL = Field("call", _CALL, "Python callable, module.path:function, run in the pool.")
+_STAGE_WITH = Field("with", _WITH, "Keyword arguments of the callable.")
+_DEPENDS_ON = Field(
+    "dependsOn",
+    ListOf(Str("a stage name", NAME_PATTERN), min_items=0),
+    "Stages that must succeed first.",
+)
+_INPUTS = Field(
+    "inputs",
+    MapOf(
+        Str("a stage name or stage.field.sub", INPUT_REF_PATTERN),
+        IDENT_PATTERN,
+        "a Python keyword name",
+        "a mapping of keyword to upstream output",
+    ),
+    "Keyword <- upstream output: 'stage' (its data) or 'stage.field.sub'; implies dependsOn.",
+)
+_CPUS = Field("cpus", Int(1), "CPU cores the task is pinned to (default 1).")
+_MEMORY = Field("memory", Size(), "Memory the task needs, like 4GiB.")
+_TIMEOUT = Field("timeout", Duration(positive=True), "Wall-time limit per attempt, like 20m.")
+_RETRIES = Field("retries", RETRIES, "How a failed stage is retried.")
+_SHARDS = Field("shards", SHARDS, "Run N copies, or one per item of {over: [...]}.")
+_CACHE = Field("cache", Bool(), "Skip the stage when its cache key is unchanged.")
+_VERSION = Field("version", Text(), "Part of the cache key; bump it to invalidate.")
+_FALLBACK = Field("fallback", FALLBACK, "Runs when the stage fails for good.")
+_ENV_F = Field("env", _ENV, "Environment variables; merged over the pipeline's.")
+_WORKDIR = Field("workdir", AbsPath(), "Working directory (absolute path).")
+
+STAGE_FIELDS = (
+    _NAME, _STAGE_RUN, _STAGE_CALL, _STAGE_WITH, _DEPENDS_ON, _INPUTS, _CPUS, _MEMORY,
+    _TIMEOUT, _RETRIES, _SHARDS, _CACHE, _VERSION, _FALLBACK, _ENV_F, _WORKDIR,
+)  # fmt: skip
+
+STAGE = Struct(
+    "stage",
+    "One step of a pipeline.",
+    STAGE_FIELDS,
+    one_of=[_RUN_OR_CALL],
+    only_with=_WITH_NEEDS_CALL,
+)
+
+DEFAULT_FIELDS = (_CPUS, _MEMORY, _TIMEOUT, _RETRIES, _CACHE, _VERSION, _ENV_F, _WORKDIR)
+DEFAULTS = Struct(
+    "defaults",
+    "Values every stage gets unless it sets its own (retries and env merge key by key).",
+    DEFAULT_FIELDS,
+)
+
+PIPELINE_FIELDS = (
+    Field("schedule", SCHEDULE, "When to run again and again (absent: once, now)."),
+    Field("priority", Int(), "Higher goes first (default 0)."),
+    Field("failFast", Bool(), "true: a failure cancels the running stages."),
+    Field("env", _ENV, "Environment variables of every stage."),
+    Field("workdir", AbsPath(), "Working directory of every stage (absolute path)."),
+    Field("defaults", DEFAULTS, "Values every stage gets unless it sets its own."),
+)
+
+PIPELINE_SPEC = Struct(
+    "pipelineSpec",
+    "A Pipeline: its stages and how it runs.",
+    [
+        *PIPELINE_FIELDS,
+        Field(
+            "stages", ListOf(STAGE, hint="a non-empty list of stages"), "The stages.", required=True
+        ),
+    ],
+)
+
+_NO_STAGES = "use kind: Pipeline for stages"
+JOB_SPEC = Struct(
+    "jobSpec",
+    "A Job: one stage's fields and the pipeline fields side by side.",
+    [
+        *PIPELINE_FIELDS,
+        *(
+            f
+            for f in STAGE_FIELDS
+            if f.name not in {"name", "dependsOn", "inputs", "env", "workdir"}
+        ),
+    ],
+    one_of=[OneOf(("run", "call"), "a Job runs one command (run) or one Python callable (call)")],
+    only_with=_WITH_NEEDS_CALL,
+    forbidden={
+        "stages": f"a Job has one stage; {_NO_STAGES}",
+        "name": f"a Job's stage is named after metadata.name; remove it, or {_NO_STAGES}",
+        "dependsOn": f"a Job has one stage, so nothing to depend on; {_NO_STAGES}",
+        "inputs": f"a Job has no upstream stage to take inputs from; {_NO_STAGES}",
+    },
+)
+
+METADATA = Struct(
+    "metadata",
+    "Who the file is.",
+    [
+        Field(
+            "name",
+            Str(NAME_HINT, NAME_PATTERN),
+            "Name of the job or pipeline, like nightly-etl.",
+            required=True,
+        ),
+        Field(
+            "labels",
+            MapOf(
+                Text("a string; quote booleans"),
+                LABEL_KEY_PATTERN,
+                "a label key (letters, digits, '.', '_', '/', '-')",
+                "a mapping of strings",
+            ),
+            "Free-form string labels, like {team: data}.",
+        ),
+    ],
+)
+
+API_VERSION = Field("apiVersion", Enum("chute/v1"), "Format version: chute/v1.", required=True)
+KIND = Field(
+    "kind",
+    Enum("Job", "Pipeline"),
+    "Job: one command; Pipeline: stages with dependencies.",
+    required=True,
+)
+META = Field("metadata", METADATA, "Name and labels.", required=True)
+SPEC = Field("spec", Later(), "What runs and when; its fields depend on kind.", required=True)
+FILE = Struct("file", "A chute Job or Pipeline file (apiVersion chute/v1).",
+              [API_VERSION, KIND, META, SPEC])  # fmt: skip
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of a whole spec file, from the definitions above."""
+    defs: dict[str, Any] = {}
+    FILE.schema(defs)
+    top = defs.pop(FILE.name)
+    job = JOB_SPEC.schema(defs)
+    pipeline = PIPELINE_SPEC.schema(defs)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "urn:chute:schema:spec:v1",
+        "title": "chute Job or Pipeline file (apiVersion chute/v1)",
+        **top,
+        "if": {"properties": {"kind": {"const": "Job"}}, "required": ["kind"]},
+        "then": {"properties": {"spec": job}},
+        "else": {"properties": {"spec": pipeline}},
+        "$defs": defs,
+    }
