@@ -11,13 +11,19 @@ Limits: a failed fsync is not retried on the same file (fsyncgate): the caller r
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import orjson
 
+log = logging.getLogger(__name__)
+
 TMP_PREFIX = ".tmp-"
+RETRY_DELAY = 1.0
 
 
 def _tmp_name(path: Path) -> Path:
@@ -103,3 +109,100 @@ def remove_temp_leftovers(folder: Path) -> int:
             except FileNotFoundError:
                 pass
     return count
+
+
+class Committer:
+    """Group commit in a writer thread, so the caller's loop never waits for a disk.
+
+    Batches are committed one after another in the order they were submitted, each with
+    `write_many`, so a file submitted after another is never durable before it. While one
+    batch syncs, the next one grows: the busier the loop, the fewer syncs per file.
+    A batch that fails (ENOSPC, EIO) is logged once and retried whole every RETRY_DELAY
+    seconds, keeping later batches behind it: nothing is acknowledged out of order or lost
+    while the process lives. `on_done` callbacks run in the writer thread after the batch
+    they came with is durable.
+    """
+
+    def __init__(self, name: str = "chute-writer") -> None:
+        self._cond = threading.Condition()
+        self._files: list[tuple[Path, bytes]] = []
+        self._folders: set[Path] = set()
+        self._callbacks: list[Callable[[], None]] = []
+        self._submitted = 0
+        self._committed = 0
+        self._closing = False
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(
+        self,
+        files: Iterable[tuple[Path, bytes]],
+        folders: Iterable[Path] = (),
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        with self._cond:
+            self._files.extend(files)
+            self._folders.update(folders)
+            if on_done is not None:
+                self._callbacks.append(on_done)
+            self._submitted += 1
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far is durable; False on timeout."""
+        with self._cond:
+            target = self._submitted
+            return self._cond.wait_for(lambda: self._committed >= target, timeout)
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._submitted > self._committed or self._closing)
+                if self._submitted == self._committed and self._closing:
+                    return
+                files, self._files = self._files, []
+                folders, self._folders = self._folders, set()
+                callbacks, self._callbacks = self._callbacks, []
+                upto = self._submitted
+            while True:
+                try:
+                    write_many(_last_write_wins(files), folders=folders)
+                    break
+                except OSError as exc:
+                    if self.error is None:
+                        log.error(
+                            "cannot write %s: %s (errno %s); holding %d file(s) in memory and "
+                            "retrying every %.0fs: free space or fix permissions",
+                            exc.filename or "the spool",
+                            exc.strerror,
+                            exc.errno,
+                            len(files),
+                            RETRY_DELAY,
+                        )
+                    self.error = exc
+                    time.sleep(RETRY_DELAY)
+            if self.error is not None:
+                log.warning("writes to the spool succeed again")
+                self.error = None
+            for cb in callbacks:
+                try:
+                    cb()
+                except Exception:
+                    log.exception("callback after commit failed")
+            with self._cond:
+                self._committed = upto
+                self._cond.notify_all()
+
+
+def _last_write_wins(files: list[tuple[Path, bytes]]) -> list[tuple[Path, bytes]]:
+    """Drop earlier versions of a file written twice in one batch (a manifest, run.json)."""
+    last = {path: i for i, (path, _) in enumerate(files)}
+    return [f for i, f in enumerate(files) if last[f[0]] == i]

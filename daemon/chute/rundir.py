@@ -78,7 +78,7 @@ def new_record(
 
 def create(spool: Spool, record: dict[str, Any], spec_bytes: bytes) -> Path:
     """Make runs/<id>/ with spec.yaml and run.json, durably, then point the latest links at it."""
-    run_dir = spool.runs / record["run_id"]
+    run_dir: Path = spool.runs / str(record["run_id"])
     (run_dir / "stages").mkdir(parents=True)
     # Handover: once run.json (queued) is durable the run exists; the caller may now
     # remove the file it was made from.
@@ -86,7 +86,7 @@ def create(spool: Spool, record: dict[str, Any], spec_bytes: bytes) -> Path:
         [(run_dir / "spec.yaml", spec_bytes), (run_dir / "run.json", atomic.dumps(record))]
     )
     atomic.fsync_dir(spool.runs)
-    update_latest(spool, record["run_id"], record["pipeline"])
+    update_latest(spool, str(record["run_id"]), str(record["pipeline"]))
     return run_dir
 
 

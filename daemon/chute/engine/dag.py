@@ -120,6 +120,7 @@ class StageRun:
     started_at: float | None = None
     finished_at: float | None = None
     reused: Reused | None = None
+    _final_record: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -129,7 +130,15 @@ class StageRun:
         return self.units if self.fallback_unit is None else [*self.units, self.fallback_unit]
 
     def record(self) -> dict[str, Any]:
-        """This stage's entry in manifest.json."""
+        """This stage's entry in manifest.json (made once when the stage is final)."""
+        if self._final_record is not None:
+            return self._final_record
+        rec = self._record()
+        if self.state in STAGE_FINAL:
+            self._final_record = rec
+        return rec
+
+    def _record(self) -> dict[str, Any]:
         if self.reused is not None:
             return dict(self.reused.entry)
         s = self.spec

@@ -139,6 +139,8 @@ class Engine:
         self._running: dict[str, tuple[ActiveRun, Unit, allocator.Grant]] = {}
         self._writes: list[tuple[Path, bytes]] = []
         self._new_dirs: set[Path] = set()
+        self._committer = atomic.Committer()
+        self._made: set[Path] = set()  # stage folders known to exist
         self._empty_inputs: Path | None = None
         self._stage_order: dict[tuple[str, str], int] = {}
 
@@ -210,6 +212,12 @@ class Engine:
                 break
             self.handle(self.executor.poll(timeout))
         self._flush(self.clock.monotonic())
+        self._committer.flush()
+
+    def close(self) -> None:
+        """Write what is pending and stop the writer thread."""
+        self._flush(self.clock.monotonic())
+        self._committer.close()
 
     # -- queue and start -------------------------------------------------------------------
 
@@ -269,9 +277,14 @@ class Engine:
     def _stage_folder(self, run: ActiveRun, stage: str, shard: int | None) -> Path:
         base = run.dir / "stages" / stage
         folder = base if shard is None else base / str(shard)
-        if not folder.is_dir():
-            (folder / "artifacts").mkdir(parents=True, exist_ok=True)
-            self._new_dirs.update((folder, folder.parent, base.parent))
+        if folder not in self._made:
+            for f in dict.fromkeys((base, folder, folder / "artifacts")):
+                try:
+                    os.mkdir(f)
+                    self._new_dirs.add(f.parent)
+                except FileExistsError:
+                    pass
+            self._made.add(folder)
         return folder
 
     def _start(self, run: ActiveRun, unit: Unit, grant: allocator.Grant, wall: float) -> None:
@@ -514,20 +527,25 @@ class Engine:
         self._writes.append((run.dir / "run.json", atomic.dumps(rec)))
         run.manifest_due = None
         del self.runs[run.run_id]
-        self._flush(self.clock.monotonic())
-        if self.on_finished is not None:
-            self.on_finished(run)
+        self._flush(self.clock.monotonic(), on_done=self._finished_callback(run))
 
-    def _flush(self, now: float) -> None:
+    def _finished_callback(self, run: ActiveRun) -> Callable[[], None] | None:
+        hook = self.on_finished
+        if hook is None:
+            return None
+        return lambda: hook(run)
+
+    def _flush(self, now: float, on_done: Callable[[], None] | None = None) -> None:
+        """Hand this step's writes to the committer (one group commit, in order)."""
         for run in self.runs.values():
             if run.manifest_due is not None and run.manifest_due <= now:
                 self._writes.append((run.dir / "manifest.json", self._manifest(run)))
                 run.manifest_due = None
-        if not self._writes and not self._new_dirs:
+        if not self._writes and not self._new_dirs and on_done is None:
             return
         writes, self._writes = self._writes, []
         folders, self._new_dirs = self._new_dirs, set()
-        atomic.write_many(writes, folders=folders)
+        self._committer.submit(writes, folders, on_done)
 
 
 def _shard_artifacts(stage_folder: Path) -> list[dict[str, str]]:
