@@ -50,9 +50,7 @@ def chute(spool: Path) -> Callable[..., Done]:
 
     def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> Done:
         cmd = [sys.executable, "-m", "chute", *args, "--spool", str(spool)]
-        p = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=chute_env(env)
-        )
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=chute_env(env))
         return Done(p.returncode, p.stdout, p.stderr)
 
     return run

@@ -81,19 +81,20 @@ def test_lost_task_is_rerun_without_charging_an_attempt() -> None:
     (a,) = start_all(g)
     g.finish(a, Result(key=a.key, lost=True, error="pool broke"), 1.0, 1.0)
     (again,) = g.take_ready(1.0)
-    assert again is a and a.attempts == []
+    assert again is a
+    assert a.attempts == []
 
 
 def test_failure_skips_dependents_transitively_and_fails_the_run() -> None:
-    g = graph(
-        Stage("a"), Stage("b", depends_on=("a",)), Stage("c", depends_on=("b",)), Stage("d")
-    )
+    g = graph(Stage("a"), Stage("b", depends_on=("a",)), Stage("c", depends_on=("b",)), Stage("d"))
     a, d = start_all(g)
     g.finish(a, fail(a), 1.0, 1.0)
-    assert g.stages["b"].state == "skipped" and g.stages["c"].state == "skipped"
+    assert g.stages["b"].state == "skipped"
+    assert g.stages["c"].state == "skipped"
     assert not g.done
     g.finish(d, ok(d), 2.0, 2.0)
-    assert g.done and g.state == "failed"
+    assert g.done
+    assert g.state == "failed"
 
 
 def test_fallback_result_lets_dependents_run() -> None:
@@ -142,7 +143,8 @@ def test_cancel_stops_running_units_and_marks_everything_cancelled() -> None:
     (a,) = start_all(g)
     assert g.cancel(1.0) == [a]
     g.finish(a, Result(key=a.key, cancelled=True, error="cancelled"), 2.0, 2.0)
-    assert g.done and g.state == "cancelled"
+    assert g.done
+    assert g.state == "cancelled"
 
 
 def test_reused_stages_count_as_done_and_keep_their_data() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+
 from conftest import EXAMPLES, REPO, Done, chute_env, load_json, pid_alive, wait_for
 
 SCHEMAS = REPO / "daemon" / "chute" / "schemas"
@@ -38,7 +39,7 @@ def check_run_files(run_dir: Path) -> None:
     jsonschema.validate(load_json(run_dir / "manifest.json"), schema("manifest"))
     for out in run_dir.glob("stages/**/output.json"):
         jsonschema.validate(load_json(out), schema("output"))
-    leftovers = [p for p in run_dir.rglob(".tmp-*")]
+    leftovers = list(run_dir.rglob(".tmp-*"))
     assert leftovers == []
 
 
@@ -71,7 +72,8 @@ def test_etl_example_runs_and_leaves_a_complete_run_folder(spool: Path, chute: C
         {"name": "orders.csv", "path": "artifacts/orders.csv", "type": "text/csv"}
     ]
     check_run_files(run_dir)
-    assert "check_totals" in done.out and "succeeded" in done.out
+    assert "check_totals" in done.out
+    assert "succeeded" in done.out
 
 
 def test_sharded_example_gathers_outputs_in_shard_order(spool: Path, chute: Chute) -> None:
@@ -127,12 +129,14 @@ def test_task_environment_is_clean_plus_spec_env_and_chute_variables(
         if "=" in line
     )
     assert "SECRET_TOKEN" not in env
-    assert env["GREETING"] == "hi" and env["COUNT"] == "3"
+    assert env["GREETING"] == "hi"
+    assert env["COUNT"] == "3"
     assert env["CHUTE_RUN_ID"] == run_dir.name
     assert env["CHUTE_RUN_DIR"] == str(run_dir)
     assert env["CHUTE_STAGE"] == "envjob"
     assert env["CHUTE_ARTIFACTS"] == str(run_dir / "stages/envjob/artifacts")
-    assert env["CHUTE_SHARD_INDEX"] == "0" and env["CHUTE_SHARD_COUNT"] == "1"
+    assert env["CHUTE_SHARD_INDEX"] == "0"
+    assert env["CHUTE_SHARD_COUNT"] == "1"
     assert env["CHUTE_CPUS"] == "1"
     assert len(env["CHUTE_RUN_DATE"]) == 10
     allowed = {"PATH", "HOME", "LANG", "TZ", "GREETING", "COUNT"}
@@ -218,7 +222,8 @@ def test_retries_record_every_attempt_and_honour_on_exit_codes(
     assert [a["exit_code"] for a in flaky] == [75, 75, 75]
     assert s["flaky"]["state"] == "failed"
     gaps = [_gap(flaky[i]["finished_at"], flaky[i + 1]["started_at"]) for i in range(2)]
-    assert gaps[0] >= 0.2 and gaps[1] >= 0.3  # 200ms, then 400ms capped at 300ms
+    assert gaps[0] >= 0.2
+    assert gaps[1] >= 0.3
     assert len(s["broken"]["attempts"]) == 1
 
 
@@ -326,12 +331,13 @@ def test_output_over_one_mebibyte_is_refused_with_advice(
     spec = write_spec(
         "big.yaml",
         "apiVersion: chute/v1\nkind: Job\nmetadata: {name: big}\n"
-        "spec:\n  run: [python3, -c, \"import json,os; "
+        'spec:\n  run: [python3, -c, "import json,os; '
         "json.dump({'x': 'a' * 1100000}, open(os.environ['CHUTE_OUTPUT'], 'w'))\"]\n",
     )
     assert chute("run", str(spec)).code == 1
     err = stages(latest(spool))["big"]["attempts"][0]["error"]
-    assert "over the 1 MiB limit" in err and "CHUTE_ARTIFACTS" in err
+    assert "over the 1 MiB limit" in err
+    assert "CHUTE_ARTIFACTS" in err
 
 
 def test_cache_hit_skips_the_stage_and_copies_its_output(
@@ -352,7 +358,8 @@ def test_cache_hit_skips_the_stage_and_copies_its_output(
     spec = write_spec("cache.yaml", text.replace("VERSION", "1"))
     assert chute("run", str(spec)).code == 0
     first = stages(latest(spool))["expensive"]
-    assert first["cache"]["hit"] is False and first["state"] == "succeeded"
+    assert first["cache"]["hit"] is False
+    assert first["state"] == "succeeded"
     assert chute("run", str(spec)).code == 0
     second_dir = latest(spool)
     second = stages(second_dir)["expensive"]
@@ -394,7 +401,8 @@ def test_call_stage_whose_worker_dies_fails_alone_and_the_pool_recovers(
     assert s["dies"]["state"] == "failed"
     assert "signal 9" in s["dies"]["attempts"][0]["error"]
     assert s["after"]["state"] == "skipped"
-    assert s["lives"]["state"] == "succeeded" and s["later"]["state"] == "succeeded"
+    assert s["lives"]["state"] == "succeeded"
+    assert s["later"]["state"] == "succeeded"
     assert load_json(run_dir / "stages/later/output.json")["data"] == {"y": 4}
 
 
@@ -413,13 +421,16 @@ def test_show_and_logs_print_the_summary_and_the_stage_log(
     assert lines[1].split() == ["STAGE", "STATE", "ATTEMPTS", "DURATION", "CORES"]
     assert lines[2].split()[:3] == ["one", "succeeded", "1"]
     assert lines[3].split()[:3] == ["two", "failed", "1"]
-    assert lines[4].startswith("total") and "1 failed, 1 succeeded" in lines[4]
+    assert lines[4].startswith("total")
+    assert "1 failed, 1 succeeded" in lines[4]
     assert "error: stage two failed: exited with code 4" in shown.out
     logs = chute("logs", "latest", "one")
-    assert logs.code == 0 and logs.out == "first-line\n"
+    assert logs.code == 0
+    assert logs.out == "first-line\n"
     missing = chute("logs", "latest", "three")
     assert missing.code == 2
-    assert "three: no such stage" in missing.err and "one, two" in missing.err
+    assert "three: no such stage" in missing.err
+    assert "one, two" in missing.err
 
 
 def test_unknown_run_exits_2_and_names_the_closest(spool: Path, chute: Chute) -> None:
@@ -429,7 +440,8 @@ def test_unknown_run_exits_2_and_names_the_closest(spool: Path, chute: Chute) ->
     for verb in ("show", "logs", "retry"):
         done = chute(verb, typo)
         assert done.code == 2, verb
-        assert f"{typo}: no such run" in done.err and real in done.err
+        assert f"{typo}: no such run" in done.err
+        assert real in done.err
 
 
 def test_retry_from_a_stage_keeps_the_earlier_outputs(
@@ -461,14 +473,16 @@ def test_retry_from_a_stage_keeps_the_earlier_outputs(
     assert done.code == 0, done.err
     run_dir = latest(spool)
     rec = load_json(run_dir / "run.json")
-    assert rec["resumed_from"] == first and rec["trigger"]["type"] == "retry"
+    assert rec["resumed_from"] == first
+    assert rec["trigger"]["type"] == "retry"
     assert log.read_text().split() == ["extract", "load", "load", "report"]
     assert (run_dir / "stages/extract/output.json").exists()
     check_run_files(run_dir)
     assert chute("retry", run_dir.name, "--from", "extract").code == 0
     assert log.read_text().split()[-3:] == ["extract", "load", "report"]
     bad = chute("retry", run_dir.name, "--from", "nope")
-    assert bad.code == 2 and "no such stage" in bad.err
+    assert bad.code == 2
+    assert "no such stage" in bad.err
 
 
 def test_sigterm_cancels_the_foreground_run_and_leaves_no_process(

@@ -1,0 +1,111 @@
+"""The CLI's surface: help texts, validate's output and exit codes, live progress on a tty."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES, Done, chute_env
+
+Chute = Callable[..., Done]
+COMMANDS = ["validate", "run", "show", "logs", "retry", "schema"]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=COMMANDS)
+def test_help_starts_with_a_synopsis_and_one_example(chute: Chute, command: str) -> None:
+    done = chute(command, "--help")
+    assert done.code == 0
+    description = done.out.split("\n\n")[1]
+    assert description.startswith(f"chute {command}")
+    assert f"example:\n  chute {command}" in done.out
+
+
+def test_validate_prints_the_stage_plan_for_a_good_file(chute: Chute) -> None:
+    done = chute("validate", str(EXAMPLES / "etl.yaml"))
+    assert done.code == 0
+    lines = done.out.splitlines()
+    assert lines[0] == f"{EXAMPLES / 'etl.yaml'}: ok: Pipeline seed-etl, 7 stages, runs now"
+    assert "  mat_order_facts: run: " in done.out
+    assert "(cpus=1, after raw_orders)" in done.out
+
+
+def test_validate_reports_every_file_and_exits_2_if_one_is_bad(
+    chute: Chute, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: chute/v1\nkind: Job\nmetadata: {name: bad}\nspec:\n  run: 'true'\n"
+        "  cpus: 0\n  timeout: soon\n"
+    )
+    done = chute("validate", str(EXAMPLES / "hello.yaml"), str(bad))
+    assert done.code == 2
+    assert "hello.yaml: ok: Job hello" in done.out
+    errors = done.err.splitlines()
+    assert errors[0].startswith(f"{bad}:6: spec.cpus: ")
+    assert errors[1].startswith(f"{bad}:7: spec.timeout: ")
+    assert "30s" in errors[1]
+
+
+def test_validate_refuses_more_cpus_than_the_node_has(chute: Chute, tmp_path: Path) -> None:
+    spec = tmp_path / "wide.yaml"
+    ncpu = len(os.sched_getaffinity(0))
+    spec.write_text(
+        f"apiVersion: chute/v1\nkind: Job\nmetadata: {{name: wide}}\n"
+        f"spec:\n  run: 'true'\n  cpus: {ncpu + 1}\n"
+    )
+    done = chute("validate", str(spec))
+    assert done.code == 2
+    assert f"{spec}:6: spec.cpus: " in done.err
+    assert str(ncpu) in done.err
+
+
+def test_a_bad_config_is_an_input_error(chute: Chute, tmp_path: Path) -> None:
+    config = tmp_path / "chute.yaml"
+    config.write_text("polcy: best-fit\n")
+    done = chute("validate", str(EXAMPLES / "hello.yaml"), "--config", str(config))
+    assert done.code == 2
+    assert done.err.startswith(f"{config}: polcy: unknown key")
+    assert "did you mean 'policy'?" in done.err
+
+
+def test_run_on_a_terminal_shows_live_progress(spool: Path) -> None:
+    """A real pty: the progress line is rewritten in place and ends with every stage done."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chute", "run", str(EXAMPLES / "etl.yaml"), "--spool", str(spool)],
+        stdin=follower,
+        stdout=follower,
+        stderr=subprocess.DEVNULL,
+        env=chute_env(),
+    )
+    os.close(follower)
+    out = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(leader)
+        assert proc.wait(timeout=30) == 0
+    text = out.decode(errors="replace")
+    assert "\r" in text
+    assert "seed-etl" in text
+    assert "7/7 done, 0 running, 0 waiting, 0 failed" in text

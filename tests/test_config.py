@@ -1,0 +1,82 @@
+"""The config file: defaults, units, choices, and errors that name the key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from chute.config import Config, ConfigError, load_config, parse_config
+
+
+def test_every_key_is_optional() -> None:
+    assert parse_config({}) == Config()
+
+
+def test_durations_sizes_and_sections_are_parsed() -> None:
+    c = parse_config(
+        {
+            "cpus": "0-3,8",
+            "memory": "4GiB",
+            "stop_timeout": "90s",
+            "rescan_interval": "1m",
+            "max_file_size": "2MiB",
+            "retention": {"keep_runs": 10, "max_age": "2d"},
+            "http": {"listen": "0.0.0.0:9000", "token_file": "/etc/chute/token"},
+            "submitters": {"users": ["alice"], "groups": ["data"]},
+            "policy": "backfill",
+        }
+    )
+    assert c.cpus == "0-3,8"
+    assert c.memory == 4 << 30
+    assert c.stop_timeout == 90.0
+    assert c.rescan_interval == 60.0
+    assert c.max_file_size == 2 << 20
+    assert (c.keep_runs, c.max_age) == (10, 172800.0)
+    assert c.http_listen == "0.0.0.0:9000"
+    assert c.http_token_file == Path("/etc/chute/token")
+    assert c.submitters_users == ("alice",)
+    assert c.submitters_groups == ("data",)
+    assert c.policy == "backfill"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"stop_timout": "1s"}, "stop_timout: unknown key"),
+        ({"stop_timout": "1s"}, "did you mean 'stop_timeout'?"),
+        ({"policy": "random"}, "policy: 'random' is not one of fifo-first-fit, best-fit, backfill"),
+        ({"stop_timeout": "soon"}, "stop_timeout: 'soon' is not a duration like 500ms"),
+        ({"http": {"port": 1}}, "http.port: unknown key"),
+        ({"executor": {"backend": "dask"}}, "executor.backend: dask is not available"),
+        ({"reserve_cpus": -1}, "reserve_cpus: -1 is not a whole number >= 0"),
+    ],
+    ids=["unknown", "suggestion", "choice", "duration", "section", "dask", "negative"],
+)
+def test_bad_values_are_refused_with_the_key_and_the_rule(
+    data: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_config(data)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(ValueError, match="policy: 'x'") as info:
+        parse_config({"policy": "x", "watch": "y"})
+    assert len(str(info.value).splitlines()) == 2
+
+
+def test_load_config_prefixes_the_file_and_reads_chute_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "chute.yaml"
+    path.write_text("policy: best-fit\n")
+    monkeypatch.setenv("CHUTE_CONFIG", str(path))
+    assert load_config().policy == "best-fit"
+    path.write_text("policy: nope\n")
+    with pytest.raises(ConfigError, match=f"^{path}: policy: 'nope'"):
+        load_config(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path)
