@@ -1,0 +1,369 @@
+"""The `local` executor: run: tasks as process groups, call: tasks in a worker pool, one loop.
+
+Owns: one selector that waits for everything (each run: task's pidfd, each worker's pipe
+and sentinel, each tracked orphan's pidfd, a wake-up pipe), the deadlines of all of them,
+and the orphan sweep. Not here: one run: task's spawn, pinning and kill escalation
+(chute.runner), call: workers (chute.pool), what a task means to a run (chute.engine).
+
+No process a task started outlives the task. A task's main process leads its own process
+group; when it ends (any reason) the group gets SIGTERM while the unreaped main process
+still holds the pgid. Processes that left the group (`setsid`) are caught because the
+daemon is a child subreaper (PR_SET_CHILD_SUBREAPER): every process whose parent dies is
+reparented to us, so after a task's main process ends, everything left of the task is in
+a tree under one of our direct children that is not a live task. The sweep, each poll,
+reads our children (/proc/self/task/*/children: one small read per daemon thread) and,
+for each child it does not know, the CHUTE_TASK_KEY cookie every task's environment
+carries (as Jenkins' ProcessTreeKiller does with BUILD_ID):
+- cookie of a live task: watched (pidfd), ended with its task;
+- cookie of an ended task: its tree gets SIGTERM, SIGKILL after the grace, then reaped;
+- no cookie (the task cleared its environment) and outside the daemon's own process group:
+  also an orphan of a task, since that is the only way such a child can become ours
+  (attributed to a task by pgid when it still is in the task's group); ended the same way.
+Other children the daemon starts itself (multiprocessing's forkserver and resource tracker,
+helpers of other modules) stay in the daemon's process group and keep their environment
+without a cookie, so the sweep leaves them alone: daemon code must not start children in a
+new process group or session except through this executor.
+A run: task's Result is given when its main process is reaped and no orphan of it remains
+(or at most 5 s after its SIGKILL, for a process stuck in the kernel, with an ERROR line).
+Reaping is by pid only (Popen.poll for main processes, waitpid(pid) for orphans), never
+waitpid(-1), which would steal the children of Popen and multiprocessing.
+
+Cgroups are future work: cgroup v2 is mounted here at /sys/fs/cgroup/unified but a task
+must join its cgroup before exec to be fenced by `cgroup.kill`, which needs a delegated
+subtree (systemd Delegate=yes) and a clone3(CLONE_INTO_CGROUP) spawn Python lacks. Until
+then the subreaper and the cookie hold: an escapee can only hide by both clearing its
+environment and moving into the daemon's process group, and it still dies at close().
+Crash safety: nothing durable is written here; if the daemon dies, its children are
+reparented to init (or systemd), and recovery after a restart is the engine's business.
+Diagnostics: task failures are Results; an orphan that survives SIGKILL is one ERROR line
+with its pid; a chute bug raises out of poll().
+Limits: start, cancel, poll and close are called from one thread (the loop); wake from any
+thread or a signal handler. One LocalExecutor per process (a second one would take the
+first one's tasks for orphans). The thread calling start must not block signals (children
+inherit the mask, and a task with SIGTERM blocked only dies by SIGKILL), and SIGCHLD must
+not be set to SIG_IGN (the kernel would reap our children before we see their status).
+Timeouts of queued call: tasks count from when a worker takes them. A double-forked
+process of a call: task (reparented to us, in the daemon's process group) that exits
+before a sweep sees it stays a zombie: the sweep does not reap in the daemon's group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+
+from chute import runner
+from chute.clock import Clock
+from chute.executor import Result, Task
+from chute.pool import Pool
+from chute.runner import RunProcess
+
+log = logging.getLogger(__name__)
+
+PR_SET_CHILD_SUBREAPER = 36
+DRAIN_LIMIT = 5.0  # seconds after SIGKILL we wait for a task's leftovers before giving up
+
+_subreaper_done = False
+
+
+def become_subreaper() -> None:
+    """Orphans of our tasks are reparented to this process instead of init (once)."""
+    global _subreaper_done
+    if _subreaper_done:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+    _subreaper_done = True
+
+
+@dataclass(slots=True)
+class _Orphan:
+    pid: int
+    pidfd: int
+    owner: str | None  # the task key it belongs to, when known
+    kill_at: float | None = None  # set once it got SIGTERM
+    killed: bool = False
+
+
+class LocalExecutor:
+    """Run and call tasks on this machine; see the module docstring for the fence."""
+
+    def __init__(self, *, kill_grace: float = 10.0, max_workers: int, clock: Clock | None = None):
+        become_subreaper()
+        self._grace = kill_grace
+        self._clock = clock or Clock()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._woken = False
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._daemon_pgid = os.getpgid(0)
+        self._results: list[Result] = []
+        self._runs: dict[str, RunProcess] = {}  # started, until their Result is given
+        self._leaders: dict[int, RunProcess] = {}  # pid → run, until reaped
+        self._pgids: dict[int, str] = {}  # pgid → key, until the Result is given
+        self._orphans: dict[int, _Orphan] = {}
+        self._orphans_of: dict[str | None, int] = {}  # owner key → tracked orphans
+        self._orphans_sigkilled: set[str] = set()
+        self._spared: set[int] = set()  # our children that are not tasks' (forkserver, …)
+        self._pool = Pool(
+            max_workers=max_workers,
+            kill_grace=kill_grace,
+            clock=self._clock,
+            selector=self._selector,
+            emit=self._results.append,
+        )
+        self._closed = False
+
+    # --- the Executor protocol -----------------------------------------------------------
+
+    def start(self, task: Task) -> None:
+        if task.key in self._runs or task.key in self._pool.live_keys():
+            raise ValueError(f"task {task.key} is already running")
+        if task.kind == "call":
+            self._pool.start(task)
+            return
+        now = self._clock.monotonic()
+        try:
+            proc = runner.spawn(task, stdin=self._devnull, now=now, grace=self._grace)
+        except runner.SpawnError as exc:
+            self._results.append(Result(key=task.key, error=str(exc)))
+            return
+        self._runs[task.key] = proc
+        self._leaders[proc.pid] = proc
+        self._pgids[proc.pgid] = task.key
+        self._selector.register(proc.pidfd, selectors.EVENT_READ, lambda: self._on_leader(proc))
+
+    def cancel(self, key: str) -> None:
+        proc = self._runs.get(key)
+        if proc is not None:
+            proc.stop("cancel", self._clock.monotonic())
+        else:
+            self._pool.cancel(key)
+
+    def poll(self, timeout: float | None) -> list[Result]:
+        until = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._step(until, timers=True)
+            if self._results or self._woken or (until is not None and time.monotonic() >= until):
+                self._woken = False
+                results, self._results[:] = list(self._results), []
+                return results
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self._runs.values():
+            if proc.running:
+                runner.killpg(proc.pgid, signal.SIGTERM)
+        self._pool.close(self._grace)
+        for o in self._orphans.values():
+            o.kill_at = None  # SIGTERM now, whoever's it is
+        end = time.monotonic() + self._grace
+        killed = False
+        while True:
+            self._step(time.monotonic(), timers=False, closing=True)
+            if not self._leaders and not self._orphans and not self._stray_children():
+                break
+            if time.monotonic() < end:
+                self._step(min(end, time.monotonic() + 0.05), timers=False, closing=True)
+                continue
+            if killed:
+                for pid in [*self._leaders, *self._orphans]:
+                    log.error("process pid=%d did not end after SIGKILL; leaving it", pid)
+                break
+            killed = True
+            end = time.monotonic() + DRAIN_LIMIT
+            for proc in self._leaders.values():
+                runner.killpg(proc.pgid, signal.SIGKILL)
+            for o in self._orphans.values():
+                runner.signal_tree(o.pid, signal.SIGKILL)
+        for proc in self._leaders.values():
+            self._selector.unregister(proc.pidfd)
+            os.close(proc.pidfd)
+        for o in self._orphans.values():
+            self._selector.unregister(o.pidfd)
+            os.close(o.pidfd)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        os.close(self._devnull)
+        self._runs.clear()
+        self._leaders.clear()
+        self._results.clear()
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def _step(self, until: float | None, *, timers: bool, closing: bool = False) -> None:
+        """One wait on the selector (until `until`, wall monotonic) and what follows it."""
+        if closing:  # close() gives no results; pending ones must not make every wait 0
+            self._results.clear()
+            self._woken = False
+        now = self._clock.monotonic()
+        if timers:
+            self._on_time(now)
+        if self._results or self._woken:
+            wait: float | None = 0.0
+        else:
+            wait = None if until is None else max(0.0, until - time.monotonic())
+            due = self._next_time() if timers else None
+            if due is not None:
+                wait = max(0.0, due - now) if wait is None else min(wait, max(0.0, due - now))
+        for key, _ in self._selector.select(wait):
+            callback: Callable[[], None] = key.data
+            callback()
+        now = self._clock.monotonic()
+        self._sweep(now, closing)
+        self._finish_drained(now)
+
+    def _next_time(self) -> float | None:
+        times = [t for t in (p.next_time() for p in self._runs.values()) if t is not None]
+        times.extend(o.kill_at for o in self._orphans.values() if o.kill_at and not o.killed)
+        for proc in self._runs.values():
+            if not proc.running and proc.kill_at is not None:
+                times.append(proc.kill_at + DRAIN_LIMIT)
+        pool_time = self._pool.next_time()
+        if pool_time is not None:
+            times.append(pool_time)
+        return min(times) if times else None
+
+    def _on_time(self, now: float) -> None:
+        for proc in self._runs.values():
+            proc.on_time(now)
+        for o in self._orphans.values():
+            if o.kill_at is not None and not o.killed and now >= o.kill_at:
+                o.killed = True
+                if o.owner is not None:
+                    self._orphans_sigkilled.add(o.owner)
+                runner.signal_tree(o.pid, signal.SIGKILL)
+        self._pool.on_time(now)
+
+    def _on_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 512):
+                pass
+        self._woken = True
+
+    def _on_leader(self, proc: RunProcess) -> None:
+        if not proc.reap(self._clock.monotonic()):
+            return
+        self._selector.unregister(proc.pidfd)
+        os.close(proc.pidfd)
+        del self._leaders[proc.pid]
+
+    def _finish_drained(self, now: float) -> None:
+        for key, proc in list(self._runs.items()):
+            if proc.running:
+                continue
+            # An orphan without a cookie or group to tell whose it is may be this task's:
+            # every task that ends meanwhile waits for it too (it dies within the grace).
+            if self._orphans_of.get(key) or self._orphans_of.get(None):
+                assert proc.kill_at is not None
+                if now < proc.kill_at + DRAIN_LIMIT:
+                    continue
+                log.error(
+                    "task %s ended but %d of its processes survived SIGKILL; giving its result",
+                    key,
+                    self._orphans_of.get(key, 0) + self._orphans_of.get(None, 0),
+                )
+            del self._runs[key]
+            self._pgids.pop(proc.pgid, None)
+            self._results.append(proc.result(key in self._orphans_sigkilled))
+            self._orphans_sigkilled.discard(key)
+
+    # --- orphans -----------------------------------------------------------------------
+
+    def _children(self) -> list[int]:
+        kids = runner.children_of("self")
+        if kids is None:  # no CONFIG_PROC_CHILDREN: the slow way, a scan of /proc
+            kids = [p.pid for p in psutil.Process().children()]
+        return kids
+
+    def _stray_children(self) -> bool:
+        """At close: any child left that is not a helper of the daemon?"""
+        known = self._spared | set(self._leaders) | set(self._orphans)
+        for pid in self._children():
+            if pid in known:
+                continue
+            st = runner.proc_stat(pid)
+            if st is not None and not (st.state == "Z" and st.pgid == self._daemon_pgid):
+                return True
+        return False
+
+    def _sweep(self, now: float, closing: bool) -> None:
+        kids = self._children()
+        workers = self._pool.worker_pids()
+        for pid in kids:
+            if pid in self._leaders or pid in self._orphans or pid in self._spared:
+                continue
+            if pid in workers:
+                continue
+            st = runner.proc_stat(pid)
+            if st is None:
+                continue
+            if st.state == "Z":
+                if st.pgid != self._daemon_pgid:  # an orphan that ended on its own
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+                continue
+            cookie = runner.task_cookie(pid)
+            if cookie is None and st.pgid == self._daemon_pgid:
+                self._spared.add(pid)
+                continue
+            self._track(pid, cookie if cookie is not None else self._pgids.get(st.pgid))
+        if self._spared:
+            self._spared.intersection_update(kids)
+        if not self._orphans:
+            return
+        live: set[str] = set()
+        if not closing:
+            live = {k for k, p in self._runs.items() if p.running} | self._pool.live_keys()
+        for o in self._orphans.values():
+            if o.kill_at is None and (o.owner is None or o.owner not in live):
+                proc = self._runs.get(o.owner) if o.owner is not None else None
+                kill_at = proc.kill_at if proc is not None and proc.kill_at else None
+                o.kill_at = kill_at if kill_at is not None else now + self._grace
+                runner.signal_tree(o.pid, signal.SIGTERM)
+
+    def _track(self, pid: int, owner: str | None) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        o = _Orphan(pid=pid, pidfd=pidfd, owner=owner)
+        self._orphans[pid] = o
+        self._orphans_of[owner] = self._orphans_of.get(owner, 0) + 1
+        self._selector.register(pidfd, selectors.EVENT_READ, lambda: self._on_orphan_exit(o))
+        log.debug("orphan pid=%d of task %s tracked", pid, owner)
+
+    def _on_orphan_exit(self, o: _Orphan) -> None:
+        try:
+            pid, _ = os.waitpid(o.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid = o.pid  # someone else reaped it
+        if pid == 0:
+            return
+        self._selector.unregister(o.pidfd)
+        os.close(o.pidfd)
+        del self._orphans[o.pid]
+        left = self._orphans_of.get(o.owner, 1) - 1
+        if left:
+            self._orphans_of[o.owner] = left
+        else:
+            self._orphans_of.pop(o.owner, None)

@@ -1,0 +1,549 @@
+"""The local executor with real processes: run: tasks, the orphan fence, call: workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import pytest
+
+import fixtures_procs
+from chute.executor import MAX_OUTPUT_BYTES, Context, Result, Task
+from chute.local import LocalExecutor
+from fixtures_procs import ManualClock, wait_for
+
+# the fixtures this module uses (the lead may register fixtures_procs in conftest instead)
+no_leaked_processes = fixtures_procs.no_leaked_processes
+no_leaked_fds = fixtures_procs.no_leaked_fds
+manual_clock = fixtures_procs.manual_clock
+make_executor = fixtures_procs.make_executor
+executor = fixtures_procs.executor
+
+pytestmark = pytest.mark.usefixtures("no_leaked_fds")
+
+PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def run_task(tmp: Path, key: str, command: str | tuple[str, ...], **kw: Any) -> Task:
+    kw.setdefault("env", {"PATH": PATH})
+    return Task(
+        key=key,
+        kind="run",
+        cores=kw.pop("cores", ()),
+        log_path=str(tmp / "logs" / f"{key}.log"),
+        output_path=str(tmp / f"{key}.output.json"),
+        command=command,
+        **kw,
+    )
+
+
+def call_task(tmp: Path, key: str, call: str, **kw: Any) -> Task:
+    kw.setdefault("env", {"PATH": PATH})
+    kw.setdefault("cwd", str(tmp))
+    return Task(
+        key=key,
+        kind="call",
+        cores=kw.pop("cores", ()),
+        log_path=str(tmp / "logs" / f"{key}.log"),
+        output_path=str(tmp / f"{key}.output.json"),
+        call=call,
+        **kw,
+    )
+
+
+def results(ex: LocalExecutor, *keys: str, timeout: float = 20.0) -> dict[str, Result]:
+    """Poll until every key has its Result."""
+    got: dict[str, Result] = {}
+    deadline = time.monotonic() + timeout
+    while set(keys) - set(got):
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout}s for results of {sorted(set(keys) - set(got))}")
+        for r in ex.poll(0.2):
+            assert r.key not in got, f"two results for {r.key}"
+            got[r.key] = r
+    return got
+
+
+def one(ex: LocalExecutor, key: str, timeout: float = 20.0) -> Result:
+    return results(ex, key, timeout=timeout)[key]
+
+
+def log_of(tmp: Path, key: str) -> str:
+    return (tmp / "logs" / f"{key}.log").read_text()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def read_pid(path: Path) -> int:
+    wait_for(f"a pid in {path}", lambda: path.exists() and path.read_text().strip() != "")
+    return int(path.read_text())
+
+
+def write_module(tmp: Path, name: str, source: str) -> None:
+    path = tmp / Path(*name.split(".")).with_suffix(".py")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for parent in path.relative_to(tmp).parents:
+        if parent != Path("."):
+            (tmp / parent / "__init__.py").touch()
+    path.write_text(textwrap.dedent(source))
+
+
+# --- run: tasks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "exit_code", "sig", "error"),
+    [
+        ("true", 0, None, None),
+        ("exit 3", 3, None, "exited with code 3"),
+        ("kill -9 $$", None, 9, "killed by signal 9 (SIGKILL)"),
+    ],
+    ids=["success", "exit-code", "signal"],
+)
+def test_run_task_reports_how_its_process_ended(
+    executor: LocalExecutor,
+    tmp_path: Path,
+    command: str,
+    exit_code: int | None,
+    sig: int | None,
+    error: str | None,
+) -> None:
+    executor.start(run_task(tmp_path, "t", command))
+    r = one(executor, "t")
+    assert (r.exit_code, r.signal, r.error) == (exit_code, sig, error)
+    assert r.ok == (exit_code == 0)
+
+
+def test_environment_is_exactly_the_task_env_and_its_cookie(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    env = {"PATH": PATH, "HOME": "/nowhere", "CHUTE_RUN_ID": "r1"}
+    executor.start(run_task(tmp_path, "t", ("env",), env=env))
+    assert one(executor, "t").ok
+    seen = dict(line.split("=", 1) for line in log_of(tmp_path, "t").splitlines())
+    assert seen == {**env, "CHUTE_TASK_KEY": "t"}
+
+
+def test_argv_command_is_looked_up_on_the_task_path(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool = bindir / "mytool"
+    tool.write_text('#!/bin/sh\necho tool ran with "$1"\n')
+    tool.chmod(0o755)
+    executor.start(run_task(tmp_path, "t", ("mytool", "a b"), env={"PATH": f"{bindir}:{PATH}"}))
+    assert one(executor, "t").ok
+    assert log_of(tmp_path, "t") == "tool ran with a b\n"
+
+
+def test_missing_program_is_a_failed_result(executor: LocalExecutor, tmp_path: Path) -> None:
+    executor.start(run_task(tmp_path, "t", ("no-such-tool",), env={"PATH": "/bin"}))
+    r = one(executor, "t")
+    assert r.error == "cannot start no-such-tool: No such file or directory (PATH=/bin)"
+    assert not r.ok
+
+
+def test_missing_cwd_is_a_failed_result(executor: LocalExecutor, tmp_path: Path) -> None:
+    executor.start(run_task(tmp_path, "t", "true", cwd=str(tmp_path / "gone")))
+    assert one(executor, "t").error == (
+        f"cannot change to cwd {tmp_path / 'gone'}: No such file or directory"
+    )
+
+
+def test_task_runs_in_its_cwd_with_stdin_empty(executor: LocalExecutor, tmp_path: Path) -> None:
+    executor.start(run_task(tmp_path, "t", "pwd; cat; echo end", cwd=str(tmp_path)))
+    assert one(executor, "t").ok
+    assert log_of(tmp_path, "t") == f"{tmp_path}\nend\n"
+
+
+def test_stdout_and_stderr_are_appended_to_the_log(executor: LocalExecutor, tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "t.log"
+    log.parent.mkdir()
+    log.write_text("earlier attempt\n")
+    executor.start(run_task(tmp_path, "t", "echo out; echo err >&2"))
+    assert one(executor, "t").ok
+    assert log.read_text() == "earlier attempt\nout\nerr\n"
+
+
+def test_output_file_is_read_checked_and_removed(executor: LocalExecutor, tmp_path: Path) -> None:
+    out = tmp_path / "t.output.json"
+    executor.start(run_task(tmp_path, "t", f"echo '{{\"rows\": 17}}' > {out}"))
+    r = one(executor, "t")
+    assert r.ok
+    assert r.output is not None
+    assert orjson.loads(r.output) == {"rows": 17}
+    assert not out.exists()
+
+
+def test_invalid_json_output_fails_a_task_that_exited_0(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    out = tmp_path / "t.output.json"
+    executor.start(run_task(tmp_path, "t", f"echo 'rows: 17' > {out}"))
+    r = one(executor, "t")
+    assert r.exit_code == 0
+    assert not r.ok
+    assert r.error is not None
+    assert r.error.startswith("CHUTE_OUTPUT is not valid JSON: unexpected character")
+    assert r.output is None
+
+
+def test_output_over_the_limit_fails_the_task(executor: LocalExecutor, tmp_path: Path) -> None:
+    out = tmp_path / "t.output.json"
+    size = MAX_OUTPUT_BYTES + 10
+    executor.start(run_task(tmp_path, "t", f"head -c {size} /dev/zero > {out}"))
+    r = one(executor, "t")
+    assert (r.exit_code, r.ok) == (0, False)
+    assert r.error == (
+        f"output is {size} bytes, over the 1 MiB limit; write the data to a file under "
+        "$CHUTE_ARTIFACTS (ctx.artifacts) and return its path instead"
+    )
+    assert not out.exists()
+
+
+def test_timeout_kills_the_whole_group_with_its_background_grandchild(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "bg.pid"
+    executor.start(run_task(tmp_path, "t", f"sleep 1000 & echo $! > {pidfile}; wait", timeout=0.5))
+    grandchild = read_pid(pidfile)
+    r = one(executor, "t")
+    assert r.timed_out
+    assert r.error == "timed out after 0.5s (SIGTERM)"
+    assert r.signal == signal.SIGTERM
+    assert not alive(grandchild)
+
+
+def test_task_that_ignores_term_is_killed_after_the_grace(
+    make_executor: Any, manual_clock: ManualClock, tmp_path: Path
+) -> None:
+    ex = make_executor(clock=manual_clock, kill_grace=10.0)
+    ex.start(run_task(tmp_path, "t", "trap '' TERM; echo ready; sleep 1000", timeout=60))
+    wait_for("the task's trap", lambda: "ready" in log_of(tmp_path, "t"))
+    manual_clock.advance(60)
+    assert ex.poll(0.3) == []  # SIGTERM sent and ignored
+    manual_clock.advance(10)
+    r = one(ex, "t")
+    assert r.timed_out
+    assert r.signal == signal.SIGKILL
+    assert r.error == "timed out after 1m (SIGTERM, then SIGKILL after 10s)"
+
+
+def test_setsid_escapee_is_gone_when_the_task_ends(executor: LocalExecutor, tmp_path: Path) -> None:
+    pidfile = tmp_path / "escapee.pid"
+    executor.start(run_task(tmp_path, "t", f"setsid sleep 1000 & echo $! > {pidfile}"))
+    r = one(executor, "t")
+    assert r.ok
+    escapee = read_pid(pidfile)
+    assert not alive(escapee)
+
+
+def test_escapee_with_a_cleared_environment_is_gone_too(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "escapee.pid"
+    executor.start(
+        run_task(tmp_path, "t", f"env -i /usr/bin/setsid sleep 1000 & echo $! > {pidfile}")
+    )
+    assert one(executor, "t").ok
+    assert not alive(read_pid(pidfile))
+
+
+def test_escapee_that_ignores_term_is_killed_before_the_result(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "escapee.pid"
+    script = f"setsid sh -c \"trap '' TERM; echo \\$\\$ > {pidfile}; sleep 1000\" & wait"
+    executor.start(run_task(tmp_path, "t", script, timeout=0.3))
+    r = one(executor, "t")
+    assert r.timed_out
+    assert r.error == "timed out after 0.3s (SIGTERM, then SIGKILL after 0.5s)"
+    assert not alive(read_pid(pidfile))
+
+
+def test_cancel_ends_a_running_task(executor: LocalExecutor, tmp_path: Path) -> None:
+    executor.start(run_task(tmp_path, "t", "echo started; sleep 1000"))
+    wait_for("the task to start", lambda: "started" in log_of(tmp_path, "t"))
+    executor.cancel("t")
+    r = one(executor, "t")
+    assert (r.cancelled, r.timed_out, r.ok) == (True, False, False)
+    assert r.error == "cancelled (SIGTERM)"
+
+
+def test_task_and_its_grandchild_are_pinned_to_the_task_cores(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    before = os.sched_getaffinity(0)
+    command = (
+        "grep Cpus_allowed_list /proc/$$/status; sh -c 'grep Cpus_allowed_list /proc/$$/status'"
+    )
+    executor.start(run_task(tmp_path, "t", command, cores=(1,)))
+    assert one(executor, "t").ok
+    assert log_of(tmp_path, "t").split() == ["Cpus_allowed_list:", "1"] * 2
+    assert os.sched_getaffinity(0) == before
+
+
+def test_fifty_concurrent_tasks_are_all_reaped(executor: LocalExecutor, tmp_path: Path) -> None:
+    keys = [f"t{i}" for i in range(50)]
+    for key in keys:
+        executor.start(run_task(tmp_path, key, ("true",)))
+    got = results(executor, *keys)
+    assert all(r.ok for r in got.values())
+    assert psutil.Process().children() == []
+
+
+def test_wake_makes_a_blocked_poll_return(executor: LocalExecutor) -> None:
+    timer = threading.Timer(0.1, executor.wake)
+    timer.start()
+    t0 = time.monotonic()
+    assert executor.poll(30) == []
+    assert time.monotonic() - t0 < 10
+    timer.join()
+
+
+def test_close_leaves_no_process_of_ours(make_executor: Any, tmp_path: Path) -> None:
+    ex = make_executor()
+    write_module(tmp_path, "slow", "import time\ndef run():\n    time.sleep(1000)\n")
+    ex.start(run_task(tmp_path, "a", "setsid sleep 1000 & sleep 1000"))
+    ex.start(run_task(tmp_path, "b", "trap '' TERM; echo ready; sleep 1000"))
+    ex.start(call_task(tmp_path, "c", "slow:run"))
+    wait_for("task b's trap", lambda: "ready" in log_of(tmp_path, "b"))
+    ex.close()
+    assert psutil.Process().children(recursive=True) == []
+
+
+# --- call: tasks ---------------------------------------------------------------------
+
+CTX = Context(
+    run_id="r1",
+    stage="extract",
+    artifacts="/tmp/artifacts",
+    shard_index=None,
+    shard_count=None,
+    shard_item=None,
+    cores=(0,),
+)
+
+
+def test_call_gets_its_kwargs_and_ctx_and_logs_to_its_log(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    write_module(
+        tmp_path,
+        "etl.mes",
+        """
+        import logging, os
+        def extract(rows, ctx):
+            print("printing", rows)
+            logging.getLogger("etl").info("logging %s", ctx.stage)
+            return {"rows": rows, "stage": ctx.stage, "env": os.environ["CHUTE_RUN_ID"],
+                    "cwd": os.getcwd(), "cores": sorted(os.sched_getaffinity(0))}
+        """,
+    )
+    task = call_task(
+        tmp_path,
+        "t",
+        "etl.mes:extract",
+        kwargs={"rows": 17},
+        context=CTX,
+        cores=(1,),
+        env={"PATH": PATH, "CHUTE_RUN_ID": "r1"},
+    )
+    executor.start(task)
+    r = one(executor, "t")
+    assert (r.exit_code, r.error) == (0, None)
+    assert r.output is not None
+    assert orjson.loads(r.output) == {
+        "rows": 17,
+        "stage": "extract",
+        "env": "r1",
+        "cwd": str(tmp_path),
+        "cores": [1],
+    }
+    text = log_of(tmp_path, "t")
+    assert "printing 17\n" in text
+    assert "INFO etl: logging extract" in text
+
+
+def test_call_without_ctx_parameter_returning_none(executor: LocalExecutor, tmp_path: Path) -> None:
+    write_module(tmp_path, "quiet", "def run(a, b):\n    assert a + b == 3\n")
+    executor.start(call_task(tmp_path, "t", "quiet:run", kwargs={"a": 1, "b": 2}, context=CTX))
+    r = one(executor, "t")
+    assert (r.ok, r.output) == (True, None)
+
+
+def test_call_that_raises_fails_with_one_line_and_a_logged_traceback(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    write_module(tmp_path, "bad", "def run():\n    raise ValueError('bad row 17\\nmore')\n")
+    executor.start(call_task(tmp_path, "t", "bad:run"))
+    r = one(executor, "t")
+    assert (r.exit_code, r.error) == (1, "ValueError: bad row 17")
+    assert "Traceback (most recent call last)" in log_of(tmp_path, "t")
+
+
+def test_call_of_a_missing_module_names_it_and_sys_path(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    executor.start(call_task(tmp_path, "t", "etl.mes:extract"))
+    r = one(executor, "t")
+    assert r.error is not None
+    assert r.error.startswith(
+        f"cannot import 'etl.mes': no module named 'etl' (sys.path starts with '{tmp_path}', "
+    )
+
+
+def test_call_of_a_module_that_fails_to_import_says_why(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    write_module(tmp_path, "etl.mes", "import pandas_not_installed\ndef extract():\n    pass\n")
+    executor.start(call_task(tmp_path, "t", "etl.mes:extract"))
+    r = one(executor, "t")
+    assert r.error == (
+        "importing 'etl.mes' failed: ModuleNotFoundError: No module named 'pandas_not_installed'"
+    )
+    assert "import pandas_not_installed" in log_of(tmp_path, "t")
+
+
+def test_call_of_a_missing_function(executor: LocalExecutor, tmp_path: Path) -> None:
+    write_module(tmp_path, "etl.mes", "def load():\n    pass\n")
+    executor.start(call_task(tmp_path, "t", "etl.mes:extract"))
+    assert one(executor, "t").error == "module 'etl.mes' has no function 'extract'"
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ("return [1, 2]", "m:run returned a list; a call: function must return a dict or None"),
+        (
+            "return {'s': {1}}",
+            "m:run returned a dict that is not JSON-serializable: "
+            "Type is not JSON serializable: set",
+        ),
+        (
+            "return {'s': 'x' * (1 << 20)}",
+            "output is 1048584 bytes, over the 1 MiB limit; write the data to a file under "
+            "$CHUTE_ARTIFACTS (ctx.artifacts) and return its path instead",
+        ),
+    ],
+    ids=["not-a-dict", "not-serializable", "too-big"],
+)
+def test_call_return_value_must_be_a_small_json_dict(
+    executor: LocalExecutor, tmp_path: Path, body: str, error: str
+) -> None:
+    write_module(tmp_path, "m", f"def run():\n    {body}\n")
+    executor.start(call_task(tmp_path, "t", "m:run"))
+    r = one(executor, "t")
+    assert (r.exit_code, r.error, r.output, r.ok) == (0, error, None, False)
+
+
+def test_worker_killed_mid_task_fails_that_task_only(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    write_module(
+        tmp_path,
+        "w",
+        """
+        import os, time
+        def hang(pidfile):
+            open(pidfile, "w").write(str(os.getpid()))
+            time.sleep(1000)
+        def pid():
+            return {"pid": os.getpid()}
+        """,
+    )
+    pidfile = tmp_path / "worker.pid"
+    executor.start(call_task(tmp_path, "victim", "w:hang", kwargs={"pidfile": str(pidfile)}))
+    executor.start(call_task(tmp_path, "bystander", "w:pid"))
+    worker = read_pid(pidfile)
+    bystander = one(executor, "bystander")
+    assert bystander.ok
+    os.kill(worker, signal.SIGKILL)
+    r = one(executor, "victim")
+    assert (r.exit_code, r.signal, r.lost) == (None, 9, False)
+    assert r.error == "worker process died (killed by signal 9, SIGKILL) while running stage victim"
+    executor.start(call_task(tmp_path, "next", "w:pid"))
+    after = one(executor, "next")
+    assert after.ok
+    assert after.output is not None
+    assert orjson.loads(after.output)["pid"] != worker
+
+
+def test_call_timeout_stops_the_worker_and_the_next_call_runs(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    write_module(
+        tmp_path, "s", "import time\ndef nap():\n    time.sleep(1000)\ndef ok():\n    pass\n"
+    )
+    executor.start(call_task(tmp_path, "t", "s:nap", timeout=0.5))
+    r = one(executor, "t")
+    assert (r.timed_out, r.signal) == (True, signal.SIGTERM)
+    assert r.error == "timed out after 0.5s (SIGTERM)"
+    executor.start(call_task(tmp_path, "u", "s:ok"))
+    assert one(executor, "u").ok
+
+
+def test_cancel_of_a_call(executor: LocalExecutor, tmp_path: Path) -> None:
+    write_module(
+        tmp_path, "s", "import time\ndef nap(f):\n    open(f, 'w').close()\n    time.sleep(1000)\n"
+    )
+    flag = tmp_path / "started"
+    executor.start(call_task(tmp_path, "t", "s:nap", kwargs={"f": str(flag)}))
+    wait_for("the call to start", flag.exists)
+    executor.cancel("t")
+    r = one(executor, "t")
+    assert (r.cancelled, r.error) == (True, "cancelled (SIGTERM)")
+
+
+def test_process_started_by_a_call_does_not_outlive_it(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    write_module(
+        tmp_path,
+        "spawner",
+        """
+        import subprocess
+        def run():
+            p = subprocess.Popen(["sleep", "1000"])
+            return {"pid": p.pid}
+        """,
+    )
+    executor.start(call_task(tmp_path, "t", "spawner:run"))
+    r = one(executor, "t")
+    assert r.ok
+    assert r.output is not None
+    assert not alive(orjson.loads(r.output)["pid"])
+
+
+def test_unwritable_log_is_a_failed_result(executor: LocalExecutor, tmp_path: Path) -> None:
+    (tmp_path / "logs").write_text("a file where the log folder should be")
+    executor.start(run_task(tmp_path, "t", "true"))
+    assert one(executor, "t").error == f"cannot open log {tmp_path / 'logs'}: File exists"
+
+
+def test_queued_call_waits_for_a_free_worker_and_can_be_cancelled(
+    make_executor: Any, tmp_path: Path
+) -> None:
+    ex = make_executor(max_workers=1)
+    write_module(tmp_path, "q", "import time\ndef nap(s):\n    time.sleep(s)\n")
+    ex.start(call_task(tmp_path, "first", "q:nap", kwargs={"s": 0.3}))
+    ex.start(call_task(tmp_path, "second", "q:nap", kwargs={"s": 0}))
+    ex.start(call_task(tmp_path, "third", "q:nap", kwargs={"s": 0}))
+    ex.cancel("third")
+    got = results(ex, "first", "second", "third")
+    assert got["first"].ok
+    assert got["second"].ok
+    assert (got["third"].cancelled, got["third"].error) == (True, "cancelled before it started")
