@@ -181,6 +181,7 @@ class RunGraph:
         self.fail_fast_fired = False
         self._ready: deque[Unit] = deque()
         self._delayed: list[Unit] = []
+        self._open = len(pipeline.stages)  # stages not final yet
         reused = reused or {}
         for spec in pipeline.stages:
             if spec.shards is None:
@@ -198,6 +199,7 @@ class RunGraph:
                 stage.state = str(old.entry["state"])
                 stage.data = old.data
                 stage.output_hash = old.output_hash
+                self._open -= 1
                 for u in stage.units:
                     u.state = "succeeded"
         for stage in self.stages.values():
@@ -212,7 +214,7 @@ class RunGraph:
 
     @property
     def done(self) -> bool:
-        return all(s.state in STAGE_FINAL for s in self.stages.values())
+        return self._open == 0
 
     @property
     def state(self) -> str:
@@ -391,6 +393,9 @@ class RunGraph:
         return self._finish_stage(stage, outcome, wall)
 
     def _finish_stage(self, stage: StageRun, outcome: str, wall: float) -> list[Unit]:
+        if stage.state in STAGE_FINAL:
+            return []  # already settled: a stage ends once
+        self._open -= 1
         stage.state = outcome
         stage.finished_at = wall
         if outcome in STAGE_OK:
@@ -412,6 +417,7 @@ class RunGraph:
             stage = self.stages[todo.pop()]
             if stage.state in STAGE_FINAL:
                 continue
+            self._open -= 1
             stage.state = "skipped"
             stage.finished_at = wall
             for u in stage.units:

@@ -141,6 +141,7 @@ class Engine:
         self._new_dirs: set[Path] = set()
         self._committer = atomic.Committer()
         self._made: set[Path] = set()  # stage folders known to exist
+        self._purge = False  # units in _waiting may have left the waiting state
         self._empty_inputs: Path | None = None
         self._stage_order: dict[tuple[str, str], int] = {}
 
@@ -157,6 +158,7 @@ class Engine:
             return False
         for unit in run.graph.cancel(self.clock.time()):
             self.executor.cancel(unit.key)
+        self._purge = True
         self._dirty(run, urgent=True)
         self._maybe_finish(run)
         return True
@@ -260,9 +262,11 @@ class Engine:
         self._dirty(run)
 
     def _start_ready(self, now: float, wall: float) -> None:
-        # Units of cancelled runs stay in the queue until seen here.
-        for key in [k for k, (_, u, _) in self._waiting.items() if u.state != "waiting"]:
-            del self._waiting[key]
+        if self._purge:
+            # A cancel or failFast left units of its run in the queue: drop them.
+            self._purge = False
+            for key in [k for k, (_, u, _) in self._waiting.items() if u.state != "waiting"]:
+                del self._waiting[key]
         grants = [g for _, _, g in self._running.values()]
         if sum(len(g.cores) for g in grants) >= len(self.topology.cpus):
             return
@@ -423,6 +427,8 @@ class Engine:
         stage = graph.stages[unit.stage]
         for other in graph.finish(unit, result, now, wall, data, output_hash):
             self.executor.cancel(other.key)
+        if graph.fail_fast_fired or stage.spec.shards is not None:
+            self._purge = True
         self._log_unit(run, unit, result)
         blob: bytes | None = None
         if unit.state == "succeeded":
