@@ -80,3 +80,9 @@ def test_load_config_prefixes_the_file_and_reads_chute_config(
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(path)
+
+
+def test_null_paths_mean_the_default() -> None:
+    c = parse_config({"spool": None, "runs_dir": None})
+    assert c.spool is None
+    assert c.runs_dir is None

@@ -115,6 +115,10 @@ def _size(key: str, value: object) -> int:
         raise ValueError(f"{key}: {exc}") from None
 
 
+def _path(value: object) -> Path | None:
+    return None if value is None else Path(str(value))
+
+
 def _int(key: str, value: object, minimum: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{key}: {value!r} is not a whole number >= {minimum}")
@@ -185,8 +189,8 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         if m.get("address") is not None:
             values["executor_address"] = str(m["address"])
 
-    take("spool", lambda: values.__setitem__("spool", Path(str(data["spool"]))))
-    take("runs_dir", lambda: values.__setitem__("runs_dir", Path(str(data["runs_dir"]))))
+    take("spool", lambda: values.__setitem__("spool", _path(data["spool"])))
+    take("runs_dir", lambda: values.__setitem__("runs_dir", _path(data["runs_dir"])))
     take("cpus", cpus)
     take(
         "reserve_cpus",

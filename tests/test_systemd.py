@@ -1,0 +1,224 @@
+"""The files of systemd/: the unit passes systemd's own checks, the example config and the
+tmpfiles snippet cover every config key and spool folder, and sysusers + tmpfiles build the
+spool with the owners and modes we document.
+
+`systemd-analyze`, `systemd-sysusers` and `systemd-tmpfiles` work without systemd as PID 1;
+CI installs them (.ci/run). Running the service itself is not possible on these machines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from chute.config import Config, load_config
+from chute.spool import FOLDERS
+from chute.units import parse_duration
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+UNIT = SYSTEMD / "chute.service"
+
+# Measured with systemd 252 (Debian 12): 2.8 "OK". Raise it only with a reason in the unit.
+MAX_EXPOSURE = 3.0
+
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (.ci/run installs the systemd package)",
+)
+
+
+def _unit_settings() -> dict[str, list[str]]:
+    """Key -> values of the unit, every section together (our keys are not repeated)."""
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+@pytest.fixture
+def unit_copy(tmp_path: Path) -> Path:
+    """The unit with an ExecStart that exists here.
+
+    `systemd-analyze verify` fails when the ExecStart binary is missing, and
+    /usr/local/bin/chute exists only on an installed server: point it at the `chute` script
+    of this environment, else at `python -m chute`. Nothing else changes.
+    """
+    script = shutil.which("chute")
+    command = script if script else f"{sys.executable} -m chute"
+    text = UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/chute daemon " in text
+    copy = tmp_path / "chute.service"
+    copy.write_text(text.replace("ExecStart=/usr/local/bin/chute ", f"ExecStart={command} "))
+    return copy
+
+
+@needs_analyze
+def test_unit_passes_systemd_analyze_verify_silently(unit_copy: Path) -> None:
+    # verify exits 0 on unknown keys and bad values and only prints them: any output fails.
+    p = subprocess.run(
+        ["systemd-analyze", "verify", str(unit_copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=unit_copy.parent,
+    )
+    assert (p.returncode, p.stdout + p.stderr) == (0, "")
+
+
+@needs_analyze
+def test_unit_exposure_score_stays_low(unit_copy: Path) -> None:
+    p = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(unit_copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=unit_copy.parent,
+    )
+    assert p.returncode == 0, p.stderr
+    found = re.search(r"Overall exposure level for chute\.service: (\d+\.\d+)", p.stdout)
+    assert found, p.stdout + p.stderr
+    score = float(found.group(1))
+    # Shown with `pytest -s`: the number to compare when a systemd upgrade moves it.
+    print(f"systemd-analyze security: exposure {score} (limit {MAX_EXPOSURE})")  # noqa: T201
+    assert score <= MAX_EXPOSURE, p.stdout
+
+
+def test_unit_runs_as_chute_stops_gracefully_and_survives_a_task_oom() -> None:
+    unit = _unit_settings()
+    assert (unit["User"], unit["Group"]) == (["chute"], ["chute-submit"])
+    assert unit["Type"] == ["notify"]
+    assert unit["KillMode"] == ["mixed"], "control-group would SIGTERM every task at once"
+    assert unit["OOMPolicy"] == ["continue"], "stop would end every run for one OOM kill"
+    assert "Delegate" not in unit
+    assert unit["ReadWritePaths"] == ["/var/spool/chute"]
+    assert unit["ExecStart"] == ["/usr/local/bin/chute daemon --config /etc/chute/chute.yaml"]
+
+
+def test_unit_stop_timeout_exceeds_the_configs_stop_timeout_and_kill_grace() -> None:
+    config = load_config(SYSTEMD / "chute.yaml")
+    (stop,) = _unit_settings()["TimeoutStopSec"]
+    margin = 10.0  # to write run.json and manifest.json of the interrupted runs
+    assert parse_duration(stop) >= config.stop_timeout + config.kill_grace + margin
+
+
+def _flattened_keys(data: dict[str, Any]) -> set[str]:
+    """Config field names of a config file: submitters.users -> submitters_users.
+
+    A section's key maps to `<section>_<key>` when Config has such a field, else to
+    `<key>` (retention.keep_runs -> keep_runs).
+    """
+    fields = {f.name for f in dataclasses.fields(Config)}
+    keys = set()
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub in value:
+                keys.add(f"{key}_{sub}" if f"{key}_{sub}" in fields else sub)
+        else:
+            keys.add(key)
+    return keys
+
+
+def test_example_config_sets_every_key_to_its_default() -> None:
+    path = SYSTEMD / "chute.yaml"
+    config = load_config(path)
+    fields = {f.name for f in dataclasses.fields(Config)} - {"source"}
+    assert _flattened_keys(yaml.safe_load(path.read_text())) == fields
+    systemd_layout = Config(spool=Path("/var/spool/chute"), runs_dir=Path("/var/spool/chute/runs"))
+    assert config == systemd_layout
+
+
+def test_example_config_comments_every_key() -> None:
+    keys = [
+        line
+        for line in (SYSTEMD / "chute.yaml").read_text().splitlines()
+        if re.match(r"\s*[a-z_]+:", line)
+    ]
+    sections = ("submitters:", "http:", "retention:", "executor:")
+    uncommented = [line for line in keys if "#" not in line and line not in sections]
+    assert uncommented == []
+
+
+def _tmpfiles_paths() -> dict[str, tuple[str, str, str]]:
+    """Path -> (mode, user, group) of the `d` lines of chute.tmpfiles.conf."""
+    paths = {}
+    for line in (SYSTEMD / "chute.tmpfiles.conf").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] == "d":
+            _, path, mode, user, group, age = parts
+            assert age == "-", f"{path}: tmpfiles --clean must never age out the spool"
+            paths[path] = (mode, user, group)
+    return paths
+
+
+def test_tmpfiles_creates_every_spool_folder() -> None:
+    paths = _tmpfiles_paths()
+    for name in (*FOLDERS, "runs"):
+        assert f"/var/spool/chute/{name}" in paths, name
+
+
+def test_tmpfiles_drop_boxes_let_submitters_write_but_not_list() -> None:
+    paths = _tmpfiles_paths()
+    assert paths["/var/spool/chute"] == ("0750", "chute", "chute-submit")
+    assert paths["/var/spool/chute/runs"] == ("0750", "chute", "chute-submit")
+    assert paths["/var/spool/chute/incoming"] == ("3730", "chute", "chute-submit")
+    assert paths["/var/spool/chute/control"] == ("3730", "chute", "chute-submit")
+    assert paths["/var/spool/chute/state"] == ("0750", "chute", "chute")
+    assert paths["/etc/chute"] == ("0755", "root", "root")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="systemd-tmpfiles needs root to chown")
+@pytest.mark.skipif(
+    shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
+    reason="systemd-sysusers/systemd-tmpfiles are not installed (.ci/run installs systemd)",
+)
+def test_sysusers_and_tmpfiles_build_the_spool_in_a_root(tmp_path: Path) -> None:
+    # Both tools work offline on --root: users go into <root>/etc/passwd, and tmpfiles
+    # resolves names from there, so the host's user database is never touched.
+    (tmp_path / "etc").mkdir()
+    for tool, conf in (
+        (["systemd-sysusers"], "chute.sysusers.conf"),
+        (["systemd-tmpfiles", "--create"], "chute.tmpfiles.conf"),
+    ):
+        p = subprocess.run(
+            [*tool, f"--root={tmp_path}", str(SYSTEMD / conf)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert p.returncode == 0, p.stderr
+    users = {
+        line.split(":")[0]: line.split(":")
+        for line in (tmp_path / "etc/passwd").read_text().splitlines()
+    }
+    groups = {
+        line.split(":")[0]: line.split(":")
+        for line in (tmp_path / "etc/group").read_text().splitlines()
+    }
+    assert users["chute"][5:] == ["/var/spool/chute", "/usr/sbin/nologin"]
+    assert groups["chute-submit"][3] == "chute"
+    ids = {"root": 0, "chute": int(users["chute"][2])}
+    gids = {
+        "root": 0,
+        "chute": int(groups["chute"][2]),
+        "chute-submit": int(groups["chute-submit"][2]),
+    }
+    for path, (mode, user, group) in _tmpfiles_paths().items():
+        st = (tmp_path / path.lstrip("/")).stat()
+        assert stat.S_ISDIR(st.st_mode), path
+        assert (oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid) == (
+            oct(int(mode, 8)),
+            ids[user],
+            gids[group],
+        ), path
