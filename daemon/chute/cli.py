@@ -9,12 +9,16 @@ exits 1; a chute bug prints a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -22,8 +26,8 @@ from typing import Any
 
 import orjson
 
-from chute import logs, rundir
-from chute.clock import Clock
+from chute import atomic, logs, rundir
+from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
 from chute.engine.loop import ActiveRun, Engine
@@ -119,13 +123,10 @@ def _plan(p: Pipeline) -> str:
 
 
 def _trigger_text(p: Pipeline) -> str:
-    s = p.schedule
-    assert s is not None
-    if s.cron is not None:
-        return f"cron {s.cron} {s.timezone}"
-    if s.every is not None:
-        return f"every {format_duration(s.every)}"
-    return f"at {s.at}"
+    from chute.schedules import trigger_text
+
+    assert p.schedule is not None
+    return trigger_text(p.schedule)
 
 
 # -- run, retry: one run in the foreground ---------------------------------------------------
@@ -237,6 +238,26 @@ def cmd_retry(args: argparse.Namespace) -> int:
         )
     if old.get("state") in ("queued", "running"):
         raise UsageError(f"{old['run_id']}: still {old['state']}; retry it once it has ended")
+    if _daemon_pid(spool) is not None:
+        new_id = rundir.new_run_id(Clock().now())
+        _control(
+            spool,
+            {
+                "action": "retry",
+                "run": old["run_id"],
+                "from": args.from_stage,
+                "new_run_id": new_id,
+            },
+        )
+        print(f"retry of {old['run_id']} submitted as {new_id}")
+        if not args.wait:
+            return EXIT_OK
+        deadline = time.monotonic() + 30
+        while not (spool.runs / new_id / "run.json").exists():
+            if time.monotonic() > deadline:
+                raise UsageError(f"{new_id}: the daemon did not start the retry (see its log)")
+            time.sleep(0.05)
+        return _follow_run(spool, new_id)
     try:
         reused = runs.reusable_stages(old_dir, pipeline, args.from_stage)
     except FileNotFoundError:
@@ -400,6 +421,316 @@ def _follow(run_dir: Path, stage: str | None) -> int:
         if final:
             return EXIT_OK
         time.sleep(0.2)
+
+
+# -- daemon and the commands that talk to it ------------------------------------------------
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from chute.daemon import Daemon, SpoolLocked
+
+    config = _config(args)
+    spool = _spool(args, config)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logs.setup(level, config.log_format)
+    try:
+        return Daemon(spool, config, args.config).run()
+    except SpoolLocked as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _daemon_pid(spool: Spool) -> int | None:
+    from chute.daemon import daemon_pid
+
+    return daemon_pid(spool)
+
+
+def _control(spool: Spool, request: dict[str, Any]) -> None:
+    from chute.daemon import write_control
+
+    write_control(spool, request)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    config = _config(args)
+    spool = _spool(args, config)
+    topo = _topology(config)
+    loaded: list[tuple[Path, bytes, Pipeline]] = []
+    problems: list[str] = []
+    for name in args.files:
+        try:
+            pipeline, raw = _load(name, config, topo)
+        except UsageError as exc:
+            problems.append(str(exc))
+            continue
+        loaded.append((Path(name), raw, pipeline))
+    if problems:
+        raise UsageError("\n".join([*problems, "nothing submitted: fix the files above first"]))
+    pid = _daemon_pid(spool)
+    if pid is None:
+        if args.wait:
+            raise UsageError(f"no chute daemon runs on {spool.root}; start one, or use chute run")
+        log.warning("no chute daemon runs on %s; the files wait in incoming/", spool.root)
+    spool.incoming.mkdir(parents=True, exist_ok=True)
+    since = time.time()
+    placed: list[tuple[str, Pipeline]] = []
+    for path, raw, pipeline in loaded:
+        name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+        stem, suffix = name.rsplit(".", 1)
+        n = 1
+        while (spool.incoming / name).exists():
+            name = f"{stem}.{n}.{suffix}"
+            n += 1
+        # Handover: a dot-temp name the daemon ignores, then one rename into view.
+        atomic.write_bytes(spool.incoming / name, raw)
+        placed.append((name, pipeline))
+        print(f"submitted {path} as incoming/{name}")
+    if not args.wait:
+        return EXIT_OK
+    status = EXIT_OK
+    for name, pipeline in placed:
+        outcome = _wait_intake(spool, name, since, scheduled=pipeline.schedule is not None)
+        if outcome is None:
+            print(f"incoming/{name}: scheduled as {pipeline.name}")
+            continue
+        if outcome.startswith("rejected:"):
+            print(f"incoming/{name}: {outcome}", file=sys.stderr)
+            status = EXIT_FAILED
+            continue
+        code = _follow_run(spool, outcome)
+        status = max(status, code)
+    return status
+
+
+def _wait_intake(spool: Spool, name: str, since: float, *, scheduled: bool) -> str | None:
+    """The run id the daemon made of incoming/<name>, "rejected: …", or None (scheduled)."""
+    source = f"incoming/{name}"
+    prefix = time.strftime("%Y%m%d_%H%M%S", time.gmtime(int(since)))
+    seen: set[str] = set()
+    while True:
+        if scheduled and not (spool.incoming / name).exists():
+            if (spool.rejected / name).exists():
+                return _rejection(spool, name)
+            return None
+        for run_id in reversed(rundir.run_ids(spool)):
+            if run_id < prefix:
+                break
+            if run_id in seen:
+                continue
+            try:
+                rec = rundir.read_json(spool.runs / run_id / "run.json")
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            seen.add(run_id)
+            if rec.get("trigger", {}).get("source") == source:
+                return run_id
+        if (
+            not (spool.incoming / name).exists()
+            and (spool.rejected / f"{name}.error.json").exists()
+        ):
+            return _rejection(spool, name)
+        time.sleep(0.05)
+
+
+def _rejection(spool: Spool, name: str) -> str:
+    try:
+        doc = rundir.read_json(spool.rejected / f"{name}.error.json")
+    except (OSError, orjson.JSONDecodeError):
+        return "rejected"
+    errs = "; ".join(e.get("message", "") for e in doc.get("errors", [])[:3])
+    return f"rejected: {doc.get('reason')}: {errs}"
+
+
+def _follow_run(spool: Spool, run_id: str) -> int:
+    """Follow a run the daemon drives: live progress on a terminal, the summary at the end."""
+    folder = spool.runs / run_id
+    tty = sys.stdout.isatty()
+    last = ""
+    while True:
+        rec = rundir.read_json(folder / "run.json")
+        if tty:
+            try:
+                stages = rundir.read_json(folder / "manifest.json")["stages"]
+            except (OSError, orjson.JSONDecodeError, KeyError):
+                stages = []
+            done = sum(1 for x in stages if x["state"] in ("succeeded", "cached", "fallback"))
+            running = sum(1 for x in stages if x["state"] == "running")
+            failed = sum(1 for x in stages if x["state"] in ("failed", "timed_out"))
+            line = (
+                f"{rec['pipeline']} {run_id}: {rec['state']}, {done} done, "
+                f"{running} running, {failed} failed"
+            )
+            if line != last:
+                sys.stdout.write("\r" + line.ljust(len(last)))
+                sys.stdout.flush()
+                last = line
+        if rec["state"] in rundir.FINAL_RUN_STATES:
+            break
+        time.sleep(0.1)
+    if tty:
+        sys.stdout.write("\n")
+    print(summary(folder))
+    return EXIT_OK if rec["state"] == "succeeded" else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    spool = _spool(args, config)
+    pid = _daemon_pid(spool)
+    if pid is None:
+        print(f"chute daemon is not running on {spool.root}")
+        return EXIT_FAILED
+    try:
+        st = rundir.read_json(spool.state / "status.json")
+    except (OSError, orjson.JSONDecodeError):
+        print(f"chute daemon pid {pid} on {spool.root}: starting (no status yet)")
+        return EXIT_OK
+    total = sum(n["total"] for n in st["cpus"])
+    used = sum(n["allocated"] for n in st["cpus"])
+    nodes = ", ".join(f"node {n['numa_node']}: {n['allocated']}/{n['total']}" for n in st["cpus"])
+    print(
+        f"chute daemon pid {st['pid']} on {st['spool']}, up since {st['started_at']}, "
+        f"policy {st['policy']}"
+    )
+    print(f"cpus: {used}/{total} allocated ({nodes})")
+    print(
+        f"runs: {st['runs']['queued']} queued, {st['runs']['running']} running; "
+        f"tasks: {st['tasks']['running']} running, {st['tasks']['waiting']} waiting for cpus; "
+        f"schedules: {st['schedules']}"
+    )
+    rows = [["RUN", "PIPELINE", "STATE", "CREATED"]]
+    for path in sorted(spool.queue.glob("*.yaml"))[:50]:
+        try:
+            rec = rundir.read_json(spool.runs / path.stem / "run.json")
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        rows.append([rec["run_id"], rec["pipeline"], rec["state"], rec["created_at"]])
+    if len(rows) > 1:
+        print("\n".join(_table(rows)))
+    return EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    config = _config(args)
+    spool = _spool(args, config)
+    rows = [["RUN", "PIPELINE", "STATE", "TRIGGER", "CREATED", "DURATION"]]
+    for run_id in reversed(rundir.run_ids(spool)):
+        if len(rows) > args.limit:
+            break
+        try:
+            rec = rundir.read_json(spool.runs / run_id / "run.json")
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if args.pipeline and rec["pipeline"] != args.pipeline:
+            continue
+        if args.state and rec["state"] != args.state:
+            continue
+        dur = rec.get("duration_seconds")
+        rows.append(
+            [
+                run_id,
+                rec["pipeline"],
+                rec["state"],
+                rec["trigger"].get("type", "-"),
+                rec["created_at"],
+                "-" if dur is None else format_duration(dur),
+            ]
+        )
+    print("\n".join(_table(rows)))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    config = _config(args)
+    spool = _spool(args, config)
+    folder = _find(spool, args.run)
+    rec = rundir.read_json(folder / "run.json")
+    run_id = rec["run_id"]
+    if rec["state"] in ("succeeded", "failed", "cancelled"):
+        print(f"{run_id} already {rec['state']}")
+        return EXIT_OK
+    if _daemon_pid(spool) is not None:
+        _control(spool, {"action": "cancel", "run": run_id})
+        deadline = time.monotonic() + config.kill_grace + 30
+        while time.monotonic() < deadline:
+            rec = rundir.read_json(folder / "run.json")
+            if rec["state"] in rundir.FINAL_RUN_STATES:
+                print(f"{run_id} {rec['state']}")
+                return EXIT_OK
+            time.sleep(0.05)
+        print(f"{run_id}: cancel requested; the daemon has not finished it yet", file=sys.stderr)
+        return EXIT_FAILED
+    # No daemon: nothing runs; a queued or interrupted run just will not start again.
+    rec["state"] = "cancelled"
+    rec["error"] = "cancelled"
+    rec["finished_at"] = rfc3339(time.time())
+    atomic.write_json(folder / "run.json", rec)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(spool.queue / f"{run_id}.yaml")
+    print(f"{run_id} cancelled")
+    return EXIT_OK
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    from chute.schedules import Schedules
+
+    config = _config(args)
+    spool = _spool(args, config)
+    topo = _topology(config)
+    rows = [["NAME", "TRIGGER", "NEXT FIRE"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        state = spool.state / "schedules.json"
+        if state.exists():
+            shutil.copy(state, Path(tmp) / "schedules.json")
+        table = Schedules(Path(tmp))
+        now = datetime.now(UTC)
+        for path in sorted(spool.schedules.glob("*.yaml")):
+            try:
+                pipeline, _ = _load(str(path), config, topo)
+            except UsageError as exc:
+                print(exc, file=sys.stderr)
+                continue
+            if pipeline.schedule is None:
+                continue
+            table.set(
+                path.stem, pipeline.schedule, datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            )
+        for name, trigger, nxt in table.listing(now):
+            rows.append([name, trigger, nxt or "never"])
+    print("\n".join(_table(rows)))
+    return EXIT_OK
+
+
+def cmd_unschedule(args: argparse.Namespace) -> int:
+    config = _config(args)
+    spool = _spool(args, config)
+    path = spool.schedules / f"{args.name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in spool.schedules.glob("*.yaml"))
+        raise UsageError(f"{args.name}: no such schedule (schedules: {', '.join(known) or 'none'})")
+    if _daemon_pid(spool) is not None:
+        _control(spool, {"action": "unschedule", "name": args.name})
+        deadline = time.monotonic() + 10
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        path.unlink()
+    print(f"unscheduled {args.name}")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    config = _config(args)
+    spool = _spool(args, config)
+    active = {p.stem for p in spool.queue.glob("*.yaml")}
+    removed = rundir.gc(
+        spool, keep_runs=config.keep_runs, max_age=config.max_age, now=time.time(), active=active
+    )
+    print(
+        f"removed {len(removed)} run(s) (keep_runs {config.keep_runs}, "
+        f"max_age {format_duration(config.max_age)})"
+    )
+    return EXIT_OK
 
 
 # -- schema ----------------------------------------------------------------------------------

@@ -252,8 +252,9 @@ class Enum(Type):
 
 
 class Duration(Type):
-    def __init__(self, positive: bool = False) -> None:
+    def __init__(self, positive: bool = False, minimum: float | None = None) -> None:
         self.positive = positive
+        self.minimum = minimum
         self.hint = DURATION_HINT
 
     def check(self, node: Node, path: str, cx: Context) -> Any:
@@ -270,6 +271,12 @@ class Duration(Type):
             return cx.report(node.line, path, str(e))
         if self.positive and seconds <= 0:
             return cx.report(node.line, path, f"{v!r} is zero; expected a duration more than 0")
+        if self.minimum is not None and seconds < self.minimum:
+            return cx.report(
+                node.line,
+                path,
+                f"{v!r} is under {self.minimum:g}s; the shortest is {self.minimum:g}s",
+            )
         return seconds
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
@@ -339,19 +346,18 @@ class Cron(Type):
             return cx.report(
                 node.line, path, f"{node.value!r} has {len(parts)} fields; expected {self.hint}"
             )
+        from chute.schedules import crontab_weekdays  # crontab numbering: 0 and 7 are Sunday
+
         bad: list[str] = []
         for (name, label), part in zip(CRON_FIELDS.items(), parts, strict=True):
             try:
-                CronTrigger(**{name: part}, timezone="UTC")
+                value = crontab_weekdays(part) if name == "day_of_week" else part
+                CronTrigger(**{name: value}, timezone="UTC")
             except (ValueError, TypeError) as e:
                 reason = re.sub(r"^Error validating expression '.*?': ", "", str(e))
                 bad.append(f"{label} field {part!r}: {reason}")
         if bad:
             return cx.report(node.line, path, f"{node.value!r}: " + "; ".join(bad))
-        try:
-            CronTrigger.from_crontab(node.value, timezone="UTC")
-        except (ValueError, TypeError) as e:
-            return cx.report(node.line, path, f"{node.value!r}: {e}")
         return " ".join(parts)
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
@@ -704,8 +710,8 @@ SCHEDULE = Struct(
         Field("at", DateTime(), "One instant, RFC 3339 with offset: 2026-12-01T02:00:00+08:00."),
         Field(
             "every",
-            Duration(positive=True),
-            "A fixed interval, like 15m; the first fire "
+            Duration(positive=True, minimum=1.0),
+            "A fixed interval of at least 1s, like 15m; the first fire "
             "is one interval after the file is accepted.",
         ),
         Field("timezone", TimeZone(), "IANA zone for cron and run dates (default UTC)."),

@@ -1,0 +1,482 @@
+"""Recurring fires: when each schedule fires, what a missed fire becomes, and the last fire.
+
+Owns: the fire times of `schedule:` blocks (cron, at, every), the misfire and overlap
+decisions, and `<state>/schedules.json` ({name: {"last_fire", "anchor", "trigger"}}).
+Not here: reading schedules/ (chute.spool), creating runs (chute.engine), the loop that
+sleeps until `next_wakeup` (the daemon), parsing and validating the block (chute.spec).
+
+APScheduler 3.x's CronTrigger matches the cron fields; chute runs its own step loop
+instead of BackgroundScheduler's threads, because that loop's catch-up enumerates every
+missed fire before coalescing (a long outage or forward clock jump hangs it: apscheduler
+#526, #1066), it sleeps past fire times after a backward clock jump (#339), and its
+default misfire grace is 1 s. Here every answer takes `now` (timezone-aware) as an
+argument, and no answer enumerates more than MISSED_CAP + 1 fire times.
+- cron: a CronTrigger (explicit timezone and start_date, so it never reads the clock or
+  the local zone) matches wall-clock times in a zone without daylight saving; chute maps
+  each wall time to an instant itself. APScheduler does that mapping wrongly for us: a
+  nonexistent time (the skipped hour) fires at the shifted instant (02:30 -> 03:30) or,
+  at the very start of the gap, not at all that day; a repeated time fires twice. Here a
+  nonexistent time fires once at the first instant after the gap, a repeated one once, at
+  its first occurrence (DESIGN, Fine print > Schedules). Weekdays count as crontab does
+  (0 and 7 = Sunday; APScheduler 3.x counts 0 = Monday), and a restricted day of month
+  and weekday both match ("0 0 1 * 1": the 1st, and Mondays), as in Vixie cron.
+- every: D: fires at anchor + k*D (k >= 1) in integer microseconds, so missed fires are
+  counted in O(1) (IntervalTrigger can only answer "next", in float seconds).
+- at: one fire, due once its time has come and until it is recorded, even when the file
+  was accepted after that time (misfire rules apply: a one-time job never vanishes
+  silently).
+
+Exactly once: `due(now)` proposes at most one fire per schedule, keyed by (name, fire
+time) through its deterministic `run_id`; the daemon creates that run (a second create
+is a no-op), then `record`s the fire time. A crash before `record` proposes the same fire
+again: same run id, no second run. `due` never proposes a fire time at or before the
+recorded last fire, so a backward clock jump cannot fire one twice.
+Crash safety: schedules.json is replaced atomically (chute.atomic.write_json) by `set`
+(new or changed schedule), `record`, `remove` and `retain`.
+Diagnostics: an unreadable schedules.json is an environment problem: one ERROR line, and
+the schedules start without recorded fires (a fire the runs/ folder already holds keeps
+its run id, so it does not run twice). Invalid schedules are the validator's job; here
+they raise ValueError.
+Limits: run ids have whole seconds, so two fires of one schedule within the same second
+(every: below 1s) share one run. Missed fires are counted up to MISSED_CAP, then
+"1000+". One writer per state folder: the daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import orjson
+from apscheduler.triggers.cron import CronTrigger
+
+from chute.atomic import write_json
+from chute.spec.model import Schedule
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "schedules.json"
+MISSED_CAP = 1000  # missed fires counted at most; more reads "1000+"
+TriggerType = Literal["cron", "at", "every"]
+Decision = Literal["run", "skip", "queue"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # crontab numbering: 0 = sun
+WEEKDAY_HINT = "0-7 (0 and 7 are Sunday) or sun, mon, tue, wed, thu, fri, sat"
+
+
+@dataclass(frozen=True, slots=True)
+class Fire:
+    name: str
+    fire_time: datetime  # the scheduled time, aware, in the schedule's zone
+    trigger: TriggerType  # run.json trigger.type
+    missed: int  # earlier fire times this one stands for (run_once); MISSED_CAP means "1000+"
+    run_date: str  # YYYY-MM-DD of fire_time in the schedule's zone: CHUTE_RUN_DATE
+
+    def run_id(self) -> str:
+        """`20261122_101500_a1b2c3`: fire time in UTC, then sha256(name)[:6]."""
+        stamp = self.fire_time.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
+        return f"{stamp}_{hashlib.sha256(self.name.encode()).hexdigest()[:6]}"
+
+    @property
+    def missed_text(self) -> str:
+        return f"{MISSED_CAP}+" if self.missed >= MISSED_CAP else str(self.missed)
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """What one step of the loop does. Record every fire and every skipped one."""
+
+    fires: tuple[Fire, ...]  # run each now (overlap permitting), then record it
+    skipped: tuple[tuple[str, datetime], ...]  # (name, newest missed time), misfire: skip
+    misfires: int  # fire times that get no run of their own: chute_schedule_misfires_total
+
+
+def overlap_decision(policy: str, previous_running: bool, fire_pending: bool) -> Decision:
+    """What a fire does while the schedule's previous run may still run.
+
+    `queue` keeps at most one pending fire: a second one while one is pending is skipped.
+    """
+    if policy == "allow" or not previous_running:
+        return "run"
+    if policy == "skip":
+        return "skip"
+    if policy == "queue":
+        return "skip" if fire_pending else "queue"
+    raise ValueError(f"overlap {policy!r}; expected skip, queue or allow")
+
+
+def crontab_weekdays(field: str) -> str:
+    """A crontab weekday field as APScheduler 3.x's day_of_week (names, so 0 stays Sunday).
+
+    `0`, `7` -> `sun`; `1-5` -> `mon,tue,wed,thu,fri`; `*/2` -> `sun,tue,thu,sat`.
+    """
+    days: set[int] = set()
+    for part in field.split(","):
+        span, slash, step_text = part.partition("/")
+        step = 1
+        if slash:
+            if not step_text.isdigit() or int(step_text) == 0:
+                raise ValueError(f"step {step_text!r} in {part!r}; expected a number from 1")
+            step = int(step_text)
+        if span == "*":
+            lo, hi = 0, 6
+        elif "-" in span:
+            first, last = span.split("-", 1)
+            lo, hi = _weekday(first), _weekday(last)
+            if hi == 0 and lo > 0:
+                hi = 7  # fri-sun
+            if lo > hi:
+                raise ValueError(f"range {span!r} runs backwards; expected a range within 0-7")
+        else:
+            lo = _weekday(span)
+            hi = 6 if slash else lo
+        days.update(d % 7 for d in range(lo, hi + 1, step))
+    if len(days) == 7:
+        return "*"
+    return ",".join(_WEEKDAYS[d] for d in sorted(days))
+
+
+def _weekday(text: str) -> int:
+    if text.isdigit() and int(text) <= 7:
+        return int(text)
+    if text.lower() in _WEEKDAYS:
+        return _WEEKDAYS.index(text.lower())
+    raise ValueError(f"{text!r} is not a weekday; expected {WEEKDAY_HINT}")
+
+
+def trigger_text(schedule: Schedule) -> str:
+    """`cron 0 2 * * * Asia/Shanghai`, `every 15m`, `at 2026-12-01T02:00:00+08:00`."""
+    if schedule.cron is not None:
+        return f"cron {schedule.cron} {schedule.timezone}"
+    if schedule.every is not None:
+        return f"every {_duration_text(schedule.every)}"
+    if schedule.at is not None:
+        return f"at {schedule.at.isoformat()}"
+    raise ValueError("a schedule takes exactly one of cron, at or every")
+
+
+def _duration_text(seconds: float) -> str:
+    ms = round(seconds * 1000)
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def rfc3339_local(dt: datetime) -> str:
+    """`2026-11-24T02:00:00+08:00`: the offset of dt's own zone, milliseconds when present."""
+    return dt.isoformat(timespec="milliseconds" if dt.microsecond else "seconds")
+
+
+class _Cron:
+    """Fire instants of a crontab line in a zone, daylight saving resolved as DESIGN says."""
+
+    def __init__(self, expr: str, zone: tzinfo) -> None:
+        parts = expr.split()
+        if len(parts) != 5:
+            raise ValueError(f"{expr!r} has {len(parts)} fields; expected 5")
+        minute, hour, dom, month, dow = parts
+        weekdays = crontab_weekdays(dow)
+        if dom.startswith("*") or dow.startswith("*"):
+            days = [(dom, weekdays)]
+        else:  # both restricted: either matches
+            days = [(dom, "*"), ("*", weekdays)]
+        # Wall-clock times are matched in UTC, which has no gap or repeat; _instant maps them.
+        self._triggers = [
+            CronTrigger(
+                minute=minute,
+                hour=hour,
+                day=d,
+                month=month,
+                day_of_week=w,
+                timezone=UTC,
+                start_date=_EPOCH,
+            )
+            for d, w in days
+        ]
+        self.zone = zone
+        self._never = self._next_wall(datetime(2000, 1, 1)) is None  # "0 0 30 2 *"
+
+    def _next_wall(self, wall: datetime) -> datetime | None:
+        """The first matching wall time after `wall` (naive)."""
+        start = (wall + _US).replace(tzinfo=UTC)
+        found = [t.get_next_fire_time(None, start) for t in self._triggers]
+        times = [f.replace(tzinfo=None) for f in found if f is not None]
+        return min(times) if times else None
+
+    def _instant(self, wall: datetime) -> datetime:
+        early = wall.replace(tzinfo=self.zone, fold=0)
+        late = wall.replace(tzinfo=self.zone, fold=1)
+        first, second = sorted((early.astimezone(UTC), late.astimezone(UTC)))
+        if first == second or first.astimezone(self.zone).replace(tzinfo=None) == wall:
+            return first.astimezone(self.zone)  # exists once, or twice: its first occurrence
+        # In a gap: `first` is still before the transition, `second` after it; find it.
+        lo, hi = first, second
+        before = first.astimezone(self.zone).utcoffset()
+        while hi - lo > timedelta(seconds=1):
+            mid = lo + (hi - lo) / 2
+            if mid.astimezone(self.zone).utcoffset() == before:
+                lo = mid
+            else:
+                hi = mid
+        return hi.replace(microsecond=0).astimezone(self.zone)
+
+    def next_after(self, after: datetime) -> datetime | None:
+        if self._never:
+            return None
+        wall: datetime | None = after.astimezone(self.zone).replace(tzinfo=None)
+        while wall is not None:
+            wall = self._next_wall(wall)
+            if wall is None:
+                return None
+            instant = self._instant(wall)
+            if instant > after:  # not so in a repeated hour's second pass
+                return instant
+        return None
+
+
+@dataclass(slots=True)
+class _Entry:
+    schedule: Schedule | None  # None: state loaded from disk, not set in this process yet
+    trigger: str  # trigger_text: a changed trigger resets anchor and last fire
+    anchor: datetime
+    last_fire: datetime | None
+    zone: tzinfo
+    cron: _Cron | None = None
+
+    def kind(self) -> TriggerType:
+        assert self.schedule is not None
+        if self.schedule.cron is not None:
+            return "cron"
+        return "every" if self.schedule.every is not None else "at"
+
+    def next_after(self, after: datetime) -> datetime | None:
+        """The first fire time strictly after `after`, not counting what is recorded."""
+        s = self.schedule
+        assert s is not None
+        if self.cron is not None:
+            return self.cron.next_after(after)
+        if s.every is not None:
+            step = _every_us(s.every)
+            k = max(1, (after - self.anchor) // _US // step + 1)
+            return (self.anchor + k * step * _US).astimezone(self.zone)
+        assert s.at is not None
+        at = _aware(s.at, self.zone)
+        return at.astimezone(self.zone) if at > after and self.last_fire is None else None
+
+    def pending(self, now: datetime) -> tuple[int, datetime] | None:
+        """(how many fire times are due, up to MISSED_CAP + 1; the newest one), or None."""
+        s = self.schedule
+        assert s is not None
+        if s.at is not None:
+            at = _aware(s.at, self.zone)
+            return (1, at.astimezone(self.zone)) if self.last_fire is None and at <= now else None
+        base = self.anchor if self.last_fire is None else max(self.anchor, self.last_fire)
+        if s.every is not None:
+            step = _every_us(s.every)
+            first = max(1, (base - self.anchor) // _US // step + 1)
+            last = (now - self.anchor) // _US // step
+            if last < first:
+                return None
+            latest = (self.anchor + last * step * _US).astimezone(self.zone)
+            return min(last - first + 1, MISSED_CAP + 1), latest
+        assert self.cron is not None
+        count = 0
+        newest: datetime | None = None
+        t: datetime | None = self.cron.next_after(base)
+        while t is not None and t <= now:
+            count, newest = count + 1, t
+            if count > MISSED_CAP:
+                return count, self._newest_at_or_before(t, now)
+            t = self.cron.next_after(t)
+        return None if newest is None else (count, newest)
+
+    def _newest_at_or_before(self, lo: datetime, now: datetime) -> datetime:
+        """The last cron fire time <= now, given `lo`, a fire time <= now: bisection."""
+        assert self.cron is not None
+        hi = now  # no fire time in (hi, now]
+        while True:
+            nxt = self.cron.next_after(lo)
+            if nxt is None or nxt > hi:
+                return lo
+            mid = lo + (hi - lo) / 2
+            found = self.cron.next_after(mid)
+            if found is not None and found <= hi:
+                lo = found
+            else:
+                hi = mid
+
+
+def _every_us(seconds: float) -> int:
+    return max(1, round(seconds * 1_000_000))
+
+
+def _aware(dt: datetime, zone: tzinfo) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=zone)
+
+
+def _check_aware(now: datetime) -> None:
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError(f"now={now.isoformat()} has no time zone; pass an aware datetime")
+
+
+class Schedules:
+    """Every active schedule of one daemon, and the last fire of each (state_dir/schedules.json)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / STATE_FILE
+        self._entries: dict[str, _Entry] = {}
+        for name, raw in self._load().items():
+            try:
+                last = raw["last_fire"]
+                self._entries[name] = _Entry(
+                    schedule=None,
+                    trigger=str(raw["trigger"]),
+                    anchor=datetime.fromisoformat(raw["anchor"]),
+                    last_fire=None if last is None else datetime.fromisoformat(last),
+                    zone=UTC,
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                log.error(
+                    "%s: entry %r unreadable (%s); forgetting its last fire", self.path, name, e
+                )
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data = orjson.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, orjson.JSONDecodeError) as e:
+            log.error("%s: cannot read (%s); schedules start without recorded fires", self.path, e)
+            return {}
+        if not isinstance(data, dict):
+            log.error("%s: not a JSON object; schedules start without recorded fires", self.path)
+            return {}
+        return data
+
+    def _save(self) -> None:
+        data = {
+            name: {
+                "last_fire": None
+                if e.last_fire is None
+                else e.last_fire.astimezone(UTC).isoformat(),
+                "anchor": e.anchor.astimezone(UTC).isoformat(),
+                "trigger": e.trigger,
+            }
+            for name, e in sorted(self._entries.items())
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, data)  # hands over: a new anchor, or a fire whose run exists
+
+    def set(self, name: str, schedule: Schedule, accepted_at: datetime) -> None:
+        """Add or replace a schedule. With the same trigger as before (a restart, or a file
+        dropped again unchanged) it keeps its anchor and last fire; otherwise both restart
+        at `accepted_at` (an `every` grid starts there)."""
+        _check_aware(accepted_at)
+        text = trigger_text(schedule)
+        zone = ZoneInfo(schedule.timezone)
+        cron = _Cron(schedule.cron, zone) if schedule.cron is not None else None
+        old = self._entries.get(name)
+        if old is not None and old.trigger == text:
+            self._entries[name] = _Entry(schedule, text, old.anchor, old.last_fire, zone, cron)
+            return
+        self._entries[name] = _Entry(schedule, text, accepted_at.astimezone(UTC), None, zone, cron)
+        self._save()
+
+    def remove(self, name: str) -> bool:
+        if self._entries.pop(name, None) is None:
+            return False
+        self._save()
+        return True
+
+    def retain(self, names: Collection[str]) -> list[str]:
+        """Forget every schedule not in `names` (its file vanished while the daemon was
+        down), so one dropped again later starts afresh. Returns the forgotten names."""
+        gone = sorted(n for n in self._entries if n not in names)
+        for n in gone:
+            del self._entries[n]
+        if gone:
+            self._save()
+        return gone
+
+    def names(self) -> list[str]:
+        return sorted(n for n, e in self._entries.items() if e.schedule is not None)
+
+    def _active(self) -> list[tuple[str, _Entry]]:
+        return [(n, e) for n, e in sorted(self._entries.items()) if e.schedule is not None]
+
+    def due(self, now: datetime) -> Due:
+        """What to fire now. Pure: records nothing; the same `now` gives the same answer.
+
+        Per schedule, the fire times after its last fire (or its anchor) and <= now.
+        Their newest runs when it is at most `grace` late; older ones never get a run of
+        their own (misfires). When even the newest is later than `grace`, all are misfires:
+        `run_once` makes one fire standing for them all, `skip` lists the newest in
+        `skipped`, to be recorded without a run.
+        """
+        _check_aware(now)
+        fires: list[Fire] = []
+        skipped: list[tuple[str, datetime]] = []
+        misfires = 0
+        for name, e in self._active():
+            s = e.schedule
+            assert s is not None
+            found = e.pending(now)
+            if found is None:
+                continue
+            count, newest = found
+            older = min(count - 1, MISSED_CAP)
+            if (now - newest).total_seconds() <= s.grace:
+                misfires += older
+                missed = older if s.misfire == "run_once" else 0
+            else:
+                misfires += count
+                if s.misfire == "skip":
+                    skipped.append((name, newest))
+                    continue
+                missed = older
+            local = newest.astimezone(e.zone)
+            fires.append(Fire(name, local, e.kind(), missed, local.date().isoformat()))
+        fires.sort(key=lambda f: (f.fire_time, f.name))
+        return Due(tuple(fires), tuple(skipped), misfires)
+
+    def record(self, name: str, fire_time: datetime) -> None:
+        """The fire at `fire_time` is handled (its run exists, or it was skipped)."""
+        _check_aware(fire_time)
+        e = self._entries.get(name)
+        if e is None:
+            log.debug("schedule %s removed before its fire %s was recorded", name, fire_time)
+            return
+        if e.last_fire is not None and e.last_fire >= fire_time:
+            return
+        e.last_fire = fire_time.astimezone(UTC)
+        self._save()
+
+    def next_fire(self, name: str, now: datetime) -> datetime | None:
+        """The next fire time after `now` (and after the last fire), in the schedule's zone."""
+        _check_aware(now)
+        e = self._entries.get(name)
+        if e is None or e.schedule is None:
+            raise KeyError(name)
+        after = max(now, e.anchor if e.last_fire is None else max(e.anchor, e.last_fire))
+        return e.next_after(after)
+
+    def next_wakeup(self, now: datetime) -> datetime | None:
+        times = [t for n in self.names() if (t := self.next_fire(n, now)) is not None]
+        return min(times, default=None)
+
+    def listing(self, now: datetime) -> list[tuple[str, str, str | None]]:
+        """(name, trigger text, next fire in RFC 3339 with the schedule's zone offset)."""
+        rows: list[tuple[str, str, str | None]] = []
+        for name, e in self._active():
+            nxt = self.next_fire(name, now)
+            rows.append((name, e.trigger, None if nxt is None else rfc3339_local(nxt)))
+        return rows
