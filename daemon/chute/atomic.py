@@ -82,6 +82,15 @@ def write_many(
         fsync_dir(folder)
 
 
+def write_volatile(path: Path, data: bytes) -> None:
+    """Atomic but not durable (no fsync): for files rebuilt often and worthless after a
+    power loss, such as the daemon's status.json."""
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
 def replace_symlink(link: Path, target: str) -> None:
     """Point `link` at `target` atomically: create a temp symlink, rename it over the old one."""
     tmp = _tmp_name(link)

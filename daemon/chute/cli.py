@@ -826,6 +826,77 @@ def _parser() -> argparse.ArgumentParser:
         "--from", dest="from_stage", metavar="STAGE", help="run STAGE and what follows it again"
     )
 
+    p.add_argument(
+        "--wait", action="store_true", help="with a daemon: follow the new run to its end"
+    )
+
+    add(
+        "daemon",
+        cmd_daemon,
+        "chute daemon: run the spool daemon in the foreground",
+        "chute daemon --spool spool",
+    )
+
+    p = add(
+        "submit",
+        cmd_submit,
+        "chute submit FILE... [--wait]: validate files and drop them into incoming/",
+        "chute submit spool/examples/etl.yaml --wait",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the run with live progress; exit with its result",
+    )
+
+    add(
+        "status",
+        cmd_status,
+        "chute status: is the daemon up, CPUs in use by NUMA node, queued and running runs",
+        "chute status",
+    )
+
+    p = add(
+        "runs",
+        cmd_runs,
+        "chute runs [--pipeline N] [--state S] [--limit N]: list runs, newest first",
+        "chute runs --state failed",
+    )
+    p.add_argument("--pipeline", metavar="NAME")
+    p.add_argument("--state", choices=rundir.RUN_STATES)
+    p.add_argument("--limit", type=int, default=20)
+
+    p = add(
+        "cancel",
+        cmd_cancel,
+        "chute cancel RUN: stop a queued or running run (idempotent)",
+        "chute cancel latest",
+    )
+    p.add_argument("run", metavar="RUN")
+
+    add(
+        "schedules",
+        cmd_schedules,
+        "chute schedules: recurring definitions with their next fire times",
+        "chute schedules",
+    )
+
+    p = add(
+        "unschedule",
+        cmd_unschedule,
+        "chute unschedule NAME: remove a recurring definition",
+        "chute unschedule nightly-cleanup",
+    )
+    p.add_argument("name", metavar="NAME")
+
+    add(
+        "gc",
+        cmd_gc,
+        "chute gc: remove finished runs beyond the retention of the config",
+        "chute gc --config /etc/chute/chute.yaml",
+    )
+
     p = add(
         "schema",
         cmd_schema,

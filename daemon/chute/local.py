@@ -99,8 +99,18 @@ class _Orphan:
 class LocalExecutor:
     """Run and call tasks on this machine; see the module docstring for the fence."""
 
-    def __init__(self, *, kill_grace: float = 10.0, max_workers: int, clock: Clock | None = None):
+    def __init__(
+        self,
+        *,
+        kill_grace: float = 10.0,
+        max_workers: int,
+        clock: Clock | None = None,
+        on_spawn: Callable[[str, int], None] | None = None,
+    ):
+        """`on_spawn(key, pgid)` is called after each run: task starts (the daemon records
+        pgids so that a restart can end what a crashed daemon left)."""
         become_subreaper()
+        self._on_spawn = on_spawn
         self._grace = kill_grace
         self._clock = clock or Clock()
         self._selector = selectors.DefaultSelector()
@@ -144,6 +154,8 @@ class LocalExecutor:
         self._leaders[proc.pid] = proc
         self._pgids[proc.pgid] = task.key
         self._selector.register(proc.pidfd, selectors.EVENT_READ, lambda: self._on_leader(proc))
+        if self._on_spawn is not None:
+            self._on_spawn(task.key, proc.pgid)
 
     def cancel(self, key: str) -> None:
         proc = self._runs.get(key)

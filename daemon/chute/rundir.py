@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import secrets
+import shutil
 import socket
 from datetime import datetime
 from pathlib import Path
@@ -130,3 +131,48 @@ def find_run(spool: Spool, ref: str) -> Path:
     hint = f"; closest: {', '.join(close)}" if close else ""
     known = f" ({len(ids)} runs in {spool.runs})" if ids else f" (no runs in {spool.runs})"
     raise UnknownRun(f"{ref}: no such run{known}{hint}")
+
+
+def gc(
+    spool: Spool,
+    *,
+    keep_runs: int,
+    max_age: float,
+    now: float,
+    limit: int | None = None,
+    active: set[str] | frozenset[str] = frozenset(),
+) -> list[str]:
+    """Remove finished runs beyond the newest `keep_runs` or older than `max_age` seconds,
+    oldest first, at most `limit`; never a run that is queued, running, still in queue/ (an
+    interrupted run that resumes), `latest`, or in `active`. Returns the removed ids."""
+    ids = run_ids(spool)
+    newest = set(ids[-keep_runs:]) if keep_runs > 0 else set()
+    try:
+        latest = os.readlink(spool.runs / "latest")
+    except OSError:
+        latest = ""
+    removed: list[str] = []
+    for run_id in ids:
+        if limit is not None and len(removed) >= limit:
+            break
+        if run_id in active or run_id == latest:
+            continue
+        folder = spool.runs / run_id
+        try:
+            rec = read_json(folder / "run.json")
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if rec.get("state") not in FINAL_RUN_STATES:
+            continue
+        if (spool.queue / f"{run_id}.yaml").exists():
+            continue  # accepted and not done (an interrupted run that will resume)
+        finished = rec.get("finished_at") or rec.get("created_at")
+        age = now - datetime.fromisoformat(str(finished).replace("Z", "+00:00")).timestamp()
+        if run_id in newest and age <= max_age:
+            continue
+        # Rename first so a crash mid-delete never leaves a half run folder under its id.
+        doomed = spool.runs / f".gc-{run_id}"
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(run_id)
+    return removed

@@ -192,16 +192,22 @@ class RunGraph:
         for spec in pipeline.stages:
             for dep in spec.depends_on:
                 self.stages[dep].dependents.append(spec.name)
+        failed_before: list[StageRun] = []
         for stage in self.stages.values():
             old = reused.get(stage.name)
-            if old is not None and old.entry.get("state") in STAGE_OK:
-                stage.reused = old
-                stage.state = str(old.entry["state"])
-                stage.data = old.data
-                stage.output_hash = old.output_hash
-                self._open -= 1
-                for u in stage.units:
-                    u.state = "succeeded"
+            if old is None or old.entry.get("state") not in STAGE_OK | {"failed", "timed_out"}:
+                continue
+            stage.reused = old
+            stage.state = str(old.entry["state"])
+            stage.data = old.data
+            stage.output_hash = old.output_hash
+            self._open -= 1
+            for u in stage.units:
+                u.state = "succeeded" if stage.state in STAGE_OK else stage.state
+            if stage.state not in STAGE_OK:
+                failed_before.append(stage)
+        for stage in failed_before:
+            self._skip(stage.dependents, None)
         for stage in self.stages.values():
             stage.waiting_on = sum(
                 1 for d in stage.spec.depends_on if self.stages[d].state not in STAGE_OK
@@ -411,7 +417,7 @@ class RunGraph:
             return self._stop_everything(wall)
         return []
 
-    def _skip(self, names: Iterable[str], wall: float) -> None:
+    def _skip(self, names: Iterable[str], wall: float | None) -> None:
         todo = list(names)
         while todo:
             stage = self.stages[todo.pop()]

@@ -142,6 +142,7 @@ class Engine:
         self._committer = atomic.Committer()
         self._made: set[Path] = set()  # stage folders known to exist
         self._purge = False  # units in _waiting may have left the waiting state
+        self.draining = False  # stopping: start nothing new, let running tasks end
         self._empty_inputs: Path | None = None
         self._stage_order: dict[tuple[str, str], int] = {}
 
@@ -167,6 +168,15 @@ class Engine:
     def cores_in_use(self) -> int:
         return sum(len(g.cores) for _, _, g in self._running.values())
 
+    def cores_by_node(self) -> dict[int, int]:
+        """Cores held by running tasks, by NUMA node."""
+        out: dict[int, int] = {}
+        for _, _, g in self._running.values():
+            for core in g.cores:
+                node = self.topology.node_of(core)
+                out[node] = out.get(node, 0) + 1
+        return out
+
     @property
     def tasks_running(self) -> int:
         return len(self._running)
@@ -187,7 +197,7 @@ class Engine:
             for unit in run.graph.take_ready(now):
                 self._enqueue(run, unit, wall)
             self._maybe_finish(run)
-        if self._waiting:
+        if self._waiting and not self.draining:
             self._start_ready(now, wall)
         self._flush(now)
         wake: float | None = None
@@ -215,6 +225,25 @@ class Engine:
             self.handle(self.executor.poll(timeout))
         self._flush(self.clock.monotonic())
         self._committer.flush()
+
+    def interrupt(self) -> list[ActiveRun]:
+        """Leave every active run `interrupted` (the daemon stopped under it): its manifest as
+        it is, its run.json saying so. A restart resumes it. Call after the executor is
+        closed: no task of these runs may still be running."""
+        left = list(self.runs.values())
+        for run in left:
+            run.record["state"] = "interrupted"
+            run.record["error"] = (
+                "the daemon stopped before the run ended; it resumes at next start"
+            )
+            self._writes.append((run.dir / "manifest.json", self._manifest(run)))
+            self._writes.append((run.dir / "run.json", atomic.dumps(run.record)))
+        self.runs.clear()
+        self._waiting.clear()
+        self._running.clear()
+        self._flush(self.clock.monotonic())
+        self._committer.flush()
+        return left
 
     def close(self) -> None:
         """Write what is pending and stop the writer thread."""

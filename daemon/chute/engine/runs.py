@@ -114,3 +114,65 @@ def copy_reused(old_dir: Path, new_dir: Path, names: list[str]) -> None:
         src = old_dir / "stages" / name
         if src.is_dir():
             shutil.copytree(src, new_dir / "stages" / name, symlinks=True, dirs_exist_ok=True)
+
+
+def resume_run(
+    spool: Spool, run_id: str, *, node_cpus: int | None, node_memory: int | None
+) -> ActiveRun:
+    """The run `run_id` as it was left (queued, or running when a daemon stopped or died):
+    same id and folder, its finished stages kept, the rest to run. Raises SpecError when its
+    spec no longer validates here (a smaller node), OSError when its folder is unreadable."""
+    from chute.spec import load_bytes
+
+    folder = spool.runs / run_id
+    record = rundir.read_json(folder / "run.json")
+    raw = (folder / "spec.yaml").read_bytes()
+    pipeline = load_bytes(
+        raw, f"runs/{run_id}/spec.yaml", node_cpus=node_cpus, node_memory=node_memory
+    )
+    reused: dict[str, Reused] = {}
+    try:
+        entries = {e["name"]: e for e in rundir.read_json(folder / "manifest.json")["stages"]}
+    except FileNotFoundError:
+        entries = {}
+    for s in pipeline.stages:
+        out = folder / "stages" / s.name / "output.json"
+        if not out.exists():
+            entry = entries.get(s.name)
+            if entry is not None and entry.get("state") in ("failed", "timed_out"):
+                reused[s.name] = Reused(entry=entry, data=None, output_hash=None)
+            continue  # else not finished (a sharded stage with some shards done runs whole)
+        doc = orjson.loads(out.read_bytes())
+        entry = entries.get(s.name)
+        if entry is None or entry.get("state") not in ("succeeded", "cached", "fallback"):
+            # The done-mark landed after the last manifest: rebuild the entry from it.
+            entry = {
+                "name": s.name,
+                "state": "succeeded",
+                "dependsOn": list(s.depends_on),
+                "cpus": s.cpus,
+                "cores": [],
+                "started_at": None,
+                "finished_at": doc["_meta"].get("created_at"),
+                "duration_seconds": doc["_meta"].get("duration_seconds"),
+                "attempts": [],
+                "cache": None,
+                "output": f"stages/{s.name}/output.json",
+                "log": f"stages/{s.name}/log",
+                "shards": [],
+            }
+        reused[s.name] = Reused(
+            entry=entry, data=doc.get("data"), output_hash=doc["_meta"].get("output_hash")
+        )
+    created = record.get("created_at")
+    accepted = (
+        datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp() if created else 0.0
+    )
+    return ActiveRun(
+        run_id=run_id,
+        pipeline=pipeline,
+        graph=RunGraph(run_id, pipeline, reused),
+        dir=folder,
+        record=record,
+        accepted=accepted,
+    )

@@ -1,0 +1,752 @@
+"""The daemon: one loop that takes dropped files, fires schedules and drives runs.
+
+Owns: the spool lock (state/lock), start-up recovery, the main loop, signals, control
+requests (control/), state/status.json, state/tasks.log and retention. Not here: taking a
+file (chute.intake), fire times (chute.schedules), a run's stages (chute.engine), processes
+(chute.local).
+Crash safety: an accepted run is known by its queue/<run_id>.yaml, which is removed only
+after the run's final run.json is durable (the committer's callback). So after any crash,
+queue/ lists exactly the runs to resume: queued ones start, running ones resume in place
+from their finished stages (output.json done-marks) or become interrupted
+(`on_restart: fail`), finished ones just lose their queue file. A scheduled fire makes
+its run under an id derived from (schedule, fire time) before the fire is recorded, so a
+crash in between makes the same run id again, which exists: no second run.
+Process groups a dead daemon left are found in state/tasks.log (pgid and process start
+time, so a recycled pid is never hit) and by the CHUTE_TASK_KEY cookie of this spool's
+runs (for tasks that left their group), and killed before anything starts. tasks.log is
+appended without fsync: it only matters while the machine stays up.
+Diagnostics: environment trouble (a second daemon, inotify limits, an unwritable spool) is
+one ERROR line with the knob; user mistakes go to rejected/ (chute.intake).
+Limits: signals only set flags and wake the loop; everything else happens in the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+
+from chute import atomic, rundir
+from chute.clock import Clock, rfc3339
+from chute.config import Config, ConfigError, load_config
+from chute.engine import runs
+from chute.engine.dag import RunGraph
+from chute.engine.loop import ActiveRun, Engine
+from chute.intake import Accepted, Intake, Outcome, Rejected, Scheduled, Watcher
+from chute.local import LocalExecutor
+from chute.notify import Notifier
+from chute.schedules import Fire, Schedules, overlap_decision
+from chute.spec import SpecError, load_bytes
+from chute.spec.model import Pipeline
+from chute.spool import Spool
+from chute.topology import Topology, read_topology
+
+log = logging.getLogger(__name__)
+
+CONTROL_INTERVAL = 0.25
+STATUS_INTERVAL = 1.0
+GC_INTERVAL = 60.0
+GC_BATCH = 50  # run folders removed per retention pass: deleting thousands at once stalls runs
+RESTART_KEYS = ("spool", "runs_dir", "http_listen")
+
+
+class SpoolLocked(Exception):
+    """Another daemon owns this spool."""
+
+
+def lock_path(spool: Spool) -> Path:
+    return spool.state / "lock"
+
+
+def acquire_lock(spool: Spool) -> int:
+    """Hold state/lock for the daemon's life; SpoolLocked names the holder."""
+    fd = os.open(lock_path(spool), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SpoolLocked(
+            f"another chute daemon (pid {holder}) already runs on {spool.root}; "
+            "one daemon per spool (stop it, or use another --spool)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def daemon_pid(spool: Spool) -> int | None:
+    """The pid of the daemon holding this spool, or None when none does."""
+    try:
+        fd = os.open(lock_path(spool), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def write_control(spool: Spool, request: dict[str, Any]) -> Path:
+    """Hand a request to the daemon: one file in control/, written atomically."""
+    name = f"{time.time_ns()}-{os.getpid()}-{request['action']}.json"
+    path = spool.control / name
+    atomic.write_bytes(path, orjson.dumps(request))
+    return path
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks): with the pid, unique."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()[19]
+
+
+def _kill_tree_leftovers(spool: Spool, grace: float) -> int:
+    """End process groups a dead daemon of this spool left: recorded pgids whose start time
+    still matches, and any process carrying the task cookie of one of this spool's runs."""
+    targets: set[int] = set()
+    log_file = spool.state / "tasks.log"
+    try:
+        lines = log_file.read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0].isdigit() and _proc_start_time(int(parts[0])) == parts[1]:
+            targets.add(int(parts[0]))
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        i = env.find(b"CHUTE_TASK_KEY=")
+        if i < 0:
+            continue
+        key = env[i + 15 :].split(b"\0", 1)[0].decode(errors="replace")
+        run_id = key.split("/", 1)[0]
+        if run_id and (spool.runs / run_id / "run.json").exists():
+            targets.add(int(entry.name))
+    if not targets:
+        return 0
+    log.warning(
+        "killing %d process(es) left by a previous daemon: %s", len(targets), sorted(targets)
+    )
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig) if _is_group_leader(pid) else os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while sig == signal.SIGTERM and time.monotonic() < deadline:
+            if not any(_alive(p) for p in targets):
+                break
+            time.sleep(0.05)
+    return len(targets)
+
+
+def _is_group_leader(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return b") Z " not in f.read()
+    except OSError:
+        return False
+
+
+@dataclass(slots=True)
+class _ScheduleState:
+    pipeline: Pipeline
+    raw: bytes
+    active: set[str] = field(default_factory=set)  # run ids of this schedule not finished
+    pending: Fire | None = None  # overlap: queue
+
+
+class Daemon:
+    def __init__(
+        self, spool: Spool, config: Config, config_path: str | None, clock: Clock | None = None
+    ) -> None:
+        self.spool = spool
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock or Clock()
+        self.notifier = Notifier()
+        self._stop = False
+        self._reload = False
+        self._finished: deque[ActiveRun] = deque()  # filled by the writer thread
+        self._schedules: dict[str, _ScheduleState] = {}
+        self._tasks_log: int | None = None
+        self._watch_event = threading.Event()
+        self._watch_drained = threading.Event()
+        self._watch_stop_r, self._watch_stop_w = os.pipe2(os.O_CLOEXEC)
+        self.started_at = self.clock.time()
+        self.misfires = 0  # fires that got no run of their own (chute_schedule_misfires_total)
+
+    # -- life ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.spool.ensure()
+        (self.spool.state / "intake").mkdir(exist_ok=True)
+        lock_fd = acquire_lock(self.spool)
+        try:
+            return self._run()
+        finally:
+            os.close(lock_fd)
+
+    def _run(self) -> int:
+        cfg = self.config
+        self.topology = _topology(cfg)
+        _kill_tree_leftovers(self.spool, cfg.kill_grace)
+        self._tasks_log = os.open(
+            self.spool.state / "tasks.log",
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC,
+            0o644,
+        )
+        self.executor = LocalExecutor(
+            kill_grace=cfg.kill_grace,
+            max_workers=len(self.topology.cpus),
+            clock=self.clock,
+            on_spawn=self._record_spawn,
+        )
+        self.engine = Engine(
+            spool=self.spool,
+            executor=self.executor,
+            topology=self.topology,
+            policy=cfg.policy,
+            clock=self.clock,
+            on_finished=self._finished.append,
+        )
+        self.intake = Intake(
+            self.spool,
+            cfg,
+            node_cpus=len(self.topology.cpus),
+            node_memory=self.topology.memory,
+            clock=self.clock,
+        )
+        self.schedules = Schedules(self.spool.state)
+        watcher: Watcher | None = None
+        watch_thread: threading.Thread | None = None
+        old_handlers = {
+            s: signal.signal(s, self._on_signal)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
+        try:
+            self._recover()
+            if cfg.watch == "auto":
+                try:
+                    watcher = Watcher(self.spool)
+                except OSError as exc:
+                    log.error("%s; falling back to rescans every %.0fs", exc, cfg.rescan_interval)
+            if watcher is not None:
+                watch_thread = threading.Thread(
+                    target=self._watch, args=(watcher,), name="chute-watch", daemon=True
+                )
+                watch_thread.start()
+            for outcome in self.intake.scan():
+                self._take(outcome)
+            log.info(
+                "daemon started spool=%s cpus=%d policy=%s watch=%s",
+                self.spool.root,
+                len(self.topology.cpus),
+                cfg.policy,
+                "inotify" if watcher is not None else "poll",
+            )
+            self.notifier.ready(self._status_text())
+            self._loop(watcher)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            if watch_thread is not None:
+                os.write(self._watch_stop_w, b"x")
+                self._watch_drained.set()
+                watch_thread.join()
+            if watcher is not None:
+                watcher.close()
+            self.executor.close()
+            left = self.engine.interrupt()
+            self.engine.close()
+            self._drain_finished()
+            if left:
+                log.warning(
+                    "stopped with %d run(s) unfinished: %s; they resume at next start",
+                    len(left),
+                    ", ".join(r.run_id for r in left[:10]),
+                )
+            if self._tasks_log is not None:
+                os.close(self._tasks_log)
+            for fd in (self._watch_stop_r, self._watch_stop_w):
+                os.close(fd)
+        log.info("daemon stopped")
+        return 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop = True
+        self.executor.wake()
+
+    def _watch(self, watcher: Watcher) -> None:
+        """Wake the loop when inotify has events; the loop reads them."""
+        import select
+
+        while True:
+            ready, _, _ = select.select([watcher.fileno(), self._watch_stop_r], [], [])
+            if self._watch_stop_r in ready:
+                return
+            self._watch_drained.clear()
+            self._watch_event.set()
+            self.executor.wake()
+            self._watch_drained.wait()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _loop(self, watcher: Watcher | None) -> None:
+        cfg = self.config
+        mono = self.clock.monotonic
+        next_rescan = mono() + (cfg.rescan_interval if watcher is not None else 1.0)
+        next_control = 0.0
+        next_status = 0.0
+        next_gc = mono() + 5.0
+        next_ping = 0.0
+        stop_deadline: float | None = None
+        ping_every = self.notifier.watchdog_interval
+        while True:
+            now = mono()
+            if self._stop and stop_deadline is None:
+                stop_deadline = now + cfg.stop_timeout
+                self.engine.draining = True
+                self.notifier.stopping()
+                log.info(
+                    "stopping: intake closed, giving %d running task(s) %.0fs",
+                    self.engine.tasks_running,
+                    cfg.stop_timeout,
+                )
+            if stop_deadline is not None and (
+                self.engine.tasks_running == 0 or now >= stop_deadline
+            ):
+                return
+            if self._reload:
+                self._reload = False
+                self._reload_config()
+            if stop_deadline is None:
+                if self._watch_event.is_set() and watcher is not None:
+                    self._watch_event.clear()
+                    names, deleted, overflowed = watcher.read()
+                    self._watch_drained.set()
+                    for name in names:
+                        outcome = self.intake.take(name)
+                        if outcome is not None:
+                            self._take(outcome)
+                    for name in deleted:
+                        self._unschedule(name.rsplit(".", 1)[0])
+                    if overflowed:
+                        log.warning("inotify queue overflowed; rescanning incoming/")
+                        next_rescan = now
+                if now >= next_rescan:
+                    for outcome in self.intake.scan():
+                        self._take(outcome)
+                    self._sync_schedules()
+                    next_rescan = now + (cfg.rescan_interval if watcher is not None else 1.0)
+                if now >= next_control:
+                    self._control()
+                    next_control = now + CONTROL_INTERVAL
+                self._fire_schedules()
+            timeout = self.engine.step()
+            self._drain_finished()
+            now = mono()
+            if ping_every is not None and now >= next_ping:
+                self.notifier.watchdog()
+                next_ping = now + ping_every
+            if now >= next_status:
+                self._write_status()
+                next_status = now + STATUS_INTERVAL
+            if now >= next_gc and stop_deadline is None:
+                self._retention()
+                next_gc = now + GC_INTERVAL
+            waits = [next_status, next_control if stop_deadline is None else next_status]
+            if ping_every is not None:
+                waits.append(next_ping)
+            if stop_deadline is not None:
+                waits.append(stop_deadline)
+            wake = self.schedules.next_wakeup(self.clock.now())
+            if wake is not None:
+                waits.append(now + max(0.0, wake.timestamp() - self.clock.time()))
+            until = min(waits) - now
+            timeout = until if timeout is None else min(timeout, until)
+            self.engine.handle(self.executor.poll(max(0.0, timeout)))
+
+    # -- intake ----------------------------------------------------------------------------
+
+    def _take(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Accepted):
+            record = rundir.read_json(self.spool.runs / outcome.run_id / "run.json")
+            self.engine.add(
+                ActiveRun(
+                    run_id=outcome.run_id,
+                    pipeline=outcome.pipeline,
+                    graph=RunGraph(outcome.run_id, outcome.pipeline),
+                    dir=self.spool.runs / outcome.run_id,
+                    record=record,
+                    accepted=outcome.accepted_at.timestamp(),
+                )
+            )
+        elif isinstance(outcome, Scheduled):
+            self._schedule(outcome.name, outcome.pipeline, outcome.spec_bytes, outcome.accepted_at)
+        elif isinstance(outcome, Rejected):
+            pass  # intake logged it
+
+    def _schedule(self, name: str, pipeline: Pipeline, raw: bytes, accepted_at: datetime) -> None:
+        assert pipeline.schedule is not None
+        old = self._schedules.get(name)
+        self._schedules[name] = _ScheduleState(pipeline, raw, active=old.active if old else set())
+        self.schedules.set(name, pipeline.schedule, accepted_at)
+        nxt = self.schedules.next_fire(name, self.clock.now())
+        log.info(
+            "schedule %s %s next=%s",
+            name,
+            "replaced" if old else "added",
+            nxt.isoformat() if nxt else "never",
+        )
+
+    def _unschedule(self, name: str) -> None:
+        if self._schedules.pop(name, None) is not None:
+            self.schedules.remove(name)
+            log.info("schedule %s removed", name)
+
+    def _sync_schedules(self) -> None:
+        """schedules/ is the truth: a file deleted while events were missed unschedules."""
+        present = {p.stem for p in self.spool.schedules.glob("*.yaml")}
+        for name in list(self._schedules):
+            if name not in present:
+                self._unschedule(name)
+
+    def _load_schedules(self) -> None:
+        for path in sorted(self.spool.schedules.glob("*.yaml")):
+            try:
+                raw = path.read_bytes()
+                pipeline = load_bytes(
+                    raw,
+                    f"schedules/{path.name}",
+                    node_cpus=len(self.topology.cpus),
+                    node_memory=self.topology.memory,
+                )
+            except (OSError, SpecError) as exc:
+                log.error("schedules/%s cannot be loaded: %s; skipping it", path.name, exc)
+                continue
+            if pipeline.schedule is None:
+                continue
+            accepted = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            self._schedule(path.stem, pipeline, raw, accepted)
+        forgotten = self.schedules.retain(list(self._schedules))
+        if forgotten:
+            log.info("forgot state of schedules whose files are gone: %s", ", ".join(forgotten))
+
+    def _fire_schedules(self) -> None:
+        if not self._schedules:
+            return
+        now = self.clock.now()
+        due = self.schedules.due(now)
+        self.misfires += due.misfires
+        for name, fire_time in due.skipped:
+            log.warning("schedule %s misfired at %s: skipped (misfire: skip)", name, fire_time)
+            self.schedules.record(name, fire_time)
+        for fire in due.fires:
+            st = self._schedules.get(fire.name)
+            if st is None:
+                continue
+            sched = st.pipeline.schedule
+            assert sched is not None
+            decision = overlap_decision(sched.overlap, bool(st.active), st.pending is not None)
+            if decision == "run":
+                self._start_fire(st, fire)
+            elif decision == "queue":
+                st.pending = fire
+                log.info(
+                    "schedule %s fire %s queued behind its running run", fire.name, fire.fire_time
+                )
+            else:
+                log.info(
+                    "schedule %s fire %s skipped: previous run still running",
+                    fire.name,
+                    fire.fire_time,
+                )
+            self.schedules.record(fire.name, fire.fire_time)
+
+    def _start_fire(self, st: _ScheduleState, fire: Fire) -> None:
+        run_id = fire.run_id()
+        if (self.spool.runs / run_id).exists():
+            return  # made before a crash: the queue file resumes it
+        run = runs.create_run(
+            self.spool,
+            st.pipeline,
+            st.raw,
+            trigger={
+                "type": fire.trigger,
+                "source": f"schedules/{fire.name}.yaml",
+                "fire_time": rfc3339(fire.fire_time),
+            },
+            now=self.clock.now(),
+            run_date=fire.run_date,
+            run_id=run_id,
+        )
+        atomic.write_bytes(self.spool.queue / f"{run_id}.yaml", st.raw)
+        st.active.add(run_id)
+        self.engine.add(run)
+        extra = f" (standing for {fire.missed} missed)" if fire.missed else ""
+        log.info(
+            "%s fired schedule %s for %s%s", run_id, fire.name, fire.fire_time.isoformat(), extra
+        )
+
+    # -- finished runs ---------------------------------------------------------------------
+
+    def _drain_finished(self) -> None:
+        while self._finished:
+            run = self._finished.popleft()
+            # Handover: run.json says the run is over (durable); the queue copy can go.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spool.queue / f"{run.run_id}.yaml")
+            rec = run.record
+            stages = " ".join(f"{s.name}={s.state}" for s in run.graph.stages.values())
+            log.info(
+                "%s finished state=%s duration=%ss pipeline=%s stages: %s",
+                run.run_id,
+                rec["state"],
+                rec.get("duration_seconds"),
+                run.pipeline.name,
+                stages[:2000],
+            )
+            for st in self._schedules.values():
+                if run.run_id in st.active:
+                    st.active.discard(run.run_id)
+                    if st.pending is not None and not st.active:
+                        fire, st.pending = st.pending, None
+                        self._start_fire(st, fire)
+
+    # -- recovery --------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        for folder in (self.spool.queue, self.spool.schedules, self.spool.control):
+            atomic.remove_temp_leftovers(folder)
+        for outcome in self.intake.recover():
+            self._take(outcome)
+        self._load_schedules()
+        resumed = interrupted = 0
+        for path in sorted(self.spool.queue.glob("*.yaml")):
+            run_id = path.stem
+            try:
+                rec = rundir.read_json(self.spool.runs / run_id / "run.json")
+            except (OSError, orjson.JSONDecodeError) as exc:
+                log.error("queue/%s has no readable run folder (%s); leaving it", path.name, exc)
+                continue
+            if rec["state"] in ("succeeded", "failed", "cancelled"):
+                path.unlink()  # finished before the crash; only the queue copy was left
+                continue
+            if rec["state"] != "queued" and self.config.on_restart == "fail":
+                rec["state"] = "interrupted"
+                rec["error"] = "the daemon stopped during the run (on_restart: fail)"
+                rec["finished_at"] = rfc3339(self.clock.time())
+                atomic.write_json(self.spool.runs / run_id / "run.json", rec)
+                path.unlink()
+                interrupted += 1
+                continue
+            try:
+                run = runs.resume_run(
+                    self.spool,
+                    run_id,
+                    node_cpus=len(self.topology.cpus),
+                    node_memory=self.topology.memory,
+                )
+            except (SpecError, OSError, KeyError, orjson.JSONDecodeError) as exc:
+                log.error("%s cannot be resumed: %s; marking it failed", run_id, exc)
+                rec["state"] = "failed"
+                rec["error"] = f"cannot be resumed: {exc}"
+                atomic.write_json(self.spool.runs / run_id / "run.json", rec)
+                path.unlink()
+                continue
+            if rec["state"] != "queued":
+                run.record["recoveries"] = int(rec.get("recoveries", 0)) + 1
+                run.record["state"] = "running"
+                run.record["error"] = None
+                run.record["finished_at"] = None
+                atomic.write_json(run.dir / "run.json", run.record)
+                resumed += 1
+            trig = rec.get("trigger", {})
+            if trig.get("type") in ("cron", "every", "at"):
+                name = Path(str(trig.get("source", ""))).stem
+                if name in self._schedules:
+                    self._schedules[name].active.add(run_id)
+            self.engine.add(run)
+        if resumed or interrupted:
+            log.warning(
+                "recovered after a stop or crash: %d run(s) resumed, %d marked interrupted",
+                resumed,
+                interrupted,
+            )
+
+    def _record_spawn(self, key: str, pgid: int) -> None:
+        start = _proc_start_time(pgid)
+        if self._tasks_log is not None and start is not None:
+            os.write(self._tasks_log, f"{pgid} {start} {key}\n".encode())
+
+    # -- control, status, config, retention ------------------------------------------------
+
+    def _control(self) -> None:
+        try:
+            names = sorted(os.listdir(self.spool.control))
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.startswith(".") or not name.endswith(".json"):
+                continue
+            path = self.spool.control / name
+            try:
+                req = orjson.loads(path.read_bytes())
+            except (OSError, orjson.JSONDecodeError) as exc:
+                log.warning("control/%s unreadable (%s); removing it", name, exc)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            self._handle_control(req)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _handle_control(self, req: dict[str, Any]) -> None:
+        action = req.get("action")
+        if action == "cancel":
+            run_id = str(req.get("run"))
+            if self.engine.cancel(run_id):
+                log.info("%s cancel requested", run_id)
+            else:
+                log.info("%s cancel requested but the run is not active", run_id)
+        elif action == "retry":
+            self._retry(str(req.get("run")), req.get("from"), str(req.get("new_run_id")))
+        elif action == "unschedule":
+            name = str(req.get("name"))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spool.schedules / f"{name}.yaml")
+            self._unschedule(name)
+        else:
+            log.warning("unknown control request %r", req)
+
+    def _retry(self, old_id: str, from_stage: str | None, new_id: str) -> None:
+        old_dir = self.spool.runs / old_id
+        try:
+            raw = (old_dir / "spec.yaml").read_bytes()
+            pipeline = load_bytes(
+                raw,
+                f"runs/{old_id}/spec.yaml",
+                node_cpus=len(self.topology.cpus),
+                node_memory=self.topology.memory,
+            )
+            old = rundir.read_json(old_dir / "run.json")
+            reused = runs.reusable_stages(old_dir, pipeline, from_stage)
+        except (OSError, SpecError, orjson.JSONDecodeError) as exc:
+            log.error("retry of %s refused: %s", old_id, exc)
+            return
+        run = runs.create_run(
+            self.spool,
+            pipeline,
+            raw,
+            trigger={"type": "retry", "source": old_id},
+            now=self.clock.now(),
+            run_date=old.get("run_date"),
+            run_id=new_id,
+            resumed_from=old_id,
+            reused=reused,
+        )
+        runs.copy_reused(old_dir, run.dir, list(reused))
+        atomic.write_bytes(self.spool.queue / f"{new_id}.yaml", raw)
+        self.engine.add(run)
+        log.info("%s retry of %s keeps %d stage(s)", new_id, old_id, len(reused))
+
+    def _status_text(self) -> str:
+        queued = sum(1 for r in self.engine.runs.values() if r.record["state"] == "queued")
+        return (
+            f"{queued} queued, {len(self.engine.runs) - queued} running, "
+            f"{self.engine.cores_in_use}/{len(self.topology.cpus)} cpus"
+        )
+
+    def _write_status(self) -> None:
+        allocated = self.engine.cores_by_node()
+        queued = sum(1 for r in self.engine.runs.values() if r.record["state"] == "queued")
+        doc = {
+            "pid": os.getpid(),
+            "started_at": rfc3339(self.started_at),
+            "updated_at": rfc3339(self.clock.time()),
+            "spool": str(self.spool.root),
+            "policy": self.config.policy,
+            "cpus": [
+                {"numa_node": i, "total": len(cores), "allocated": allocated.get(i, 0)}
+                for i, cores in enumerate(self.topology.nodes)
+            ],
+            "runs": {"queued": queued, "running": len(self.engine.runs) - queued},
+            "tasks": {"running": self.engine.tasks_running, "waiting": self.engine.tasks_waiting},
+            "schedules": len(self._schedules),
+        }
+        # Volatile: rewritten every second and only read by `chute status`.
+        atomic.write_volatile(self.spool.state / "status.json", atomic.dumps(doc))
+        self.notifier.status(self._status_text())
+
+    def _reload_config(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.notifier.ready(self._status_text())
+            return
+        for key in RESTART_KEYS:
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("config %s changed: takes effect after a restart", key)
+        self.config = new
+        self.engine.policy = new.policy
+        self.intake.config = new
+        log.info("config reloaded from %s", self.config_path or "defaults")
+        self.notifier.ready(self._status_text())
+
+    def _retention(self) -> None:
+        removed = rundir.gc(
+            self.spool,
+            keep_runs=self.config.keep_runs,
+            max_age=self.config.max_age,
+            now=self.clock.time(),
+            limit=GC_BATCH,
+            active=set(self.engine.runs),
+        )
+        if removed:
+            log.info("retention removed %d run folder(s)", len(removed))
+
+
+def _topology(config: Config) -> Topology:
+    return read_topology(cpus=config.cpus, reserve_cpus=config.reserve_cpus, memory=config.memory)

@@ -1,0 +1,783 @@
+"""Taking dropped files exactly once: incoming/ → state/intake/ → a run, a schedule or rejected/.
+
+Owns: incoming/, state/intake/ (claims), writing queue/<run_id>.yaml, schedules/<name>.yaml
+and rejected/ with its <file>.error.json; the inotify watch on incoming/ and schedules/.
+Not here: parsing and validating a spec (chute.spec), a run folder's files (chute.rundir),
+starting runs and reading schedules/ (the daemon, chute.engine), when to rescan (the daemon).
+Crash safety: every transition is a rename on one filesystem, and a file is in exactly one
+of incoming/ → state/intake/<run_id>__<name> → {runs/<run_id>/ + queue/<run_id>.yaml,
+schedules/<metadata.name>.yaml, rejected/<name>}. The run id is minted at the claim and
+carried in the claim's name, so redoing a handover after a crash finds the run folder it
+made before instead of making a second run. Crash points, and what start-up (recover) does:
+  1. before the claim rename: the file is still in incoming/; the start-up scan takes it.
+  2. claim renamed (both folders fsynced before anything else is written, so the drop can
+     never come back to incoming/ once a run exists), no runs/<id>/run.json: redo the
+     decision with the same run id; a run folder without run.json is a half-made one and
+     is removed first. A run made here is left in queue/ for the daemon, like those of 3.
+  3. run.json durable, no queue/<id>.yaml: write it from runs/<id>/spec.yaml (the bytes
+     accepted), unlink the claim. Only while run.json still says queued: a run that moved
+     on was handed over already, and its queue file may be gone because it finished.
+     (A handover that failed while the daemon runs, ENOSPC say, leaves the same state;
+     the next scan finishes it and reports the run as Accepted.)
+  4. queue file written, claim not yet unlinked: as 3, nothing to write.
+  5. recurring: schedules/<name>.yaml written, claim not unlinked: redo writes the same
+     bytes again (the claim's unlink is fsynced, so an older claim never overwrites a
+     newer schedule).
+  6. rejected: renamed to rejected/<x> but no <x>.error.json: re-validate it and write it.
+  7. any atomic write interrupted: `.tmp-*` leftovers in queue/, schedules/, rejected/ and
+     state/intake/ are removed.
+Postfix's pickup is at-least-once at this step; the claim rename is what closes the window.
+We decide from the bytes read through one descriptor and keep our own copy (queue/, and
+runs/<id>/spec.yaml), so a writer that kept a descriptor cannot change what runs.
+Diagnostics: a user's mistake → rejected/ with error.json and one WARNING line; the
+environment (ENOSPC, EACCES on the spool, inotify limits) → one ERROR line naming the path,
+the errno and the knob, the claim kept for the next rescan; a chute bug → log.exception,
+the claim kept until the next start. A file that vanished under us: DEBUG.
+Limits: not thread-safe; call take/scan/recover from one thread (validating a 1 MiB spec
+takes ~1 s, so the daemon may run them off its loop, but one at a time). The read lease
+needs CAP_LEASE or the file's ownership; without it (EACCES), on filesystems without
+leases (EINVAL) and in recovery, "still being written" is judged by size and mtime only.
+If incoming/ itself is removed or replaced, the watch goes quiet; rescans still work.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import grp
+import hashlib
+import logging
+import os
+import pwd
+import re
+import shutil
+import signal
+import stat
+import struct
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from chute import atomic, rundir
+from chute.clock import Clock, parse_rfc3339, rfc3339
+from chute.config import Config
+from chute.engine.runs import submitter
+from chute.spec import Issue, SpecError, load_bytes
+from chute.spec.model import Pipeline
+from chute.spool import Spool
+from chute.units import format_size
+
+log = logging.getLogger(__name__)
+
+CLAIM_SEP = "__"
+IGNORED_SUFFIXES = (".tmp", ".part", ".swp")
+SPEC_SUFFIXES = (".yaml", ".yml")
+ERROR_SUFFIX = ".error.json"
+NAME_MAX = 255
+_RUN_ID = re.compile(r"\d{8}_\d{6}_[0-9a-f]{6}")
+_REJECTED_COPY = re.compile(r"(.+\.ya?ml)\.\d+")
+_LEASE_SIGNAL = signal.SIGURG
+"""A broken lease is announced by a signal, SIGIO unless set, whose default action ends the
+process: SIGURG's default is to ignore it, and the lease is checked with F_GETLEASE anyway."""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A one-shot file: its run folder (state queued) and queue/<run_id>.yaml exist durably."""
+
+    run_id: str
+    pipeline: Pipeline
+    spec_bytes: bytes
+    source: str  # "incoming/<name>"
+    submitted_by: dict[str, Any]
+    accepted_at: datetime
+    dropped_at: float | None  # epoch s the file last changed in incoming/ (write or rename in)
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduled:
+    """A recurring file, now at schedules/<name>.yaml (replacing one of the same name)."""
+
+    name: str
+    pipeline: Pipeline
+    spec_bytes: bytes
+    path: Path
+    accepted_at: datetime
+    replaced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Moved to rejected/<file> beside rejected/<file>.error.json.
+
+    `file` is the name in rejected/ (`x.yaml`, or `x.yaml.1` when that was taken); the
+    error.json's "file" is the name as dropped. `reason` is one word for metrics: invalid,
+    too_large, not_regular, symlink, world_writable, not_submitter, unreadable (or
+    unknown: a rejection whose report a crash lost, that passes the checks now).
+    """
+
+    file: str
+    reason: str
+    errors: list[dict[str, Any]]
+
+
+Outcome = Accepted | Scheduled | Rejected
+
+
+def is_candidate(name: str) -> bool:
+    """A name intake takes: `*.yaml`/`*.yml`, not hidden, not a temp or partial file."""
+    if name.startswith(".") or name.endswith(IGNORED_SUFFIXES):
+        return False
+    return name.endswith(SPEC_SUFFIXES)
+
+
+class _Gone(Exception):
+    """The file vanished under us (moved or removed): a benign race."""
+
+
+class _NotReady(Exception):
+    """Still open for writing, or changed while we read it: a later event retakes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Look:
+    """What one open descriptor told us: the bytes, or why the file is refused."""
+
+    st: os.stat_result
+    data: bytes
+    reason: str | None = None
+    issues: tuple[Issue, ...] = ()
+
+
+class Intake:
+    def __init__(
+        self, spool: Spool, config: Config, *, node_cpus: int, node_memory: int, clock: Clock
+    ) -> None:
+        self.spool = spool
+        self.config = config
+        self.node_cpus = node_cpus
+        self.node_memory = node_memory
+        self.clock = clock
+        self.claims = spool.state / "intake"
+        self.claims.mkdir(parents=True, exist_ok=True)
+        self._stuck: set[str] = set()  # claims a chute bug left; retried at the next start
+        self._lease_warned = False
+
+    # -- the public steps -------------------------------------------------------------
+
+    def take(self, name: str) -> Outcome | None:
+        """Take incoming/<name>; None when ignored, gone, not ready yet, or on an error
+        that was logged (the file then stays where it is for the next rescan)."""
+        if not is_candidate(name):
+            log.debug("incoming/%s ignored: not a *.yaml or *.yml name", _show(name))
+            return None
+        try:
+            return self._take(name)
+        except OSError as exc:
+            _log_environment(exc, f"incoming/{_show(name)}")
+        except Exception:
+            log.exception("incoming/%s: intake failed (a chute bug)", _show(name))
+        return None
+
+    def scan(self) -> list[Outcome]:
+        """Claims a failed handover left, then every candidate in incoming/, sorted by name.
+
+        Postfix pickup: "keep scanning the queue directory until we stop removing files".
+        """
+        out = self._finish_claims(announce=True)
+        while True:
+            try:
+                names = sorted(os.listdir(self.spool.incoming))
+            except OSError as exc:
+                _log_environment(exc, "incoming/")
+                return out
+            taken = [o for o in map(self.take, filter(is_candidate, names)) if o is not None]
+            out.extend(taken)
+            if not taken:
+                return out
+
+    def recover(self) -> list[Outcome]:
+        """Start-up, before scan(): finish the handovers a crash interrupted.
+
+        Returns the schedules and rejections it finished. Runs it finished are not returned:
+        like every run accepted before the crash, each has queue/<run_id>.yaml by now, and
+        the daemon starts queued runs from queue/ (returning them too would start them twice).
+        """
+        for folder in (self.spool.queue, self.spool.schedules, self.spool.rejected, self.claims):
+            removed = atomic.remove_temp_leftovers(folder)
+            if removed:
+                log.info("%s: removed %d temp file(s) an interrupted write left", folder, removed)
+        self._stuck.clear()
+        finished = self._finish_claims(announce=False)
+        return [o for o in finished if not isinstance(o, Accepted)] + self._repair_rejected()
+
+    # -- claim ------------------------------------------------------------------------
+
+    def _take(self, name: str) -> Outcome | None:
+        path = self.spool.incoming / name
+        display = f"incoming/{name}"
+        try:
+            look = self._inspect(path, display, lease=True)
+        except _Gone:
+            log.debug("%s gone before it was taken", _show(display))
+            return None
+        except _NotReady as exc:
+            log.debug("%s not ready: %s", _show(display), exc)
+            return None
+        run_id = rundir.new_run_id(self.clock.now())
+        while os.path.lexists(self.spool.runs / run_id):  # same second, same 24 random bits
+            run_id = rundir.new_run_id(self.clock.now())
+        claim = self.claims / _claim_name(run_id, name)
+        try:
+            os.rename(path, claim)
+        except FileNotFoundError:
+            log.debug("%s gone before it was claimed", _show(display))
+            return None
+        # Handover: the claim is durable before any run, schedule or rejection is made from
+        # it, so a crash can never bring the drop back to incoming/ for a second run.
+        atomic.fsync_dir(self.claims)
+        atomic.fsync_dir(self.spool.incoming)
+        dropped_at: float | None = look.st.st_ctime
+        now_st = os.lstat(claim)
+        if (now_st.st_dev, now_st.st_ino) != (look.st.st_dev, look.st.st_ino):
+            # Replaced between our read and the rename: decide what we actually claimed.
+            dropped_at = None
+            try:
+                look = self._inspect(claim, display, lease=False)
+            except (_Gone, _NotReady) as exc:
+                log.debug("%s replaced while taken; left for the next rescan: %s", claim, exc)
+                return None
+        return self._finish(run_id, name, claim, look, dropped_at)
+
+    def _inspect(self, path: Path, display: str, *, lease: bool) -> _Look:
+        """Judge `path` without following or blocking, and read it if it may be a spec."""
+
+        def refuse(reason: str, st: os.stat_result, message: str) -> _Look:
+            return _Look(st, b"", reason, (Issue(display, 0, "", message),))
+
+        try:
+            lst = os.lstat(path)
+        except FileNotFoundError:
+            raise _Gone from None
+        if stat.S_ISLNK(lst.st_mode):
+            return refuse("symlink", lst, "is a symbolic link; drop the file itself, not a link")
+        if not stat.S_ISREG(lst.st_mode):
+            return refuse("not_regular", lst, _not_regular(lst.st_mode))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise _Gone from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return refuse("symlink", lst, "is a symbolic link; drop the file itself")
+            if exc.errno == errno.ENXIO:  # became a socket after lstat
+                return refuse("not_regular", lst, "is a socket, not a regular file")
+            return refuse("unreadable", lst, _unreadable("open", exc))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # swapped after lstat; O_NONBLOCK kept us going
+                return refuse("not_regular", st, _not_regular(st.st_mode))
+            leased = lease and self._lease(fd)
+            try:
+                problem = self._refusal(st)
+                if problem is not None:
+                    return refuse(problem[0], st, problem[1])
+                try:
+                    data = _read_upto(fd, self.config.max_file_size + 1)
+                except OSError as exc:
+                    return refuse("unreadable", st, _unreadable("read", exc))
+                after = os.fstat(fd)
+                if leased and fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
+                    raise _NotReady("opened for writing while being read")
+                if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or len(
+                    data
+                ) != st.st_size:
+                    raise _NotReady("changed while being read")
+                return _Look(st, data)
+            finally:
+                if leased:
+                    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        finally:
+            os.close(fd)
+
+    def _lease(self, fd: int) -> bool:
+        """Take a read lease: it fails while anyone has the file open for writing."""
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETSIG, _LEASE_SIGNAL)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                raise _NotReady("still open for writing") from None
+            if not self._lease_warned:  # EACCES without CAP_LEASE, EINVAL on NFS and FUSE
+                self._lease_warned = True
+                log.info(
+                    "intake cannot take read leases (%s); judging files still being written "
+                    "by size and mtime only: run the daemon with CAP_LEASE for the lease check",
+                    exc.strerror,
+                )
+            return False
+
+    def _refusal(self, st: os.stat_result) -> tuple[str, str] | None:
+        """The reason and message to refuse a regular file for, from fstat alone."""
+        limit = self.config.max_file_size
+        if st.st_nlink > 1:
+            return "not_regular", (
+                f"has {st.st_nlink} hard links; a dropped file must have only its own name "
+                "— write a new file, then rename it into incoming/"
+            )
+        if st.st_size > limit:
+            return "too_large", (
+                f"is {format_size(st.st_size)} ({st.st_size} bytes), over the limit of "
+                f"{format_size(limit)} ({limit} bytes); a spec is small — pass big data by "
+                "reference, or raise max_file_size in the config"
+            )
+        if st.st_mode & stat.S_IWOTH:
+            return "world_writable", (
+                f"is world-writable (mode {stat.S_IMODE(st.st_mode):04o}); anyone could change "
+                "it after it was checked — chmod o-w it, then drop it again"
+            )
+        return self._not_submitter(st.st_uid)
+
+    def _not_submitter(self, uid: int) -> tuple[str, str] | None:
+        users, groups = self.config.submitters_users, self.config.submitters_groups
+        if not users and not groups:
+            return None
+        try:
+            pw: pwd.struct_passwd | None = pwd.getpwuid(uid)
+        except KeyError:
+            pw = None
+        if pw is not None:
+            if pw.pw_name in users:
+                return None
+            gids = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+            for group in groups:
+                try:
+                    if grp.getgrnam(group).gr_gid in gids:
+                        return None
+                except KeyError:
+                    continue
+        owner = f"{pw.pw_name} (uid {uid})" if pw is not None else f"uid {uid} (no such user)"
+        listed = "; ".join(
+            f"{what}: {', '.join(names)}"
+            for what, names in (("users", users), ("groups", groups))
+            if names
+        )
+        return "not_submitter", (
+            f"is owned by {owner}, who is not among the submitters ({listed}); drop it as one "
+            "of them, or ask an operator to add the user or a group to submitters in the config"
+        )
+
+    # -- decide and hand over ----------------------------------------------------------
+
+    def _finish(
+        self, run_id: str, name: str, claim: Path, look: _Look, dropped_at: float | None
+    ) -> Outcome:
+        display = f"incoming/{name}"
+        reason, issues = look.reason, list(look.issues)
+        pipeline: Pipeline | None = None
+        if reason is None:
+            try:
+                pipeline = load_bytes(
+                    look.data, display, node_cpus=self.node_cpus, node_memory=self.node_memory
+                )
+            except SpecError as exc:
+                reason, issues = "invalid", exc.issues
+        if pipeline is None or reason is not None:
+            return self._reject(claim, name, reason or "invalid", issues)
+        if pipeline.schedule is not None:
+            return self._schedule(claim, name, pipeline, look.data)
+        return self._accept(run_id, claim, name, pipeline, look, dropped_at)
+
+    def _accept(
+        self,
+        run_id: str,
+        claim: Path,
+        name: str,
+        pipeline: Pipeline,
+        look: _Look,
+        dropped_at: float | None,
+    ) -> Accepted:
+        now = self.clock.now()
+        source = f"incoming/{_json_safe(name)}"
+        by = submitter(look.st.st_uid)
+        run_dir = self.spool.runs / run_id
+        if run_dir.exists() and not (run_dir / "run.json").exists():
+            shutil.rmtree(run_dir)  # half made before a crash (crash point 2)
+        record = rundir.new_record(
+            run_id=run_id,
+            pipeline=pipeline.name,
+            kind=pipeline.kind,
+            trigger={"type": "drop", "source": source},
+            submitted_by=by,
+            spec_sha256=hashlib.sha256(look.data).hexdigest(),
+            created_at=now,
+            run_date=now.astimezone().date().isoformat(),
+        )
+        rundir.create(self.spool, record, look.data)
+        # Handover: the queue file tells the daemon (now or after a restart) the run waits.
+        atomic.write_bytes(self.spool.queue / f"{run_id}.yaml", look.data)
+        os.unlink(claim)
+        log.info("%s accepted pipeline=%s source=%s", run_id, pipeline.name, _show(source))
+        return Accepted(run_id, pipeline, look.data, source, by, now, dropped_at)
+
+    def _schedule(self, claim: Path, name: str, pipeline: Pipeline, data: bytes) -> Scheduled:
+        now = self.clock.now()
+        path = self.spool.schedules / f"{pipeline.name}.yaml"
+        replaced = os.path.lexists(path)
+        # Handover: the schedule file is the recurring definition from now on.
+        atomic.write_bytes(path, data)
+        os.unlink(claim)
+        atomic.fsync_dir(self.claims)  # a stale claim must not overwrite a newer schedule
+        log.info(
+            "schedule %s %s source=incoming/%s",
+            pipeline.name,
+            "replaced" if replaced else "added",
+            _show(name),
+        )
+        return Scheduled(pipeline.name, pipeline, data, path, now, replaced)
+
+    def _reject(self, claim: Path, name: str, reason: str, issues: list[Issue]) -> Rejected:
+        target = self._rejected_path(name)
+        os.rename(claim, target)
+        rejected = self._report(target, name, reason, issues)
+        atomic.fsync_dir(self.claims)  # the claim's removal, so it is never rejected twice
+        return rejected
+
+    def _report(self, target: Path, name: str, reason: str, issues: list[Issue]) -> Rejected:
+        errors = [i.as_dict() for i in issues]
+        # Handover: error.json completes the rejection (crash point 6 rewrites it).
+        atomic.write_json(
+            target.with_name(target.name + ERROR_SUFFIX),
+            {
+                "file": _json_safe(name),
+                "reason": reason,
+                "errors": errors,
+                "rejected_at": rfc3339(self.clock.now()),
+            },
+        )
+        first = str(issues[0]) if issues else "(no details)"
+        more = (
+            f" (and {len(issues) - 1} more in rejected/{target.name}{ERROR_SUFFIX})"
+            if len(issues) > 1
+            else ""
+        )
+        log.warning(
+            "incoming/%s rejected reason=%s: %s%s", _show(name), reason, _show(first), _show(more)
+        )
+        return Rejected(target.name, reason, errors)
+
+    def _rejected_path(self, name: str) -> Path:
+        n = 0
+        while True:
+            suffix = f".{n}" if n else ""
+            base = _fit(name, len(suffix) + len(ERROR_SUFFIX)) + suffix
+            path = self.spool.rejected / base
+            if not os.path.lexists(path) and not os.path.lexists(
+                path.with_name(base + ERROR_SUFFIX)
+            ):
+                return path
+            n += 1
+
+    # -- recovery ---------------------------------------------------------------------
+
+    def _finish_claims(self, *, announce: bool) -> list[Outcome]:
+        """Finish every claim in state/intake/. `announce`: also return runs that were made
+        but never reported (a handover that failed while running; at start-up the daemon
+        finds those in queue/ itself)."""
+        out: list[Outcome] = []
+        try:
+            entries = sorted(os.listdir(self.claims))
+        except OSError as exc:
+            _log_environment(exc, str(self.claims))
+            return out
+        for entry in entries:
+            if entry.startswith(".") or entry in self._stuck:
+                continue
+            try:
+                outcome = self._finish_claim(entry, announce=announce)
+            except OSError as exc:
+                _log_environment(exc, str(self.claims / entry))
+                continue
+            except Exception:
+                log.exception("%s: finishing the claim failed (a chute bug)", self.claims / entry)
+                self._stuck.add(entry)
+                continue
+            if outcome is not None:
+                out.append(outcome)
+        return out
+
+    def _finish_claim(self, entry: str, *, announce: bool) -> Outcome | None:
+        run_id, sep, name = entry.partition(CLAIM_SEP)
+        claim = self.claims / entry
+        if not sep or not _RUN_ID.fullmatch(run_id) or not name:
+            log.warning("%s: not a claim intake made; left alone", claim)
+            self._stuck.add(entry)
+            return None
+        run_dir = self.spool.runs / run_id
+        try:
+            record = rundir.read_json(run_dir / "run.json")
+        except FileNotFoundError:
+            record = None
+        if record is not None:  # crash points 3 and 4: the run exists
+            if record.get("state") != "queued":  # handed over already
+                os.unlink(claim)
+                return None
+            try:
+                data = (run_dir / "spec.yaml").read_bytes()
+            except FileNotFoundError:
+                data = claim.read_bytes()
+            queued = self.spool.queue / f"{run_id}.yaml"
+            if not queued.exists():
+                atomic.write_bytes(queued, data)
+                log.info("%s recovered: wrote %s a crash left out", run_id, queued)
+            os.unlink(claim)
+            if not announce:
+                return None
+            display = str(record["trigger"].get("source", f"incoming/{name}"))
+            pipeline = load_bytes(
+                data, display, node_cpus=self.node_cpus, node_memory=self.node_memory
+            )
+            return Accepted(
+                run_id,
+                pipeline,
+                data,
+                display,
+                record["submitted_by"],
+                parse_rfc3339(record["created_at"]),
+                None,
+            )
+        try:  # crash point 2: decide again, with the same run id
+            look = self._inspect(claim, f"incoming/{name}", lease=False)
+        except (_Gone, _NotReady) as exc:
+            log.debug("%s not finished: %s", claim, exc)
+            return None
+        log.info("%s recovered: finishing the intake of incoming/%s", run_id, _show(name))
+        return self._finish(run_id, name, claim, look, None)
+
+    def _repair_rejected(self) -> list[Outcome]:
+        try:
+            names = set(os.listdir(self.spool.rejected))
+        except OSError as exc:
+            _log_environment(exc, str(self.spool.rejected))
+            return []
+        out: list[Outcome] = []
+        for entry in sorted(names):
+            if entry.startswith(".") or entry.endswith(ERROR_SUFFIX):
+                continue
+            if entry + ERROR_SUFFIX in names:
+                continue
+            copy = _REJECTED_COPY.fullmatch(entry)
+            name = copy.group(1) if copy else entry
+            if not name.endswith(SPEC_SUFFIXES):
+                continue  # not one of ours
+            path = self.spool.rejected / entry
+            display = f"incoming/{name}"
+            try:
+                look = self._inspect(path, display, lease=False)
+            except (_Gone, _NotReady):
+                continue
+            reason, issues = look.reason, list(look.issues)
+            if reason is None:
+                try:
+                    load_bytes(
+                        look.data, display, node_cpus=self.node_cpus, node_memory=self.node_memory
+                    )
+                    reason = "unknown"
+                    issues = [
+                        Issue(
+                            display,
+                            0,
+                            "",
+                            "was rejected, but a crash lost the reason and it passes the "
+                            "checks now — drop it again to submit it",
+                        )
+                    ]
+                except SpecError as exc:
+                    reason, issues = "invalid", exc.issues
+            try:
+                out.append(self._report(path, name, reason, issues))
+            except OSError as exc:
+                _log_environment(exc, str(path))
+        return out
+
+
+class Watcher:
+    """inotify on incoming/ (ready files) and schedules/ (deletions), read on the caller's loop.
+
+    Raw events, not watchdog's Observer: that one holds an unmatched moved-from for 0.5 s and
+    queues every later event behind it, and each claim is such a moved-from.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        try:
+            from watchdog.observers.inotify_c import (
+                InotifyConstants,
+                inotify_add_watch,
+                inotify_init,
+            )
+        except (ImportError, OSError) as exc:  # no inotify in this libc
+            raise OSError(
+                errno.ENOSYS, f"inotify is not available ({exc}); set watch: poll in the config"
+            ) from None
+        c = InotifyConstants
+        self._overflow_mask = c.IN_Q_OVERFLOW
+        fd = inotify_init()
+        if fd < 0:
+            raise _inotify_error(ctypes.get_errno(), "inotify_init", None)
+        self._fd = fd
+        try:
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+            watches: dict[int, tuple[str, int]] = {}
+            for folder, mask in (
+                # IN_CREATE too: a FIFO or symlink made in place sends nothing else; a
+                # regular file still open for writing is "not ready" to take() anyway.
+                (spool.incoming, c.IN_CLOSE_WRITE | c.IN_MOVED_TO | c.IN_CREATE),
+                (spool.schedules, c.IN_DELETE | c.IN_MOVED_FROM),
+            ):
+                wd = inotify_add_watch(fd, os.fsencode(folder), mask | c.IN_ONLYDIR)
+                if wd < 0:
+                    raise _inotify_error(ctypes.get_errno(), "inotify_add_watch", folder)
+                watches[wd] = (folder.name, mask)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._watches = watches
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> tuple[list[str], list[str], bool]:
+        """Drain pending events: (incoming names ready, schedule names deleted, overflowed).
+
+        Names are de-duplicated in arrival order and filtered with is_candidate. On overflow
+        events were lost: the caller must rescan incoming/ and schedules/.
+        """
+        ready: dict[str, None] = {}
+        deleted: dict[str, None] = {}
+        overflowed = False
+        for _ in range(64):  # at most 4 MiB per call; the fd stays readable for the rest
+            try:
+                buf = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                break
+            pos = 0
+            while pos + _EVENT.size <= len(buf):
+                wd, mask, _cookie, length = _EVENT.unpack_from(buf, pos)
+                raw = buf[pos + _EVENT.size : pos + _EVENT.size + length]
+                pos += _EVENT.size + length
+                if mask & self._overflow_mask:
+                    overflowed = True
+                    continue
+                watch = self._watches.get(wd)
+                if watch is None or not mask & watch[1]:
+                    continue
+                name = os.fsdecode(raw.split(b"\0", 1)[0])
+                if not is_candidate(name):
+                    continue
+                (ready if watch[0] == "incoming" else deleted)[name] = None
+        return list(ready), list(deleted), overflowed
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+
+
+def _inotify_error(err: int, call: str, folder: Path | None) -> OSError:
+    where = f" {folder}" if folder is not None else ""
+    text = os.strerror(err)
+    if err == errno.ENOSPC:
+        hint = (
+            "the inotify watch limit is reached: raise fs.inotify.max_user_watches "
+            "(sysctl -w fs.inotify.max_user_watches=524288)"
+        )
+    elif err == errno.EMFILE:
+        hint = (
+            "the inotify instance limit (or the open-file limit) is reached: raise "
+            "fs.inotify.max_user_instances (sysctl -w fs.inotify.max_user_instances=1024) "
+            "or LimitNOFILE="
+        )
+    elif err == errno.ENOSYS:
+        hint = "this kernel has no inotify"
+    else:
+        hint = "check fs.inotify.max_user_watches and fs.inotify.max_user_instances"
+    return OSError(
+        err, f"{call}{where}: {text} (errno {err}); {hint}; until then intake polls incoming/"
+    )
+
+
+def _read_upto(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _not_regular(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        kind = "a directory"
+    elif stat.S_ISFIFO(mode):
+        kind = "a FIFO"
+    elif stat.S_ISSOCK(mode):
+        kind = "a socket"
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        kind = "a device"
+    else:
+        kind = "a special file"
+    return f"is {kind}, not a regular file; drop a YAML file"
+
+
+def _unreadable(op: str, exc: OSError) -> str:
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid {os.geteuid()}"
+    return f"cannot {op}: {exc.strerror}; make it readable by the daemon's user ({user})"
+
+
+def _log_environment(exc: OSError, subject: str) -> None:
+    log.error(
+        "%s: intake stopped at %s: %s (errno %s); the file stays where it is and is retried "
+        "at the next rescan — free space or fix permissions on the spool",
+        subject,
+        exc.filename or "the spool",
+        exc.strerror,
+        exc.errno,
+    )
+
+
+def _claim_name(run_id: str, name: str) -> str:
+    prefix = run_id + CLAIM_SEP
+    return prefix + _fit(name, len(prefix))
+
+
+def _fit(name: str, extra: int) -> str:
+    """`name`, cut so that `extra` more bytes still fit in a file name (NAME_MAX)."""
+    raw = os.fsencode(name)
+    if len(raw) + extra <= NAME_MAX:
+        return name
+    return os.fsdecode(raw[: NAME_MAX - extra])
+
+
+def _json_safe(name: str) -> str:
+    """A file name as valid UTF-8 (undecodable bytes become U+FFFD) for JSON."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _show(text: str) -> str:
+    """Text for one log line: control characters (a newline in a file name) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in _json_safe(text))

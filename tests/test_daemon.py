@@ -1,0 +1,510 @@
+"""The daemon as users run it: a real process on a temp spool, real drops, real tasks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import EXAMPLES, chute_env, load_json, pid_alive, wait_for
+
+
+class Daemon:
+    """`chute daemon` on a spool, with a notify socket to know when it is ready."""
+
+    def __init__(self, spool: Path, tmp: Path, config: str = "", env: dict[str, str] | None = None):
+        self.spool = spool
+        self.tmp = tmp
+        self.config = tmp / "chute.yaml"
+        self.config.write_text(config or "{}\n")
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.messages: list[str] = []
+        self.sock_path = str(tmp / f"notify-{time.monotonic_ns()}.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.sock_path)
+        self.sock.settimeout(0.05)
+        self.log = tmp / "daemon.log"
+
+    def start(self, wait_ready: bool = True) -> Daemon:
+        env = chute_env({"NOTIFY_SOCKET": self.sock_path, **self.env})
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "chute",
+                    "daemon",
+                    "--spool",
+                    str(self.spool),
+                    "--config",
+                    str(self.config),
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        if wait_ready:
+            self.wait_message("READY=1", timeout=30)
+        return self
+
+    def receive(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                return
+            self.messages.extend(data.decode().splitlines())
+
+    def wait_message(self, text: str, timeout: float = 10) -> None:
+        def seen() -> bool:
+            self.receive()
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
+            return text in self.messages
+
+        wait_for(f"{text} from the daemon", seen, timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+
+
+@pytest.fixture
+def daemon_factory(spool: Path, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(config: str = "", env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(spool, tmp_path, config, env)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def drop(spool: Path, name: str, text: str) -> Path:
+    """Write the way users should: a dot-temp name, then one rename into incoming/."""
+    incoming = spool / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    tmp = incoming / f".{name}.tmp"
+    tmp.write_text(text)
+    final = incoming / name
+    os.rename(tmp, final)
+    return final
+
+
+def job(name: str, run: str, extra: str = "") -> str:
+    return (
+        f"apiVersion: chute/v1\nkind: Job\nmetadata: {{name: {name}}}\n"
+        f"spec:\n  run: {run!r}\n{extra}"
+    )
+
+
+def runs_of(spool: Path, source: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    runs = spool / "runs"
+    if not runs.exists():
+        return out
+    for d in sorted(runs.iterdir()):
+        if d.is_symlink() or d.name.startswith(".") or not (d / "run.json").exists():
+            continue
+        rec = load_json(d / "run.json")
+        if source is None or rec["trigger"].get("source") == source:
+            out.append(rec)
+    return out
+
+
+def final_run(spool: Path, source: str, timeout: float = 30) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        recs = [
+            r
+            for r in runs_of(spool, source)
+            if r["state"] in ("succeeded", "failed", "cancelled", "interrupted")
+        ]
+        return recs[0] if recs else None
+
+    result: dict[str, Any] = wait_for(f"a final run of {source}", done, timeout)
+    return result
+
+
+def test_a_dropped_job_runs_once_and_its_queue_copy_goes(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory().start()
+    drop(spool, "hello.yaml", (EXAMPLES / "hello.yaml").read_text())
+    rec = final_run(spool, "incoming/hello.yaml")
+    assert rec["state"] == "succeeded"
+    assert rec["trigger"]["type"] == "drop"
+    wait_for("the queue copy to go", lambda: not any((spool / "queue").iterdir()))
+    assert list((spool / "incoming").iterdir()) == []
+    assert (spool / "runs" / rec["run_id"] / "spec.yaml").read_text() == (
+        EXAMPLES / "hello.yaml"
+    ).read_text()
+    assert d.stop() == 0
+
+
+def test_files_dropped_before_start_and_a_burst_all_run_exactly_once(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    for i in range(5):
+        drop(spool, f"early{i}.yaml", job(f"early{i}", "true"))
+    d = daemon_factory("cpus: 2\n").start()
+    for i in range(40):
+        drop(spool, f"burst{i}.yaml", job(f"burst{i}", "true"))
+    names = [f"incoming/early{i}.yaml" for i in range(5)] + [
+        f"incoming/burst{i}.yaml" for i in range(40)
+    ]
+    for name in names:
+        assert final_run(spool, name)["state"] == "succeeded"
+    counts = {n: len(runs_of(spool, n)) for n in names}
+    assert set(counts.values()) == {1}
+    assert d.stop() == 0
+
+
+def test_a_bad_file_is_rejected_with_its_reason_and_the_daemon_goes_on(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory().start()
+    drop(
+        spool,
+        "bad.yaml",
+        "apiVersion: chute/v1\nkind: Job\nmetadata: {name: bad}\nspec:\n  cpus: 1\n",
+    )
+    err = wait_for(
+        "the rejection", lambda: (spool / "rejected" / "bad.yaml.error.json").exists(), 10
+    )
+    assert err
+    doc = load_json(spool / "rejected" / "bad.yaml.error.json")
+    assert doc["file"] == "bad.yaml"
+    assert doc["reason"] == "invalid"
+    assert doc["errors"][0]["line"] > 0
+    assert (spool / "rejected" / "bad.yaml").exists()
+    drop(spool, "good.yaml", job("good", "true"))
+    assert final_run(spool, "incoming/good.yaml")["state"] == "succeeded"
+    assert d.stop() == 0
+
+
+def test_a_fifo_and_a_symlink_are_refused_without_blocking(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    d = daemon_factory().start()
+    os.mkfifo(spool / "incoming" / "pipe.yaml")
+    target = tmp_path / "real.yaml"
+    target.write_text(job("real", "true"))
+    os.symlink(target, spool / "incoming" / "link.yaml")
+    wait_for(
+        "both refusals",
+        lambda: (
+            (spool / "rejected" / "pipe.yaml.error.json").exists()
+            and (spool / "rejected" / "link.yaml.error.json").exists()
+        ),
+        15,
+    )
+    drop(spool, "after.yaml", job("after", "true"))
+    assert final_run(spool, "incoming/after.yaml")["state"] == "succeeded"
+    assert runs_of(spool, "incoming/link.yaml") == []
+    assert d.stop() == 0
+
+
+def test_a_second_daemon_on_the_same_spool_exits_2(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    first = daemon_factory().start()
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chute",
+            "daemon",
+            "--spool",
+            str(spool),
+            "--config",
+            str(first.config),
+        ],
+        env=chute_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 2
+    assert "another chute daemon (pid " in second.stderr
+    assert "one daemon per spool" in second.stderr
+    assert first.stop() == 0
+
+
+def _intervals(spool: Path) -> list[tuple[float, float, list[int]]]:
+    from chute.clock import parse_rfc3339
+
+    out = []
+    for rec in runs_of(spool):
+        for s in load_json(spool / "runs" / rec["run_id"] / "manifest.json")["stages"]:
+            out.append(
+                (
+                    parse_rfc3339(s["started_at"]).timestamp(),
+                    parse_rfc3339(s["finished_at"]).timestamp(),
+                    s["cores"],
+                )
+            )
+    return out
+
+
+def test_cpu_cap_is_never_exceeded_and_cores_are_not_shared(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory("cpus: 2\n").start()
+    names = [f"incoming/w{i}.yaml" for i in range(6)]
+    for i in range(6):
+        drop(spool, f"w{i}.yaml", job(f"w{i}", "sleep 0.3"))
+    for n in names:
+        assert final_run(spool, n)["state"] == "succeeded"
+    iv = _intervals(spool)
+    for start, _, _ in iv:
+        overlapping = [c for s, f, c in iv if s <= start < f]
+        cores = [c for cs in overlapping for c in cs]
+        assert len(cores) <= 2
+        assert len(cores) == len(set(cores))
+    assert d.stop() == 0
+
+
+def test_higher_priority_starts_first_when_cpus_free_up(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory("cpus: 1\n").start()
+    drop(spool, "blocker.yaml", job("blocker", "sleep 1"))
+    wait_for("the blocker to run", lambda: any(r["state"] == "running" for r in runs_of(spool)))
+    drop(spool, "low.yaml", job("low", "true", "  priority: 0\n"))
+    drop(spool, "high.yaml", job("high", "true", "  priority: 10\n"))
+    wait_for("both to be accepted", lambda: len(runs_of(spool)) == 3)
+    low = final_run(spool, "incoming/low.yaml")
+    high = final_run(spool, "incoming/high.yaml")
+    assert high["started_at"] < low["started_at"]
+    assert d.stop() == 0
+
+
+def test_cancel_stops_a_running_run_and_its_processes(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "pid"
+    d = daemon_factory("kill_grace: 1s\n").start()
+    drop(spool, "long.yaml", job("long", f"sleep 1000 & echo $! > {pidfile}; wait"))
+    wait_for("the task to start", lambda: pidfile.exists() and pidfile.read_text().strip())
+    run_id = runs_of(spool, "incoming/long.yaml")[0]["run_id"]
+    done = subprocess.run(
+        [sys.executable, "-m", "chute", "cancel", run_id, "--spool", str(spool)],
+        env=chute_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{run_id} cancelled"
+    assert not pid_alive(int(pidfile.read_text()))
+    again = subprocess.run(
+        [sys.executable, "-m", "chute", "cancel", run_id, "--spool", str(spool)],
+        env=chute_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0
+    assert again.stdout.strip() == f"{run_id} already cancelled"
+    assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_kill_9_then_restart_resumes_in_place_without_rerunning_finished_stages(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    counter = tmp_path / "first-ran"
+    pidfile = tmp_path / "pid"
+    spec = (
+        "apiVersion: chute/v1\nkind: Pipeline\nmetadata: {name: resumable}\nspec:\n  stages:\n"
+        f"    - {{name: first, run: 'echo x >> {counter}'}}\n"
+        f"    - {{name: second, dependsOn: [first], run: 'test -e {tmp_path}/go || "
+        f"(sleep 1000 & echo $! > {pidfile}; wait)'}}\n"
+    )
+    d = daemon_factory("kill_grace: 1s\n").start()
+    drop(spool, "resumable.yaml", spec)
+    wait_for("the second stage to start", lambda: pidfile.exists() and pidfile.read_text().strip())
+    leftover = int(pidfile.read_text())
+    run_id = runs_of(spool, "incoming/resumable.yaml")[0]["run_id"]
+    d.stop(signal.SIGKILL)
+    assert pid_alive(leftover)  # the task outlived its daemon, as after a real crash
+    (tmp_path / "go").touch()
+    d2 = daemon_factory("kill_grace: 1s\n").start()
+    rec = final_run(spool, "incoming/resumable.yaml")
+    assert rec["run_id"] == run_id
+    assert rec["state"] == "succeeded"
+    assert rec["recoveries"] == 1
+    assert counter.read_text().count("x") == 1
+    assert not pid_alive(leftover)
+    assert len(runs_of(spool, "incoming/resumable.yaml")) == 1
+    assert d2.stop() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_interrupts_what_outlives_stop_timeout_and_the_next_start_resumes_it(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    gate = tmp_path / "go"
+    d = daemon_factory("stop_timeout: 500ms\nkill_grace: 500ms\n").start()
+    drop(spool, "quick.yaml", job("quick", "sleep 0.2"))
+    drop(spool, "slow.yaml", job("slow", f"test -e {gate} || sleep 1000"))
+    wait_for(
+        "slow to run",
+        lambda: any(r["state"] == "running" for r in runs_of(spool, "incoming/slow.yaml")),
+    )
+    assert d.stop() == 0
+    slow = runs_of(spool, "incoming/slow.yaml")[0]
+    assert slow["state"] == "interrupted"
+    gate.touch()
+    d2 = daemon_factory("stop_timeout: 500ms\nkill_grace: 500ms\n").start()
+    rec = final_run(spool, "incoming/slow.yaml")
+    assert rec["state"] == "succeeded"
+    assert rec["recoveries"] == 1
+    assert final_run(spool, "incoming/quick.yaml")["state"] == "succeeded"
+    assert d2.stop() == 0
+
+
+def test_notify_socket_gets_ready_watchdog_and_stopping(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory(env={"WATCHDOG_USEC": "200000"}).start()
+    d.wait_message("WATCHDOG=1", timeout=10)
+    assert any(m.startswith("STATUS=") for m in d.messages)
+    assert d.stop() == 0
+    d.receive()
+    assert "STOPPING=1" in d.messages
+
+
+def test_every_schedule_fires_and_unschedule_stops_it(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory().start()
+    drop(spool, "tick.yaml", job("tick", "true", "  schedule: {every: 1s}\n"))
+    wait_for("the schedule file", lambda: (spool / "schedules" / "tick.yaml").exists())
+    wait_for(
+        "two fires", lambda: len([r for r in runs_of(spool) if r["pipeline"] == "tick"]) >= 2, 15
+    )
+    rec = next(r for r in runs_of(spool) if r["pipeline"] == "tick")
+    assert rec["trigger"]["type"] == "every"
+    listed = subprocess.run(
+        [sys.executable, "-m", "chute", "schedules", "--spool", str(spool)],
+        env=chute_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "tick" in listed.stdout
+    assert "every 1s" in listed.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "chute", "unschedule", "tick", "--spool", str(spool)],
+        env=chute_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0
+    assert done.stdout.strip() == "unscheduled tick"
+    assert not (spool / "schedules" / "tick.yaml").exists()
+    time.sleep(0.2)  # let a fire that was already being made land before counting
+    n = len([r for r in runs_of(spool) if r["pipeline"] == "tick"])
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        assert len([r for r in runs_of(spool) if r["pipeline"] == "tick"]) == n
+        time.sleep(0.25)
+    assert d.stop() == 0
+
+
+def test_status_and_runs_describe_the_daemon_and_its_runs(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "chute", *args, "--spool", str(spool)],
+            env=chute_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    down = cli("status")
+    assert down.returncode == 1
+    assert down.stdout.strip() == f"chute daemon is not running on {spool}"
+    d = daemon_factory("cpus: 1\n").start()
+    drop(spool, "s.yaml", job("s", "sleep 0.5"))
+    wait_for("status.json", lambda: (spool / "state" / "status.json").exists())
+    up = cli("status")
+    assert up.returncode == 0
+    assert f"chute daemon pid {d.proc.pid} on {spool}" in up.stdout  # type: ignore[union-attr]
+    assert "cpus: " in up.stdout
+    assert "/1 allocated (node 0: " in up.stdout
+    final_run(spool, "incoming/s.yaml")
+    listed = cli("runs", "--state", "succeeded")
+    assert listed.stdout.splitlines()[0].split() == [
+        "RUN",
+        "PIPELINE",
+        "STATE",
+        "TRIGGER",
+        "CREATED",
+        "DURATION",
+    ]
+    assert " s " in listed.stdout
+    assert d.stop() == 0
+
+
+def test_submit_wait_follows_the_run_and_exits_with_its_result(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    d = daemon_factory().start()
+    bad = tmp_path / "fails.yaml"
+    bad.write_text(job("fails", "exit 3"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chute",
+            "submit",
+            str(EXAMPLES / "hello.yaml"),
+            "--wait",
+            "--spool",
+            str(spool),
+        ],
+        env=chute_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "submitted" in done.stdout
+    assert "state succeeded" in done.stdout
+    failed = subprocess.run(
+        [sys.executable, "-m", "chute", "submit", str(bad), "--wait", "--spool", str(spool)],
+        env=chute_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert failed.returncode == 1
+    assert "state failed" in failed.stdout
+    assert d.stop() == 0
