@@ -83,12 +83,22 @@ def write_many(
 
 
 def write_volatile(path: Path, data: bytes) -> None:
-    """Atomic but not durable (no fsync): for files rebuilt often and worthless after a
-    power loss, such as the daemon's status.json."""
+    """Atomic but not durable (no fsync): the new content is in place at once and survives
+    the death of this process, not a power loss. Alone, for files rebuilt often (the
+    daemon's status.json); followed by Committer.submit(synced=[path]) for a file that must
+    be visible at once and durable soon (a stage's done-mark)."""
     tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
     os.rename(tmp, path)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_symlink(link: Path, target: str) -> None:
@@ -137,6 +147,7 @@ class Committer:
         self._files: list[tuple[Path, bytes]] = []
         self._folders: set[Path] = set()
         self._callbacks: list[Callable[[], None]] = []
+        self._synced: list[Path] = []
         self._submitted = 0
         self._committed = 0
         self._closing = False
@@ -149,10 +160,14 @@ class Committer:
         files: Iterable[tuple[Path, bytes]],
         folders: Iterable[Path] = (),
         on_done: Callable[[], None] | None = None,
+        synced: Iterable[Path] = (),
     ) -> None:
+        """Commit `files`; also fsync `synced` (already in place by write_volatile) and their
+        folders before any of `files` is renamed, so they are durable before what follows."""
         with self._cond:
             self._files.extend(files)
             self._folders.update(folders)
+            self._synced.extend(synced)
             if on_done is not None:
                 self._callbacks.append(on_done)
             self._submitted += 1
@@ -180,9 +195,17 @@ class Committer:
                 files, self._files = self._files, []
                 folders, self._folders = self._folders, set()
                 callbacks, self._callbacks = self._callbacks, []
+                synced, self._synced = self._synced, []
                 upto = self._submitted
             while True:
                 try:
+                    for path in dict.fromkeys(synced):
+                        try:
+                            fsync_path(path)
+                        except FileNotFoundError:
+                            continue  # replaced or removed since: nothing left to make durable
+                        folders.add(path.parent)
+                    synced = []
                     write_many(_last_write_wins(files), folders=folders)
                     break
                 except OSError as exc:

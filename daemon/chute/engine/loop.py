@@ -138,6 +138,7 @@ class Engine:
         self._waiting: dict[str, tuple[ActiveRun, Unit, allocator.Request]] = {}
         self._running: dict[str, tuple[ActiveRun, Unit, allocator.Grant]] = {}
         self._writes: list[tuple[Path, bytes]] = []
+        self._synced: list[Path] = []  # in place already, to fsync with the next commit
         self._new_dirs: set[Path] = set()
         self._committer = atomic.Committer()
         self._made: set[Path] = set()  # stage folders known to exist
@@ -285,7 +286,8 @@ class Engine:
             log.warning("%s cache entry %s is unreadable; running the stage", run.run_id, key)
             return
         sdir = self._stage_folder(run, stage.name, None)
-        self._writes.append((sdir / "output.json", blob))
+        atomic.write_volatile(sdir / "output.json", blob)  # a done-mark, as in _write_output
+        self._synced.append(sdir / "output.json")
         run.graph.cache_hit(stage.name, data, doc.get("_meta", {}).get("output_hash"), wall)
         log.info("%s stage %s finished state=cached key=%s", run.run_id, stage.name, key[:12])
         self._dirty(run)
@@ -510,8 +512,12 @@ class Engine:
             else _shard_artifacts(folder),
         }
         blob = atomic.dumps(doc)
-        # Handover: this output.json is the stage's done-mark; the manifest follows it.
-        self._writes.append((folder / "output.json", blob))
+        # Handover: this output.json is the stage's done-mark. It is in place before any
+        # dependent starts (a restart after the daemon dies never runs the stage again) and
+        # durable before the next manifest that names it (the committer syncs it first).
+        path = folder / "output.json"
+        atomic.write_volatile(path, blob)
+        self._synced.append(path)
         return blob
 
     def _stage_finished(
@@ -576,11 +582,12 @@ class Engine:
             if run.manifest_due is not None and run.manifest_due <= now:
                 self._writes.append((run.dir / "manifest.json", self._manifest(run)))
                 run.manifest_due = None
-        if not self._writes and not self._new_dirs and on_done is None:
+        if not self._writes and not self._new_dirs and not self._synced and on_done is None:
             return
         writes, self._writes = self._writes, []
         folders, self._new_dirs = self._new_dirs, set()
-        self._committer.submit(writes, folders, on_done)
+        synced, self._synced = self._synced, []
+        self._committer.submit(writes, folders, on_done, synced)
 
 
 def _shard_artifacts(stage_folder: Path) -> list[dict[str, str]]:

@@ -142,7 +142,10 @@ def resume_run(
             if entry is not None and entry.get("state") in ("failed", "timed_out"):
                 reused[s.name] = Reused(entry=entry, data=None, output_hash=None)
             continue  # else not finished (a sharded stage with some shards done runs whole)
-        doc = orjson.loads(out.read_bytes())
+        try:
+            doc = orjson.loads(out.read_bytes())
+        except orjson.JSONDecodeError:
+            continue  # torn by a power loss before its fsync: the stage runs again
         entry = entries.get(s.name)
         if entry is None or entry.get("state") not in ("succeeded", "cached", "fallback"):
             # The done-mark landed after the last manifest: rebuild the entry from it.
