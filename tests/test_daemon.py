@@ -508,3 +508,60 @@ def test_submit_wait_follows_the_run_and_exits_with_its_result(
     assert failed.returncode == 1
     assert "state failed" in failed.stdout
     assert d.stop() == 0
+
+
+@pytest.mark.slow
+def test_every_keeps_its_grid_across_a_restart_and_coalesces_missed_fires(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    from chute.clock import parse_rfc3339
+
+    d = daemon_factory().start()
+    drop(spool, "grid.yaml", job("grid", "true", "  schedule: {every: 2s, misfire: run_once}\n"))
+
+    def grid_runs() -> list[dict[str, Any]]:
+        return [r for r in runs_of(spool) if r["pipeline"] == "grid"]
+
+    wait_for("the first fire", lambda: len(grid_runs()) >= 1, 10)
+    assert d.stop() == 0
+    first = parse_rfc3339(grid_runs()[0]["trigger"]["fire_time"]).timestamp()
+    wait_for("two fire times to pass", lambda: time.time() > first + 4.6, 10)
+    restarted = time.time()
+    d2 = daemon_factory().start()
+    wait_for("the catch-up fire", lambda: len(grid_runs()) >= 2, 10)
+    wait_for("the next regular fire", lambda: len(grid_runs()) >= 3, 10)
+    assert d2.stop() == 0
+    fires = sorted(parse_rfc3339(r["trigger"]["fire_time"]).timestamp() for r in grid_runs())
+    assert len(fires) == len(set(fires))
+    for t in fires:  # on the grid set at acceptance, across the restart
+        assert abs((t - first) / 2.0 - round((t - first) / 2.0)) < 0.01
+    after = [
+        r
+        for r in grid_runs()
+        if parse_rfc3339(r["created_at"]).timestamp() >= restarted
+        and parse_rfc3339(r["trigger"]["fire_time"]).timestamp() < restarted
+    ]
+    assert len(after) == 1  # run_once: the missed fires made one run, not two
+
+
+def test_sighup_reloads_the_config_and_says_what_needs_a_restart(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory("policy: fifo-first-fit\n").start()
+    d.messages.clear()
+    d.config.write_text("policy: best-fit\nhttp: {listen: '127.0.0.1:19999'}\n")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_message("RELOADING=1")
+    d.wait_message("READY=1")
+    assert d.messages.index("RELOADING=1") < d.messages.index("READY=1")
+    d.config.write_text("policy: nope\n")
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for("the refusal", lambda: "reload refused" in d.log.read_text())
+    drop(spool, "after.yaml", job("after", "true"))
+    assert final_run(spool, "incoming/after.yaml")["state"] == "succeeded"
+    assert d.stop() == 0
+    text = d.log.read_text()
+    assert "config reloaded from" in text
+    assert "config http_listen changed: takes effect after a restart" in text
+    assert "policy: 'nope' is not one of" in text

@@ -532,3 +532,20 @@ def test_schema_command_prints_a_json_schema(chute: Chute, what: str) -> None:
     assert done.code == 0
     doc = orjson.loads(done.out)
     jsonschema.Draft202012Validator.check_schema(doc)
+
+
+def test_gc_removes_finished_runs_beyond_retention_but_never_latest_or_queued(
+    spool: Path, chute: Chute, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, "retention: {keep_runs: 2, max_age: 30d}")
+    for _ in range(5):
+        assert chute("run", str(EXAMPLES / "hello.yaml"), "--config", str(config)).code == 0
+    ids = sorted(p.name for p in (spool / "runs").iterdir() if not p.is_symlink())
+    (spool / "queue").mkdir(exist_ok=True)
+    (spool / "queue" / f"{ids[0]}.yaml").write_text("held")  # as if accepted and not done
+    done = chute("gc", "--config", str(config))
+    assert done.code == 0
+    assert done.out.strip() == "removed 2 run(s) (keep_runs 2, max_age 720h00m)"
+    left = sorted(p.name for p in (spool / "runs").iterdir() if not p.is_symlink())
+    assert left == [ids[0], ids[3], ids[4]]
+    assert latest(spool).name == ids[4]
