@@ -45,6 +45,14 @@ def spool(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def fake_sysfs(tmp_path: Path) -> Path:
+    """A 2-socket 128-core /sys tree: node0 0-63, node1 64-127, 128 GiB each."""
+    from fake_sysfs import build_fake_sysfs
+
+    return build_fake_sysfs(tmp_path)
+
+
+@pytest.fixture
 def chute(spool: Path) -> Callable[..., Done]:
     """Run `chute ARGS --spool <spool>` as a real process; returns its code and output."""
 
