@@ -15,7 +15,8 @@ import os
 import secrets
 import shutil
 import socket
-from datetime import datetime
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,24 @@ class UnknownRun(LookupError):
     pass
 
 
+_last_id = ""
+_id_lock = threading.Lock()
+
+
 def new_run_id(now: datetime) -> str:
-    """Sortable by time: `20261122_101500_a1b2c3` (UTC)."""
-    return now.strftime("%Y%m%d_%H%M%S_") + secrets.token_hex(3)
+    """`20261122_101500_a1b2c3` (UTC): the suffix is the time within the second in 64 µs
+    ticks (4 hex digits) and 2 random ones, so ids sort by creation (latest, retention) and
+    two processes rarely meet; within one process ids strictly increase, so never meet."""
+    global _last_id
+    now = now.astimezone(UTC)
+    base = now.strftime("%Y%m%d_%H%M%S_")
+    suffix = ((now.microsecond >> 6) << 8) | secrets.randbelow(256)
+    with _id_lock:
+        if _last_id[:16] == base and int(_last_id[16:], 16) >= suffix:
+            suffix = int(_last_id[16:], 16) + 1
+        run_id = f"{base}{suffix:06x}"
+        _last_id = run_id
+    return run_id
 
 
 def stage_dir(run_dir: Path, stage: str, shard: int | None = None) -> Path:
@@ -80,7 +96,9 @@ def new_record(
 def create(spool: Spool, record: dict[str, Any], spec_bytes: bytes) -> Path:
     """Make runs/<id>/ with spec.yaml and run.json, durably, then point the latest links at it."""
     run_dir: Path = spool.runs / str(record["run_id"])
-    (run_dir / "stages").mkdir(parents=True)
+    spool.runs.mkdir(parents=True, exist_ok=True)
+    os.mkdir(run_dir)  # FileExistsError: that id is taken; a run is never made twice
+    os.mkdir(run_dir / "stages")
     # Handover: once run.json (queued) is durable the run exists; the caller may now
     # remove the file it was made from.
     atomic.write_many(

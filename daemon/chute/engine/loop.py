@@ -16,6 +16,7 @@ folder propagates (the caller logs the path and errno).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import mimetypes
@@ -136,6 +137,7 @@ class Engine:
         self.on_finished = on_finished
         self.runs: dict[str, ActiveRun] = {}
         self._waiting: dict[str, tuple[ActiveRun, Unit, allocator.Request]] = {}
+        self._queue: list[allocator.Request] = []  # the waiting requests in allocation order
         self._running: dict[str, tuple[ActiveRun, Unit, allocator.Grant]] = {}
         self._writes: list[tuple[Path, bytes]] = []
         self._synced: list[Path] = []  # in place already, to fsync with the next commit
@@ -241,6 +243,7 @@ class Engine:
             self._writes.append((run.dir / "run.json", atomic.dumps(run.record)))
         self.runs.clear()
         self._waiting.clear()
+        self._queue.clear()
         self._running.clear()
         self._flush(self.clock.monotonic())
         self._committer.flush()
@@ -271,6 +274,7 @@ class Engine:
             walltime=spec.timeout,
         )
         self._waiting[unit.key] = (run, unit, req)
+        bisect.insort(self._queue, req, key=allocator.queue_key)
 
     def _consult_cache(self, run: ActiveRun, stage: StageRun, wall: float) -> None:
         upstream = {d: run.graph.stages[d].output_hash or "" for d in stage.spec.depends_on}
@@ -298,16 +302,31 @@ class Engine:
             self._purge = False
             for key in [k for k, (_, u, _) in self._waiting.items() if u.state != "waiting"]:
                 del self._waiting[key]
+            self._queue = [r for r in self._queue if r.key in self._waiting]
         grants = [g for _, _, g in self._running.values()]
-        if sum(len(g.cores) for g in grants) >= len(self.topology.cpus):
-            return
-        requests = [req for _, _, req in self._waiting.values()]
-        for req, cores in allocator.allocate(requests, grants, self.topology, self.policy, now):
-            run, unit, _ = self._waiting.pop(req.key)
-            grant = allocator.Grant(
-                key=req.key, cores=cores, memory=req.memory, started=now, walltime=req.walltime
-            )
-            self._start(run, unit, grant, wall)
+        free = len(self.topology.cpus) - sum(len(g.cores) for g in grants)
+        offset = 0
+        started: set[str] = set()
+        while free > 0 and offset < len(self._queue):
+            # The queue is kept in allocation order, so first-fit and best-fit walking it in
+            # consecutive chunks start exactly what one walk of it all would, without an
+            # O(queue) pass per start; backfill's reservation needs the whole queue.
+            size = len(self._queue) if self.policy == "backfill" else 4 * free + 16
+            chunk = self._queue[offset : offset + size]
+            offset += len(chunk)
+            for req, cores in allocator.allocate(chunk, grants, self.topology, self.policy, now):
+                run, unit, _ = self._waiting.pop(req.key)
+                grant = allocator.Grant(
+                    key=req.key, cores=cores, memory=req.memory, started=now, walltime=req.walltime
+                )
+                grants.append(grant)
+                free -= len(cores)
+                started.add(req.key)
+                self._start(run, unit, grant, wall)
+            if self.policy == "backfill":
+                break
+        if started:  # all of them within the first `offset` entries
+            self._queue[:offset] = [r for r in self._queue[:offset] if r.key not in started]
 
     def _stage_folder(self, run: ActiveRun, stage: str, shard: int | None) -> Path:
         base = run.dir / "stages" / stage
