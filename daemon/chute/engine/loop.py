@@ -136,6 +136,9 @@ class Engine:
         self.clock = clock or Clock()
         self.on_finished = on_finished
         self.runs: dict[str, ActiveRun] = {}
+        self._check: set[str] = set()  # runs to look at in the next step
+        self._retrying: set[str] = set()  # runs with a unit waiting out a retry delay
+        self._due: dict[str, float] = {}  # run id -> when its manifest must be written
         self._waiting: dict[str, tuple[ActiveRun, Unit, allocator.Request]] = {}
         self._queue: list[allocator.Request] = []  # the waiting requests in allocation order
         self._running: dict[str, tuple[ActiveRun, Unit, allocator.Grant]] = {}
@@ -153,6 +156,7 @@ class Engine:
 
     def add(self, run: ActiveRun) -> None:
         self.runs[run.run_id] = run
+        self._check.add(run.run_id)
         for i, s in enumerate(run.pipeline.stages):
             self._stage_order[(run.run_id, s.name)] = i
 
@@ -163,6 +167,7 @@ class Engine:
         for unit in run.graph.cancel(self.clock.time()):
             self.executor.cancel(unit.key)
         self._purge = True
+        self._check.add(run_id)
         self._dirty(run, urgent=True)
         self._maybe_finish(run)
         return True
@@ -196,18 +201,35 @@ class Engine:
         """
         now = self.clock.monotonic()
         wall = self.clock.time()
-        for run in list(self.runs.values()):
+        # Only runs that changed (new, a result, a cancel) or whose retry delay is over can
+        # have new ready units: with thousands of queued runs, looking at all of them on
+        # every step would make a burst quadratic.
+        check, self._check = self._check, set()
+        retry_wake: float | None = None
+        for run_id in list(self._retrying):
+            retry_run = self.runs.get(run_id)
+            t = None if retry_run is None else retry_run.graph.next_retry()
+            if t is None:
+                self._retrying.discard(run_id)
+            elif t <= now:
+                check.add(run_id)
+            else:
+                retry_wake = t if retry_wake is None else min(retry_wake, t)
+        for run_id in check:
+            run = self.runs.get(run_id)
+            if run is None:
+                continue
             for unit in run.graph.take_ready(now):
                 self._enqueue(run, unit, wall)
             self._maybe_finish(run)
         if self._waiting and not self.draining:
             self._start_ready(now, wall)
         self._flush(now)
-        wake: float | None = None
-        for run in self.runs.values():
-            for t in (run.graph.next_retry(), run.manifest_due):
-                if t is not None:
-                    wake = t if wake is None else min(wake, t)
+        if self._check:
+            return 0.0  # this step made more ready (a cache hit): look again at once
+        wake = min(self._due.values(), default=None)
+        if retry_wake is not None:
+            wake = retry_wake if wake is None else min(wake, retry_wake)
         return None if wake is None else max(0.0, wake - self.clock.monotonic())
 
     def handle(self, results: list[Result]) -> None:
@@ -242,6 +264,9 @@ class Engine:
             self._writes.append((run.dir / "manifest.json", self._manifest(run)))
             self._writes.append((run.dir / "run.json", atomic.dumps(run.record)))
         self.runs.clear()
+        self._due.clear()
+        self._check.clear()
+        self._retrying.clear()
         self._waiting.clear()
         self._queue.clear()
         self._running.clear()
@@ -293,6 +318,7 @@ class Engine:
         atomic.write_volatile(sdir / "output.json", blob)  # a done-mark, as in _write_output
         self._synced.append(sdir / "output.json")
         run.graph.cache_hit(stage.name, data, doc.get("_meta", {}).get("output_hash"), wall)
+        self._check.add(run.run_id)  # its dependents may be ready now
         log.info("%s stage %s finished state=cached key=%s", run.run_id, stage.name, key[:12])
         self._dirty(run)
 
@@ -475,6 +501,7 @@ class Engine:
                 output_hash = _hash(orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
         graph = run.graph
         stage = graph.stages[unit.stage]
+        self._check.add(run.run_id)
         for other in graph.finish(unit, result, now, wall, data, output_hash):
             self.executor.cancel(other.key)
         if graph.fail_fast_fired or stage.spec.shards is not None:
@@ -486,6 +513,8 @@ class Engine:
             blob = self._write_output(folder, stage.spec, unit.data, unit, wall)
         if stage.state in STAGE_FINAL:
             self._stage_finished(run, stage, wall, blob)
+        if unit.state == "pending" and unit.not_before > now:
+            self._retrying.add(run.run_id)
         self._dirty(run, urgent=stage.state in STAGE_FINAL and stage.state not in STAGE_OK)
         self._maybe_finish(run)
 
@@ -562,6 +591,7 @@ class Engine:
         due = now if urgent else now + MANIFEST_INTERVAL
         if run.manifest_due is None or due < run.manifest_due:
             run.manifest_due = due
+            self._due[run.run_id] = due
 
     def _manifest(self, run: ActiveRun) -> bytes:
         return atomic.dumps(
@@ -586,6 +616,7 @@ class Engine:
         self._writes.append((run.dir / "manifest.json", self._manifest(run)))
         self._writes.append((run.dir / "run.json", atomic.dumps(rec)))
         run.manifest_due = None
+        self._due.pop(run.run_id, None)
         del self.runs[run.run_id]
         self._flush(self.clock.monotonic(), on_done=self._finished_callback(run))
 
@@ -597,10 +628,12 @@ class Engine:
 
     def _flush(self, now: float, on_done: Callable[[], None] | None = None) -> None:
         """Hand this step's writes to the committer (one group commit, in order)."""
-        for run in self.runs.values():
-            if run.manifest_due is not None and run.manifest_due <= now:
+        for run_id, due in list(self._due.items()):
+            if due <= now:
+                run = self.runs[run_id]
                 self._writes.append((run.dir / "manifest.json", self._manifest(run)))
                 run.manifest_due = None
+                del self._due[run_id]
         if not self._writes and not self._new_dirs and not self._synced and on_done is None:
             return
         writes, self._writes = self._writes, []
