@@ -79,6 +79,18 @@ def log_of(tmp: Path, key: str) -> str:
     return (tmp / "logs" / f"{key}.log").read_text()
 
 
+def wait_log(ex: LocalExecutor, tmp: Path, key: str, text: str) -> None:
+    """Poll the executor (which copies a run: task's output into its log) until the log of
+    `key` holds `text`; no task may end meanwhile."""
+
+    def seen() -> bool:
+        assert ex.poll(0.02) == [], f"a task ended while waiting for {text!r} in {key}'s log"
+        path = tmp / "logs" / f"{key}.log"
+        return path.exists() and text in path.read_text()
+
+    wait_for(f"{text!r} in the log of {key}", seen)
+
+
 def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -232,7 +244,7 @@ def test_task_that_ignores_term_is_killed_after_the_grace(
 ) -> None:
     ex = make_executor(clock=manual_clock, kill_grace=10.0)
     ex.start(run_task(tmp_path, "t", "trap '' TERM; echo ready; sleep 1000", timeout=60))
-    wait_for("the task's trap", lambda: "ready" in log_of(tmp_path, "t"))
+    wait_log(ex, tmp_path, "t", "ready")
     manual_clock.advance(60)
     assert ex.poll(0.3) == []  # SIGTERM sent and ignored
     manual_clock.advance(10)
@@ -276,7 +288,7 @@ def test_escapee_that_ignores_term_is_killed_before_the_result(
 
 def test_cancel_ends_a_running_task(executor: LocalExecutor, tmp_path: Path) -> None:
     executor.start(run_task(tmp_path, "t", "echo started; sleep 1000"))
-    wait_for("the task to start", lambda: "started" in log_of(tmp_path, "t"))
+    wait_log(executor, tmp_path, "t", "started")
     executor.cancel("t")
     r = one(executor, "t")
     assert (r.cancelled, r.timed_out, r.ok) == (True, False, False)
@@ -305,6 +317,69 @@ def test_fifty_concurrent_tasks_are_all_reaped(executor: LocalExecutor, tmp_path
     assert psutil.Process().children() == []
 
 
+LIMIT = 64 * 1024
+NOTE = "\n--- chute: log capped at 64KiB; the rest of the output was discarded ---\n"
+
+
+def test_output_past_the_log_limit_is_discarded_after_one_note(
+    make_executor: Any, tmp_path: Path
+) -> None:
+    ex = make_executor(log_limit=LIMIT)
+    ex.start(run_task(tmp_path, "t", f"head -c {3 * LIMIT} /dev/zero; echo tail >&2"))
+    assert one(ex, "t").ok
+    data = (tmp_path / "logs" / "t.log").read_bytes()
+    assert len(data) == LIMIT + len(NOTE)
+    assert data == b"\0" * LIMIT + NOTE.encode()
+
+
+def test_log_limit_counts_what_earlier_attempts_left(make_executor: Any, tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "t.log"
+    log.parent.mkdir()
+    log.write_bytes(b"e" * (LIMIT - 4))
+    ex = make_executor(log_limit=LIMIT)
+    ex.start(run_task(tmp_path, "t", "echo 123456789"))
+    assert one(ex, "t").ok
+    assert log.read_bytes() == b"e" * (LIMIT - 4) + b"1234" + NOTE.encode()
+
+
+def test_task_that_closes_its_output_early_keeps_what_it_wrote(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    flag = tmp_path / "closed"
+    executor.start(
+        run_task(
+            tmp_path, "t", f"echo before; echo err >&2; exec 1>&- 2>&-; touch {flag}; sleep 0.3"
+        )
+    )
+    wait_for("the task to close its output", flag.exists)
+    r = one(executor, "t")
+    assert (r.ok, r.error) == (True, None)
+    assert log_of(tmp_path, "t") == "before\nerr\n"
+
+
+def test_grandchild_holding_the_output_open_does_not_delay_the_result(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "bg.pid"
+    t0 = time.monotonic()
+    executor.start(run_task(tmp_path, "t", f"echo start; sleep 1000 & echo $! > {pidfile}"))
+    r = one(executor, "t")
+    assert time.monotonic() - t0 < 2.0
+    assert r.ok
+    assert not alive(read_pid(pidfile))
+    assert log_of(tmp_path, "t") == "start\n"
+
+
+def test_call_log_past_the_limit_is_cut_back_after_the_call(
+    make_executor: Any, tmp_path: Path
+) -> None:
+    write_module(tmp_path, "loud", f"def run():\n    print('x' * {3 * LIMIT})\n")
+    ex = make_executor(log_limit=LIMIT)
+    ex.start(call_task(tmp_path, "t", "loud:run"))
+    assert one(ex, "t").ok
+    assert (tmp_path / "logs" / "t.log").read_bytes() == b"x" * LIMIT + NOTE.encode()
+
+
 def test_wake_makes_a_blocked_poll_return(executor: LocalExecutor) -> None:
     timer = threading.Timer(0.1, executor.wake)
     timer.start()
@@ -320,7 +395,7 @@ def test_close_leaves_no_process_of_ours(make_executor: Any, tmp_path: Path) -> 
     ex.start(run_task(tmp_path, "a", "setsid sleep 1000 & sleep 1000"))
     ex.start(run_task(tmp_path, "b", "trap '' TERM; echo ready; sleep 1000"))
     ex.start(call_task(tmp_path, "c", "slow:run"))
-    wait_for("task b's trap", lambda: "ready" in log_of(tmp_path, "b"))
+    wait_log(ex, tmp_path, "b", "ready")
     ex.close()
     assert psutil.Process().children(recursive=True) == []
 

@@ -44,7 +44,7 @@ def test_on_a_terminal_or_file_lines_carry_time_and_level(spool: Path) -> None:
 
 def test_log_format_json_prints_one_object_per_line(spool: Path, tmp_path: Path) -> None:
     config = tmp_path / "chute.yaml"
-    config.write_text("log_format: json\n")
+    config.write_text("log_format: json\nhttp: {listen: '127.0.0.1:0'}\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "chute", "daemon", "--spool", str(spool), "--config", str(config)],
         env=chute_env(),

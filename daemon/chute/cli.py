@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, logs, rundir
+from chute import atomic, logs, report, rundir
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -176,7 +176,9 @@ def _foreground(spool: Spool, config: Config, topo: Topology, make: Callable[[],
         stop = True
         executor.wake()
 
-    executor = LocalExecutor(kill_grace=config.kill_grace, max_workers=len(topo.cpus))
+    executor = LocalExecutor(
+        kill_grace=config.kill_grace, log_limit=config.log_limit, max_workers=len(topo.cpus)
+    )
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(sys.stdout.isatty())
     try:
@@ -196,6 +198,7 @@ def _foreground(spool: Spool, config: Config, topo: Topology, make: Callable[[],
         executor.close()
         for s, h in old.items():
             signal.signal(s, h)
+    report.write_report_or_log(run.dir)  # never changes the exit code
     print(summary(run.dir))
     return EXIT_OK if run.record["state"] == "succeeded" else EXIT_FAILED
 
@@ -360,6 +363,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(summary(run_dir))
+        timeline = report.text_timeline(run_dir)
+        if timeline:
+            print(timeline)
+        if (run_dir / report.REPORT_NAME).exists():
+            print(f"report: {run_dir / report.REPORT_NAME}")
     return EXIT_OK
 
 

@@ -41,6 +41,7 @@ class Config:
     kill_grace: float = 10.0
     on_restart: str = "resume"
     max_file_size: int = 1 << 20
+    log_limit: int = 64 << 20
     submitters_users: tuple[str, ...] = ()
     submitters_groups: tuple[str, ...] = ()
     http_listen: str = "127.0.0.1:9842"
@@ -66,6 +67,7 @@ _KEYS = {
     "kill_grace",
     "on_restart",
     "max_file_size",
+    "log_limit",
     "submitters",
     "http",
     "retention",
@@ -227,6 +229,9 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
     take(
         "max_file_size",
         lambda: values.__setitem__("max_file_size", _size("max_file_size", data["max_file_size"])),
+    )
+    take(
+        "log_limit", lambda: values.__setitem__("log_limit", _size("log_limit", data["log_limit"]))
     )
     take("submitters", submitters)
     take("http", http)

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -38,14 +39,16 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, rundir
+from chute import __version__, atomic, report, rundir
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
 from chute.engine.dag import RunGraph
 from chute.engine.loop import ActiveRun, Engine
+from chute.http import HttpError, Server, health, read_token, serve
 from chute.intake import Accepted, Intake, Outcome, Rejected, Scheduled, Watcher
 from chute.local import LocalExecutor
+from chute.metrics import Metrics, Snapshot
 from chute.notify import Notifier
 from chute.schedules import Fire, Schedules, overlap_decision
 from chute.spec import SpecError, load_bytes
@@ -211,6 +214,10 @@ class Daemon:
         self._watch_stop_r, self._watch_stop_w = os.pipe2(os.O_CLOEXEC)
         self.started_at = self.clock.time()
         self.misfires = 0  # fires that got no run of their own (chute_schedule_misfires_total)
+        self.metrics = Metrics(version=__version__, start_time=self.started_at)
+        self.http: Server | None = None
+        self.last_tick = self.clock.monotonic()  # set each loop iteration; /healthz reads it
+        self._write_error: OSError | None = None  # the committer failure counted last
 
     # -- life ------------------------------------------------------------------------------
 
@@ -226,6 +233,17 @@ class Daemon:
     def _run(self) -> int:
         cfg = self.config
         self.topology = _topology(cfg)
+        try:  # bound before anything else: a taken port is one ERROR line and exit 1
+            self.http = serve(
+                cfg.http_listen,
+                spool=self.spool,
+                registry=self.metrics.registry,
+                health=self._health,
+                token=read_token(cfg.http_token_file),
+            )
+        except HttpError as exc:
+            log.error("%s", exc)
+            return 1
         _kill_tree_leftovers(self.spool, cfg.kill_grace)
         self._tasks_log = os.open(
             self.spool.state / "tasks.log",
@@ -234,6 +252,7 @@ class Daemon:
         )
         self.executor = LocalExecutor(
             kill_grace=cfg.kill_grace,
+            log_limit=cfg.log_limit,
             max_workers=len(self.topology.cpus),
             clock=self.clock,
             on_spawn=self._record_spawn,
@@ -245,6 +264,7 @@ class Daemon:
             policy=cfg.policy,
             clock=self.clock,
             on_finished=self._finished.append,
+            events=self.metrics,
         )
         self.intake = Intake(
             self.spool,
@@ -275,15 +295,18 @@ class Daemon:
             for outcome in self.intake.scan():
                 self._take(outcome)
             log.info(
-                "daemon started spool=%s cpus=%d policy=%s watch=%s",
+                "daemon started spool=%s cpus=%d policy=%s watch=%s http=%s",
                 self.spool.root,
                 len(self.topology.cpus),
                 cfg.policy,
                 "inotify" if watcher is not None else "poll",
+                self.http.address,
             )
+            self.http.start()
             self.notifier.ready(self._status_text())
             self._loop(watcher)
         finally:
+            self.http.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             if watch_thread is not None:
@@ -343,6 +366,7 @@ class Daemon:
         ping_every = self.notifier.watchdog_interval
         while True:
             now = mono()
+            self._tick(now)
             if self._stop and stop_deadline is None:
                 stop_deadline = now + cfg.stop_timeout
                 self.engine.draining = True
@@ -371,6 +395,7 @@ class Daemon:
                     for name in deleted:
                         self._unschedule(name.rsplit(".", 1)[0])
                     if overflowed:
+                        self.metrics.inotify_overflowed()
                         log.warning("inotify queue overflowed; rescanning incoming/")
                         next_rescan = now
                 if now >= next_rescan:
@@ -409,6 +434,8 @@ class Daemon:
     # -- intake ----------------------------------------------------------------------------
 
     def _take(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Accepted | Scheduled):
+            self.metrics.file_accepted()
         if isinstance(outcome, Accepted):
             record = rundir.read_json(self.spool.runs / outcome.run_id / "run.json")
             self.engine.add(
@@ -419,12 +446,13 @@ class Daemon:
                     dir=self.spool.runs / outcome.run_id,
                     record=record,
                     accepted=outcome.accepted_at.timestamp(),
+                    dropped_at=outcome.dropped_at,
                 )
             )
         elif isinstance(outcome, Scheduled):
             self._schedule(outcome.name, outcome.pipeline, outcome.spec_bytes, outcome.accepted_at)
         elif isinstance(outcome, Rejected):
-            pass  # intake logged it
+            self.metrics.file_rejected(outcome.reason)  # intake logged it
 
     def _schedule(self, name: str, pipeline: Pipeline, raw: bytes, accepted_at: datetime) -> None:
         assert pipeline.schedule is not None
@@ -475,9 +503,17 @@ class Daemon:
     def _fire_schedules(self) -> None:
         if not self._schedules:
             return
+        if self._write_trouble() is not None:
+            return  # fires wait (within grace they run late; past it misfire rules apply)
+        for held in self._schedules.values():
+            if held.pending is not None and not held.active:
+                fire, held.pending = held.pending, None
+                if not self._start_fire(held, fire):
+                    held.pending = fire
         now = self.clock.now()
         due = self.schedules.due(now)
         self.misfires += due.misfires
+        self.metrics.schedules_fired(0, due.misfires)
         for name, fire_time in due.skipped:
             log.warning("schedule %s misfired at %s: skipped (misfire: skip)", name, fire_time)
             self.schedules.record(name, fire_time)
@@ -489,7 +525,8 @@ class Daemon:
             assert sched is not None
             decision = overlap_decision(sched.overlap, bool(st.active), st.pending is not None)
             if decision == "run":
-                self._start_fire(st, fire)
+                if not self._start_fire(st, fire):
+                    continue  # not recorded: due() offers it again once the spool is writable
             elif decision == "queue":
                 st.pending = fire
                 log.info(
@@ -501,12 +538,34 @@ class Daemon:
                     fire.name,
                     fire.fire_time,
                 )
+            self.metrics.schedules_fired(1, 0)  # counted once: when recorded
             self.schedules.record(fire.name, fire.fire_time)
 
-    def _start_fire(self, st: _ScheduleState, fire: Fire) -> None:
+    def _write_trouble(self) -> OSError | None:
+        """Why the spool cannot be written now (engine or intake), or None."""
+        return self.engine.write_error or self.intake.write_error
+
+    def _start_fire(self, st: _ScheduleState, fire: Fire) -> bool:
+        """Make the fire's run; False when the spool cannot be written (retried later)."""
         run_id = fire.run_id()
-        if (self.spool.runs / run_id).exists():
-            return  # made before a crash: the queue file resumes it
+        if (self.spool.queue / f"{run_id}.yaml").exists():
+            return True  # made before a crash: recovery resumed it from its queue file
+        try:
+            self._make_fire_run(st, fire, run_id)
+        except OSError as exc:
+            log.error(
+                "schedule %s fire %s: cannot make its run (%s); retrying when the spool is "
+                "writable",
+                fire.name,
+                fire.fire_time,
+                exc,
+            )
+            shutil.rmtree(self.spool.runs / run_id, ignore_errors=True)
+            return False
+        return True
+
+    def _make_fire_run(self, st: _ScheduleState, fire: Fire, run_id: str) -> None:
+        shutil.rmtree(self.spool.runs / run_id, ignore_errors=True)  # a half-made leftover
         run = runs.create_run(
             self.spool,
             st.pipeline,
@@ -533,10 +592,12 @@ class Daemon:
     def _drain_finished(self) -> None:
         while self._finished:
             run = self._finished.popleft()
+            report.write_report_or_log(run.dir)  # never changes the run's outcome
             # Handover: run.json says the run is over (durable); the queue copy can go.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.spool.queue / f"{run.run_id}.yaml")
             rec = run.record
+            self.metrics.run_finished(str(rec["state"]), rec.get("duration_seconds"))
             stages = " ".join(f"{s.name}={s.state}" for s in run.graph.stages.values())
             log.info(
                 "%s finished state=%s duration=%ss pipeline=%s stages: %s",
@@ -551,7 +612,8 @@ class Daemon:
                     st.active.discard(run.run_id)
                     if st.pending is not None and not st.active:
                         fire, st.pending = st.pending, None
-                        self._start_fire(st, fire)
+                        if not self._start_fire(st, fire):
+                            st.pending = fire  # _fire_schedules tries it again
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -579,6 +641,7 @@ class Daemon:
                 atomic.write_json(self.spool.runs / run_id / "run.json", rec)
                 path.unlink()
                 interrupted += 1
+                self.metrics.run_finished("interrupted", None)
                 continue
             try:
                 run = runs.resume_run(
@@ -674,21 +737,41 @@ class Daemon:
         except (OSError, SpecError, orjson.JSONDecodeError) as exc:
             log.error("retry of %s refused: %s", old_id, exc)
             return
-        run = runs.create_run(
-            self.spool,
-            pipeline,
-            raw,
-            trigger={"type": "retry", "source": old_id},
-            now=self.clock.now(),
-            run_date=old.get("run_date"),
-            run_id=new_id,
-            resumed_from=old_id,
-            reused=reused,
-        )
-        runs.copy_reused(old_dir, run.dir, list(reused))
-        atomic.write_bytes(self.spool.queue / f"{new_id}.yaml", raw)
+        try:
+            run = runs.create_run(
+                self.spool,
+                pipeline,
+                raw,
+                trigger={"type": "retry", "source": old_id},
+                now=self.clock.now(),
+                run_date=old.get("run_date"),
+                run_id=new_id,
+                resumed_from=old_id,
+                reused=reused,
+            )
+            runs.copy_reused(old_dir, run.dir, list(reused))
+            atomic.write_bytes(self.spool.queue / f"{new_id}.yaml", raw)
+        except OSError as exc:
+            log.error("retry of %s refused: cannot write its run folder (%s)", old_id, exc)
+            shutil.rmtree(self.spool.runs / new_id, ignore_errors=True)
+            return
         self.engine.add(run)
         log.info("%s retry of %s keeps %d stage(s)", new_id, old_id, len(reused))
+
+    def _tick(self, now: float) -> None:
+        """Once per loop iteration: /healthz sees the loop alive; a new write failure counts."""
+        self.last_tick = now
+        err = self._write_trouble()
+        if err is not None and err is not self._write_error:
+            self.metrics.spool_write_failed()
+        self._write_error = err
+
+    def _health(self) -> str | None:
+        """For /healthz (the HTTP thread). The loop never waits longer than STATUS_INTERVAL:
+        next_status is always one of its wake-ups."""
+        return health(
+            self.clock.monotonic(), self.last_tick, STATUS_INTERVAL, self._write_trouble()
+        )
 
     def _status_text(self) -> str:
         queued = sum(1 for r in self.engine.runs.values() if r.record["state"] == "queued")
@@ -713,9 +796,22 @@ class Daemon:
             "runs": {"queued": queued, "running": len(self.engine.runs) - queued},
             "tasks": {"running": self.engine.tasks_running, "waiting": self.engine.tasks_waiting},
             "schedules": len(self._schedules),
+            "http": self.http.address if self.http is not None else None,
         }
+        self.metrics.publish(
+            Snapshot(
+                queue_depth=queued,
+                tasks_running=self.engine.tasks_running,
+                tasks_waiting=self.engine.tasks_waiting,
+                cpus_total=tuple(len(cores) for cores in self.topology.nodes),
+                cpus_allocated=tuple(allocated.get(i, 0) for i in range(len(self.topology.nodes))),
+            )
+        )
         # Volatile: rewritten every second and only read by `chute status`.
-        atomic.write_volatile(self.spool.state / "status.json", atomic.dumps(doc))
+        try:
+            atomic.write_volatile(self.spool.state / "status.json", atomic.dumps(doc))
+        except OSError as exc:
+            log.debug("status.json not written: %s", exc)  # a full disk: healthz says so
         self.notifier.status(self._status_text())
 
     def _reload_config(self) -> None:
@@ -732,6 +828,11 @@ class Daemon:
         self.config = new
         self.engine.policy = new.policy
         self.intake.config = new
+        if self.http is not None:
+            try:
+                self.http.token = read_token(new.http_token_file)
+            except HttpError as exc:
+                log.error("%s; keeping the previous token", exc)
         log.info("config reloaded from %s", self.config_path or "defaults")
         self.notifier.ready(self._status_text())
 

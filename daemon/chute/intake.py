@@ -164,6 +164,18 @@ class Intake:
         self.claims.mkdir(parents=True, exist_ok=True)
         self._stuck: set[str] = set()  # claims a chute bug left; retried at the next start
         self._lease_warned = False
+        self.write_error: OSError | None = None  # the spool could not be written (for healthz)
+        self._failed_this_pass = False
+
+    def _environment(self, exc: OSError, subject: str) -> None:
+        """An environment failure (a full disk, permissions): logged once until intake
+        succeeds again (a rescan every second would repeat it for every waiting file)."""
+        if self.write_error is None or self.write_error.errno != exc.errno:
+            _log_environment(exc, subject)
+        else:
+            log.debug("%s: still failing: %s", subject, exc)
+        self.write_error = exc
+        self._failed_this_pass = True
 
     # -- the public steps -------------------------------------------------------------
 
@@ -174,28 +186,37 @@ class Intake:
             log.debug("incoming/%s ignored: not a *.yaml or *.yml name", _show(name))
             return None
         try:
-            return self._take(name)
+            outcome = self._take(name)
         except OSError as exc:
-            _log_environment(exc, f"incoming/{_show(name)}")
+            self._environment(exc, f"incoming/{_show(name)}")
+            return None
         except Exception:
             log.exception("incoming/%s: intake failed (a chute bug)", _show(name))
-        return None
+            return None
+        if outcome is not None and self.write_error is not None:
+            log.warning("intake writes to the spool succeed again")
+            self.write_error = None
+        return outcome
 
     def scan(self) -> list[Outcome]:
         """Claims a failed handover left, then every candidate in incoming/, sorted by name.
 
         Postfix pickup: "keep scanning the queue directory until we stop removing files".
         """
+        self._failed_this_pass = False
         out = self._finish_claims(announce=True)
         while True:
             try:
                 names = sorted(os.listdir(self.spool.incoming))
             except OSError as exc:
-                _log_environment(exc, "incoming/")
+                self._environment(exc, "incoming/")
                 return out
             taken = [o for o in map(self.take, filter(is_candidate, names)) if o is not None]
             out.extend(taken)
             if not taken:
+                if not self._failed_this_pass and self.write_error is not None:
+                    log.warning("intake writes to the spool succeed again")
+                    self.write_error = None
                 return out
 
     def recover(self) -> list[Outcome]:
@@ -491,7 +512,7 @@ class Intake:
         try:
             entries = sorted(os.listdir(self.claims))
         except OSError as exc:
-            _log_environment(exc, str(self.claims))
+            self._environment(exc, str(self.claims))
             return out
         for entry in entries:
             if entry.startswith(".") or entry in self._stuck:
@@ -499,7 +520,7 @@ class Intake:
             try:
                 outcome = self._finish_claim(entry, announce=announce)
             except OSError as exc:
-                _log_environment(exc, str(self.claims / entry))
+                self._environment(exc, str(self.claims / entry))
                 continue
             except Exception:
                 log.exception("%s: finishing the claim failed (a chute bug)", self.claims / entry)
@@ -561,7 +582,7 @@ class Intake:
         try:
             names = set(os.listdir(self.spool.rejected))
         except OSError as exc:
-            _log_environment(exc, str(self.spool.rejected))
+            self._environment(exc, str(self.spool.rejected))
             return []
         out: list[Outcome] = []
         for entry in sorted(names):
@@ -600,7 +621,7 @@ class Intake:
             try:
                 out.append(self._report(path, name, reason, issues))
             except OSError as exc:
-                _log_environment(exc, str(path))
+                self._environment(exc, str(path))
         return out
 
 

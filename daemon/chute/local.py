@@ -1,8 +1,8 @@
 """The `local` executor: run: tasks as process groups, call: tasks in a worker pool, one loop.
 
-Owns: one selector that waits for everything (each run: task's pidfd, each worker's pipe
-and sentinel, each tracked orphan's pidfd, a wake-up pipe), the deadlines of all of them,
-and the orphan sweep. Not here: one run: task's spawn, pinning and kill escalation
+Owns: one selector that waits for everything (each run: task's pidfd and output pipe, each
+worker's pipe and sentinel, each tracked orphan's pidfd, a wake-up pipe), the deadlines of
+all of them, and the orphan sweep. Not here: one run: task's spawn, pinning and kill escalation
 (chute.runner), call: workers (chute.pool), what a task means to a run (chute.engine).
 
 No process a task started outlives the task. A task's main process leads its own process
@@ -24,7 +24,9 @@ helpers of other modules) stay in the daemon's process group and keep their envi
 without a cookie, so the sweep leaves them alone: daemon code must not start children in a
 new process group or session except through this executor.
 A run: task's Result is given when its main process is reaped and no orphan of it remains
-(or at most 5 s after its SIGKILL, for a process stuck in the kernel, with an ERROR line).
+(or at most 5 s after its SIGKILL, for a process stuck in the kernel, with an ERROR line),
+never later for want of EOF on its output pipe: what the pipe holds then is drained without
+blocking and the pipe closed (chute.runner.LogPipe caps the log at `log_limit`).
 Reaping is by pid only (Popen.poll for main processes, waitpid(pid) for orphans), never
 waitpid(-1), which would steal the children of Popen and multiprocessing.
 
@@ -71,6 +73,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
 DRAIN_LIMIT = 5.0  # seconds after SIGKILL we wait for a task's leftovers before giving up
+SWEEP_EVERY = 0.1  # seconds between sweeps while only tasks' output wakes the loop
 
 _subreaper_done = False
 
@@ -106,10 +109,15 @@ class LocalExecutor:
         max_workers: int,
         clock: Clock | None = None,
         on_spawn: Callable[[str, int], None] | None = None,
+        log_limit: int = runner.DEFAULT_LOG_LIMIT,
     ):
         """`on_spawn(key, pgid)` is called after each run: task starts (the daemon records
-        pgids so that a restart can end what a crashed daemon left)."""
+        pgids so that a restart can end what a crashed daemon left). A task's log keeps at
+        most `log_limit` bytes of its output, then a note that the rest was discarded."""
+        if log_limit < 0:
+            raise ValueError(f"log_limit is {log_limit}; it must be 0 or more bytes")
         become_subreaper()
+        self._log_limit = log_limit
         self._on_spawn = on_spawn
         self._grace = kill_grace
         self._clock = clock or Clock()
@@ -127,12 +135,15 @@ class LocalExecutor:
         self._orphans_of: dict[str | None, int] = {}  # owner key → tracked orphans
         self._orphans_sigkilled: set[str] = set()
         self._spared: set[int] = set()  # our children that are not tasks' (forkserver, …)
+        self._outputs: set[int] = set()  # read ends of run: tasks' output pipes
+        self._swept_at = 0.0
         self._pool = Pool(
             max_workers=max_workers,
             kill_grace=kill_grace,
             clock=self._clock,
             selector=self._selector,
             emit=self._results.append,
+            log_limit=log_limit,
         )
         self._closed = False
 
@@ -146,7 +157,9 @@ class LocalExecutor:
             return
         now = self._clock.monotonic()
         try:
-            proc = runner.spawn(task, stdin=self._devnull, now=now, grace=self._grace)
+            proc = runner.spawn(
+                task, stdin=self._devnull, now=now, grace=self._grace, log_limit=self._log_limit
+            )
         except runner.SpawnError as exc:
             self._results.append(Result(key=task.key, error=str(exc)))
             return
@@ -154,6 +167,10 @@ class LocalExecutor:
         self._leaders[proc.pid] = proc
         self._pgids[proc.pgid] = task.key
         self._selector.register(proc.pidfd, selectors.EVENT_READ, lambda: self._on_leader(proc))
+        self._selector.register(
+            proc.log.read_fd, selectors.EVENT_READ, lambda: self._on_output(proc)
+        )
+        self._outputs.add(proc.log.read_fd)
         if self._on_spawn is not None:
             self._on_spawn(task.key, proc.pgid)
 
@@ -212,6 +229,8 @@ class LocalExecutor:
         for o in self._orphans.values():
             self._selector.unregister(o.pidfd)
             os.close(o.pidfd)
+        for proc in self._runs.values():
+            self._end_output(proc)
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -237,11 +256,20 @@ class LocalExecutor:
             due = self._next_time() if timers else None
             if due is not None:
                 wait = max(0.0, due - now) if wait is None else min(wait, max(0.0, due - now))
-        for key, _ in self._selector.select(wait):
+        events = self._selector.select(wait)
+        # A task's output alone makes no orphan: spare the /proc reads of the sweep on such
+        # wake-ups (a 1 GB writer makes thousands), but sweep at least every SWEEP_EVERY.
+        output_only = bool(events)
+        for key, _ in events:
+            if key.fd not in self._outputs:
+                output_only = False
             callback: Callable[[], None] = key.data
             callback()
         now = self._clock.monotonic()
-        self._sweep(now, closing)
+        wall = time.monotonic()
+        if not output_only or closing or wall >= self._swept_at + SWEEP_EVERY:
+            self._swept_at = wall
+            self._sweep(now, closing)
         self._finish_drained(now)
 
     def _next_time(self) -> float | None:
@@ -279,6 +307,20 @@ class LocalExecutor:
         os.close(proc.pidfd)
         del self._leaders[proc.pid]
 
+    def _on_output(self, proc: RunProcess) -> None:
+        if not proc.log.pump():  # EOF: every writer closed it (exited, or `exec 1>&- 2>&-`)
+            self._unregister_output(proc)
+            proc.log.close()
+
+    def _end_output(self, proc: RunProcess) -> None:
+        if proc.log.open:
+            self._unregister_output(proc)
+            proc.log.drain()
+
+    def _unregister_output(self, proc: RunProcess) -> None:
+        self._selector.unregister(proc.log.read_fd)
+        self._outputs.discard(proc.log.read_fd)
+
     def _finish_drained(self, now: float) -> None:
         for key, proc in list(self._runs.items()):
             if proc.running:
@@ -296,6 +338,7 @@ class LocalExecutor:
                 )
             del self._runs[key]
             self._pgids.pop(proc.pgid, None)
+            self._end_output(proc)
             self._results.append(proc.result(key in self._orphans_sigkilled))
             self._orphans_sigkilled.discard(key)
 

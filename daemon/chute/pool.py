@@ -2,13 +2,13 @@
 
 Owns: the worker processes (from a forkserver), their pipes, the queue of call tasks waiting
 for a worker, each call's deadline and SIGTERM → grace → SIGKILL escalation, and what runs
-inside a worker around one call (affinity, log redirection, environment, sys.path, cwd,
-import, the call, the JSON check). Not here: the selector loop (chute.local, which hands
-this module its selector), `run:` tasks (chute.runner).
+inside a worker around one call (affinity, log redirection and its cap, environment,
+sys.path, cwd, import, the call, the JSON check). Not here: the selector loop (chute.local,
+which hands this module its selector), `run:` tasks (chute.runner).
 
 Data flow (one duplex pipe per worker, so the pool always knows which task a worker runs):
 
-    Pool.start ─► queue ─► idle worker ──send(task, grace)──► worker: run_call(...)
+    Pool.start ─► queue ─► idle worker ──send(task, grace, log_limit)──► worker: run_call(...)
     Pool.on_reply ◄──────────recv((exit_code, error, output))────┘
     worker sentinel readable ─► that worker's task fails alone; a new worker on demand
 
@@ -25,6 +25,12 @@ pipeline may have a module of the same name; a user may have fixed theirs); modu
 state of the user's code survives between calls of the same pipeline, as in any pool.
 A call that changes process-wide state other than the environment, cwd, sys.path,
 affinity and fds 1/2 (signal handlers, threads) leaves it for the next call.
+The log cap (`log_limit`, as for run: tasks) is applied after the call: a call writes
+straight to its log file (fds 1 and 2 are the file, so C extensions and subprocesses write
+there too, with no pipe to meter), and a log found over the limit is cut back to it and gets
+the same note as a capped run: task. During the call a log can overshoot by whatever the call
+prints: a `print` storm of a gigabyte inside one call takes that much disk until the call
+ends (and stays, if the worker is killed: a stopped or dead worker's call is not cut).
 """
 
 from __future__ import annotations
@@ -53,8 +59,10 @@ import psutil
 from chute.clock import Clock
 from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Result, Task
 from chute.runner import (
+    DEFAULT_LOG_LIMIT,
     TASK_KEY_VAR,
     StopReason,
+    cap_note,
     children_of,
     describe_end,
     kill,
@@ -69,7 +77,7 @@ Reply = tuple[int, str | None, bytes | None]  # exit_code, error, output
 
 
 def _worker_main(conn: Connection) -> None:
-    """A worker's loop: one (task, grace) in, one Reply out, until the pipe closes."""
+    """A worker's loop: one (task, grace, log_limit) in, one Reply out, until the pipe closes."""
     while True:
         try:
             message = conn.recv()
@@ -77,9 +85,9 @@ def _worker_main(conn: Connection) -> None:
             return
         if message is None:
             return
-        task, grace = message
+        task, grace, log_limit = message
         try:
-            reply = run_call(task, grace)
+            reply = run_call(task, grace, log_limit)
         except Exception as exc:  # noqa: BLE001 - a chute bug: say so in the Result, keep serving
             traceback.print_exc()
             reply = (1, f"chute worker error: {type(exc).__name__}: {exc}", None)
@@ -234,8 +242,34 @@ def _reap_leftovers(grace: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def run_call(task: Task, grace: float) -> Reply:
+def cap_log(path: str, limit: int) -> None:
+    """Cut the log at `path` back to `limit` bytes plus the cap note, if it is longer.
+
+    Best effort: a log we cannot open or cut is left as it is (the call's result stands).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_size > limit:
+            os.ftruncate(fd, limit)
+            os.pwrite(fd, cap_note(limit), limit)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def run_call(task: Task, grace: float, log_limit: int = DEFAULT_LOG_LIMIT) -> Reply:
     """Run one call: task in this (worker) process and return its Reply."""
+    try:
+        return _run_call(task, grace)
+    finally:
+        cap_log(task.log_path, log_limit)
+
+
+def _run_call(task: Task, grace: float) -> Reply:
     module_name, _, fn_name = (task.call or "").partition(":")
     if not module_name or not fn_name:
         return 1, f"call {task.call!r} is not 'module:function'", None
@@ -328,6 +362,7 @@ class Pool:
         emit: Callable[[Result], None],
         max_idle: int | None = None,
         idle_timeout: float = 300.0,
+        log_limit: int = DEFAULT_LOG_LIMIT,
     ):
         if max_workers < 1:
             raise ValueError(f"max_workers is {max_workers}; it must be at least 1")
@@ -335,6 +370,7 @@ class Pool:
         self._max_idle = max_workers if max_idle is None else max_idle
         self._idle_timeout = idle_timeout
         self._grace = kill_grace
+        self._log_limit = log_limit
         self._clock = clock
         self._selector = selector
         self._emit = emit
@@ -421,7 +457,7 @@ class Pool:
             task = self._queue.popleft()
             assert w.conn is not None
             try:
-                w.conn.send((task, self._grace))
+                w.conn.send((task, self._grace, self._log_limit))
             except (BrokenPipeError, ConnectionResetError):
                 # died while idle: not this task's fault; its sentinel event forgets it
                 self._queue.appendleft(task)

@@ -1,25 +1,45 @@
 """One `run:` task as a process group: spawn it pinned, watch its deadline, end it.
 
 Owns: one task's main process (a Popen in its own process group) and its pidfd, the task's
-deadline and its SIGTERM → grace → SIGKILL escalation, and turning the exit into a Result
+deadline and its SIGTERM → grace → SIGKILL escalation, the task's output pipe and the copy
+of it into the log up to the log limit (LogPipe), and turning the exit into a Result
 (CHUTE_OUTPUT read, checked and removed). Also the small /proc readers the orphan sweep
 uses (our children, a process's state and group, its CHUTE_TASK_KEY cookie, its tree).
 Not here: the selector loop and the orphan sweep (chute.local), `call:` tasks (chute.pool).
-Crash safety: nothing durable is written here. The log is opened O_APPEND, so a retry or a
-restarted daemon appends to what an earlier attempt wrote; CHUTE_OUTPUT is removed only
-after it has been read into the Result.
+
+The log cap: a task's stdout and stderr are one pipe, not the log file, so a task that
+writes without end cannot fill the disk. The executor's selector says when the pipe has
+data; LogPipe.pump moves at most 1 MiB per event (splice(2), so the bytes never enter
+Python), until the log file holds `log_limit` bytes; then it appends CAP_NOTE once and
+discards the rest (spliced to /dev/null from a pipe grown to 1 MiB: a writer of 1 GB costs
+the daemon about 0.2 s of CPU, 1 s with the default 64 KiB pipe). Capping is not a
+failure. The Result never waits for EOF on the pipe (a grandchild may hold it open): when
+the task's processes are gone, what is left in the pipe is drained without blocking and
+the pipe is closed.
+
+Crash safety: nothing durable is written here. The log is opened at its end (without
+O_APPEND, which splice refuses; the daemon is its only writer while the task runs), so a
+retry or a restarted daemon appends to what an earlier attempt wrote; CHUTE_OUTPUT is
+removed only after it has been read into the Result.
 Diagnostics: a task's own failure (exit code, signal, timeout, bad output) is the Result's
 one-line `error`, never a log line of ours. A task that cannot start (missing program,
 missing cwd, unwritable log, bad cores) is a Result with an error naming the path and the
-errno text, so the engine records it like any failed attempt.
+errno text, so the engine records it like any failed attempt. A log that cannot be written
+while the task runs (disk full) is one ERROR line; the task's further output is discarded.
 Limits: the group is signalled only while the main process is an unreaped zombie or alive,
 so its pgid cannot have been recycled; processes that left the group are found by the
-orphan sweep in chute.local, not here.
+orphan sweep in chute.local, not here. The limit is on the log file, earlier attempts
+included: a retry after a capped attempt keeps only its own note. A running task holds
+three descriptors of the daemon (pidfd, pipe, log). A process that writes after its task's
+Result (one that survived SIGKILL) gets SIGPIPE.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import logging
 import os
 import signal
 import stat
@@ -30,6 +50,17 @@ from typing import Literal
 import orjson
 
 from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Result, Task
+from chute.units import format_size
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOG_LIMIT = 64 << 20
+"""Bytes a task's log may hold (the config's `log_limit`); the rest of its output is dropped."""
+
+CAP_NOTE = "\n--- chute: log capped at {limit}; the rest of the output was discarded ---\n"
+
+CHUNK = 1 << 20  # bytes moved per selector event; the discard pipe is grown to this size
+DRAIN_STEPS = 64  # pipe reads at the Result, for data still buffered (bounded: see drain)
 
 TASK_KEY_VAR = "CHUTE_TASK_KEY"
 """The cookie every task's environment carries, so the sweep can tell whose orphan it is."""
@@ -113,22 +144,157 @@ def kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
+def cap_note(limit: int) -> bytes:
+    """The line a capped log ends with."""
+    return CAP_NOTE.format(limit=format_size(limit)).encode()
+
+
 def open_log(path: str) -> int:
-    """An O_APPEND descriptor on `path`, creating its folder; SpawnError says why not."""
+    """A descriptor at the end of `path`, creating its folder; SpawnError says why not.
+
+    Not O_APPEND: splice(2) refuses to write to such a file (EINVAL).
+    """
     try:
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise SpawnError(f"cannot open log {exc.filename or path}: {exc.strerror}") from None
+    os.lseek(fd, 0, os.SEEK_END)
+    return fd
+
+
+class LogPipe:
+    """A task's stdout and stderr: a pipe whose data goes to the log, up to `limit` bytes.
+
+    `write_fd` is for the child (dup'ed to its fds 1 and 2), closed here once it started.
+    `read_fd` is non-blocking and close-on-exec; the executor calls `pump` when it is
+    readable, and `drain` once the task's processes are gone.
+    """
+
+    def __init__(self, key: str, path: str, limit: int):
+        self.key = key
+        self.path = path
+        self.limit = limit
+        self.log_fd = open_log(path)
+        try:
+            self.size = os.fstat(self.log_fd).st_size
+            self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            os.close(self.log_fd)
+            raise SpawnError(f"cannot make the output pipe for {path}: {exc.strerror}") from None
+        os.set_blocking(self.read_fd, False)
+        self.open = True
+        self.splice = True  # until the log's filesystem refuses it
+        self.sealed = False  # nothing more goes into the log (capped, or it failed)
+        self.discarding = False  # the pipe is grown and /dev/null open
+        self.null_fd = -1
+
+    def child_started(self) -> None:
+        os.close(self.write_fd)
+        self.write_fd = -1
+
+    def pump(self) -> bool:
+        """Move what the pipe holds (at most CHUNK) to the log, or away; False at EOF."""
+        try:
+            return self._move() != 0
+        except BlockingIOError:
+            return True
+
+    def drain(self) -> None:
+        """What the pipe still holds, without blocking, then close it.
+
+        Bounded: a writer that outlived its task (stuck in the kernel through SIGKILL, or
+        one that got the pipe passed over a socket) cannot keep the daemon here.
+        """
+        if self.open:
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(DRAIN_STEPS):
+                    if self._move() == 0:
+                        break
+        self.close()
+
+    def close(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        for fd in (self.read_fd, self.write_fd, self.log_fd, self.null_fd):
+            if fd >= 0:
+                os.close(fd)
+
+    def _move(self) -> int:
+        """Bytes moved (0 at EOF); BlockingIOError when the pipe is empty."""
+        if self.size < self.limit and not self.sealed:
+            return self._copy(min(CHUNK, self.limit - self.size))
+        return self._discard()
+
+    def _copy(self, count: int) -> int:
+        try:
+            if self.splice:
+                try:
+                    n = os.splice(self.read_fd, self.log_fd, count)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self.splice = False  # a filesystem without splice: copy through here
+            if not self.splice:
+                data = os.read(self.read_fd, count)
+                n = len(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.log_fd, view) :]
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self.sealed = True
+            log.error(
+                "task %s cannot write its log %s: %s; discarding the rest of its output",
+                self.key,
+                self.path,
+                exc.strerror,
+            )
+            return self._discard()
+        self.size += n
+        return n
+
+    def _discard(self) -> int:
+        if not self.discarding:
+            self.discarding = True
+            # One event per MiB instead of per 64 KiB; refused (EPERM) when the user's
+            # pipes are over /proc/sys/fs/pipe-user-pages-soft, which is harmless.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self.read_fd, fcntl.F_SETPIPE_SZ, CHUNK)
+            with contextlib.suppress(OSError):
+                self.null_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        n = -1
+        if self.null_fd >= 0:
+            try:
+                n = os.splice(self.read_fd, self.null_fd, CHUNK)
+            except BlockingIOError:
+                raise
+            except OSError:
+                os.close(self.null_fd)
+                self.null_fd = -1
+        if n < 0:
+            n = len(os.read(self.read_fd, CHUNK))
+        if n and not self.sealed:
+            self.sealed = True  # the note is written once
+            try:
+                os.write(self.log_fd, cap_note(self.limit))
+            except OSError as exc:
+                log.error("task %s cannot write its log %s: %s", self.key, self.path, exc.strerror)
+        return n
 
 
 class RunProcess:
     """One started `run:` task: its process group, deadline, and (once reaped) its Result."""
 
-    def __init__(self, task: Task, popen: subprocess.Popen[bytes], now: float, grace: float):
+    def __init__(
+        self, task: Task, popen: subprocess.Popen[bytes], log: LogPipe, now: float, grace: float
+    ):
         self.task = task
+        self.log = log
         self.key = task.key
         self.popen = popen
         self.pid = popen.pid
@@ -212,14 +378,17 @@ class RunProcess:
         )
 
 
-def spawn(task: Task, *, stdin: int, now: float, grace: float) -> RunProcess:
-    """Start `task` in its own process group, pinned to `task.cores`; SpawnError says why not."""
+def spawn(
+    task: Task, *, stdin: int, now: float, grace: float, log_limit: int = DEFAULT_LOG_LIMIT
+) -> RunProcess:
+    """Start `task` in its own process group, pinned to `task.cores`, its output into a
+    LogPipe; SpawnError says why not."""
     assert task.command is not None, f"run: task {task.key} has no command"
     cmd = task.command
     argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
     env = dict(task.env)
     env[TASK_KEY_VAR] = task.key
-    log_fd = open_log(task.log_path)
+    out = LogPipe(task.key, task.log_path, log_limit)
     try:
         # Affinity is per thread on Linux and a child inherits its parent thread's mask at
         # fork, so pinning this thread around the spawn pins the task and everything it
@@ -238,8 +407,8 @@ def spawn(task: Task, *, stdin: int, now: float, grace: float) -> RunProcess:
             popen = subprocess.Popen(
                 argv,
                 stdin=stdin,
-                stdout=log_fd,
-                stderr=log_fd,
+                stdout=out.write_fd,
+                stderr=out.write_fd,
                 env=env,
                 cwd=task.cwd,
                 process_group=0,
@@ -252,13 +421,16 @@ def spawn(task: Task, *, stdin: int, now: float, grace: float) -> RunProcess:
         finally:
             if saved is not None:
                 os.sched_setaffinity(0, saved)
-    finally:
-        os.close(log_fd)
+    except BaseException:
+        out.close()
+        raise
+    out.child_started()
     try:
-        return RunProcess(task, popen, now, grace)
+        return RunProcess(task, popen, out, now, grace)
     except OSError:
         popen.kill()
         popen.wait()
+        out.close()
         raise
 
 

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -55,10 +55,21 @@ class ActiveRun:
     record: dict[str, Any]
     accepted: float  # epoch seconds: when its file was accepted (orders the queue)
     manifest_due: float | None = None  # monotonic time by which manifest.json must be written
+    dropped_at: float | None = None  # epoch s its file was dropped (intake latency), if known
 
     @property
     def state(self) -> str:
         return str(self.record["state"])
+
+
+class EngineEvents(Protocol):
+    """What the engine reports as it happens (chute.metrics.Metrics is one); plain calls,
+    on the loop's thread, so the engine needs no metrics library."""
+
+    def run_started(self, dropped_at: float | None, wall: float) -> None: ...
+    def stage_finished(self, seconds: float) -> None: ...
+    def retry_scheduled(self) -> None: ...
+    def cache_hit(self) -> None: ...
 
 
 def base_env() -> dict[str, str]:
@@ -116,6 +127,28 @@ def _artifacts(folder: Path, relative_to: Path) -> list[dict[str, str]]:
     return out
 
 
+def escaping_artifact(folder: Path, run_dir: Path) -> str | None:
+    """The first link under `folder` that points outside `run_dir`, as an error, or None.
+
+    Artifacts are files the run owns; a link out (`../../etc/passwd`) would let whatever
+    reads, copies or serves a run's artifacts reach the rest of the machine.
+    """
+    root = os.path.realpath(run_dir)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                continue
+            target = os.path.realpath(path)
+            if os.path.commonpath([root, target]) != root:
+                rel = os.path.relpath(path, folder)
+                return (
+                    f"artifact {rel!r} links outside the run folder (to {os.readlink(path)}); "
+                    "write the file into $CHUTE_ARTIFACTS instead of linking to it"
+                )
+    return None
+
+
 class Engine:
     """Drives runs: call `step()`, wait in `executor.poll(timeout)`, pass results to `handle`."""
 
@@ -128,6 +161,7 @@ class Engine:
         policy: str = "fifo-first-fit",
         clock: Clock | None = None,
         on_finished: Callable[[ActiveRun], None] | None = None,
+        events: EngineEvents | None = None,
     ) -> None:
         self.spool = spool
         self.executor = executor
@@ -135,6 +169,7 @@ class Engine:
         self.policy = policy
         self.clock = clock or Clock()
         self.on_finished = on_finished
+        self.events = events
         self.runs: dict[str, ActiveRun] = {}
         self._check: set[str] = set()  # runs to look at in the next step
         self._retrying: set[str] = set()  # runs with a unit waiting out a retry delay
@@ -149,6 +184,8 @@ class Engine:
         self._made: set[Path] = set()  # stage folders known to exist
         self._purge = False  # units in _waiting may have left the waiting state
         self.draining = False  # stopping: start nothing new, let running tasks end
+        self.disk_error: OSError | None = None  # set while the spool cannot be written
+        self._next_probe = 0.0
         self._empty_inputs: Path | None = None
         self._stage_order: dict[tuple[str, str], int] = {}
 
@@ -222,11 +259,13 @@ class Engine:
             for unit in run.graph.take_ready(now):
                 self._enqueue(run, unit, wall)
             self._maybe_finish(run)
-        if self._waiting and not self.draining:
+        if self._waiting and not self.draining and not self._disk_paused(now):
             self._start_ready(now, wall)
         self._flush(now)
         if self._check:
             return 0.0  # this step made more ready (a cache hit): look again at once
+        if self.disk_error is not None:
+            retry_wake = now + 1.0 if retry_wake is None else min(retry_wake, now + 1.0)
         wake = min(self._due.values(), default=None)
         if retry_wake is not None:
             wake = retry_wake if wake is None else min(wake, retry_wake)
@@ -252,11 +291,13 @@ class Engine:
         self._committer.flush()
 
     def interrupt(self) -> list[ActiveRun]:
-        """Leave every active run `interrupted` (the daemon stopped under it): its manifest as
-        it is, its run.json saying so. A restart resumes it. Call after the executor is
-        closed: no task of these runs may still be running."""
+        """Leave every started run `interrupted` (the daemon stopped under it): its manifest
+        as it is, its run.json saying so; runs not started stay `queued`. A restart resumes
+        them. Call after the executor is closed: no task of these runs may still run."""
         left = list(self.runs.values())
         for run in left:
+            if run.record["state"] == "queued":
+                continue  # never started: it stays queued and starts afresh
             run.record["state"] = "interrupted"
             run.record["error"] = (
                 "the daemon stopped before the run ended; it resumes at next start"
@@ -319,6 +360,8 @@ class Engine:
         self._synced.append(sdir / "output.json")
         run.graph.cache_hit(stage.name, data, doc.get("_meta", {}).get("output_hash"), wall)
         self._check.add(run.run_id)  # its dependents may be ready now
+        if self.events is not None:
+            self.events.cache_hit()
         log.info("%s stage %s finished state=cached key=%s", run.run_id, stage.name, key[:12])
         self._dirty(run)
 
@@ -341,15 +384,17 @@ class Engine:
             chunk = self._queue[offset : offset + size]
             offset += len(chunk)
             for req, cores in allocator.allocate(chunk, grants, self.topology, self.policy, now):
-                run, unit, _ = self._waiting.pop(req.key)
+                run, unit, _ = self._waiting[req.key]
                 grant = allocator.Grant(
                     key=req.key, cores=cores, memory=req.memory, started=now, walltime=req.walltime
                 )
+                if not self._start(run, unit, grant, wall):
+                    break  # the spool cannot be written: start nothing more for now
+                del self._waiting[req.key]
                 grants.append(grant)
                 free -= len(cores)
                 started.add(req.key)
-                self._start(run, unit, grant, wall)
-            if self.policy == "backfill":
+            if self.policy == "backfill" or self.disk_error is not None:
                 break
         if started:  # all of them within the first `offset` entries
             self._queue[:offset] = [r for r in self._queue[:offset] if r.key not in started]
@@ -367,7 +412,16 @@ class Engine:
             self._made.add(folder)
         return folder
 
-    def _start(self, run: ActiveRun, unit: Unit, grant: allocator.Grant, wall: float) -> None:
+    def _start(self, run: ActiveRun, unit: Unit, grant: allocator.Grant, wall: float) -> bool:
+        """Start `unit` on `grant`; False when its files could not be written (a full disk):
+        the unit stays waiting and nothing is charged."""
+        try:
+            return self._try_start(run, unit, grant, wall)
+        except OSError as exc:
+            self._disk_trouble(exc, f"preparing {unit.key}")
+            return False
+
+    def _try_start(self, run: ActiveRun, unit: Unit, grant: allocator.Grant, wall: float) -> bool:
         graph = run.graph
         stage = graph.stages[unit.stage]
         spec = stage.spec
@@ -460,15 +514,55 @@ class Engine:
             ),
         )
         if run.record["state"] == "queued":
+            if self.events is not None:
+                self.events.run_started(run.dropped_at, wall)
             run.record["state"] = "running"
             run.record["started_at"] = rfc3339(wall)
             self._writes.append((run.dir / "run.json", atomic.dumps(run.record)))
         self._running[key] = (run, unit, grant)
         if problem is not None:
             self._handle(Result(key=key, exit_code=None, error=problem))
-            return
+            return True
         self.executor.start(task)
         self._dirty(run)
+        return True
+
+    @property
+    def write_error(self) -> OSError | None:
+        """Why the spool cannot be written now (a full disk), or None."""
+        return self.disk_error or self._committer.error
+
+    def _disk_trouble(self, exc: OSError, what: str) -> None:
+        if self.disk_error is None:
+            log.error(
+                "cannot write the spool (%s: %s, errno %s); starting no task until it can: "
+                "free space or fix permissions under %s",
+                what,
+                exc.strerror,
+                exc.errno,
+                self.spool.root,
+            )
+        self.disk_error = exc
+
+    def _disk_paused(self, now: float) -> bool:
+        """True while the spool cannot be written; probes it once a second."""
+        if self.disk_error is None and self._committer.error is None:
+            return False
+        if now < self._next_probe:
+            return True
+        self._next_probe = now + 1.0
+        probe = self.spool.state / ".space-probe"
+        try:
+            atomic.write_volatile(probe, b"\0" * 65536)
+            os.unlink(probe)
+        except OSError:
+            return True
+        if self._committer.error is not None:
+            return True
+        if self.disk_error is not None:
+            log.warning("the spool is writable again; starting tasks")
+            self.disk_error = None
+        return False
 
     def _empty_inputs_file(self) -> Path:
         if self._empty_inputs is None:
@@ -491,6 +585,11 @@ class Engine:
         data: Any = None
         output_hash: str | None = None
         if result.ok:
+            folder = self._stage_folder(run, unit.stage, None if unit.fallback else unit.shard)
+            escape = escaping_artifact(folder / "artifacts", run.dir)
+            if escape is not None:
+                result = Result(key=result.key, exit_code=result.exit_code, error=escape)
+        if result.ok:
             try:
                 data = orjson.loads(result.output) if result.output else None
             except orjson.JSONDecodeError as exc:
@@ -502,6 +601,7 @@ class Engine:
         graph = run.graph
         stage = graph.stages[unit.stage]
         self._check.add(run.run_id)
+        was_final = stage.state in STAGE_FINAL
         for other in graph.finish(unit, result, now, wall, data, output_hash):
             self.executor.cancel(other.key)
         if graph.fail_fast_fired or stage.spec.shards is not None:
@@ -513,6 +613,11 @@ class Engine:
             blob = self._write_output(folder, stage.spec, unit.data, unit, wall)
         if stage.state in STAGE_FINAL:
             self._stage_finished(run, stage, wall, blob)
+        if self.events is not None:
+            if unit.state == "pending" and not result.lost:
+                self.events.retry_scheduled()
+            if not was_final and stage.state in STAGE_FINAL and stage.started_at is not None:
+                self.events.stage_finished((stage.finished_at or wall) - stage.started_at)
         if unit.state == "pending" and unit.not_before > now:
             self._retrying.add(run.run_id)
         self._dirty(run, urgent=stage.state in STAGE_FINAL and stage.state not in STAGE_OK)
@@ -564,8 +669,13 @@ class Engine:
         # dependent starts (a restart after the daemon dies never runs the stage again) and
         # durable before the next manifest that names it (the committer syncs it first).
         path = folder / "output.json"
-        atomic.write_volatile(path, blob)
-        self._synced.append(path)
+        try:
+            atomic.write_volatile(path, blob)
+            self._synced.append(path)
+        except OSError as exc:
+            # A full disk: the committer holds the mark and retries until it lands.
+            self._disk_trouble(exc, f"writing {path}")
+            self._writes.append((path, blob))
         return blob
 
     def _stage_finished(

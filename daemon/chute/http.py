@@ -1,0 +1,337 @@
+"""The daemon's HTTP endpoint: /metrics, /healthz and the read-only runs API.
+
+Owns: the listening socket on `http.listen`, request threads, bearer-token checks, and the
+JSON shape of /api/v1. Not here: the metrics themselves (chute.metrics), run folders'
+formats (chute.rundir), what "healthy" watches (the daemon hands in a callable).
+Threads: serve_forever runs in one thread, each request in its own daemon thread, at most
+MAX_REQUESTS at once (more are answered 503 and closed without a thread); a request's
+socket times out after REQUEST_TIMEOUT, so a client that sends half a request holds one
+thread for that long and no more. Handlers only read: run folders from disk, the metrics
+registry (locked by prometheus_client) and values the loop publishes whole.
+Diagnostics: a bind failure or an unreadable token file raises HttpError with one line
+naming the config key; the daemon logs it as an ERROR and exits non-zero. Requests are
+logged at DEBUG only.
+Limits: plain HTTP; put a TLS proxy in front to listen beyond localhost.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import logging
+import re
+import socket
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from chute import __version__, rundir
+from chute.spool import Spool
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request
+MAX_REQUESTS = 16  # requests served at once
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+HEALTH_FLOOR = 5.0  # the loop may be quiet this long (or twice its longest wait) and be well
+_BUSY_BODY = b"too many requests at once; retry\n"
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+    + f"Content-Length: {len(_BUSY_BODY)}\r\nConnection: close\r\n\r\n".encode()
+    + _BUSY_BODY
+)
+_RUN_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}")
+
+
+class HttpError(Exception):
+    """The endpoint cannot start: a one-line message naming the config key."""
+
+
+def health(
+    now: float, last_tick: float, longest_wait: float, write_error: OSError | None
+) -> str | None:
+    """None when the daemon is well, else the one-line reason /healthz gives with its 503.
+
+    Pure: `now` and `last_tick` are monotonic seconds; `longest_wait` is the most the loop
+    ever waits between ticks; `write_error` is the committer's current failure, if any."""
+    if write_error is not None:
+        code = errno.errorcode.get(write_error.errno or 0, "?")
+        where = write_error.filename or "the spool"
+        return f"spool writes failing: {where}: {write_error.strerror} ({code})"
+    limit = max(HEALTH_FLOOR, 2 * longest_wait)
+    quiet = now - last_tick
+    if quiet > limit:
+        return f"scheduling loop has not run for {quiet:.1f}s (limit {limit:.0f}s)"
+    return None
+
+
+def read_token(path: Path | None) -> str | None:
+    """The bearer token in http.token_file (surrounding whitespace stripped); None if unset."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise HttpError(
+            f"http.token_file {path}: cannot read the token: {why}; "
+            "fix the file or remove http.token_file"
+        ) from None
+    if not token:
+        raise HttpError(
+            f"http.token_file {path}: the file is empty; put the token in it "
+            "or remove http.token_file"
+        )
+    return token
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` → (host, port); HttpError says what is wrong."""
+    host, sep, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise HttpError(
+            f"http.listen: {listen!r} is not host:port (e.g. 127.0.0.1:9842, [::1]:9842)"
+        )
+    return host, int(port)
+
+
+def list_runs(
+    spool: Spool, limit: int, state: str | None = None, pipeline: str | None = None
+) -> list[Any]:
+    """run.json of the newest runs first (run ids sort by creation), filtered."""
+    out: list[Any] = []
+    for run_id in reversed(rundir.run_ids(spool)):
+        try:
+            rec = rundir.read_json(spool.runs / run_id / "run.json")
+        except (OSError, orjson.JSONDecodeError):
+            continue  # being made, or removed by retention since the listing
+        if state is not None and rec.get("state") != state:
+            continue
+        if pipeline is not None and rec.get("pipeline") != pipeline:
+            continue
+        out.append(rec)
+        if len(out) >= limit:
+            break
+    return out
+
+
+class Server(ThreadingHTTPServer):
+    """One listening socket; request threads are daemon threads, at most MAX_REQUESTS."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        spool: Spool,
+        registry: CollectorRegistry,
+        health: Callable[[], str | None],
+        token: str | None,
+    ) -> None:
+        self.spool = spool
+        self.registry = registry
+        self.health = health
+        self.token = token  # replaced whole on SIGHUP
+        self._slots = threading.BoundedSemaphore(MAX_REQUESTS)
+        self._thread: threading.Thread | None = None
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    @property
+    def address(self) -> str:
+        host, port = self.server_address[:2]
+        host = str(host)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.5}, name="chute-http"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.server_close()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve(
+    listen: str,
+    *,
+    spool: Spool,
+    registry: CollectorRegistry,
+    health: Callable[[], str | None],
+    token: str | None,
+) -> Server:
+    """Bind `listen` (not serving yet: call start()); HttpError names http.listen."""
+    address = parse_listen(listen)
+    try:
+        return Server(address, spool=spool, registry=registry, health=health, token=token)
+    except OSError as exc:
+        hint = (
+            "stop what holds the port or set http.listen to another host:port"
+            if exc.errno == errno.EADDRINUSE
+            else "set http.listen to an address of this machine"
+        )
+        raise HttpError(
+            f"http.listen {listen}: cannot listen: {exc.strerror} (errno {exc.errno}); {hint}"
+        ) from None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Server
+    timeout = REQUEST_TIMEOUT
+    server_version = f"chute/{__version__}"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        path = url.path.rstrip("/") or "/"
+        if path == "/metrics":
+            self._send(HTTPStatus.OK, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+            return
+        if path == "/healthz":
+            reason = self.server.health()
+            if reason is None:
+                self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
+            else:
+                body = f"{reason}\n".encode()
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, body, "text/plain; charset=utf-8")
+            return
+        if not self._authorized():
+            self._json(
+                HTTPStatus.UNAUTHORIZED,
+                {"error": "missing or wrong bearer token; send Authorization: Bearer <token>"},
+                {"WWW-Authenticate": 'Bearer realm="chute"'},
+            )
+            return
+        if path == "/api/v1/runs":
+            self._runs(url.query)
+        elif path.startswith("/api/v1/runs/") and path.count("/") == 4:
+            self._run(unquote(path.rsplit("/", 1)[1]))
+        else:
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"{url.path}: no such endpoint"})
+
+    def _not_allowed(self) -> None:
+        self._json(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            {"error": f"{self.command} not allowed; this API is read-only (GET)"},
+            {"Allow": "GET"},
+        )
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
+
+    def _authorized(self) -> bool:
+        token = self.server.token
+        if token is None:
+            return True
+        scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), token.encode())
+
+    def _runs(self, query: str) -> None:
+        params = parse_qs(query)
+        valid = {"limit", "state", "pipeline"}
+        unknown = sorted(set(params) - valid)
+        if unknown:
+            self._json(
+                HTTPStatus.BAD_REQUEST,
+                {"error": f"{unknown[0]}: unknown parameter (valid: limit, pipeline, state)"},
+            )
+            return
+        limit_text = params.get("limit", [str(DEFAULT_LIMIT)])[-1]
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+            self._json(
+                HTTPStatus.BAD_REQUEST,
+                {"error": f"limit: {limit_text!r} is not a whole number from 1 to {MAX_LIMIT}"},
+            )
+            return
+        state = params.get("state", [None])[-1]
+        if state is not None and state not in rundir.RUN_STATES:
+            self._json(
+                HTTPStatus.BAD_REQUEST,
+                {"error": f"state: {state!r} is not one of {', '.join(rundir.RUN_STATES)}"},
+            )
+            return
+        pipeline = params.get("pipeline", [None])[-1]
+        runs = list_runs(self.server.spool, int(limit_text), state, pipeline)
+        self._json(HTTPStatus.OK, {"runs": runs})
+
+    def _run(self, ref: str) -> None:
+        if not _RUN_REF.fullmatch(ref):
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"{ref}: no such run"})
+            return
+        try:
+            folder = rundir.find_run(self.server.spool, ref)
+            run = rundir.read_json(folder / "run.json")
+        except rundir.UnknownRun as exc:
+            self._json(HTTPStatus.NOT_FOUND, {"error": str(exc)})
+            return
+        except (OSError, orjson.JSONDecodeError):
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"{ref}: no such run"})
+            return
+        try:
+            manifest = rundir.read_json(folder / "manifest.json")
+        except (OSError, orjson.JSONDecodeError):
+            manifest = None  # not written yet (a queued run)
+        self._json(HTTPStatus.OK, {"run": run, "manifest": manifest})
+
+    def _json(self, status: HTTPStatus, doc: Any, headers: dict[str, str] | None = None) -> None:
+        body = orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE)
+        self._send(status, body, "application/json", headers)
+
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s %s", self.address_string(), format % args)

@@ -1,0 +1,149 @@
+"""The real daemon as a subprocess for tests: start, notify messages, drops, run records."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import chute_env, load_json, wait_for
+
+
+class Daemon:
+    """`chute daemon` on a spool, with a notify socket to know when it is ready."""
+
+    def __init__(self, spool: Path, tmp: Path, config: str = "", env: dict[str, str] | None = None):
+        self.spool = spool
+        self.tmp = tmp
+        self.config = tmp / "chute.yaml"
+        if "http:" not in config:  # a free port: test daemons run side by side
+            config = ("" if config.strip() == "{}" else config) + "\nhttp: {listen: 127.0.0.1:0}\n"
+        self.config.write_text(config)
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.messages: list[str] = []
+        self.sock_path = str(tmp / f"notify-{time.monotonic_ns()}.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.sock_path)
+        self.sock.settimeout(0.05)
+        self.log = tmp / "daemon.log"
+
+    def start(self, wait_ready: bool = True) -> Daemon:
+        env = chute_env({"NOTIFY_SOCKET": self.sock_path, **self.env})
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "chute",
+                    "daemon",
+                    "--spool",
+                    str(self.spool),
+                    "--config",
+                    str(self.config),
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        if wait_ready:
+            self.wait_message("READY=1", timeout=30)
+        return self
+
+    def receive(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, BlockingIOError):
+                return
+            self.messages.extend(data.decode().splitlines())
+
+    def wait_message(self, text: str, timeout: float = 10) -> None:
+        def seen() -> bool:
+            self.receive()
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
+            return text in self.messages
+
+        wait_for(f"{text} from the daemon", seen, timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock.close()
+
+
+@pytest.fixture
+def daemon_factory(spool: Path, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(config: str = "", env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(spool, tmp_path, config, env)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def drop(spool: Path, name: str, text: str) -> Path:
+    """Write the way users should: a dot-temp name, then one rename into incoming/."""
+    incoming = spool / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    tmp = incoming / f".{name}.tmp"
+    tmp.write_text(text)
+    final = incoming / name
+    os.rename(tmp, final)
+    return final
+
+
+def job(name: str, run: str, extra: str = "") -> str:
+    return (
+        f"apiVersion: chute/v1\nkind: Job\nmetadata: {{name: {name}}}\n"
+        f"spec:\n  run: {run!r}\n{extra}"
+    )
+
+
+def runs_of(spool: Path, source: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    runs = spool / "runs"
+    if not runs.exists():
+        return out
+    for d in sorted(runs.iterdir()):
+        if d.is_symlink() or d.name.startswith(".") or not (d / "run.json").exists():
+            continue
+        rec = load_json(d / "run.json")
+        if source is None or rec["trigger"].get("source") == source:
+            out.append(rec)
+    return out
+
+
+def final_run(spool: Path, source: str, timeout: float = 30) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        recs = [
+            r
+            for r in runs_of(spool, source)
+            if r["state"] in ("succeeded", "failed", "cancelled", "interrupted")
+        ]
+        return recs[0] if recs else None
+
+    result: dict[str, Any] = wait_for(f"a final run of {source}", done, timeout)
+    return result
