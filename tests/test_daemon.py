@@ -28,6 +28,8 @@ def test_a_dropped_job_runs_once_and_its_queue_copy_goes(
     assert rec["state"] == "succeeded"
     assert rec["trigger"]["type"] == "drop"
     wait_for("the queue copy to go", lambda: not any((spool / "queue").iterdir()))
+    report = spool / "runs" / rec["run_id"] / "report.html"
+    wait_for("the run's report", report.exists)
     assert list((spool / "incoming").iterdir()) == []
     assert (spool / "runs" / rec["run_id"] / "spec.yaml").read_text() == (
         EXAMPLES / "hello.yaml"

@@ -585,7 +585,7 @@ def test_a_failed_handover_keeps_the_claim_and_the_next_scan_finishes_it(
     assert claim == f"{run_id}__job.yaml"
     assert rundir.run_ids(root) == [run_id]
     [line] = [r.getMessage() for r in caplog.records]
-    assert line.startswith(f"incoming/job.yaml: intake stopped at {root.queue}/.tmp-{run_id}.yaml.")
+    assert line.startswith(f"incoming/job.yaml: intake stopped at {root.queue}/{run_id}.yaml:")
     assert line.endswith(
         ": Not a directory (errno 20); the file stays where it is and is retried at the next "
         "rescan — free space or fix permissions on the spool"

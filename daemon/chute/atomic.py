@@ -101,8 +101,9 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def replace_symlink(link: Path, target: str) -> None:
-    """Point `link` at `target` atomically: create a temp symlink, rename it over the old one."""
+def replace_symlink(link: Path, target: str, *, durable: bool = True) -> None:
+    """Point `link` at `target` atomically: create a temp symlink, rename it over the old one
+    (never unlink then create); `durable` also syncs the folder."""
     tmp = _tmp_name(link)
     try:
         os.unlink(tmp)
@@ -110,7 +111,8 @@ def replace_symlink(link: Path, target: str) -> None:
         pass
     os.symlink(target, tmp)
     os.rename(tmp, link)
-    fsync_dir(link.parent)
+    if durable:
+        fsync_dir(link.parent)
 
 
 def remove_temp_leftovers(folder: Path) -> int:

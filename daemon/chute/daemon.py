@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -59,6 +61,7 @@ from chute.topology import Topology, read_topology
 log = logging.getLogger(__name__)
 
 CONTROL_INTERVAL = 0.25
+INTAKE_BATCH = 64  # files taken per loop pass: one group commit, then tasks get their turn
 STATUS_INTERVAL = 1.0
 GC_INTERVAL = 60.0
 GC_BATCH = 50  # run folders removed per retention pass: deleting thousands at once stalls runs
@@ -116,8 +119,12 @@ def write_control(spool: Spool, request: dict[str, Any]) -> Path:
     return path
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+START_SLACK = 1.0  # seconds between a task's recorded spawn and its start time in /proc
+
+
 def _proc_start_time(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks): with the pid, unique."""
+    """Field 22 of /proc/<pid>/stat: start time in clock ticks since boot."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             text = f.read().decode()
@@ -137,7 +144,14 @@ def _kill_tree_leftovers(spool: Spool, grace: float) -> int:
         lines = []
     for line in lines:
         parts = line.split(" ", 2)
-        if len(parts) == 3 and parts[0].isdigit() and _proc_start_time(int(parts[0])) == parts[1]:
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue
+        started = _proc_start_time(int(parts[0]))
+        try:
+            recorded = float(parts[1])
+        except ValueError:
+            continue
+        if started is not None and abs(int(started) / TICKS - recorded) <= START_SLACK:
             targets.add(int(parts[0]))
     me = os.getpid()
     for entry in os.scandir("/proc"):
@@ -207,6 +221,8 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._finished: deque[ActiveRun] = deque()  # filled by the writer thread
+        self._pending: dict[str, None] = {}  # names in incoming/ to take, in arrival order
+        self._reports: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
         self._schedules: dict[str, _ScheduleState] = {}
         self._tasks_log: int | None = None
         self._watch_event = threading.Event()
@@ -276,6 +292,8 @@ class Daemon:
         self.schedules = Schedules(self.spool.state)
         watcher: Watcher | None = None
         watch_thread: threading.Thread | None = None
+        report_thread = threading.Thread(target=self._write_reports, name="chute-report")
+        report_thread.start()
         old_handlers = {
             s: signal.signal(s, self._on_signal)
             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -292,8 +310,7 @@ class Daemon:
                     target=self._watch, args=(watcher,), name="chute-watch", daemon=True
                 )
                 watch_thread.start()
-            for outcome in self.intake.scan():
-                self._take(outcome)
+            self._rescan()  # taken in batches by the loop, after READY=1
             log.info(
                 "daemon started spool=%s cpus=%d policy=%s watch=%s http=%s",
                 self.spool.root,
@@ -319,6 +336,8 @@ class Daemon:
             left = self.engine.interrupt()
             self.engine.close()
             self._drain_finished()
+            self._reports.put(None)
+            report_thread.join()
             if left:
                 log.warning(
                     "stopped with %d run(s) unfinished: %s; they resume at next start",
@@ -331,6 +350,11 @@ class Daemon:
                 os.close(fd)
         log.info("daemon stopped")
         return 0
+
+    def _write_reports(self) -> None:
+        """The report thread: report.html of each finished run (1 ms each, not on the loop)."""
+        while (run_dir := self._reports.get()) is not None:
+            report.write_report_or_log(run_dir)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -388,10 +412,7 @@ class Daemon:
                     self._watch_event.clear()
                     names, deleted, overflowed = watcher.read()
                     self._watch_drained.set()
-                    for name in names:
-                        outcome = self.intake.take(name)
-                        if outcome is not None:
-                            self._take(outcome)
+                    self._pending.update(dict.fromkeys(names))
                     for name in deleted:
                         self._unschedule(name.rsplit(".", 1)[0])
                     if overflowed:
@@ -399,10 +420,11 @@ class Daemon:
                         log.warning("inotify queue overflowed; rescanning incoming/")
                         next_rescan = now
                 if now >= next_rescan:
-                    for outcome in self.intake.scan():
-                        self._take(outcome)
+                    self._rescan()
                     self._sync_schedules()
                     next_rescan = now + (cfg.rescan_interval if watcher is not None else 1.0)
+                if self._pending:
+                    self._take_batch()
                 if now >= next_control:
                     self._control()
                     next_control = now + CONTROL_INTERVAL
@@ -429,9 +451,26 @@ class Daemon:
                 waits.append(now + max(0.0, wake.timestamp() - self.clock.time()))
             until = min(waits) - now
             timeout = until if timeout is None else min(timeout, until)
+            if self._pending and stop_deadline is None:
+                timeout = 0.0  # more files to take: only collect what is ready, then go on
             self.engine.handle(self.executor.poll(max(0.0, timeout)))
 
     # -- intake ----------------------------------------------------------------------------
+
+    def _rescan(self) -> None:
+        """inotify events are hints, the folder is the truth (Postfix pickup)."""
+        for outcome in self.intake.finish_claims():
+            self._take(outcome)
+        self._pending.update(dict.fromkeys(self.intake.incoming_names()))
+
+    def _take_batch(self) -> None:
+        """Take at most INTAKE_BATCH pending names: one group commit for all of them, and the
+        loop gets back to starting tasks and collecting results between batches."""
+        batch = list(itertools.islice(self._pending, INTAKE_BATCH))
+        for name in batch:
+            del self._pending[name]
+        for outcome in self.intake.take_many(batch):
+            self._take(outcome)
 
     def _take(self, outcome: Outcome) -> None:
         if isinstance(outcome, Accepted | Scheduled):
@@ -592,7 +631,7 @@ class Daemon:
     def _drain_finished(self) -> None:
         while self._finished:
             run = self._finished.popleft()
-            report.write_report_or_log(run.dir)  # never changes the run's outcome
+            self._reports.put(run.dir)  # report.html, off the loop; never changes the outcome
             # Handover: run.json says the run is over (durable); the queue copy can go.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.spool.queue / f"{run.run_id}.yaml")
@@ -678,9 +717,12 @@ class Daemon:
             )
 
     def _record_spawn(self, key: str, pgid: int) -> None:
-        start = _proc_start_time(pgid)
-        if self._tasks_log is not None and start is not None:
-            os.write(self._tasks_log, f"{pgid} {start} {key}\n".encode())
+        # The boot-clock time of the spawn, not /proc/<pid>/stat of the new child (reading
+        # that while it execs cost as much as the spawn): recovery matches the process start
+        # time against it within START_SLACK, which a recycled pid cannot meet.
+        if self._tasks_log is not None:
+            now = time.clock_gettime(time.CLOCK_BOOTTIME)
+            os.write(self._tasks_log, f"{pgid} {now:.3f} {key}\n".encode())
 
     # -- control, status, config, retention ------------------------------------------------
 

@@ -51,10 +51,10 @@ import logging
 import os
 import pwd
 import re
-import shutil
 import signal
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -151,6 +151,25 @@ class _Look:
     issues: tuple[Issue, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    run_id: str
+    name: str
+    claim: Path
+    look: _Look
+    dropped_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Accept:
+    """An accepted file whose run folder is not made yet (the batch's group commit does)."""
+
+    record: dict[str, Any]
+    data: bytes
+    claim: Path
+    accepted: Accepted
+
+
 class Intake:
     def __init__(
         self, spool: Spool, config: Config, *, node_cpus: int, node_memory: int, clock: Clock
@@ -165,7 +184,7 @@ class Intake:
         self._stuck: set[str] = set()  # claims a chute bug left; retried at the next start
         self._lease_warned = False
         self.write_error: OSError | None = None  # the spool could not be written (for healthz)
-        self._failed_this_pass = False
+        self._errors = 0  # environment failures so far, to tell a clean pass
 
     def _environment(self, exc: OSError, subject: str) -> None:
         """An environment failure (a full disk, permissions): logged once until intake
@@ -175,7 +194,7 @@ class Intake:
         else:
             log.debug("%s: still failing: %s", subject, exc)
         self.write_error = exc
-        self._failed_this_pass = True
+        self._errors += 1
 
     # -- the public steps -------------------------------------------------------------
 
@@ -185,25 +204,89 @@ class Intake:
         if not is_candidate(name):
             log.debug("incoming/%s ignored: not a *.yaml or *.yml name", _show(name))
             return None
+        outcomes = self.take_many([name])
+        return outcomes[0] if outcomes else None
+
+    def take_many(self, names: Iterable[str]) -> list[Outcome]:
+        """Take several names of incoming/ at once, in one group commit: the claims are synced
+        together, then every accepted run folder and queue link, so a batch of N files costs
+        about 3N + 4 fsyncs instead of 10N. Files not ready, gone or ignored give nothing."""
+        errors_before = self._errors
+        claimed: list[_Claimed] = []
+        for name in names:
+            if not is_candidate(name):
+                log.debug("incoming/%s ignored: not a *.yaml or *.yml name", _show(name))
+                continue
+            try:
+                got = self._claim(name)
+            except OSError as exc:
+                self._environment(exc, f"incoming/{_show(name)}")
+                continue
+            except Exception:
+                log.exception("incoming/%s: intake failed (a chute bug)", _show(name))
+                continue
+            if got is not None:
+                claimed.append(got)
+        if not claimed:
+            return []
         try:
-            outcome = self._take(name)
+            # Handover: the claims are durable before any run, schedule or rejection is made
+            # from them, so a crash can never bring a drop back to incoming/ for a second run.
+            atomic.fsync_dir(self.claims)
+            atomic.fsync_dir(self.spool.incoming)
         except OSError as exc:
-            self._environment(exc, f"incoming/{_show(name)}")
-            return None
-        except Exception:
-            log.exception("incoming/%s: intake failed (a chute bug)", _show(name))
-            return None
-        if outcome is not None and self.write_error is not None:
+            self._environment(exc, str(self.claims))
+            return []  # the claims stay; the next scan finishes them
+        decided: list[Outcome | _Accept] = []  # in the order of `names`
+        accepts: list[_Accept] = []
+        for c in claimed:
+            try:
+                outcome = self._finish(c.run_id, c.name, c.claim, c.look, c.dropped_at, accepts)
+            except OSError as exc:
+                self._environment(exc, f"incoming/{_show(c.name)}")
+                continue
+            except Exception:
+                log.exception("incoming/%s: intake failed (a chute bug)", _show(c.name))
+                continue
+            decided.append(accepts[-1] if outcome is None else outcome)
+        try:
+            self._commit_accepts(accepts)
+        except OSError as exc:  # the claims stay for the next scan
+            what = (
+                f"incoming/{_show(accepts[0].claim.name.split(CLAIM_SEP, 1)[1])}"
+                if len(accepts) == 1
+                else f"{len(accepts)} files of incoming/"
+            )
+            self._environment(exc, what)
+            decided = [d for d in decided if not isinstance(d, _Accept)]
+        outcomes = [d.accepted if isinstance(d, _Accept) else d for d in decided]
+        if outcomes and self.write_error is not None and self._errors == errors_before:
             log.warning("intake writes to the spool succeed again")
             self.write_error = None
-        return outcome
+        return outcomes
+
+    def _commit_accepts(self, accepts: list[_Accept]) -> list[Outcome]:
+        rundir.create_many(self.spool, [(a.record, a.data) for a in accepts], queue_copies=True)
+        out: list[Outcome] = []
+        for a in accepts:
+            # The claim's removal needs no sync: a claim back after a crash finds its run
+            # folder and is just removed (crash point 4).
+            os.unlink(a.claim)
+            log.info(
+                "%s accepted pipeline=%s source=%s",
+                a.accepted.run_id,
+                a.accepted.pipeline.name,
+                _show(a.accepted.source),
+            )
+            out.append(a.accepted)
+        return out
 
     def scan(self) -> list[Outcome]:
         """Claims a failed handover left, then every candidate in incoming/, sorted by name.
 
         Postfix pickup: "keep scanning the queue directory until we stop removing files".
         """
-        self._failed_this_pass = False
+        errors_before = self._errors
         out = self._finish_claims(announce=True)
         while True:
             try:
@@ -211,13 +294,25 @@ class Intake:
             except OSError as exc:
                 self._environment(exc, "incoming/")
                 return out
-            taken = [o for o in map(self.take, filter(is_candidate, names)) if o is not None]
+            taken = self.take_many([n for n in names if is_candidate(n)])
             out.extend(taken)
             if not taken:
-                if not self._failed_this_pass and self.write_error is not None:
+                if self._errors == errors_before and self.write_error is not None:
                     log.warning("intake writes to the spool succeed again")
                     self.write_error = None
                 return out
+
+    def incoming_names(self) -> list[str]:
+        """The candidate names in incoming/ now, sorted (the daemon takes them in batches)."""
+        try:
+            return sorted(n for n in os.listdir(self.spool.incoming) if is_candidate(n))
+        except OSError as exc:
+            self._environment(exc, "incoming/")
+            return []
+
+    def finish_claims(self) -> list[Outcome]:
+        """Finish claims a failed handover left (a full disk), as scan() does first."""
+        return self._finish_claims(announce=True)
 
     def recover(self) -> list[Outcome]:
         """Start-up, before scan(): finish the handovers a crash interrupted.
@@ -236,7 +331,8 @@ class Intake:
 
     # -- claim ------------------------------------------------------------------------
 
-    def _take(self, name: str) -> Outcome | None:
+    def _claim(self, name: str) -> _Claimed | None:
+        """Inspect incoming/<name> and claim it by a rename (not yet synced)."""
         path = self.spool.incoming / name
         display = f"incoming/{name}"
         try:
@@ -256,10 +352,6 @@ class Intake:
         except FileNotFoundError:
             log.debug("%s gone before it was claimed", _show(display))
             return None
-        # Handover: the claim is durable before any run, schedule or rejection is made from
-        # it, so a crash can never bring the drop back to incoming/ for a second run.
-        atomic.fsync_dir(self.claims)
-        atomic.fsync_dir(self.spool.incoming)
         dropped_at: float | None = look.st.st_ctime
         now_st = os.lstat(claim)
         if (now_st.st_dev, now_st.st_ino) != (look.st.st_dev, look.st.st_ino):
@@ -270,7 +362,7 @@ class Intake:
             except (_Gone, _NotReady) as exc:
                 log.debug("%s replaced while taken; left for the next rescan: %s", claim, exc)
                 return None
-        return self._finish(run_id, name, claim, look, dropped_at)
+        return _Claimed(run_id, name, claim, look, dropped_at)
 
     def _inspect(self, path: Path, display: str, *, lease: bool) -> _Look:
         """Judge `path` without following or blocking, and read it if it may be a spec."""
@@ -394,8 +486,16 @@ class Intake:
     # -- decide and hand over ----------------------------------------------------------
 
     def _finish(
-        self, run_id: str, name: str, claim: Path, look: _Look, dropped_at: float | None
-    ) -> Outcome:
+        self,
+        run_id: str,
+        name: str,
+        claim: Path,
+        look: _Look,
+        dropped_at: float | None,
+        accepts: list[_Accept] | None = None,
+    ) -> Outcome | None:
+        """Decide a claimed file. With `accepts`, an accepted one is prepared and added there
+        for the caller's group commit (returns None); without, it is committed now."""
         display = f"incoming/{name}"
         reason, issues = look.reason, list(look.issues)
         pipeline: Pipeline | None = None
@@ -410,9 +510,14 @@ class Intake:
             return self._reject(claim, name, reason or "invalid", issues)
         if pipeline.schedule is not None:
             return self._schedule(claim, name, pipeline, look.data)
-        return self._accept(run_id, claim, name, pipeline, look, dropped_at)
+        accept = self._prepare_accept(run_id, claim, name, pipeline, look, dropped_at)
+        if accepts is not None:
+            accepts.append(accept)
+            return None
+        done = self._commit_accepts([accept])
+        return done[0]
 
-    def _accept(
+    def _prepare_accept(
         self,
         run_id: str,
         claim: Path,
@@ -420,13 +525,10 @@ class Intake:
         pipeline: Pipeline,
         look: _Look,
         dropped_at: float | None,
-    ) -> Accepted:
+    ) -> _Accept:
         now = self.clock.now()
         source = f"incoming/{_json_safe(name)}"
         by = submitter(look.st.st_uid)
-        run_dir = self.spool.runs / run_id
-        if run_dir.exists() and not (run_dir / "run.json").exists():
-            shutil.rmtree(run_dir)  # half made before a crash (crash point 2)
         record = rundir.new_record(
             run_id=run_id,
             pipeline=pipeline.name,
@@ -437,12 +539,8 @@ class Intake:
             created_at=now,
             run_date=now.astimezone().date().isoformat(),
         )
-        rundir.create(self.spool, record, look.data)
-        # Handover: the queue file tells the daemon (now or after a restart) the run waits.
-        atomic.write_bytes(self.spool.queue / f"{run_id}.yaml", look.data)
-        os.unlink(claim)
-        log.info("%s accepted pipeline=%s source=%s", run_id, pipeline.name, _show(source))
-        return Accepted(run_id, pipeline, look.data, source, by, now, dropped_at)
+        accepted = Accepted(run_id, pipeline, look.data, source, by, now, dropped_at)
+        return _Accept(record, look.data, claim, accepted)
 
     def _schedule(self, claim: Path, name: str, pipeline: Pipeline, data: bytes) -> Scheduled:
         now = self.clock.now()
@@ -773,7 +871,7 @@ def _log_environment(exc: OSError, subject: str) -> None:
         "%s: intake stopped at %s: %s (errno %s); the file stays where it is and is retried "
         "at the next rescan — free space or fix permissions on the spool",
         subject,
-        exc.filename or "the spool",
+        exc.filename2 or exc.filename or "the spool",  # link, rename: the target is at stake
         exc.strerror,
         exc.errno,
     )

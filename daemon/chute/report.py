@@ -3,8 +3,9 @@
 Owns: `<run_dir>/report.html` (derived data: rebuilt from run.json and manifest.json, which
 it only reads; chute.rundir and chute.engine own those). Not here: the summary table text
 (chute.cli), when a report is written (chute.cli `_foreground`, chute.daemon).
-Crash safety: the page is written with `chute.atomic.write_bytes`, so a reader sees the old
-page or the new one; losing it loses nothing, the next `write_report` rebuilds it.
+Crash safety: the page is replaced atomically (`chute.atomic.write_volatile`, no fsync), so
+a reader sees the old page or the new one; losing it loses nothing, `write_report` rebuilds
+it.
 Diagnostics: a page that cannot be built or written would be a chute bug (or the disk):
 `write_report_or_log` logs it with a traceback and the run's outcome never depends on it.
 Limits: the page fetches nothing (inline CSS, SVG and JS; no URL anywhere) and escapes every
@@ -777,7 +778,8 @@ def write_report(run_dir: Path) -> Path:
     path = run_dir / REPORT_NAME
     # Completes the handover "run ended -> its report exists": a reader sees the old page
     # or the new one, never half of one.
-    atomic.write_bytes(path, render(run, stages).encode())
+    # Derived from run.json and manifest.json, rebuilt by any call: atomic, no fsync.
+    atomic.write_volatile(path, render(run, stages).encode())
     return path
 
 

@@ -11,6 +11,7 @@ Diagnostics: an unknown run name raises UnknownRun with the closest known names.
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import secrets
 import shutil
@@ -95,25 +96,64 @@ def new_record(
 
 def create(spool: Spool, record: dict[str, Any], spec_bytes: bytes) -> Path:
     """Make runs/<id>/ with spec.yaml and run.json, durably, then point the latest links at it."""
-    run_dir: Path = spool.runs / str(record["run_id"])
+    create_many(spool, [(record, spec_bytes)])
+    return spool.runs / str(record["run_id"])
+
+
+def create_many(
+    spool: Spool, items: list[tuple[dict[str, Any], bytes]], *, queue_copies: bool = False
+) -> None:
+    """Make the run folders of `items` ((run.json record, spec bytes) each) in one group
+    commit; with `queue_copies`, also queue/<run_id>.yaml for each, as a hard link of the run's
+    spec.yaml (the same bytes: no second file to write and sync). Then point `latest` at the
+    newest. FileExistsError: a run id is taken (a folder with its run.json)."""
+    if not items:
+        return
     spool.runs.mkdir(parents=True, exist_ok=True)
-    os.mkdir(run_dir)  # FileExistsError: that id is taken; a run is never made twice
-    os.mkdir(run_dir / "stages")
-    # Handover: once run.json (queued) is durable the run exists; the caller may now
-    # remove the file it was made from.
-    atomic.write_many(
-        [(run_dir / "spec.yaml", spec_bytes), (run_dir / "run.json", atomic.dumps(record))]
-    )
-    atomic.fsync_dir(spool.runs)
-    update_latest(spool, str(record["run_id"]), str(record["pipeline"]))
-    return run_dir
+    files: list[tuple[Path, bytes]] = []
+    for record, spec_bytes in items:
+        run_dir = spool.runs / str(record["run_id"])
+        try:
+            os.mkdir(run_dir)
+        except FileExistsError:
+            if (run_dir / "run.json").exists():
+                raise  # that id is taken; a run is never made twice
+            shutil.rmtree(run_dir)  # half made before a crash: make it again
+            os.mkdir(run_dir)
+        os.mkdir(run_dir / "stages")
+        files.append((run_dir / "spec.yaml", spec_bytes))
+        files.append((run_dir / "run.json", atomic.dumps(record)))
+    # Handover: once run.json (queued) is durable the run exists.
+    atomic.write_many(files, folders=[spool.runs])
+    if queue_copies:
+        for record, spec_bytes in items:
+            run_id = str(record["run_id"])
+            target = spool.queue / f"{run_id}.yaml"
+            try:
+                os.link(spool.runs / run_id / "spec.yaml", target)
+            except FileExistsError:
+                pass  # made before a crash
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:  # runs_dir on another filesystem: copy
+                    raise
+                atomic.write_bytes(target, spec_bytes)
+        # Handover: the queue file tells the daemon (now or after a restart) the run waits.
+        atomic.fsync_dir(spool.queue)
+    newest: dict[str, str] = {}
+    for record, _ in items:
+        newest[str(record["pipeline"])] = str(record["run_id"])
+    for pipeline, run_id in newest.items():
+        update_latest(spool, run_id, pipeline, durable=False)
 
 
-def update_latest(spool: Spool, run_id: str, pipeline: str) -> None:
-    atomic.replace_symlink(spool.runs / "latest", run_id)
+def update_latest(spool: Spool, run_id: str, pipeline: str, *, durable: bool = True) -> None:
+    """Point runs/latest and pipelines/<name>/latest at `run_id`, atomically. Not durable
+    (`durable=False`): after a power loss a link may point at an older run, never at none."""
+    atomic.replace_symlink(spool.runs / "latest", run_id, durable=durable)
     folder = spool.pipelines / pipeline
     folder.mkdir(parents=True, exist_ok=True)
-    atomic.replace_symlink(folder / "latest", os.path.relpath(spool.runs / run_id, folder))
+    target = os.path.relpath(spool.runs / run_id, folder)
+    atomic.replace_symlink(folder / "latest", target, durable=durable)
 
 
 def read_json(path: Path) -> Any:

@@ -25,7 +25,7 @@ RSS_LIMIT = 200 << 20
 def test_a_flood_of_files_at_once_overflows_inotify_and_every_file_runs(
     spool: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
-    d = daemon_factory("cpus: 2\nrescan_interval: 2s\n").start()
+    d = daemon_factory("cpus: 2\nrescan_interval: 2s\nretention: {keep_runs: 1000000}\n").start()
     assert d.proc is not None
     daemon = psutil.Process(d.proc.pid)
     incoming = spool / "incoming"
