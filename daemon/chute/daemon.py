@@ -27,7 +27,6 @@ import fcntl
 import itertools
 import logging
 import os
-import queue
 import shutil
 import signal
 import threading
@@ -222,7 +221,7 @@ class Daemon:
         self._reload = False
         self._finished: deque[ActiveRun] = deque()  # filled by the writer thread
         self._pending: dict[str, None] = {}  # names in incoming/ to take, in arrival order
-        self._reports: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self._reports: deque[Path] = deque()  # finished runs whose report.html is due
         self._schedules: dict[str, _ScheduleState] = {}
         self._tasks_log: int | None = None
         self._watch_event = threading.Event()
@@ -292,8 +291,6 @@ class Daemon:
         self.schedules = Schedules(self.spool.state)
         watcher: Watcher | None = None
         watch_thread: threading.Thread | None = None
-        report_thread = threading.Thread(target=self._write_reports, name="chute-report")
-        report_thread.start()
         old_handlers = {
             s: signal.signal(s, self._on_signal)
             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -336,8 +333,7 @@ class Daemon:
             left = self.engine.interrupt()
             self.engine.close()
             self._drain_finished()
-            self._reports.put(None)
-            report_thread.join()
+            self._write_reports(budget=10.0)
             if left:
                 log.warning(
                     "stopped with %d run(s) unfinished: %s; they resume at next start",
@@ -351,10 +347,13 @@ class Daemon:
         log.info("daemon stopped")
         return 0
 
-    def _write_reports(self) -> None:
-        """The report thread: report.html of each finished run (1 ms each, not on the loop)."""
-        while (run_dir := self._reports.get()) is not None:
-            report.write_report_or_log(run_dir)
+    def _write_reports(self, budget: float) -> None:
+        """report.html of finished runs, for at most `budget` seconds. Called when the loop
+        has nothing else to do: a page costs ~1 ms of pure Python, and in a thread it would
+        hold the GIL while every system call of the loop waits for it."""
+        deadline = time.monotonic() + budget
+        while self._reports and time.monotonic() < deadline:
+            report.write_report_or_log(self._reports.popleft())
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -453,6 +452,10 @@ class Daemon:
             timeout = until if timeout is None else min(timeout, until)
             if self._pending and stop_deadline is None:
                 timeout = 0.0  # more files to take: only collect what is ready, then go on
+            elif self._reports and not self.engine.tasks_waiting:
+                self._write_reports(budget=0.02)
+                if self._reports:
+                    timeout = 0.0
             self.engine.handle(self.executor.poll(max(0.0, timeout)))
 
     # -- intake ----------------------------------------------------------------------------
@@ -631,7 +634,7 @@ class Daemon:
     def _drain_finished(self) -> None:
         while self._finished:
             run = self._finished.popleft()
-            self._reports.put(run.dir)  # report.html, off the loop; never changes the outcome
+            self._reports.append(run.dir)  # report.html when the loop is idle
             # Handover: run.json says the run is over (durable); the queue copy can go.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.spool.queue / f"{run.run_id}.yaml")

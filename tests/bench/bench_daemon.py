@@ -294,6 +294,14 @@ class Rss:
     stop_seconds: float  # SIGTERM → exit
 
 
+def _state(path: Path) -> str | None:
+    """A run's state, or None for a folder still being made (no run.json yet)."""
+    try:
+        return str(orjson.loads(path.read_bytes())["state"])
+    except FileNotFoundError:
+        return None
+
+
 def measure_rss(files: int) -> Rss:
     with daemon("cpus: 1\nstop_timeout: 1s\n" + HTTP) as d:
         proc = psutil.Process(d.pid)
@@ -314,7 +322,7 @@ def measure_rss(files: int) -> Rss:
         queued = proc.memory_info().rss / MB
         in_queue = len(os.listdir(queue))
         started = sum(
-            orjson.loads((p / "run.json").read_bytes())["state"] != "queued"
+            _state(p / "run.json") not in ("queued", None)
             for p in (d.spool / "runs").iterdir()
             if p.name[0].isdigit()
         )
