@@ -549,3 +549,21 @@ def test_gc_removes_finished_runs_beyond_retention_but_never_latest_or_queued(
     left = sorted(p.name for p in (spool / "runs").iterdir() if not p.is_symlink())
     assert left == [ids[0], ids[3], ids[4]]
     assert latest(spool).name == ids[4]
+
+
+def test_an_artifact_linking_outside_the_run_folder_fails_its_stage(
+    spool: Path, chute: Chute, write_spec: Spec
+) -> None:
+    spec = write_spec(
+        "escape.yaml",
+        "apiVersion: chute/v1\nkind: Job\nmetadata: {name: sneaky}\n"
+        "spec:\n  run: ln -s ../../../../../../../etc/passwd $CHUTE_ARTIFACTS/passwd\n",
+    )
+    assert chute("run", str(spec)).code == 1
+    s = stages(latest(spool))["sneaky"]
+    assert s["state"] == "failed"
+    assert s["attempts"][0]["error"] == (
+        "artifact 'passwd' links outside the run folder (to ../../../../../../../etc/passwd); "
+        "write the file into $CHUTE_ARTIFACTS instead of linking to it"
+    )
+    assert not (latest(spool) / "stages/sneaky/output.json").exists()
