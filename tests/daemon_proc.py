@@ -147,3 +147,14 @@ def final_run(spool: Path, source: str, timeout: float = 30) -> dict[str, Any]:
 
     result: dict[str, Any] = wait_for(f"a final run of {source}", done, timeout)
     return result
+
+
+def http_address(spool: Path) -> str:
+    """The daemon's bound HTTP address, as it wrote it into state/status.json."""
+
+    def address() -> str | None:
+        path = spool / "state" / "status.json"
+        return load_json(path).get("http") if path.exists() else None
+
+    result: str = wait_for("the http address in status.json", address)
+    return result

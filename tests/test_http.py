@@ -15,8 +15,7 @@ import orjson
 import pytest
 
 from chute.http import HttpError, health, parse_listen, read_token
-from conftest import load_json, wait_for
-from daemon_proc import Daemon, daemon_factory, drop, final_run, job
+from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job
 
 __all__ = ["daemon_factory"]
 
@@ -35,15 +34,6 @@ def get(
         return resp.status, dict(resp.getheaders()), resp.read()
     finally:
         conn.close()
-
-
-def http_address(spool: Path) -> str:
-    def address() -> str | None:
-        path = spool / "state" / "status.json"
-        return load_json(path).get("http") if path.exists() else None
-
-    result: str = wait_for("the http address in status.json", address)
-    return result
 
 
 # -- pure parts ------------------------------------------------------------------------------

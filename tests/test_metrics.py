@@ -15,8 +15,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chute.metrics import Metrics, Snapshot
-from conftest import REPO, load_json, wait_for
-from daemon_proc import Daemon, daemon_factory, drop, final_run, job
+from conftest import REPO, wait_for
+from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job
 
 __all__ = ["daemon_factory"]
 
@@ -56,15 +56,6 @@ def samples(text: str) -> Samples:
 
 def value(snap: Samples, name: str, **labels: str) -> float:
     return snap.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def http_address(spool: Path) -> str:
-    def address() -> str | None:
-        path = spool / "state" / "status.json"
-        return load_json(path).get("http") if path.exists() else None
-
-    result: str = wait_for("the http address in status.json", address)
-    return result
 
 
 def scrape(address: str) -> str:

@@ -65,6 +65,7 @@ from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.config import Config
 from chute.engine.runs import submitter
 from chute.spec import Issue, SpecError, load_bytes
+from chute.spec.load import read_upto
 from chute.spec.model import Pipeline
 from chute.spool import Spool
 from chute.units import format_size
@@ -398,7 +399,7 @@ class Intake:
                 if problem is not None:
                     return refuse(problem[0], st, problem[1])
                 try:
-                    data = _read_upto(fd, self.config.max_file_size + 1)
+                    data = read_upto(fd, self.config.max_file_size + 1)
                 except OSError as exc:
                     return refuse("unreadable", st, _unreadable("read", exc))
                 after = os.fstat(fd)
@@ -830,18 +831,6 @@ def _inotify_error(err: int, call: str, folder: Path | None) -> OSError:
     return OSError(
         err, f"{call}{where}: {text} (errno {err}); {hint}; until then intake polls incoming/"
     )
-
-
-def _read_upto(fd: int, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    left = limit
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 16))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
 
 
 def _not_regular(mode: int) -> str:

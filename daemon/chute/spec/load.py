@@ -102,6 +102,19 @@ class Node:
         return self.text is not None
 
 
+def read_upto(fd: int, limit: int) -> bytes:
+    """At most `limit` bytes from `fd`, whatever its size said (files grow under readers)."""
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_file(path: str | Path, *, max_file_size: int, display_name: str | None = None) -> bytes:
     """The bytes of `path`, refusing symlinks, non-regular files and files over `max_file_size`.
 
@@ -129,15 +142,8 @@ def read_file(path: str | Path, *, max_file_size: int, display_name: str | None 
                 f"{format_size(max_file_size)} ({max_file_size} bytes); a spec is small — "
                 "pass big data by reference, or raise max_file_size in the config"
             )
-        chunks: list[bytes] = []
-        left = max_file_size + 1  # the file may grow after fstat; never read past the limit
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 16))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
+        # The file may grow after fstat: never read past the limit.
+        data = read_upto(fd, max_file_size + 1)
         if len(data) > max_file_size:
             raise fail(
                 f"grew past the limit of {format_size(max_file_size)} ({max_file_size} bytes) "
