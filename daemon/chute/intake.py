@@ -312,8 +312,14 @@ class Intake:
             return []
 
     def finish_claims(self) -> list[Outcome]:
-        """Finish claims a failed handover left (a full disk), as scan() does first."""
-        return self._finish_claims(announce=True)
+        """Finish claims a failed handover left (a full disk), as scan() does first; a pass
+        without an error says the spool takes writes again."""
+        errors_before = self._errors
+        out = self._finish_claims(announce=True)
+        if self._errors == errors_before and self.write_error is not None:
+            log.warning("intake writes to the spool succeed again")
+            self.write_error = None
+        return out
 
     def recover(self) -> list[Outcome]:
         """Start-up, before scan(): finish the handovers a crash interrupted.

@@ -107,5 +107,5 @@ def test_a_full_disk_loses_nothing_and_the_daemon_catches_up(
         assert rec["state"] == "succeeded", rec
         assert len(runs_of(spool, f"incoming/late{i}.yaml")) == 1
     if code:
-        wait_for("healthz to recover", lambda: health(spool)[0] == 200, 15)
+        wait_for(f"healthz to recover (last: {health(spool)})", lambda: health(spool)[0] == 200, 15)
     assert d.stop() == 0

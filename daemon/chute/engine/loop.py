@@ -259,7 +259,8 @@ class Engine:
             for unit in run.graph.take_ready(now):
                 self._enqueue(run, unit, wall)
             self._maybe_finish(run)
-        if self._waiting and not self.draining and not self._disk_paused(now):
+        paused = self._disk_paused(now)  # probes even when nothing waits, to clear the error
+        if self._waiting and not self.draining and not paused:
             self._start_ready(now, wall)
         self._flush(now)
         if self._check:
