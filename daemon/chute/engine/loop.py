@@ -21,7 +21,7 @@ import hashlib
 import logging
 import mimetypes
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -106,47 +106,43 @@ def _hash(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _artifacts(folder: Path, relative_to: Path) -> list[dict[str, str]]:
-    """Every file under `folder`, as output.json lists it (path relative to the stage folder)."""
-    out: list[dict[str, str]] = []
-
-    def walk(path: str) -> Iterator[os.DirEntry[str]]:
-        try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
-        except FileNotFoundError:
-            return
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                yield from walk(e.path)
-            else:
-                yield e
-
-    for e in walk(str(folder)):
-        kind = mimetypes.guess_type(e.name)[0] or "application/octet-stream"
-        out.append({"name": e.name, "path": os.path.relpath(e.path, relative_to), "type": kind})
-    return out
-
-
-def escaping_artifact(folder: Path, run_dir: Path) -> str | None:
-    """The first link under `folder` that points outside `run_dir`, as an error, or None.
+def scan_artifacts(
+    folder: Path, stage_folder: Path, run_dir: Path
+) -> tuple[list[dict[str, str]], str | None]:
+    """One pass over a task's artifacts: the listing for output.json (paths relative to the
+    stage folder) and, if any, the error for the first link that points outside the run.
 
     Artifacts are files the run owns; a link out (`../../etc/passwd`) would let whatever
     reads, copies or serves a run's artifacts reach the rest of the machine.
     """
-    root = os.path.realpath(run_dir)
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in (*dirnames, *filenames):
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
+    listing: list[dict[str, str]] = []
+    root = ""
+    pending = [str(folder)]
+    while pending:
+        try:
+            entries = sorted(os.scandir(pending.pop()), key=lambda e: e.name, reverse=True)
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            if e.is_symlink():
+                root = root or os.path.realpath(run_dir)
+                target = os.path.realpath(e.path)
+                if os.path.commonpath([root, target]) != root:
+                    rel = os.path.relpath(e.path, folder)
+                    return listing, (
+                        f"artifact {rel!r} links outside the run folder (to "
+                        f"{os.readlink(e.path)}); write the file into $CHUTE_ARTIFACTS "
+                        "instead of linking to it"
+                    )
+            if e.is_dir(follow_symlinks=False):
+                pending.append(e.path)
                 continue
-            target = os.path.realpath(path)
-            if os.path.commonpath([root, target]) != root:
-                rel = os.path.relpath(path, folder)
-                return (
-                    f"artifact {rel!r} links outside the run folder (to {os.readlink(path)}); "
-                    "write the file into $CHUTE_ARTIFACTS instead of linking to it"
-                )
-    return None
+            kind = mimetypes.guess_type(e.name)[0] or "application/octet-stream"
+            listing.append(
+                {"name": e.name, "path": os.path.relpath(e.path, stage_folder), "type": kind}
+            )
+    listing.sort(key=lambda a: a["path"])
+    return listing, None
 
 
 class Engine:
@@ -585,9 +581,10 @@ class Engine:
         wall = self.clock.time()
         data: Any = None
         output_hash: str | None = None
+        listing: list[dict[str, str]] = []
         if result.ok:
             folder = self._stage_folder(run, unit.stage, None if unit.fallback else unit.shard)
-            escape = escaping_artifact(folder / "artifacts", run.dir)
+            listing, escape = scan_artifacts(folder / "artifacts", folder, run.dir)
             if escape is not None:
                 result = Result(key=result.key, exit_code=result.exit_code, error=escape)
         if result.ok:
@@ -611,7 +608,7 @@ class Engine:
         blob: bytes | None = None
         if unit.state == "succeeded":
             folder = self._stage_folder(run, unit.stage, None if unit.fallback else unit.shard)
-            blob = self._write_output(folder, stage.spec, unit.data, unit, wall)
+            blob = self._write_output(folder, stage.spec, unit.data, unit, wall, listing)
         if stage.state in STAGE_FINAL:
             self._stage_finished(run, stage, wall, blob)
         if self.events is not None:
@@ -648,7 +645,13 @@ class Engine:
         )
 
     def _write_output(
-        self, folder: Path, spec: Stage, data: Any, unit: Unit | None, wall: float
+        self,
+        folder: Path,
+        spec: Stage,
+        data: Any,
+        unit: Unit | None,
+        wall: float,
+        artifacts: list[dict[str, str]],
     ) -> bytes:
         started = unit.started_at if unit is not None else None
         doc = {
@@ -661,9 +664,7 @@ class Engine:
                 "output_hash": _hash(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)),
             },
             "data": data,
-            "artifacts": _artifacts(folder / "artifacts", folder)
-            if unit is not None
-            else _shard_artifacts(folder),
+            "artifacts": artifacts,
         }
         blob = atomic.dumps(doc)
         # Handover: this output.json is the stage's done-mark. It is in place before any
@@ -688,7 +689,9 @@ class Engine:
             return
         if spec.shards is not None:
             folder = self._stage_folder(run, spec.name, None)
-            blob = self._write_output(folder, spec, stage.data, None, wall)
+            blob = self._write_output(
+                folder, spec, stage.data, None, wall, _shard_artifacts(folder, run.dir)
+            )
             stage.output_hash = _hash(orjson.dumps(stage.data, option=orjson.OPT_SORT_KEYS))
         if spec.cache and stage.cache is not None and blob is not None:
             entry = cache.entry_path(self.spool.cache, stage.cache["key"])
@@ -753,13 +756,15 @@ class Engine:
         self._committer.submit(writes, folders, on_done, synced)
 
 
-def _shard_artifacts(stage_folder: Path) -> list[dict[str, str]]:
+def _shard_artifacts(stage_folder: Path, run_dir: Path) -> list[dict[str, str]]:
+    """A sharded stage's artifacts: every shard's, in shard order (each checked when its
+    shard ended)."""
     out: list[dict[str, str]] = []
     shards = sorted(
         (p for p in stage_folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
     )
     for shard in shards:
-        out.extend(_artifacts(shard / "artifacts", stage_folder))
+        out.extend(scan_artifacts(shard / "artifacts", stage_folder, run_dir)[0])
     return out
 
 
