@@ -31,11 +31,8 @@ def _tmp_name(path: Path) -> Path:
 
 
 def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make the names in `folder` durable (a new or renamed entry needs this)."""
+    fsync_path(folder)
 
 
 def _write_tmp(path: Path, data: bytes, mode: int) -> Path:
@@ -94,6 +91,7 @@ def write_volatile(path: Path, data: bytes) -> None:
 
 
 def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by name."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

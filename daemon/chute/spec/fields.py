@@ -14,6 +14,7 @@ time zone, YAML 1.1 booleans in env); the schema accepts those and only the vali
 
 from __future__ import annotations
 
+import abc
 import difflib
 import math
 import re
@@ -115,16 +116,18 @@ def _suggest(word: str, choices: Sequence[str]) -> str | None:
     return close[0]
 
 
-class Type:
+class Type(abc.ABC):
     """A kind of value: checks and converts a Node, and describes itself as JSON Schema."""
 
     hint = "a value"
 
+    @abc.abstractmethod
     def check(self, node: Node, path: str, cx: Context) -> Any:
-        raise NotImplementedError
+        """The value of `node`, or the issue reported through `cx`."""
 
+    @abc.abstractmethod
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """This type as JSON Schema (shared definitions go into `defs`)."""
 
     def wrong(self, node: Node, path: str, cx: Context) -> _Invalid:
         if node.is_scalar and isinstance(node.value, bool) and isinstance(self, Str | Text):
