@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 
 CONTROL_INTERVAL = 0.25
 INTAKE_BATCH = 64  # files taken per loop pass: one group commit, then tasks get their turn
+# Backpressure: past this many active runs (~10 KB each in memory) new files wait, durable,
+# in incoming/ until runs finish; memory stays bounded whatever a flood drops at once.
+MAX_ACTIVE_RUNS = 5000
 STATUS_INTERVAL = 1.0
 GC_INTERVAL = 60.0
 GC_BATCH = 50  # run folders removed per retention pass: deleting thousands at once stalls runs
@@ -422,7 +425,7 @@ class Daemon:
                     self._rescan()
                     self._sync_schedules()
                     next_rescan = now + (cfg.rescan_interval if watcher is not None else 1.0)
-                if self._pending:
+                if self._pending and len(self.engine.runs) < MAX_ACTIVE_RUNS:
                     self._take_batch()
                 if now >= next_control:
                     self._control()
@@ -450,7 +453,7 @@ class Daemon:
                 waits.append(now + max(0.0, wake.timestamp() - self.clock.time()))
             until = min(waits) - now
             timeout = until if timeout is None else min(timeout, until)
-            if self._pending and stop_deadline is None:
+            if self._pending and stop_deadline is None and len(self.engine.runs) < MAX_ACTIVE_RUNS:
                 timeout = 0.0  # more files to take: only collect what is ready, then go on
             elif self._reports and not self.engine.tasks_waiting:
                 self._write_reports(budget=0.02)
@@ -469,7 +472,8 @@ class Daemon:
     def _take_batch(self) -> None:
         """Take at most INTAKE_BATCH pending names: one group commit for all of them, and the
         loop gets back to starting tasks and collecting results between batches."""
-        batch = list(itertools.islice(self._pending, INTAKE_BATCH))
+        room = MAX_ACTIVE_RUNS - len(self.engine.runs)
+        batch = list(itertools.islice(self._pending, min(INTAKE_BATCH, room)))
         for name in batch:
             del self._pending[name]
         for outcome in self.intake.take_many(batch):

@@ -25,7 +25,17 @@ RSS_LIMIT = 200 << 20
 def test_a_flood_of_files_at_once_overflows_inotify_and_every_file_runs(
     spool: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
-    d = daemon_factory("cpus: 2\nrescan_interval: 2s\nretention: {keep_runs: 1000000}\n").start()
+    limit = Path("/proc/sys/fs/inotify/max_queued_events")
+    saved = limit.read_text() if os.geteuid() == 0 else None
+    if saved is not None:  # a small queue, fixed when the daemon's inotify is made: overflow
+        limit.write_text("1024\n")
+    try:
+        d = daemon_factory(
+            "cpus: 2\nrescan_interval: 2s\nretention: {keep_runs: 1000000}\n"
+        ).start()
+    finally:
+        if saved is not None:
+            limit.write_text(saved)
     assert d.proc is not None
     daemon = psutil.Process(d.proc.pid)
     incoming = spool / "incoming"
@@ -62,11 +72,13 @@ def test_a_flood_of_files_at_once_overflows_inotify_and_every_file_runs(
     assert len({r["trigger"]["source"] for r in recs}) == FLOOD
     print(f"{FLOOD} files, peak RSS {peak / 2**20:.0f} MiB; log: {_overflowed(d)}")
     assert peak < RSS_LIMIT
+    if saved is not None:
+        assert _overflowed(d) == "inotify overflowed"
 
 
 def _overflowed(d: Daemon) -> str:
     text = d.log.read_text()
-    return "inotify overflowed" if "overflowed" in text else "no overflow seen"
+    return "inotify overflowed" if "inotify queue overflowed" in text else "no overflow seen"
 
 
 def test_a_file_written_slowly_in_place_is_never_read_half_written(

@@ -22,7 +22,7 @@ import logging
 import mimetypes
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +55,9 @@ class ActiveRun:
     record: dict[str, Any]
     accepted: float  # epoch seconds: when its file was accepted (orders the queue)
     manifest_due: float | None = None  # monotonic time by which manifest.json must be written
+    # Per-run state of the loop, dropped with the run (a daemon lives for months):
+    stage_index: dict[str, int] = field(default_factory=dict)  # topological position
+    made: set[Path] = field(default_factory=set)  # stage folders known to exist
     dropped_at: float | None = None  # epoch s its file was dropped (intake latency), if known
 
     @property
@@ -177,13 +180,11 @@ class Engine:
         self._synced: list[Path] = []  # in place already, to fsync with the next commit
         self._new_dirs: set[Path] = set()
         self._committer = atomic.Committer()
-        self._made: set[Path] = set()  # stage folders known to exist
         self._purge = False  # units in _waiting may have left the waiting state
         self.draining = False  # stopping: start nothing new, let running tasks end
         self.disk_error: OSError | None = None  # set while the spool cannot be written
         self._next_probe = 0.0
         self._empty_inputs: Path | None = None
-        self._stage_order: dict[tuple[str, str], int] = {}
 
     # -- public ----------------------------------------------------------------------------
 
@@ -191,7 +192,7 @@ class Engine:
         self.runs[run.run_id] = run
         self._check.add(run.run_id)
         for i, s in enumerate(run.pipeline.stages):
-            self._stage_order[(run.run_id, s.name)] = i
+            run.stage_index[s.name] = i
 
     def cancel(self, run_id: str) -> bool:
         run = self.runs.get(run_id)
@@ -326,7 +327,7 @@ class Engine:
         if unit.state != "waiting":
             return
         spec = stage.spec
-        order = self._stage_order[(run.run_id, spec.name)] * 100_000 + (unit.shard or 0)
+        order = run.stage_index[spec.name] * 100_000 + (unit.shard or 0)
         req = allocator.Request(
             key=unit.key,
             cpus=spec.cpus,
@@ -399,14 +400,14 @@ class Engine:
     def _stage_folder(self, run: ActiveRun, stage: str, shard: int | None) -> Path:
         base = run.dir / "stages" / stage
         folder = base if shard is None else base / str(shard)
-        if folder not in self._made:
+        if folder not in run.made:
             for f in dict.fromkeys((base, folder, folder / "artifacts")):
                 try:
                     os.mkdir(f)
                     self._new_dirs.add(f.parent)
                 except FileExistsError:
                     pass
-            self._made.add(folder)
+            run.made.add(folder)
         return folder
 
     def _start(self, run: ActiveRun, unit: Unit, grant: allocator.Grant, wall: float) -> bool:
