@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import math
 import mimetypes
 import os
 from collections.abc import Callable
@@ -54,7 +55,6 @@ class ActiveRun:
     dir: Path
     record: dict[str, Any]
     accepted: float  # epoch seconds: when its file was accepted (orders the queue)
-    manifest_due: float | None = None  # monotonic time by which manifest.json must be written
     # Per-run state of the loop, dropped with the run (a daemon lives for months):
     stage_index: dict[str, int] = field(default_factory=dict)  # topological position
     made: set[Path] = field(default_factory=set)  # stage folders known to exist
@@ -704,8 +704,7 @@ class Engine:
     def _dirty(self, run: ActiveRun, urgent: bool = False) -> None:
         now = self.clock.monotonic()
         due = now if urgent else now + MANIFEST_INTERVAL
-        if run.manifest_due is None or due < run.manifest_due:
-            run.manifest_due = due
+        if due < self._due.get(run.run_id, math.inf):
             self._due[run.run_id] = due
 
     def _manifest(self, run: ActiveRun) -> bytes:
@@ -730,7 +729,6 @@ class Engine:
         # Handover: the final manifest, then the final run.json that says the run is over.
         self._writes.append((run.dir / "manifest.json", self._manifest(run)))
         self._writes.append((run.dir / "run.json", atomic.dumps(rec)))
-        run.manifest_due = None
         self._due.pop(run.run_id, None)
         del self.runs[run.run_id]
         self._flush(self.clock.monotonic(), on_done=self._finished_callback(run))
@@ -747,7 +745,6 @@ class Engine:
             if due <= now:
                 run = self.runs[run_id]
                 self._writes.append((run.dir / "manifest.json", self._manifest(run)))
-                run.manifest_due = None
                 del self._due[run_id]
         if not self._writes and not self._new_dirs and not self._synced and on_done is None:
             return
