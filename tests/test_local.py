@@ -606,7 +606,8 @@ def test_process_started_by_a_call_does_not_outlive_it(
 def test_unwritable_log_is_a_failed_result(executor: LocalExecutor, tmp_path: Path) -> None:
     (tmp_path / "logs").write_text("a file where the log folder should be")
     executor.start(run_task(tmp_path, "t", "true"))
-    assert one(executor, "t").error == f"cannot open log {tmp_path / 'logs'}: File exists"
+    log = tmp_path / "logs" / "t.log"
+    assert one(executor, "t").error == f"cannot open log {log}: Not a directory"
 
 
 def test_queued_call_waits_for_a_free_worker_and_can_be_cancelled(

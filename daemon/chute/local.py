@@ -135,8 +135,8 @@ class LocalExecutor:
         self._orphans_of: dict[str | None, int] = {}  # owner key → tracked orphans
         self._orphans_sigkilled: set[str] = set()
         self._spared: set[int] = set()  # our children that are not tasks' (forkserver, …)
-        self._outputs: set[int] = set()  # read ends of run: tasks' output pipes
         self._swept_at = 0.0
+        self._leader_ended = False  # a task's leader ended since the last sweep
         self._pool = Pool(
             max_workers=max_workers,
             kill_grace=kill_grace,
@@ -170,7 +170,6 @@ class LocalExecutor:
         self._selector.register(
             proc.log.read_fd, selectors.EVENT_READ, lambda: self._on_output(proc)
         )
-        self._outputs.add(proc.log.read_fd)
         if self._on_spawn is not None:
             self._on_spawn(task.key, proc.pgid)
 
@@ -257,17 +256,17 @@ class LocalExecutor:
             if due is not None:
                 wait = max(0.0, due - now) if wait is None else min(wait, max(0.0, due - now))
         events = self._selector.select(wait)
-        # A task's output alone makes no orphan: spare the /proc reads of the sweep on such
-        # wake-ups (a 1 GB writer makes thousands), but sweep at least every SWEEP_EVERY.
-        output_only = bool(events)
         for key, _ in events:
-            if key.fd not in self._outputs:
-                output_only = False
             callback: Callable[[], None] = key.data
             callback()
         now = self._clock.monotonic()
         wall = time.monotonic()
-        if not output_only or closing or wall >= self._swept_at + SWEEP_EVERY:
+        # Orphans appear when a process of a task ends: sweep (/proc reads) when a leader
+        # ended, whose task cannot finish before its orphans are known, and at least every
+        # SWEEP_EVERY for the rest; not on every wake-up (a 1 GB writer's output makes
+        # thousands, a burst of runs thousands more).
+        if self._leader_ended or closing or wall >= self._swept_at + SWEEP_EVERY:
+            self._leader_ended = False
             self._swept_at = wall
             self._sweep(now, closing)
         self._finish_drained(now)
@@ -303,6 +302,7 @@ class LocalExecutor:
     def _on_leader(self, proc: RunProcess) -> None:
         if not proc.reap(self._clock.monotonic()):
             return
+        self._leader_ended = True
         self._selector.unregister(proc.pidfd)
         os.close(proc.pidfd)
         del self._leaders[proc.pid]
@@ -319,7 +319,6 @@ class LocalExecutor:
 
     def _unregister_output(self, proc: RunProcess) -> None:
         self._selector.unregister(proc.log.read_fd)
-        self._outputs.discard(proc.log.read_fd)
 
     def _finish_drained(self, now: float) -> None:
         for key, proc in list(self._runs.items()):

@@ -154,11 +154,13 @@ def open_log(path: str) -> int:
 
     Not O_APPEND: splice(2) refuses to write to such a file (EINVAL).
     """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
     try:
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:  # the engine makes the folder; other callers may not
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            fd = os.open(path, flags, 0o644)
     except OSError as exc:
         raise SpawnError(f"cannot open log {exc.filename or path}: {exc.strerror}") from None
     os.lseek(fd, 0, os.SEEK_END)
