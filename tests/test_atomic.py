@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
+
+import pytest
 
 from chute import atomic
 
@@ -74,3 +79,70 @@ def test_committer_holds_a_failed_batch_and_retries_it_until_it_lands(
     finally:
         c.close()
         mp.undo()
+
+
+def test_committer_on_a_filesystem_of_its_own_keeps_order_too(tmp_path: Path) -> None:
+    c = atomic.Committer(syncfs=[tmp_path])
+    try:
+        done: list[str] = []
+        atomic.write_volatile(tmp_path / "mark", b"m")
+        c.submit([(tmp_path / "a", b"1")], on_done=lambda: done.append("first"))
+        c.submit(
+            [(tmp_path / "a", b"2"), (tmp_path / "b", b"x")],
+            synced=[tmp_path / "mark"],
+            on_done=lambda: done.append("second"),
+        )
+        assert c.flush(timeout=10)
+        assert [(tmp_path / n).read_bytes() for n in ("a", "b", "mark")] == [b"2", b"x", b"m"]
+        assert done == ["first", "second"]
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(atomic.TMP_PREFIX)]
+        c.use_syncfs([])  # a config reload: fsync per file from the next batch on
+        c.submit([(tmp_path / "c", b"3")])
+        assert c.flush(timeout=10)
+        assert (tmp_path / "c").read_bytes() == b"3"
+    finally:
+        c.close()
+
+
+BATCH = """
+import sys
+from pathlib import Path
+from chute import atomic
+root = Path(sys.argv[1])
+c = atomic.Committer(syncfs=[root] if sys.argv[2] == "syncfs" else [])
+c.submit([(root / f"f{i}", b"x" * 100) for i in range(50)], folders=[root])
+c.close()
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (.ci/run installs it)")
+@pytest.mark.parametrize(("mode", "syncfs", "fsyncs"), [("syncfs", 2, 0), ("fsync", 0, 51)])
+def test_a_batch_costs_two_syncfs_on_its_own_filesystem_else_an_fsync_per_file(
+    tmp_path: Path, mode: str, syncfs: int, fsyncs: int
+) -> None:
+    """The system calls a group commit of 50 files makes, counted by strace."""
+    root = tmp_path / "spool"
+    root.mkdir()
+    trace = tmp_path / "trace"
+    env = {**os.environ, "PYTHONPATH": str(Path(atomic.__file__).parents[1])}
+    strace = ["strace", "-f", "-qq", "-e", "trace=syncfs,fsync", "-o", str(trace)]
+    subprocess.run(
+        [*strace, sys.executable, "-c", BATCH, str(root), mode],
+        check=True,
+        env=env,
+        timeout=60,
+    )
+    calls = [line.split()[1].split("(")[0] for line in trace.read_text().splitlines()]
+    assert (calls.count("syncfs"), calls.count("fsync")) == (syncfs, fsyncs)
+    assert sorted(p.name for p in root.iterdir()) == sorted(f"f{i}" for i in range(50))
+
+
+def test_own_filesystems_syncs_whole_only_what_is_a_filesystem_of_its_own(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert atomic.own_filesystems("fsync", [Path("/")]) == []
+    assert atomic.own_filesystems("auto", [tmp_path, runs]) == []  # not a mount point
+    assert atomic.own_filesystems("syncfs", [tmp_path, runs]) == [tmp_path]  # one filesystem
+    assert atomic.own_filesystems("auto", [Path("/")]) == [Path("/")]

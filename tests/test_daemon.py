@@ -37,12 +37,14 @@ def test_a_dropped_job_runs_once_and_its_queue_copy_goes(
     assert d.stop() == 0
 
 
+@pytest.mark.parametrize("sync", ["fsync", "syncfs"])
 def test_files_dropped_before_start_and_a_burst_all_run_exactly_once(
-    spool: Path, daemon_factory: Callable[..., Daemon]
+    spool: Path, daemon_factory: Callable[..., Daemon], sync: str
 ) -> None:
     for i in range(5):
         drop(spool, f"early{i}.yaml", job(f"early{i}", "true"))
-    d = daemon_factory("cpus: 2\n").start()
+    d = daemon_factory(f"cpus: 2\nsync: {sync}\n").start()
+    assert f" sync={sync} " in d.log.read_text()  # the "daemon started" line
     for i in range(40):
         drop(spool, f"burst{i}.yaml", job(f"burst{i}", "true"))
     names = [f"incoming/early{i}.yaml" for i in range(5)] + [

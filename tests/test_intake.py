@@ -5,6 +5,7 @@ Real files in a temporary spool, real inotify; the only fake is the clock.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pwd
@@ -188,6 +189,28 @@ def read_events(
 
 
 # -- accepting -----------------------------------------------------------------------------
+
+
+def test_a_deferred_handover_is_handed_once_even_if_a_rescan_sees_its_claim(
+    root: Spool, intake: Intake, drop: Callable[..., Path]
+) -> None:
+    """The daemon's path: the run folder is in place, its sync still in the writer thread;
+    a rescan meanwhile (inotify overflowed) must not finish the claim and hand it over again."""
+    for name in ("a.yaml", "b.yaml"):
+        drop(name)
+    outcomes, handover = intake.take_deferred(["a.yaml", "b.yaml"])
+    assert handover is not None
+    assert [o.run_id for o in outcomes if isinstance(o, Accepted)] == [
+        a.run_id for a in handover.accepted
+    ]
+    assert len(names(root.state / "intake")) == 2  # claims kept until the runs are durable
+    assert intake.finish_claims() == []
+    assert intake.scan() == []
+    handover.unsynced.sync()
+    intake.release(handover)
+    assert names(root.state / "intake") == []
+    assert sorted(names(root.queue)) == sorted(f"{a.run_id}.yaml" for a in handover.accepted)
+    assert intake.scan() == []
 
 
 def test_one_shot_file_becomes_a_queued_run_and_leaves_incoming(
@@ -614,7 +637,7 @@ def make_run(root: Spool, run_id: str, data: bytes = JOB, state: str = "queued")
         kind="Job",
         trigger={"type": "drop", "source": "incoming/job.yaml"},
         submitted_by={"uid": 0, "user": "root"},
-        spec_sha256="0" * 64,
+        spec_sha256=hashlib.sha256(data).hexdigest(),
         created_at=NOW,
         run_date="2026-11-22",
     )
@@ -664,6 +687,33 @@ def test_crash_after_run_folder_before_queue_file_writes_the_queue_file_once(
     assert names(root.state / "intake") == []
     assert rundir.run_ids(root) == [RUN_ID]
     assert intake.scan() == []
+
+
+def test_power_loss_before_the_handover_synced_remakes_a_damaged_run_json(
+    root: Spool, intake: Intake
+) -> None:
+    """take_deferred puts run.json in place unsynced; a power loss can leave it empty."""
+    make_run(root, RUN_ID)
+    (root.runs / RUN_ID / "run.json").write_bytes(b"")
+    claim(root)
+    assert intake.recover() == []
+    run = load_json(root.runs / RUN_ID / "run.json")
+    assert (run["run_id"], run["state"]) == (RUN_ID, "queued")
+    assert (root.queue / f"{RUN_ID}.yaml").read_bytes() == JOB
+    assert names(root.state / "intake") == []
+
+
+def test_power_loss_before_the_handover_synced_rewrites_a_damaged_spec_from_the_claim(
+    root: Spool, intake: Intake
+) -> None:
+    make_run(root, RUN_ID)
+    spec = root.runs / RUN_ID / "spec.yaml"
+    spec.write_bytes(b"\0" * len(JOB))  # the queue link, made of the same inode, too
+    claim(root)
+    assert intake.recover() == []
+    assert spec.read_bytes() == JOB
+    assert (root.queue / f"{RUN_ID}.yaml").read_bytes() == JOB
+    assert names(root.state / "intake") == []
 
 
 def test_crash_after_queue_file_before_unlinking_the_claim_only_unlinks_it(

@@ -34,7 +34,7 @@ from chute.engine.loop import ActiveRun, Engine
 from chute.local import LocalExecutor
 from chute.spec import SpecError, json_schema, load_file
 from chute.spec.model import Pipeline
-from chute.spool import Spool, resolve_spool
+from chute.spool import Spool, resolve_spool, sync_roots
 from chute.topology import Topology, format_cpulist, read_topology
 from chute.units import format_duration
 
@@ -182,7 +182,13 @@ def _foreground(spool: Spool, config: Config, topo: Topology, make: Callable[[],
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(sys.stdout.isatty())
     try:
-        engine = Engine(spool=spool, executor=executor, topology=topo, policy=config.policy)
+        engine = Engine(
+            spool=spool,
+            executor=executor,
+            topology=topo,
+            policy=config.policy,
+            syncfs=sync_roots(config, spool),
+        )
         run = make()
         engine.add(run)
         log.info("%s run started pipeline=%s", run.run_id, run.pipeline.name)

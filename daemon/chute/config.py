@@ -51,6 +51,7 @@ class Config:
     executor_backend: str = "local"
     executor_address: str | None = None
     log_format: str = "text"
+    sync: str = "auto"
     source: Path | None = field(default=None, compare=False)
 
 
@@ -73,6 +74,7 @@ _KEYS = {
     "retention",
     "executor",
     "log_format",
+    "sync",
 }
 
 
@@ -241,6 +243,12 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         "log_format",
         lambda: values.__setitem__(
             "log_format", _choice("log_format", data["log_format"], ("text", "json"))
+        ),
+    )
+    take(
+        "sync",
+        lambda: values.__setitem__(
+            "sync", _choice("sync", data["sync"], ("auto", "fsync", "syncfs"))
         ),
     )
     if problems:

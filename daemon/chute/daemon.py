@@ -47,14 +47,14 @@ from chute.engine import runs
 from chute.engine.dag import RunGraph
 from chute.engine.loop import ActiveRun, Engine
 from chute.http import HttpError, Server, health, read_token, serve
-from chute.intake import Accepted, Intake, Outcome, Rejected, Scheduled, Watcher
+from chute.intake import Accepted, Handover, Intake, Outcome, Rejected, Scheduled, Watcher
 from chute.local import LocalExecutor
 from chute.metrics import Metrics, Snapshot
 from chute.notify import Notifier
 from chute.schedules import Fire, Schedules, overlap_decision
 from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
-from chute.spool import Spool
+from chute.spool import Spool, sync_roots
 from chute.topology import Topology, read_topology
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ INTAKE_BATCH = 64  # files taken per loop pass: one group commit, then tasks get
 # Backpressure: past this many active runs (~10 KB each in memory) new files wait, durable,
 # in incoming/ until runs finish; memory stays bounded whatever a flood drops at once.
 MAX_ACTIVE_RUNS = 5000
+REPORT_DELAY = 5.0  # while runs are active, a report.html waits up to this long (seconds)
 STATUS_INTERVAL = 1.0
 GC_INTERVAL = 60.0
 GC_BATCH = 50  # run folders removed per retention pass: deleting thousands at once stalls runs
@@ -223,8 +224,10 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._finished: deque[ActiveRun] = deque()  # filled by the writer thread
+        self._handed: deque[Handover] = deque()  # accepted runs now durable: writer thread
+        self._in_flight = 0  # runs accepted whose handover is not back from the writer yet
         self._pending: dict[str, None] = {}  # names in incoming/ to take, in arrival order
-        self._reports: deque[Path] = deque()  # finished runs whose report.html is due
+        self._reports: deque[tuple[float, Path]] = deque()  # (finished, run dir): report due
         self._schedules: dict[str, _ScheduleState] = {}
         self._tasks_log: int | None = None
         self._watch_event = threading.Event()
@@ -275,6 +278,7 @@ class Daemon:
             clock=self.clock,
             on_spawn=self._record_spawn,
         )
+        self._syncfs = sync_roots(cfg, self.spool)
         self.engine = Engine(
             spool=self.spool,
             executor=self.executor,
@@ -283,6 +287,7 @@ class Daemon:
             clock=self.clock,
             on_finished=self._finished.append,
             events=self.metrics,
+            syncfs=self._syncfs,
         )
         self.intake = Intake(
             self.spool,
@@ -312,11 +317,12 @@ class Daemon:
                 watch_thread.start()
             self._rescan()  # taken in batches by the loop, after READY=1
             log.info(
-                "daemon started spool=%s cpus=%d policy=%s watch=%s http=%s",
+                "daemon started spool=%s cpus=%d policy=%s watch=%s sync=%s http=%s",
                 self.spool.root,
                 len(self.topology.cpus),
                 cfg.policy,
                 "inotify" if watcher is not None else "poll",
+                "syncfs" if self._syncfs else "fsync",
                 self.http.address,
             )
             self.http.start()
@@ -336,6 +342,7 @@ class Daemon:
             left = self.engine.interrupt()
             self.engine.close()
             self._drain_finished()
+            self._drain_handed(start=False)  # durable now; they wait in queue/ for next start
             self._write_reports(budget=10.0)
             if left:
                 log.warning(
@@ -350,13 +357,21 @@ class Daemon:
         log.info("daemon stopped")
         return 0
 
+    def _reports_due(self, now: float) -> bool:
+        """A report.html is written when nothing else waits: at once when no run is active,
+        else once the oldest has waited REPORT_DELAY (a page is ~1 ms of pure Python and
+        three files: a burst of runs finishes first, its pages follow)."""
+        if not self._reports or self.engine.tasks_waiting:
+            return False
+        return not self.engine.runs or now - self._reports[0][0] >= REPORT_DELAY
+
     def _write_reports(self, budget: float) -> None:
         """report.html of finished runs, for at most `budget` seconds. Called when the loop
-        has nothing else to do: a page costs ~1 ms of pure Python, and in a thread it would
-        hold the GIL while every system call of the loop waits for it."""
+        has nothing else to do: in a thread it would hold the GIL while every system call of
+        the loop waits for it."""
         deadline = time.monotonic() + budget
         while self._reports and time.monotonic() < deadline:
-            report.write_report_or_log(self._reports.popleft())
+            report.write_report_or_log(self._reports.popleft()[1])
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -425,12 +440,13 @@ class Daemon:
                     self._rescan()
                     self._sync_schedules()
                     next_rescan = now + (cfg.rescan_interval if watcher is not None else 1.0)
-                if self._pending and len(self.engine.runs) < MAX_ACTIVE_RUNS:
+                if self._pending and self._active_runs < MAX_ACTIVE_RUNS:
                     self._take_batch()
                 if now >= next_control:
                     self._control()
                     next_control = now + CONTROL_INTERVAL
                 self._fire_schedules()
+            self._drain_handed()
             timeout = self.engine.step()
             self._drain_finished()
             now = mono()
@@ -453,12 +469,14 @@ class Daemon:
                 waits.append(now + max(0.0, wake.timestamp() - self.clock.time()))
             until = min(waits) - now
             timeout = until if timeout is None else min(timeout, until)
-            if self._pending and stop_deadline is None and len(self.engine.runs) < MAX_ACTIVE_RUNS:
+            if self._pending and stop_deadline is None and self._active_runs < MAX_ACTIVE_RUNS:
                 timeout = 0.0  # more files to take: only collect what is ready, then go on
-            elif self._reports and not self.engine.tasks_waiting:
+            elif self._reports_due(now):
                 self._write_reports(budget=0.02)
-                if self._reports:
+                if self._reports_due(now):
                     timeout = 0.0
+            elif self._reports:
+                timeout = min(timeout, max(0.0, self._reports[0][0] + REPORT_DELAY - now))
             self.engine.handle(self.executor.poll(max(0.0, timeout)))
 
     # -- intake ----------------------------------------------------------------------------
@@ -472,25 +490,47 @@ class Daemon:
     def _take_batch(self) -> None:
         """Take at most INTAKE_BATCH pending names: one group commit for all of them, and the
         loop gets back to starting tasks and collecting results between batches."""
-        room = MAX_ACTIVE_RUNS - len(self.engine.runs)
+        room = MAX_ACTIVE_RUNS - self._active_runs
         batch = list(itertools.islice(self._pending, min(INTAKE_BATCH, room)))
         for name in batch:
             del self._pending[name]
-        for outcome in self.intake.take_many(batch):
-            self._take(outcome)
+        outcomes, handover = self.intake.take_deferred(batch)
+        for outcome in outcomes:
+            if not isinstance(outcome, Accepted):
+                self._take(outcome)  # accepted runs start once their folders are durable
+        if handover is not None:
+            self._in_flight += len(handover.accepted)
+            self.engine.sync_then(handover.unsynced, lambda: self._on_durable(handover))
+
+    @property
+    def _active_runs(self) -> int:
+        return len(self.engine.runs) + self._in_flight
+
+    def _on_durable(self, handover: Handover) -> None:
+        """In the writer thread: `handover`'s run folders and queue links are durable."""
+        self._handed.append(handover)
+        self.executor.wake()
+
+    def _drain_handed(self, *, start: bool = True) -> None:
+        while self._handed:
+            handover = self._handed.popleft()
+            self._in_flight -= len(handover.accepted)
+            self.intake.release(handover)
+            if start:
+                for accepted in handover.accepted:
+                    self._take(accepted)
 
     def _take(self, outcome: Outcome) -> None:
         if isinstance(outcome, Accepted | Scheduled):
             self.metrics.file_accepted()
         if isinstance(outcome, Accepted):
-            record = rundir.read_json(self.spool.runs / outcome.run_id / "run.json")
             self.engine.add(
                 ActiveRun(
                     run_id=outcome.run_id,
                     pipeline=outcome.pipeline,
                     graph=RunGraph(outcome.run_id, outcome.pipeline),
                     dir=self.spool.runs / outcome.run_id,
-                    record=record,
+                    record=outcome.record,
                     accepted=outcome.accepted_at.timestamp(),
                     dropped_at=outcome.dropped_at,
                 )
@@ -638,7 +678,7 @@ class Daemon:
     def _drain_finished(self) -> None:
         while self._finished:
             run = self._finished.popleft()
-            self._reports.append(run.dir)  # report.html when the loop is idle
+            self._reports.append((self.clock.monotonic(), run.dir))  # see _reports_due
             # Handover: run.json says the run is over (durable); the queue copy can go.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.spool.queue / f"{run.run_id}.yaml")
@@ -874,6 +914,10 @@ class Daemon:
         for key in RESTART_KEYS:
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("config %s changed: takes effect after a restart", key)
+        if new.sync != self.config.sync:
+            self._syncfs = sync_roots(new, self.spool)
+            self.engine.use_syncfs(self._syncfs)
+            log.info("config sync=%s: %s", new.sync, "syncfs" if self._syncfs else "fsync")
         self.config = new
         self.engine.policy = new.policy
         self.intake.config = new

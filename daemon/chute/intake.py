@@ -14,11 +14,17 @@ made before instead of making a second run. Crash points, and what start-up (rec
      never come back to incoming/ once a run exists), no runs/<id>/run.json: redo the
      decision with the same run id; a run folder without run.json is a half-made one and
      is removed first. A run made here is left in queue/ for the daemon, like those of 3.
-  3. run.json durable, no queue/<id>.yaml: write it from runs/<id>/spec.yaml (the bytes
-     accepted), unlink the claim. Only while run.json still says queued: a run that moved
-     on was handed over already, and its queue file may be gone because it finished.
-     (A handover that failed while the daemon runs, ENOSPC say, leaves the same state;
-     the next scan finishes it and reports the run as Accepted.)
+     The daemon's intake (take_deferred) puts the run folder and queue link in place and
+     leaves their fsyncs to the writer thread; the claim is unlinked (release) only once
+     they are durable, and the run starts only then. A power loss in between can leave a
+     run.json that is empty or torn: that folder is half made too, and is made again.
+  3. run.json in place, no queue/<id>.yaml: write it from runs/<id>/spec.yaml (the bytes
+     accepted; if its sha256 is not the one run.json records, the sync was lost, and it
+     is rewritten from the claim first), unlink the claim. Only while run.json still says
+     queued: a run that moved on was handed over already, and its queue file may be gone
+     because it finished. (A handover that failed while the daemon runs, ENOSPC say,
+     leaves the same state; the next scan finishes it and reports the run as Accepted.
+     A claim whose handover is still in the writer thread is not touched by a scan.)
   4. queue file written, claim not yet unlinked: as 3, nothing to write.
   5. recurring: schedules/<name>.yaml written, claim not unlinked: redo writes the same
      bytes again (the claim's unlink is fsynced, so an older claim never overwrites a
@@ -42,6 +48,7 @@ If incoming/ itself is removed or replaced, the watch goes quiet; rescans still 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -51,6 +58,7 @@ import logging
 import os
 import pwd
 import re
+import shutil
 import signal
 import stat
 import struct
@@ -59,6 +67,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from chute import atomic, rundir
 from chute.clock import Clock, parse_rfc3339, rfc3339
@@ -95,6 +105,7 @@ class Accepted:
     submitted_by: dict[str, Any]
     accepted_at: datetime
     dropped_at: float | None  # epoch s the file last changed in incoming/ (write or rename in)
+    record: dict[str, Any]  # its run.json as written (state queued)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +182,19 @@ class _Accept:
     accepted: Accepted
 
 
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """Runs one batch accepted whose folders and queue links are in place, not yet durable.
+
+    The caller makes `unsynced` durable (a writer thread), then calls Intake.release(); only
+    then may the runs start. Until release the claims stay, so a crash in between finishes
+    the handover at the next start (crash points 2–4)."""
+
+    accepted: list[Accepted]
+    claims: list[Path]
+    unsynced: atomic.Unsynced
+
+
 class Intake:
     def __init__(
         self, spool: Spool, config: Config, *, node_cpus: int, node_memory: int, clock: Clock
@@ -183,6 +207,7 @@ class Intake:
         self.claims = spool.state / "intake"
         self.claims.mkdir(parents=True, exist_ok=True)
         self._stuck: set[str] = set()  # claims a chute bug left; retried at the next start
+        self._handing: set[str] = set()  # claims of runs handed over and not yet released
         self._lease_warned = False
         self.write_error: OSError | None = None  # the spool could not be written (for healthz)
         self._errors = 0  # environment failures so far, to tell a clean pass
@@ -212,6 +237,35 @@ class Intake:
         """Take several names of incoming/ at once, in one group commit: the claims are synced
         together, then every accepted run folder and queue link, so a batch of N files costs
         about 3N + 4 fsyncs instead of 10N. Files not ready, gone or ignored give nothing."""
+        outcomes, handover = self._take_many(names, durable=True)
+        if handover is not None:
+            self.release(handover)
+        return outcomes
+
+    def take_deferred(self, names: Iterable[str]) -> tuple[list[Outcome], Handover | None]:
+        """take_many without waiting for the disk: the accepted runs (in the outcomes too)
+        have their folders and queue links in place, and `Handover` says what to sync before
+        release(). The claims are synced here: a run is never made from an unsynced claim."""
+        return self._take_many(names, durable=False)
+
+    def release(self, handover: Handover) -> None:
+        """The accepted runs of `handover` are durable: drop their claims, announce them."""
+        for claim, accepted in zip(handover.claims, handover.accepted, strict=True):
+            # The claim's removal needs no sync: a claim back after a crash finds its run
+            # folder and is just removed (crash point 4).
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(claim)
+            self._handing.discard(claim.name)
+            log.info(
+                "%s accepted pipeline=%s source=%s",
+                accepted.run_id,
+                accepted.pipeline.name,
+                _show(accepted.source),
+            )
+
+    def _take_many(
+        self, names: Iterable[str], *, durable: bool
+    ) -> tuple[list[Outcome], Handover | None]:
         errors_before = self._errors
         claimed: list[_Claimed] = []
         for name in names:
@@ -229,7 +283,7 @@ class Intake:
             if got is not None:
                 claimed.append(got)
         if not claimed:
-            return []
+            return [], None
         try:
             # Handover: the claims are durable before any run, schedule or rejection is made
             # from them, so a crash can never bring a drop back to incoming/ for a second run.
@@ -237,7 +291,7 @@ class Intake:
             atomic.fsync_dir(self.spool.incoming)
         except OSError as exc:
             self._environment(exc, str(self.claims))
-            return []  # the claims stay; the next scan finishes them
+            return [], None  # the claims stay; the next scan finishes them
         decided: list[Outcome | _Accept] = []  # in the order of `names`
         accepts: list[_Accept] = []
         for c in claimed:
@@ -250,37 +304,32 @@ class Intake:
                 log.exception("incoming/%s: intake failed (a chute bug)", _show(c.name))
                 continue
             decided.append(accepts[-1] if outcome is None else outcome)
-        try:
-            self._commit_accepts(accepts)
-        except OSError as exc:  # the claims stay for the next scan
-            what = (
-                f"incoming/{_show(accepts[0].claim.name.split(CLAIM_SEP, 1)[1])}"
-                if len(accepts) == 1
-                else f"{len(accepts)} files of incoming/"
-            )
-            self._environment(exc, what)
-            decided = [d for d in decided if not isinstance(d, _Accept)]
+        handover: Handover | None = None
+        if accepts:
+            try:
+                handover = self._make_runs(accepts, durable=durable)
+            except OSError as exc:  # the claims stay for the next scan
+                what = (
+                    f"incoming/{_show(accepts[0].claim.name.split(CLAIM_SEP, 1)[1])}"
+                    if len(accepts) == 1
+                    else f"{len(accepts)} files of incoming/"
+                )
+                self._environment(exc, what)
+                decided = [d for d in decided if not isinstance(d, _Accept)]
         outcomes = [d.accepted if isinstance(d, _Accept) else d for d in decided]
         if outcomes and self.write_error is not None and self._errors == errors_before:
             log.warning("intake writes to the spool succeed again")
             self.write_error = None
-        return outcomes
+        return outcomes, handover
 
-    def _commit_accepts(self, accepts: list[_Accept]) -> list[Outcome]:
-        rundir.create_many(self.spool, [(a.record, a.data) for a in accepts], queue_copies=True)
-        out: list[Outcome] = []
-        for a in accepts:
-            # The claim's removal needs no sync: a claim back after a crash finds its run
-            # folder and is just removed (crash point 4).
-            os.unlink(a.claim)
-            log.info(
-                "%s accepted pipeline=%s source=%s",
-                a.accepted.run_id,
-                a.accepted.pipeline.name,
-                _show(a.accepted.source),
-            )
-            out.append(a.accepted)
-        return out
+    def _make_runs(self, accepts: list[_Accept], *, durable: bool) -> Handover:
+        unsynced = rundir.create_many(
+            self.spool, [(a.record, a.data) for a in accepts], queue_copies=True, durable=durable
+        )
+        # Until release(), a rescan must leave these claims alone: finishing one would hand
+        # its run over a second time.
+        self._handing.update(a.claim.name for a in accepts)
+        return Handover([a.accepted for a in accepts], [a.claim for a in accepts], unsynced)
 
     def scan(self) -> list[Outcome]:
         """Claims a failed handover left, then every candidate in incoming/, sorted by name.
@@ -521,8 +570,8 @@ class Intake:
         if accepts is not None:
             accepts.append(accept)
             return None
-        done = self._commit_accepts([accept])
-        return done[0]
+        self.release(self._make_runs([accept], durable=True))
+        return accept.accepted
 
     def _prepare_accept(
         self,
@@ -546,7 +595,7 @@ class Intake:
             created_at=now,
             run_date=now.astimezone().date().isoformat(),
         )
-        accepted = Accepted(run_id, pipeline, look.data, source, by, now, dropped_at)
+        accepted = Accepted(run_id, pipeline, look.data, source, by, now, dropped_at, record)
         return _Accept(record, look.data, claim, accepted)
 
     def _schedule(self, claim: Path, name: str, pipeline: Pipeline, data: bytes) -> Scheduled:
@@ -620,7 +669,7 @@ class Intake:
             self._environment(exc, str(self.claims))
             return out
         for entry in entries:
-            if entry.startswith(".") or entry in self._stuck:
+            if entry.startswith(".") or entry in self._stuck or entry in self._handing:
                 continue
             try:
                 outcome = self._finish_claim(entry, announce=announce)
@@ -647,15 +696,28 @@ class Intake:
             record = rundir.read_json(run_dir / "run.json")
         except FileNotFoundError:
             record = None
+        except orjson.JSONDecodeError:
+            # A power loss before the writer thread synced it (take_deferred): the folder is
+            # half made, like one without run.json (crash point 2).
+            log.warning("%s: run.json of a run not yet handed over is damaged; remaking it", claim)
+            shutil.rmtree(run_dir)
+            record = None
         if record is not None:  # crash points 3 and 4: the run exists
             if record.get("state") != "queued":  # handed over already
                 os.unlink(claim)
                 return None
+            queued = self.spool.queue / f"{run_id}.yaml"
             try:
                 data = (run_dir / "spec.yaml").read_bytes()
             except FileNotFoundError:
+                data = b""
+            if hashlib.sha256(data).hexdigest() != record.get("spec_sha256"):
+                # Not synced before a power loss: the claim holds the bytes that were accepted.
                 data = claim.read_bytes()
-            queued = self.spool.queue / f"{run_id}.yaml"
+                atomic.write_bytes(run_dir / "spec.yaml", data)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(queued)  # a link to the damaged copy
+                log.warning("%s recovered: spec.yaml was missing or damaged; rewrote it", run_id)
             if not queued.exists():
                 atomic.write_bytes(queued, data)
                 log.info("%s recovered: wrote %s a crash left out", run_id, queued)
@@ -674,6 +736,7 @@ class Intake:
                 record["submitted_by"],
                 parse_rfc3339(record["created_at"]),
                 None,
+                record,
             )
         try:  # crash point 2: decide again, with the same run id
             look = self._inspect(claim, f"incoming/{name}", lease=False)

@@ -101,14 +101,23 @@ def create(spool: Spool, record: dict[str, Any], spec_bytes: bytes) -> Path:
 
 
 def create_many(
-    spool: Spool, items: list[tuple[dict[str, Any], bytes]], *, queue_copies: bool = False
-) -> None:
+    spool: Spool,
+    items: list[tuple[dict[str, Any], bytes]],
+    *,
+    queue_copies: bool = False,
+    durable: bool = True,
+) -> atomic.Unsynced:
     """Make the run folders of `items` ((run.json record, spec bytes) each) in one group
     commit; with `queue_copies`, also queue/<run_id>.yaml for each, as a hard link of the run's
     spec.yaml (the same bytes: no second file to write and sync). Then point `latest` at the
-    newest. FileExistsError: a run id is taken (a folder with its run.json)."""
+    newest. FileExistsError: a run id is taken (a folder with its run.json).
+
+    Not `durable`: the files are only put in place (write_volatile), and what must be synced
+    is returned for the caller's writer thread; until it is, a power loss may leave a folder
+    with an empty or missing run.json (the daemon's intake keeps its claim until then)."""
+    pending = atomic.Unsynced(folders={spool.runs})
     if not items:
-        return
+        return pending
     spool.runs.mkdir(parents=True, exist_ok=True)
     files: list[tuple[Path, bytes]] = []
     for record, spec_bytes in items:
@@ -123,8 +132,14 @@ def create_many(
         os.mkdir(run_dir / "stages")
         files.append((run_dir / "spec.yaml", spec_bytes))
         files.append((run_dir / "run.json", atomic.dumps(record)))
-    # Handover: once run.json (queued) is durable the run exists.
-    atomic.write_many(files, folders=[spool.runs])
+    if durable:
+        # Handover: once run.json (queued) is durable the run exists.
+        atomic.write_many(files, folders=pending.folders)
+        pending.folders.clear()
+    else:
+        for path, data in files:
+            atomic.write_volatile(path, data)
+            pending.files.append(path)
     if queue_copies:
         for record, spec_bytes in items:
             run_id = str(record["run_id"])
@@ -138,12 +153,16 @@ def create_many(
                     raise
                 atomic.write_bytes(target, spec_bytes)
         # Handover: the queue file tells the daemon (now or after a restart) the run waits.
-        atomic.fsync_dir(spool.queue)
+        pending.folders.add(spool.queue)
+        if durable:
+            pending.sync()
+            pending.folders.clear()
     newest: dict[str, str] = {}
     for record, _ in items:
         newest[str(record["pipeline"])] = str(record["run_id"])
     for pipeline, run_id in newest.items():
         update_latest(spool, run_id, pipeline, durable=False)
+    return pending
 
 
 def update_latest(spool: Spool, run_id: str, pipeline: str, *, durable: bool = True) -> None:
@@ -151,9 +170,12 @@ def update_latest(spool: Spool, run_id: str, pipeline: str, *, durable: bool = T
     (`durable=False`): after a power loss a link may point at an older run, never at none."""
     atomic.replace_symlink(spool.runs / "latest", run_id, durable=durable)
     folder = spool.pipelines / pipeline
-    folder.mkdir(parents=True, exist_ok=True)
     target = os.path.relpath(spool.runs / run_id, folder)
-    atomic.replace_symlink(folder / "latest", target, durable=durable)
+    try:
+        atomic.replace_symlink(folder / "latest", target, durable=durable)
+    except FileNotFoundError:  # the pipeline's first run
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic.replace_symlink(folder / "latest", target, durable=durable)
 
 
 def read_json(path: Path) -> Any:

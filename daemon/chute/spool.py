@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from chute import atomic
 from chute.config import Config
 
 FOLDERS = (
@@ -82,3 +83,9 @@ def resolve_spool(arg: str | Path | None, config: Config) -> Spool:
     root = root.absolute()
     runs = config.runs_dir.absolute() if config.runs_dir is not None else root / "runs"
     return Spool(root=root, runs=runs)
+
+
+def sync_roots(config: Config, spool: Spool) -> list[Path]:
+    """Filesystems the run writes go to sync whole (config `sync`); [] means an fsync per
+    file and folder."""
+    return atomic.own_filesystems(config.sync, [spool.root, spool.runs])

@@ -22,7 +22,7 @@ import logging
 import math
 import mimetypes
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -161,7 +161,9 @@ class Engine:
         clock: Clock | None = None,
         on_finished: Callable[[ActiveRun], None] | None = None,
         events: EngineEvents | None = None,
+        syncfs: Sequence[Path] = (),
     ) -> None:
+        """`syncfs`: filesystems to sync whole per group commit (atomic.own_filesystems)."""
         self.spool = spool
         self.executor = executor
         self.topology = topology
@@ -179,7 +181,7 @@ class Engine:
         self._writes: list[tuple[Path, bytes]] = []
         self._synced: list[Path] = []  # in place already, to fsync with the next commit
         self._new_dirs: set[Path] = set()
-        self._committer = atomic.Committer()
+        self._committer = atomic.Committer(syncfs=syncfs)
         self._purge = False  # units in _waiting may have left the waiting state
         self.draining = False  # stopping: start nothing new, let running tasks end
         self.disk_error: OSError | None = None  # set while the spool cannot be written
@@ -268,6 +270,15 @@ class Engine:
         if retry_wake is not None:
             wake = retry_wake if wake is None else min(wake, retry_wake)
         return None if wake is None else max(0.0, wake - self.clock.monotonic())
+
+    def use_syncfs(self, roots: Sequence[Path]) -> None:
+        """Sync group commits with syncfs(2) on `roots` ([]: fsync per file) from now on."""
+        self._committer.use_syncfs(roots)
+
+    def sync_then(self, unsynced: atomic.Unsynced, on_done: Callable[[], None]) -> None:
+        """Make `unsynced` durable in the writer thread, in order with the engine's writes,
+        then call `on_done` there (the daemon's intake hands runs over this way)."""
+        self._committer.submit((), unsynced.folders, on_done, unsynced.files)
 
     def handle(self, results: list[Result]) -> None:
         for result in results:
