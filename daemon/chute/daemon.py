@@ -440,14 +440,16 @@ class Daemon:
                     self._rescan()
                     self._sync_schedules()
                     next_rescan = now + (cfg.rescan_interval if watcher is not None else 1.0)
-                if self._pending and self._active_runs < MAX_ACTIVE_RUNS:
-                    self._take_batch()
                 if now >= next_control:
                     self._control()
                     next_control = now + CONTROL_INTERVAL
                 self._fire_schedules()
             self._drain_handed()
             timeout = self.engine.step()
+            # Files are taken after the step: tasks that can start are on their cores first,
+            # and run while the loop reads and validates the next batch.
+            if stop_deadline is None and self._pending and self._active_runs < MAX_ACTIVE_RUNS:
+                self._take_batch()
             self._drain_finished()
             now = mono()
             if ping_every is not None and now >= next_ping:
