@@ -12,7 +12,10 @@
    as fast as possible, stop when every run is final; vs. `seq 1000 | xargs -P2 -n1 true`.
    "Final" is polled cheaply (incoming/, state/intake/ and queue/ all empty: the daemon
    removes a queue file only after the run's final run.json is durable), then every
-   run.json is read and must say succeeded.
+   run.json is read and must say succeeded. Twice: with the spool on the root filesystem
+   (`sync: auto` picks an fsync per file and folder there), and on a fresh filesystem of
+   its own with `sync: syncfs` (ownfs.py: a loop-mounted ext4 on the same disk; skipped,
+   with the reason, where the machine cannot mount one).
 3. RSS of the daemon process: idle after READY=1, then with 10,000 files queued
    (`cpus: 1`, Jobs `run: "sleep 1"`), read once incoming/ is empty or queue/ holds them
    all; then SIGTERM (`stop_timeout: 1s`), which leaves the runs interrupted.
@@ -52,6 +55,8 @@ from watchdog.observers.inotify_c import InotifyConstants, inotify_add_watch, in
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "daemon"))
 
+import ownfs  # noqa: E402
+
 from chute.daemon import MAX_ACTIVE_RUNS  # noqa: E402  (the daemon's backpressure limit)
 
 MB = 1 << 20
@@ -71,8 +76,8 @@ def epoch(rfc3339: str) -> float:
 class Daemon:
     """`chute daemon` on a fresh temp spool, ready once READY=1 arrives on NOTIFY_SOCKET."""
 
-    def __init__(self, config: str, prefix: tuple[str, ...] = ()) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="chute-bench-"))
+    def __init__(self, config: str, prefix: tuple[str, ...] = (), root: Path | None = None) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="chute-bench-", dir=root))
         self.spool = self.tmp / "spool"
         self.stage = self.tmp / "stage"  # drops are written here, then renamed in
         self.stage.mkdir()
@@ -163,9 +168,9 @@ def cleanup() -> None:
 
 
 @contextmanager
-def daemon(config: str, prefix: tuple[str, ...] = ()) -> Iterator[Daemon]:
+def daemon(config: str, prefix: tuple[str, ...] = (), root: Path | None = None) -> Iterator[Daemon]:
     settle()
-    d = Daemon(config, prefix)
+    d = Daemon(config, prefix, root)
     try:
         yield d
     finally:
@@ -285,9 +290,17 @@ class Burst:
     first_start: float  # first rename → earliest stage started_at
 
 
-def burst(jobs: int, prefix: tuple[str, ...] = ()) -> Burst:
-    """Rename `jobs` `true` Jobs in at once; time until all of them succeeded."""
-    with daemon("cpus: 2\n" + HTTP, prefix) as d:
+def burst(jobs: int, prefix: tuple[str, ...] = (), own_fs: bool = False) -> Burst:
+    """Rename `jobs` `true` Jobs in at once; time until all of them succeeded. `own_fs`:
+    the spool on a fresh filesystem of its own, `sync: syncfs` (ownfs.py)."""
+    if own_fs:
+        with ownfs.own_filesystem() as mnt:
+            return _burst(jobs, prefix, "sync: syncfs\n", mnt)
+    return _burst(jobs, prefix, "", None)
+
+
+def _burst(jobs: int, prefix: tuple[str, ...], config: str, root: Path | None) -> Burst:
+    with daemon("cpus: 2\n" + HTTP + config, prefix, root) as d:
         names = [f"burst-{i}" for i in range(jobs)]
         d.stage_drops(names, "true")
         wall, t = time.time(), time.perf_counter()
@@ -364,6 +377,7 @@ def span(values: list[float], fmt: str = "{:.1f}") -> str:
 def table(
     lat: list[Latency],
     chute: list[Burst],
+    own: list[Burst] | str,
     xargs_s: list[float],
     jobs: int,
     rss: list[Rss],
@@ -412,6 +426,7 @@ def table(
             "≥ 0.30 of xargs",
             max(c_rate) / max(x_rate) >= 0.30,
         ),
+        *_own_row(own, jobs, x_rate),
         ("RSS idle (MB)", min(idle), span(idle), "—", None, "", None, "≤ 60 MB", min(idle) <= 60),
         (
             f"RSS, {files} queued (MB)",
@@ -438,6 +453,30 @@ def table(
             f"{ratio_txt} | {target} | {'yes' if ok else '**no**'} |"
         )
     return "\n".join(out)
+
+
+def _own_row(
+    own: list[Burst] | str, jobs: int, x_rate: list[float]
+) -> list[tuple[str, float, str, str, float | None, str, float | None, str, bool]]:
+    name = f"Burst {jobs} jobs, spool on its own fs, `sync: syncfs` (jobs/s)"
+    if isinstance(own, str):
+        print(f"(no own-filesystem burst: {own})")
+        return []
+    rate = [jobs / b.seconds for b in own]
+    ratio = max(rate) / max(x_rate)
+    return [
+        (
+            name,
+            max(rate),
+            span(rate, "{:.0f}"),
+            "xargs -P2",
+            max(x_rate),
+            span(x_rate, "{:.0f}"),
+            ratio,
+            "≥ 0.30 of xargs",
+            ratio >= 0.30,
+        )
+    ]
 
 
 def profile(out: Path, jobs: int) -> None:
@@ -469,14 +508,18 @@ def measure_all(jobs: int, files: int, drops: int, n: int) -> None:
     load_before = os.getloadavg()
     lat: list[Latency] = []
     chute: list[Burst] = []
+    own: list[Burst] = []
+    why_not = ownfs.unavailable()
     xargs_s: list[float] = []
     for _ in range(n):  # interleaved, so a noisy minute hits every measure alike
         lat.append(measure_latency(drops))
         chute.append(burst(jobs))
+        if why_not is None:
+            own.append(burst(jobs, own_fs=True))
         xargs_s.append(xargs(jobs))
     rss = [measure_rss(files) for _ in range(n)]
     load_after = os.getloadavg()
-    print(table(lat, chute, xargs_s, jobs, rss, files, n))
+    print(table(lat, chute, why_not or own, xargs_s, jobs, rss, files, n))
     print()
     for i, r in enumerate(rss, 1):
         print(
