@@ -623,3 +623,38 @@ def test_queued_call_waits_for_a_free_worker_and_can_be_cancelled(
     assert got["first"].ok
     assert got["second"].ok
     assert (got["third"].cancelled, got["third"].error) == (True, "cancelled before it started")
+
+
+@pytest.mark.parametrize("kind", ["run", "call"])
+def test_task_folders_are_made_before_it_starts(
+    executor: LocalExecutor, tmp_path: Path, kind: str
+) -> None:
+    stage = tmp_path / "stages" / "s"
+    folders = (str(tmp_path / "stages"), str(stage), str(stage / "artifacts"))
+    (tmp_path / "stages").mkdir()  # one of them is there already: fine
+    if kind == "run":
+        task = run_task(tmp_path, "t", "pwd; ls", cwd=str(stage), folders=folders)
+    else:
+        write_module(tmp_path, "where", "import os\ndef run():\n    return {'cwd': os.getcwd()}\n")
+        env = {"PATH": PATH, "PYTHONPATH": str(tmp_path)}
+        task = call_task(tmp_path, "t", "where:run", folders=folders, cwd=str(stage), env=env)
+    executor.start(task)
+    r = one(executor, "t")
+    assert r.error is None
+    assert (stage / "artifacts").is_dir()
+    if kind == "run":
+        assert log_of(tmp_path, "t") == f"{stage}\nartifacts\n"
+    else:
+        assert r.output is not None
+        assert orjson.loads(r.output) == {"cwd": str(stage)}
+
+
+@pytest.mark.parametrize("kind", ["run", "call"])
+def test_folder_that_cannot_be_made_is_a_failed_result(
+    executor: LocalExecutor, tmp_path: Path, kind: str
+) -> None:
+    (tmp_path / "stages").write_text("a file where a folder should be")
+    folders = (str(tmp_path / "stages" / "s"),)
+    make = run_task if kind == "run" else call_task
+    executor.start(make(tmp_path, "t", "true" if kind == "run" else "m:f", folders=folders))
+    assert one(executor, "t").error == f"cannot make folder {folders[0]}: Not a directory"

@@ -406,6 +406,46 @@ def test_call_stage_whose_worker_dies_fails_alone_and_the_pool_recovers(
     assert load_json(run_dir / "stages/later/output.json")["data"] == {"y": 4}
 
 
+def test_sharded_call_stage_with_a_retry_keeps_each_shard_folder_whole(
+    spool: Path, chute: Chute, write_spec: Spec, tmp_path: Path
+) -> None:
+    """A first call: attempt has its folders made by its worker; a retry's by the engine."""
+    (tmp_path / "flaky.py").write_text(
+        "import os\n"
+        "def work(ctx):\n"
+        "    mark = os.path.join(ctx.artifacts, 'tried')\n"
+        "    first = not os.path.exists(mark)\n"
+        "    open(mark, 'w').close()\n"
+        "    print('attempt of', ctx.shard_index)\n"
+        "    if first and ctx.shard_index == 1:\n"
+        "        raise RuntimeError('first try fails')\n"
+        "    return {'i': ctx.shard_index}\n"
+    )
+    spec = write_spec(
+        "flaky.yaml",
+        pipeline(
+            "flaky",
+            '- {name: s, call: "flaky:work", shards: 3, retries: {max: 1, delay: 0s}}',
+            extra=f"  workdir: {tmp_path}\n",
+        ),
+    )
+    done = chute("run", str(spec))
+    assert done.code == 0, done.err
+    run_dir = latest(spool)
+    assert [len(u["attempts"]) for u in stages(run_dir)["s"]["shards"]] == [1, 2, 1]
+    for i in range(3):
+        shard = run_dir / "stages" / "s" / str(i)
+        out = load_json(shard / "output.json")
+        assert out["data"] == {"i": i}
+        assert out["artifacts"] == [
+            {"name": "tried", "path": "artifacts/tried", "type": "application/octet-stream"}
+        ]
+    log = (run_dir / "stages" / "s" / "1" / "log").read_text()
+    assert log.count("attempt of 1") == 2
+    assert "--- chute: attempt 2 at " in log
+    check_run_files(run_dir)
+
+
 def test_show_and_logs_print_the_summary_and_the_stage_log(
     spool: Path, chute: Chute, write_spec: Spec
 ) -> None:

@@ -44,6 +44,7 @@ class Task:
     env: Mapping[str, str]  # run: the complete environment; call: set around the call
     cwd: str | None = None
     timeout: float | None = None  # seconds on the monotonic clock, from start
+    folders: tuple[str, ...] = ()  # to make (parents first) before the task starts, if missing
     command: str | tuple[str, ...] | None = None  # run: str -> /bin/sh -c, tuple -> argv
     call: str | None = None  # call: "module:function"
     kwargs: Mapping[str, Any] = field(default_factory=dict)  # call: with + inputs

@@ -61,11 +61,13 @@ from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Result, Task
 from chute.runner import (
     DEFAULT_LOG_LIMIT,
     TASK_KEY_VAR,
+    SpawnError,
     StopReason,
     cap_note,
     children_of,
     describe_end,
     kill,
+    make_folders,
     stop_message,
 )
 
@@ -110,10 +112,12 @@ def _affinity(cores: tuple[int, ...]) -> Iterator[None]:
 @contextlib.contextmanager
 def _output_to(path: str) -> Iterator[None]:
     """fds 1 and 2, sys.stdout/err and a root logging handler all append to `path`."""
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:  # the engine makes the folder; other callers may not
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, flags, 0o644)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -276,6 +280,10 @@ def _run_call(task: Task, grace: float) -> Reply:
     env = dict(task.env)
     env[TASK_KEY_VAR] = task.key
     with contextlib.ExitStack() as stack:
+        try:
+            make_folders(task)
+        except SpawnError as exc:
+            return 1, str(exc), None
         try:
             stack.enter_context(_output_to(task.log_path))
         except OSError as exc:

@@ -149,6 +149,17 @@ def cap_note(limit: int) -> bytes:
     return CAP_NOTE.format(limit=format_size(limit)).encode()
 
 
+def make_folders(task: Task) -> None:
+    """The folders the task asked for (Task.folders), those missing; SpawnError says why not."""
+    for folder in task.folders:
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise SpawnError(f"cannot make folder {folder}: {exc.strerror}") from None
+
+
 def open_log(path: str) -> int:
     """A descriptor at the end of `path`, creating its folder; SpawnError says why not.
 
@@ -390,6 +401,7 @@ def spawn(
     argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
     env = dict(task.env)
     env[TASK_KEY_VAR] = task.key
+    make_folders(task)
     out = LogPipe(task.key, task.log_path, log_limit)
     try:
         # Affinity is per thread on Linux and a child inherits its parent thread's mask at
