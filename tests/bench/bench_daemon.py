@@ -20,6 +20,7 @@
    (`cpus: 1`, Jobs `run: "sleep 1"`), read once incoming/ is empty or queue/ holds them
    all; then SIGTERM (`stop_timeout: 1s`), which leaves the runs interrupted.
 
+The package is byte-compiled first, as an install leaves it (benchenv.py).
 Drops are written as `.<name>.tmp` in a staging folder beside the spool (same filesystem)
 and renamed into incoming/, so the clock covers renames only and the daemon sees one
 IN_MOVED_TO per drop. Every measurement gets a fresh temp spool and its own daemon;
@@ -55,6 +56,7 @@ from watchdog.observers.inotify_c import InotifyConstants, inotify_add_watch, in
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "daemon"))
 
+import benchenv  # noqa: E402
 import ownfs  # noqa: E402
 
 from chute.daemon import MAX_ACTIVE_RUNS  # noqa: E402  (the daemon's backpressure limit)
@@ -84,8 +86,7 @@ class Daemon:
         (self.tmp / "chute.yaml").write_text(config)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.tmp / "notify.sock"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHUTE_")}
-        env["PYTHONPATH"] = str(REPO / "daemon")
+        env = benchenv.env()
         env["NOTIFY_SOCKET"] = str(self.tmp / "notify.sock")
         env.pop("JOURNAL_STREAM", None)
         cmd = [sys.executable, *prefix, "-m", "chute", "daemon"]
@@ -492,6 +493,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=None, help="runs of each (default 3, quick 1)")
     ap.add_argument("--profile", type=Path, help="profile one burst into this file instead")
     args = ap.parse_args()
+    benchenv.prepare()
     jobs, files = (300, 2000) if args.quick else (1000, 10_000)
     drops = 500
     n = args.repeat or (1 if args.quick else 3)

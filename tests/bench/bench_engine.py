@@ -11,7 +11,8 @@
 
 chute is timed as the whole `chute run` command (interpreter start, validation, durable
 run folder, every output.json and manifest fsynced); the table gives the per-stage
-overhead above the floor. Each case runs twice: with the spool on the root filesystem
+overhead above the floor (the package byte-compiled first, as an install leaves it:
+benchenv.py). Each case runs twice: with the spool on the root filesystem
 (`sync: auto` fsyncs each file and folder there), and on a fresh filesystem of its own
 with `sync: syncfs` (ownfs.py; left out, with the reason, where it cannot be mounted).
 """
@@ -31,18 +32,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_funcs  # noqa: E402
+import benchenv  # noqa: E402
 import ownfs  # noqa: E402
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO / "daemon")
-    return e
 
 
 def chute_run(spec: Path, spool: Path, config: Path) -> float:
@@ -60,7 +55,7 @@ def chute_run(spec: Path, spool: Path, config: Path) -> float:
             "--config",
             str(config),
         ],
-        env=env(),
+        env=benchenv.env(),
         capture_output=True,
         text=True,
     )
@@ -171,6 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    benchenv.prepare()
     work = Path(tempfile.mkdtemp(prefix="chute-bench-"))
     config = work / "chute.yaml"
     config.write_text("cpus: 2\n")
