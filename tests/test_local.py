@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
+import subprocess
 import textwrap
 import threading
 import time
@@ -658,3 +661,38 @@ def test_folder_that_cannot_be_made_is_a_failed_result(
     make = run_task if kind == "run" else call_task
     executor.start(make(tmp_path, "t", "true" if kind == "run" else "m:f", folders=folders))
     assert one(executor, "t").error == f"cannot make folder {folders[0]}: Not a directory"
+
+
+@pytest.fixture
+def full_fs(tmp_path: Path) -> Any:
+    """A tmpfs of 64 inodes, all used: making a folder there fails with ENOSPC."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=64", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        with contextlib.suppress(OSError):
+            for i in range(1000):
+                (mnt / f"f{i}").touch()
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("kind", ["run", "call"])
+def test_folders_that_find_no_room_lose_the_task_uncharged(
+    executor: LocalExecutor, tmp_path: Path, full_fs: Path, kind: str
+) -> None:
+    folder = full_fs / "stage"
+    make = run_task if kind == "run" else call_task
+    executor.start(make(tmp_path, "t", "true" if kind == "run" else "m:f", folders=(str(folder),)))
+    r = one(executor, "t")
+    assert r.error == f"cannot make folder {folder}: No space left on device"
+    assert (r.lost, r.no_room) == (True, errno.ENOSPC)

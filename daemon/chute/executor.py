@@ -61,6 +61,9 @@ class Result:
     timed_out: bool = False
     cancelled: bool = False
     lost: bool = False  # ended by no fault of its own (a pool broke): rerun without charge
+    # The task did not start: its folders or log could not be made for want of room
+    # (ENOSPC, EDQUOT; with lost=True). The engine starts nothing until the spool has room.
+    no_room: int | None = None  # the errno
 
     @property
     def ok(self) -> bool:

@@ -161,7 +161,7 @@ class LocalExecutor:
                 task, stdin=self._devnull, now=now, grace=self._grace, log_limit=self._log_limit
             )
         except runner.SpawnError as exc:
-            self._results.append(Result(key=task.key, error=str(exc)))
+            self._results.append(exc.result(task.key))
             return
         self._runs[task.key] = proc
         self._leaders[proc.pid] = proc

@@ -74,6 +74,9 @@ from chute.runner import (
 log = logging.getLogger(__name__)
 
 Reply = tuple[int, str | None, bytes | None]  # exit_code, error, output
+# What a worker sends back: a Reply and None, or (1, error, None, errno) for a call that
+# could not start for want of room (SpawnError.no_room).
+Message = tuple[int, str | None, bytes | None, int | None]
 
 # --- inside a worker ---------------------------------------------------------------------
 
@@ -88,12 +91,15 @@ def _worker_main(conn: Connection) -> None:
         if message is None:
             return
         task, grace, log_limit = message
+        out: Message
         try:
-            reply = run_call(task, grace, log_limit)
+            out = (*run_call(task, grace, log_limit), None)
+        except SpawnError as exc:
+            out = (1, str(exc), None, exc.no_room)
         except Exception as exc:  # noqa: BLE001 - a chute bug: say so in the Result, keep serving
             traceback.print_exc()
-            reply = (1, f"chute worker error: {type(exc).__name__}: {exc}", None)
-        conn.send(reply)
+            out = (1, f"chute worker error: {type(exc).__name__}: {exc}", None, None)
+        conn.send(out)
 
 
 @contextlib.contextmanager
@@ -266,7 +272,8 @@ def cap_log(path: str, limit: int) -> None:
 
 
 def run_call(task: Task, grace: float, log_limit: int = DEFAULT_LOG_LIMIT) -> Reply:
-    """Run one call: task in this (worker) process and return its Reply."""
+    """Run one call: task in this (worker) process and return its Reply; SpawnError when
+    its folders or log cannot be made."""
     try:
         return _run_call(task, grace)
     finally:
@@ -280,14 +287,12 @@ def _run_call(task: Task, grace: float) -> Reply:
     env = dict(task.env)
     env[TASK_KEY_VAR] = task.key
     with contextlib.ExitStack() as stack:
-        try:
-            make_folders(task)
-        except SpawnError as exc:
-            return 1, str(exc), None
+        make_folders(task)
         try:
             stack.enter_context(_output_to(task.log_path))
         except OSError as exc:
-            return 1, f"cannot open log {exc.filename or task.log_path}: {exc.strerror}", None
+            path = exc.filename or task.log_path
+            raise SpawnError(f"cannot open log {path}: {exc.strerror}", exc.errno) from None
         stack.enter_context(_affinity(task.cores))
         stack.enter_context(_environment(env))
         stack.enter_context(_code_paths(task.cwd, env.get("PYTHONPATH")))
@@ -498,14 +503,17 @@ class Pool:
     def _on_reply(self, w: _Worker) -> None:
         assert w.conn is not None
         try:
-            exit_code, error, output = w.conn.recv()
+            exit_code, error, output, no_room = w.conn.recv()
         except (EOFError, OSError):
             self._close_conn(w)  # the worker is gone; its sentinel tells how
             return
         task = w.task
         if task is None or w.reason is not None:
             return  # a late reply of a task we already stopped: its end comes from _on_exit
-        self._emit(Result(key=task.key, exit_code=exit_code, error=error, output=output))
+        if no_room is not None:
+            self._emit(SpawnError(error or "", no_room).result(task.key))
+        else:
+            self._emit(Result(key=task.key, exit_code=exit_code, error=error, output=output))
         w.task = None
         w.deadline = None
         if w.dead:

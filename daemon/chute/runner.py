@@ -68,8 +68,19 @@ TASK_KEY_VAR = "CHUTE_TASK_KEY"
 StopReason = Literal["timeout", "cancel"]
 
 
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
 class SpawnError(Exception):
     """The task could not be started; the message is the Result's error."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.no_room = errno_ if errno_ in NO_ROOM else None
+
+    def result(self, key: str) -> Result:
+        """The Result of a task that could not start: failed, or lost for want of room."""
+        return Result(key=key, error=str(self), lost=self.no_room is not None, no_room=self.no_room)
 
 
 def span(seconds: float) -> str:
@@ -157,7 +168,7 @@ def make_folders(task: Task) -> None:
         except FileExistsError:
             pass
         except OSError as exc:
-            raise SpawnError(f"cannot make folder {folder}: {exc.strerror}") from None
+            raise SpawnError(f"cannot make folder {folder}: {exc.strerror}", exc.errno) from None
 
 
 def open_log(path: str) -> int:
@@ -173,7 +184,9 @@ def open_log(path: str) -> int:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             fd = os.open(path, flags, 0o644)
     except OSError as exc:
-        raise SpawnError(f"cannot open log {exc.filename or path}: {exc.strerror}") from None
+        raise SpawnError(
+            f"cannot open log {exc.filename or path}: {exc.strerror}", exc.errno
+        ) from None
     os.lseek(fd, 0, os.SEEK_END)
     return fd
 

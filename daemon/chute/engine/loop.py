@@ -445,12 +445,10 @@ class Engine:
         stage = graph.stages[unit.stage]
         spec = stage.spec
         attempt_no = len(unit.attempts) + 1
-        # A first `call:` attempt that needs no file in its folder beforehand has the folder
-        # made by its worker: two fewer file-system creates on the loop per stage.
-        leave_folders = (
-            spec.call is not None and attempt_no == 1 and not unit.fallback and not spec.depends_on
-        )
-        if leave_folders:
+        # A first attempt that needs no file in its folder beforehand has the folder made by
+        # the executor (the spawner thread, the call worker): two fewer file-system creates
+        # on the loop per task, each ~0.2 ms here while the writer thread syncs.
+        if attempt_no == 1 and not unit.fallback and not spec.depends_on:
             folder, made = _folders(run, spec.name, unit.shard)
         else:
             folder, made = self._stage_folder(run, spec.name, unit.shard), ()
@@ -611,6 +609,9 @@ class Engine:
             return
         run, unit, _ = entry
         self._take_folders(run, result.key)
+        if result.no_room is not None:  # the task did not start: wait for room, then rerun
+            err = OSError(result.no_room, os.strerror(result.no_room))
+            self._disk_trouble(err, f"making the folders of {result.key}")
         now = self.clock.monotonic()
         wall = self.clock.time()
         data: Any = None
