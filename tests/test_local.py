@@ -663,6 +663,49 @@ def test_folder_that_cannot_be_made_is_a_failed_result(
     assert one(executor, "t").error == f"cannot make folder {folders[0]}: Not a directory"
 
 
+def test_a_worker_runs_each_call_on_that_calls_cores(make_executor: Any, tmp_path: Path) -> None:
+    """A worker stays where its last call ran; the next call moves it if it needs to, and a
+    call without cores gets every CPU the worker had at its start."""
+    ex = make_executor(max_workers=1)
+    write_module(
+        tmp_path,
+        "where",
+        "import os\ndef run():\n    return {'cores': sorted(os.sched_getaffinity(0))}\n",
+    )
+    everything = sorted(os.sched_getaffinity(0))
+    seen = []
+    for i, cores in enumerate([(1,), (1,), (), (0,)]):
+        ex.start(call_task(tmp_path, f"t{i}", "where:run", cores=cores))
+        r = one(ex, f"t{i}")
+        assert r.output is not None, r.error
+        seen.append(orjson.loads(r.output)["cores"])
+    assert seen == [[1], [1], everything, [0]]
+
+
+def test_an_idle_worker_already_on_the_calls_cores_takes_it(
+    make_executor: Any, tmp_path: Path
+) -> None:
+    ex = make_executor(max_workers=2)
+    write_module(
+        tmp_path,
+        "who",
+        "import os, time\ndef run(s):\n    time.sleep(s)\n    return {'pid': os.getpid()}\n",
+    )
+
+    def pid_of(r: Result) -> int:
+        assert r.output is not None, r.error
+        return int(orjson.loads(r.output)["pid"])
+
+    ex.start(call_task(tmp_path, "a", "who:run", cores=(0,), kwargs={"s": 0.3}))
+    ex.start(call_task(tmp_path, "b", "who:run", cores=(1,), kwargs={"s": 0.3}))
+    both = results(ex, "a", "b")
+    on = {0: pid_of(both["a"]), 1: pid_of(both["b"])}
+    assert on[0] != on[1]
+    for i, core in enumerate([1, 0, 0, 1]):
+        ex.start(call_task(tmp_path, f"t{i}", "who:run", cores=(core,), kwargs={"s": 0}))
+        assert pid_of(one(ex, f"t{i}")) == on[core]
+
+
 @pytest.fixture
 def full_fs(tmp_path: Path) -> Any:
     """A tmpfs of 64 inodes, all used: making a folder there fails with ENOSPC."""
