@@ -18,7 +18,8 @@ import psutil
 import pytest
 
 import fixtures_procs
-from chute.executor import MAX_OUTPUT_BYTES, Context, Result, Task
+from chute import outputs
+from chute.executor import MAX_OUTPUT_BYTES, Context, Mark, Result, Task
 from chute.local import LocalExecutor
 from fixtures_procs import ManualClock, wait_for
 
@@ -739,3 +740,59 @@ def test_folders_that_find_no_room_lose_the_task_uncharged(
     r = one(executor, "t")
     assert r.error == f"cannot make folder {folder}: No space left on device"
     assert (r.lost, r.no_room) == (True, errno.ENOSPC)
+
+
+def mark_for(stage_dir: Path, run_dir: Path) -> Mark:
+    return Mark(
+        path=str(stage_dir / "output.json"),
+        run_dir=str(run_dir),
+        stage="s",
+        version="3",
+        input_hash="in",
+        started_at=time.time(),
+    )
+
+
+def test_a_succeeded_call_leaves_its_done_mark(executor: LocalExecutor, tmp_path: Path) -> None:
+    stage = tmp_path / "run" / "stages" / "s"
+    write_module(
+        tmp_path,
+        "m",
+        """
+        import os
+        def run(ctx):
+            open(os.path.join(ctx.artifacts, "a.csv"), "w").close()
+            return {"n": 1}
+        """,
+    )
+    ctx = Context("r", "s", str(stage / "artifacts"), None, None, None, ())
+    folders = (str(tmp_path / "run"), str(tmp_path / "run" / "stages"), str(stage), ctx.artifacts)
+    mark = mark_for(stage, tmp_path / "run")
+    executor.start(call_task(tmp_path, "t", "m:run", context=ctx, folders=folders, mark=mark))
+    r = one(executor, "t")
+    assert r.ok, r.error
+    assert r.done == (stage / "output.json").read_bytes()
+    doc = orjson.loads(r.done)
+    assert doc["data"] == {"n": 1}
+    assert doc["artifacts"] == [{"name": "a.csv", "path": "artifacts/a.csv", "type": "text/csv"}]
+    meta = doc["_meta"]
+    assert (meta["stage"], meta["version"], meta["input_hash"]) == ("s", "3", "in")
+    assert meta["output_hash"] == r.output_hash == outputs.data_hash({"n": 1})
+    assert 0 <= meta["duration_seconds"] < 20
+
+
+def test_a_call_whose_artifact_links_out_fails_and_leaves_no_mark(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    stage = tmp_path / "run" / "stages" / "s"
+    (stage / "artifacts").mkdir(parents=True)
+    (stage / "artifacts" / "passwd").symlink_to("/etc/passwd")
+    write_module(tmp_path, "m", "def run():\n    return {'n': 1}\n")
+    mark = mark_for(stage, tmp_path / "run")
+    executor.start(call_task(tmp_path, "t", "m:run", mark=mark))
+    r = one(executor, "t")
+    assert not r.ok
+    assert r.error is not None
+    assert r.error.startswith("artifact 'passwd' links outside the run folder")
+    assert r.done is None
+    assert not (stage / "output.json").exists()

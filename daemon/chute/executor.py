@@ -33,6 +33,20 @@ class Context:
 
 
 @dataclass(frozen=True, slots=True)
+class Mark:
+    """A call: task's done-mark, which its worker writes when the call succeeds: the
+    stage's output.json (chute.outputs.document), put in place but not synced (the engine
+    syncs it, as the ones it writes). The Result then carries it in `done`."""
+
+    path: str  # the stage's (or shard's) output.json
+    run_dir: str  # no artifact may link outside it
+    stage: str
+    version: str
+    input_hash: str | None
+    started_at: float  # epoch seconds, the attempt's start (for duration_seconds)
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     """One attempt of one stage (or shard) on given cores."""
 
@@ -49,6 +63,7 @@ class Task:
     call: str | None = None  # call: "module:function"
     kwargs: Mapping[str, Any] = field(default_factory=dict)  # call: with + inputs
     context: Context | None = None  # call: passed as ctx= if the function takes it
+    mark: Mark | None = None  # call: write the done-mark on success (see Mark)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +79,8 @@ class Result:
     # The task did not start: its folders or log could not be made for want of room
     # (ENOSPC, EDQUOT; with lost=True). The engine starts nothing until the spool has room.
     no_room: int | None = None  # the errno
+    done: bytes | None = None  # the done-mark the executor put in place (Task.mark)
+    output_hash: str | None = None  # with `done`: the hash of the output's data
 
     @property
     def ok(self) -> bool:

@@ -51,13 +51,15 @@ from collections.abc import Callable, Iterator
 from multiprocessing import forkserver, resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import orjson
 import psutil
 
+from chute import atomic, outputs
 from chute.clock import Clock
-from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Result, Task
+from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Mark, Result, Task
 from chute.runner import (
     DEFAULT_LOG_LIMIT,
     TASK_KEY_VAR,
@@ -74,9 +76,9 @@ from chute.runner import (
 log = logging.getLogger(__name__)
 
 Reply = tuple[int, str | None, bytes | None]  # exit_code, error, output
-# What a worker sends back: a Reply and None, or (1, error, None, errno) for a call that
-# could not start for want of room (SpawnError.no_room).
-Message = tuple[int, str | None, bytes | None, int | None]
+# What a worker sends back: a Reply, then the errno of a call that could not start for
+# want of room (SpawnError.no_room), the done-mark it put in place and its data's hash.
+Message = tuple[int, str | None, bytes | None, int | None, bytes | None, str | None]
 
 # --- inside a worker ---------------------------------------------------------------------
 
@@ -93,13 +95,47 @@ def _worker_main(conn: Connection) -> None:
         task, grace, log_limit = message
         out: Message
         try:
-            out = (*run_call(task, grace, log_limit), None)
+            exit_code, error, output = run_call(task, grace, log_limit)
+            done = output_hash = None
+            if exit_code == 0 and error is None and task.mark is not None:
+                error, done, output_hash = leave_mark(task.mark, output)
+            out = (exit_code, error, output, None, done, output_hash)
         except SpawnError as exc:
-            out = (1, str(exc), None, exc.no_room)
+            out = (1, str(exc), None, exc.no_room, None, None)
         except Exception as exc:  # noqa: BLE001 - a chute bug: say so in the Result, keep serving
             traceback.print_exc()
-            out = (1, f"chute worker error: {type(exc).__name__}: {exc}", None, None)
+            out = (1, f"chute worker error: {type(exc).__name__}: {exc}", None, None, None, None)
         conn.send(out)
+
+
+def leave_mark(mark: Mark, output: bytes | None) -> tuple[str | None, bytes | None, str | None]:
+    """Write a succeeded call's done-mark: (error, the output.json, its data's hash).
+
+    The error is an artifact linking out of the run (the call then fails, as the engine
+    would fail it). The mark is left to the engine (None) when it cannot be written here:
+    the engine's writes know how to wait for a full disk.
+    """
+    folder = Path(mark.path).parent
+    listing, escape = outputs.scan_artifacts(folder / "artifacts", folder, Path(mark.run_dir))
+    if escape is not None:
+        return escape, None, None
+    data = orjson.loads(output) if output else None
+    output_hash = outputs.data_hash(data)
+    blob = outputs.document(
+        stage=mark.stage,
+        version=mark.version,
+        created_at=time.time(),
+        started_at=mark.started_at,
+        input_hash=mark.input_hash,
+        data=data,
+        artifacts=listing,
+        output_hash=output_hash,
+    )
+    try:
+        atomic.write_volatile(Path(mark.path), blob)
+    except OSError:
+        return None, None, None
+    return None, blob, output_hash
 
 
 _home: set[int] = set()  # the worker's CPUs when it started: a call without cores runs there
@@ -514,7 +550,7 @@ class Pool:
     def _on_reply(self, w: _Worker) -> None:
         assert w.conn is not None
         try:
-            exit_code, error, output, no_room = w.conn.recv()
+            exit_code, error, output, no_room, done, output_hash = w.conn.recv()
         except (EOFError, OSError):
             self._close_conn(w)  # the worker is gone; its sentinel tells how
             return
@@ -524,7 +560,16 @@ class Pool:
         if no_room is not None:
             self._emit(SpawnError(error or "", no_room).result(task.key))
         else:
-            self._emit(Result(key=task.key, exit_code=exit_code, error=error, output=output))
+            self._emit(
+                Result(
+                    key=task.key,
+                    exit_code=exit_code,
+                    error=error,
+                    output=output,
+                    done=done,
+                    output_hash=output_hash,
+                )
+            )
         w.task = None
         w.deadline = None
         if w.dead:

@@ -17,10 +17,9 @@ folder propagates (the caller logs the path and errno).
 from __future__ import annotations
 
 import bisect
-import hashlib
+import contextlib
 import logging
 import math
-import mimetypes
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from chute import allocator, atomic
 from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.engine import cache
 from chute.engine.dag import STAGE_FINAL, STAGE_OK, RunGraph, StageRun, Unit
-from chute.executor import Context, Executor, Result, Task
+from chute.executor import Context, Executor, Mark, Result, Task
+from chute.outputs import data_hash, digest, document, scan_artifacts
 from chute.spec.model import Pipeline, Stage
 from chute.spool import Spool
 from chute.topology import Topology, format_cpulist
@@ -105,49 +105,6 @@ def resolve_input(ref: str, upstream: dict[str, Any]) -> Any:
     return value
 
 
-def _hash(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()
-
-
-def scan_artifacts(
-    folder: Path, stage_folder: Path, run_dir: Path
-) -> tuple[list[dict[str, str]], str | None]:
-    """One pass over a task's artifacts: the listing for output.json (paths relative to the
-    stage folder) and, if any, the error for the first link that points outside the run.
-
-    Artifacts are files the run owns; a link out (`../../etc/passwd`) would let whatever
-    reads, copies or serves a run's artifacts reach the rest of the machine.
-    """
-    listing: list[dict[str, str]] = []
-    root = ""
-    pending = [str(folder)]
-    while pending:
-        try:
-            entries = sorted(os.scandir(pending.pop()), key=lambda e: e.name, reverse=True)
-        except FileNotFoundError:
-            continue
-        for e in entries:
-            if e.is_symlink():
-                root = root or os.path.realpath(run_dir)
-                target = os.path.realpath(e.path)
-                if os.path.commonpath([root, target]) != root:
-                    rel = os.path.relpath(e.path, folder)
-                    return listing, (
-                        f"artifact {rel!r} links outside the run folder (to "
-                        f"{os.readlink(e.path)}); write the file into $CHUTE_ARTIFACTS "
-                        "instead of linking to it"
-                    )
-            if e.is_dir(follow_symlinks=False):
-                pending.append(e.path)
-                continue
-            kind = mimetypes.guess_type(e.name)[0] or "application/octet-stream"
-            listing.append(
-                {"name": e.name, "path": os.path.relpath(e.path, stage_folder), "type": kind}
-            )
-    listing.sort(key=lambda a: a["path"])
-    return listing, None
-
-
 class Engine:
     """Drives runs: call `step()`, wait in `executor.poll(timeout)`, pass results to `handle`."""
 
@@ -182,6 +139,7 @@ class Engine:
         self._synced: list[Path] = []  # in place already, to fsync with the next commit
         self._new_dirs: set[Path] = set()
         self._left_folders: dict[str, tuple[Path, ...]] = {}  # task key -> Task.folders
+        self._marks: dict[str, str] = {}  # task key -> the output.json its worker may write
         self._committer = atomic.Committer(syncfs=syncfs)
         self._purge = False  # units in _waiting may have left the waiting state
         self.draining = False  # stopping: start nothing new, let running tasks end
@@ -322,6 +280,7 @@ class Engine:
         self._queue.clear()
         self._running.clear()
         self._left_folders.clear()
+        self._marks.clear()
         self._flush(self.clock.monotonic())
         self._committer.flush()
         return left
@@ -423,11 +382,11 @@ class Engine:
             run.made.add(folder)
         return folder
 
-    def _take_folders(self, run: ActiveRun, key: str) -> None:
-        """Take over the folders the executor made for task `key` (Task.folders): their
-        names are synced with the task's output, like those of folders made here."""
-        made = self._left_folders.pop(key, ())
-        if made and made[-1].is_dir():  # a task that never started made none
+    def _take_folders(self, run: ActiveRun, result: Result) -> None:
+        """Take over the folders the executor made for a task (Task.folders): their names
+        are synced with the task's output, like those of folders made here."""
+        made = self._left_folders.pop(result.key, ())
+        if made and (result.ok or made[-1].is_dir()):  # a task that never started made none
             self._new_dirs.update(f.parent for f in made)
             run.made.add(made[-1].parent)
 
@@ -468,7 +427,7 @@ class Engine:
         inputs_blob = (
             orjson.dumps({"inputs": inputs, "upstream": upstream}) if spec.depends_on else None
         )
-        unit.input_hash = _hash(inputs_blob or EMPTY_INPUTS)
+        unit.input_hash = digest(inputs_blob or EMPTY_INPUTS)
         if inputs_blob is None:
             inputs_path = self._empty_inputs_file()
         else:
@@ -516,6 +475,19 @@ class Engine:
                 f.write(f"--- chute: {what} at {rfc3339(wall)} ---\n".encode())
         graph.start(unit, grant.cores, wall)
         key = unit.key
+        mark = None
+        if call is not None and not unit.fallback:
+            # The worker writes the done-mark itself when the call succeeds: one file
+            # fewer for the loop to create per stage; it is synced here, as ours would be.
+            mark = Mark(
+                path=str(folder / "output.json"),
+                run_dir=str(run.dir),
+                stage=spec.name,
+                version=spec.version,
+                input_hash=unit.input_hash,
+                started_at=wall,
+            )
+            self._marks[key] = mark.path
         task = Task(
             key=key,
             kind="run" if run_cmd is not None else "call",
@@ -526,6 +498,7 @@ class Engine:
             cwd=spec.workdir or str(folder),
             timeout=spec.timeout,
             folders=tuple(map(str, made)),
+            mark=mark,
             command=run_cmd,
             call=call,
             kwargs={**kwargs, **inputs},
@@ -608,7 +581,7 @@ class Engine:
             log.debug("result for unknown task %s", result.key)
             return
         run, unit, _ = entry
-        self._take_folders(run, result.key)
+        self._take_folders(run, result)
         if result.no_room is not None:  # the task did not start: wait for room, then rerun
             err = OSError(result.no_room, os.strerror(result.no_room))
             self._disk_trouble(err, f"making the folders of {result.key}")
@@ -617,7 +590,7 @@ class Engine:
         data: Any = None
         output_hash: str | None = None
         listing: list[dict[str, str]] = []
-        if result.ok:
+        if result.ok and result.done is None:
             folder = self._stage_folder(run, unit.stage, None if unit.fallback else unit.shard)
             listing, escape = scan_artifacts(folder / "artifacts", folder, run.dir)
             if escape is not None:
@@ -630,7 +603,12 @@ class Engine:
                     key=result.key, exit_code=result.exit_code, error=f"output is not JSON: {exc}"
                 )
             else:
-                output_hash = _hash(orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
+                output_hash = result.output_hash or data_hash(data)
+        elif self._marks.get(result.key):
+            # A call stopped (cancelled) after its worker left the done-mark: not done.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._marks[result.key])
+        self._marks.pop(result.key, None)
         graph = run.graph
         stage = graph.stages[unit.stage]
         self._check.add(run.run_id)
@@ -643,7 +621,11 @@ class Engine:
         blob: bytes | None = None
         if unit.state == "succeeded":
             folder = self._stage_folder(run, unit.stage, None if unit.fallback else unit.shard)
-            blob = self._write_output(folder, stage.spec, unit.data, unit, wall, listing)
+            if result.done is not None:  # in place (Task.mark): to be made durable
+                blob = result.done
+                self._synced.append(folder / "output.json")
+            else:
+                blob = self._write_output(folder, stage.spec, unit.data, unit, wall, listing)
         if stage.state in STAGE_FINAL:
             self._stage_finished(run, stage, wall, blob)
         if self.events is not None:
@@ -688,20 +670,16 @@ class Engine:
         wall: float,
         artifacts: list[dict[str, str]],
     ) -> bytes:
-        started = unit.started_at if unit is not None else None
-        doc = {
-            "_meta": {
-                "stage": spec.name,
-                "version": spec.version,
-                "created_at": rfc3339(wall),
-                "duration_seconds": None if started is None else round(wall - started, 6),
-                "input_hash": unit.input_hash if unit is not None else None,
-                "output_hash": _hash(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)),
-            },
-            "data": data,
-            "artifacts": artifacts,
-        }
-        blob = atomic.dumps(doc)
+        blob = document(
+            stage=spec.name,
+            version=spec.version,
+            created_at=wall,
+            started_at=unit.started_at if unit is not None else None,
+            input_hash=unit.input_hash if unit is not None else None,
+            data=data,
+            artifacts=artifacts,
+            output_hash=unit.output_hash if unit is not None else None,
+        )
         # Handover: this output.json is the stage's done-mark. It is in place before any
         # dependent starts (a restart after the daemon dies never runs the stage again) and
         # durable before the next manifest that names it (the committer syncs it first).
@@ -727,7 +705,7 @@ class Engine:
             blob = self._write_output(
                 folder, spec, stage.data, None, wall, _shard_artifacts(folder, run.dir)
             )
-            stage.output_hash = _hash(orjson.dumps(stage.data, option=orjson.OPT_SORT_KEYS))
+            stage.output_hash = data_hash(stage.data)
         if spec.cache and stage.cache is not None and blob is not None:
             entry = cache.entry_path(self.spool.cache, stage.cache["key"])
             entry.parent.mkdir(parents=True, exist_ok=True)
