@@ -796,3 +796,27 @@ def test_a_call_whose_artifact_links_out_fails_and_leaves_no_mark(
     assert r.error.startswith("artifact 'passwd' links outside the run folder")
     assert r.done is None
     assert not (stage / "output.json").exists()
+
+
+def test_a_task_cancelled_before_its_spawn_is_registered_ends_cancelled(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    executor.start(run_task(tmp_path, "t", "sleep 30"))
+    executor.cancel("t")  # the spawner thread may not even have started it yet
+    r = one(executor, "t", timeout=15)
+    assert r.cancelled
+    assert r.error is not None
+    assert r.error.startswith("cancelled")
+
+
+def test_spawner_threads_are_kept_for_the_most_recent_core_sets(
+    make_executor: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("chute.local.MAX_SPAWNERS", 2)
+    ex = make_executor()
+    for i, cores in enumerate([(0,), (1,), (0, 1), (), (1,)]):
+        ex.start(run_task(tmp_path, f"t{i}", "true", cores=cores))
+        assert one(ex, f"t{i}").ok
+        spawners = [t.name for t in threading.enumerate() if t.name.startswith("chute-spawn-")]
+        assert len(spawners) <= 2
+    assert sorted(spawners) == ["chute-spawn-1", "chute-spawn-any"]

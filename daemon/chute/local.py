@@ -39,11 +39,16 @@ Crash safety: nothing durable is written here; if the daemon dies, its children 
 reparented to init (or systemd), and recovery after a restart is the engine's business.
 Diagnostics: task failures are Results; an orphan that survives SIGKILL is one ERROR line
 with its pid; a chute bug raises out of poll().
+Spawning: run: tasks are started by spawner threads, one per core set and pinned to it
+(_Spawner), so neither the wait for a child's exec nor the pinning is the loop's; what
+they started is registered by the loop (a pidfd and the output pipe in the selector)
+before the next sweep looks at our children.
 Limits: start, cancel, poll and close are called from one thread (the loop); wake from any
 thread or a signal handler. One LocalExecutor per process (a second one would take the
-first one's tasks for orphans). The thread calling start must not block signals (children
-inherit the mask, and a task with SIGTERM blocked only dies by SIGKILL), and SIGCHLD must
-not be set to SIG_IGN (the kernel would reap our children before we see their status).
+first one's tasks for orphans). The loop's thread must not block signals (the spawner
+threads it creates inherit its mask, children inherit theirs, and a task with SIGTERM
+blocked only dies by SIGKILL), and SIGCHLD must not be set to SIG_IGN (the kernel would
+reap our children before we see their status).
 Timeouts of queued call: tasks count from when a worker takes them. A double-forked
 process of a call: task (reparented to us, in the daemon's process group) that exits
 before a sweep sees it stays a zombie: the sweep does not reap in the daemon's group.
@@ -53,11 +58,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
+import queue
 import selectors
 import signal
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,12 +77,14 @@ from chute.clock import Clock
 from chute.executor import Result, Task
 from chute.pool import Pool
 from chute.runner import RunProcess
+from chute.topology import format_cpulist
 
 log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
 DRAIN_LIMIT = 5.0  # seconds after SIGKILL we wait for a task's leftovers before giving up
 SWEEP_EVERY = 0.1  # seconds between sweeps while only tasks' output wakes the loop
+MAX_SPAWNERS = 32  # spawner threads kept (one per core set); the least recently used goes
 
 _subreaper_done = False
 
@@ -88,6 +99,54 @@ def become_subreaper() -> None:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
     _subreaper_done = True
+
+
+class _Spawner:
+    """A thread that starts the run: tasks of one core set, pinned to those cores for life.
+
+    Off the loop, because a spawn waits for the child's exec (vfork), and pinning the
+    loop's own thread around it moved the loop to the task's core and back: together
+    ~35% of the loop in a burst of runs, during which it can now record results and
+    take files (the GIL is free while a spawn waits). A thread per core set, because a
+    child inherits its parent thread's affinity: started from a thread already there,
+    a task is pinned without any move (chute.runner.spawn skips the system calls).
+    """
+
+    def __init__(
+        self,
+        cores: tuple[int, ...],
+        spawn: Callable[[Task], RunProcess | Result],
+        out: deque[tuple[str, RunProcess | Result]],
+        notify_fd: int,
+    ):
+        self._cores = cores
+        self._spawn = spawn
+        self._out = out
+        self._notify_fd = notify_fd
+        self._queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        name = f"chute-spawn-{format_cpulist(cores) if cores else 'any'}"
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, task: Task) -> None:
+        self._queue.put(task)
+
+    def stop(self) -> None:
+        """Start nothing more of what is queued; return once the thread is gone."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        if self._cores:
+            with contextlib.suppress(OSError):  # a bad core set fails in each spawn instead
+                os.sched_setaffinity(0, self._cores)
+        while (task := self._queue.get()) is not None:
+            self._out.append((task.key, self._spawn(task)))
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._notify_fd, b"\0")
 
 
 @dataclass(slots=True)
@@ -145,38 +204,32 @@ class LocalExecutor:
             emit=self._results.append,
             log_limit=log_limit,
         )
+        # run: tasks are spawned by threads of their own, one per core set (see _Spawner).
+        self._spawners: dict[tuple[int, ...], _Spawner] = {}  # least recently used first
+        self._spawning: dict[str, bool] = {}  # key → cancelled, until registered
+        self._spawned: deque[tuple[str, RunProcess | Result]] = deque()
+        self._spawned_r, self._spawned_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._spawned_r, selectors.EVENT_READ, self._on_spawned)
         self._closed = False
 
     # --- the Executor protocol -----------------------------------------------------------
 
     def start(self, task: Task) -> None:
-        if task.key in self._runs or task.key in self._pool.live_keys():
-            raise ValueError(f"task {task.key} is already running")
+        key = task.key
+        if key in self._runs or key in self._spawning or key in self._pool.live_keys():
+            raise ValueError(f"task {key} is already running")
         if task.kind == "call":
             self._pool.start(task)
             return
-        now = self._clock.monotonic()
-        try:
-            proc = runner.spawn(
-                task, stdin=self._devnull, now=now, grace=self._grace, log_limit=self._log_limit
-            )
-        except runner.SpawnError as exc:
-            self._results.append(exc.result(task.key))
-            return
-        self._runs[task.key] = proc
-        self._leaders[proc.pid] = proc
-        self._pgids[proc.pgid] = task.key
-        self._selector.register(proc.pidfd, selectors.EVENT_READ, lambda: self._on_leader(proc))
-        self._selector.register(
-            proc.log.read_fd, selectors.EVENT_READ, lambda: self._on_output(proc)
-        )
-        if self._on_spawn is not None:
-            self._on_spawn(task.key, proc.pgid)
+        self._spawning[key] = False
+        self._spawner(task.cores).put(task)
 
     def cancel(self, key: str) -> None:
         proc = self._runs.get(key)
         if proc is not None:
             proc.stop("cancel", self._clock.monotonic())
+        elif key in self._spawning:
+            self._spawning[key] = True  # stopped as soon as it is registered
         else:
             self._pool.cancel(key)
 
@@ -197,6 +250,7 @@ class LocalExecutor:
         if self._closed:
             return
         self._closed = True
+        self._stop_spawners()
         for proc in self._runs.values():
             if proc.running:
                 runner.killpg(proc.pgid, signal.SIGTERM)
@@ -231,12 +285,76 @@ class LocalExecutor:
         for proc in self._runs.values():
             self._end_output(proc)
         self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for fd in (self._wake_r, self._wake_w, self._spawned_r, self._spawned_w):
+            os.close(fd)
         os.close(self._devnull)
         self._runs.clear()
         self._leaders.clear()
         self._results.clear()
+
+    # --- spawning -----------------------------------------------------------------------
+
+    def _spawner(self, cores: tuple[int, ...]) -> _Spawner:
+        spawner = self._spawners.pop(cores, None)
+        if spawner is None:
+            if len(self._spawners) >= MAX_SPAWNERS:
+                self._spawners.pop(next(iter(self._spawners))).stop()
+            spawner = _Spawner(cores, self._spawn, self._spawned, self._spawned_w)
+        self._spawners[cores] = spawner  # now the most recently used
+        return spawner
+
+    def _spawn(self, task: Task) -> RunProcess | Result:
+        """In a spawner's thread: start `task`, or the Result saying why it could not."""
+        try:
+            return runner.spawn(
+                task,
+                stdin=self._devnull,
+                now=self._clock.monotonic(),
+                grace=self._grace,
+                log_limit=self._log_limit,
+            )
+        except runner.SpawnError as exc:
+            return exc.result(task.key)
+        except Exception as exc:  # a chute bug: the task fails, the daemon goes on
+            log.exception("spawning task %s failed", task.key)
+            return Result(key=task.key, error=f"chute error starting the task: {exc}")
+
+    def _on_spawned(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._spawned_r, 512):
+                pass
+        self._register_spawned()
+
+    def _register_spawned(self) -> None:
+        """Take over what the spawners started: watch its process and its output."""
+        while self._spawned:
+            key, outcome = self._spawned.popleft()
+            cancelled = self._spawning.pop(key, False)
+            if isinstance(outcome, Result):
+                self._results.append(outcome)
+                continue
+            proc = outcome
+            self._runs[key] = proc
+            self._leaders[proc.pid] = proc
+            self._pgids[proc.pgid] = key
+            self._selector.register(
+                proc.pidfd, selectors.EVENT_READ, functools.partial(self._on_leader, proc)
+            )
+            self._selector.register(
+                proc.log.read_fd, selectors.EVENT_READ, functools.partial(self._on_output, proc)
+            )
+            if self._on_spawn is not None:
+                self._on_spawn(key, proc.pgid)
+            if cancelled:
+                proc.stop("cancel", self._clock.monotonic())
+
+    def _stop_spawners(self) -> None:
+        """No further spawns; what the spawners started is registered (close ends it)."""
+        for spawner in self._spawners.values():
+            spawner.stop()
+        self._spawners.clear()
+        self._register_spawned()
+        self._spawning.clear()
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -361,7 +479,14 @@ class LocalExecutor:
         return False
 
     def _sweep(self, now: float, closing: bool) -> None:
+        self._register_spawned()
         kids = self._children()
+        # A child a spawner started that this thread has not registered yet leads its own
+        # group and carries a pending task's cookie, or none before its exec: left alone
+        # until it is registered (not taken for an orphan, nor reaped in Popen's place).
+        # The price: while spawns are pending, a zombie that led its own group waits for a
+        # later sweep, and so does a `setsid` escapee that also cleared its environment.
+        pending = bool(self._spawning)
         workers = self._pool.worker_pids()
         for pid in kids:
             if pid in self._leaders or pid in self._orphans or pid in self._spared:
@@ -371,12 +496,14 @@ class LocalExecutor:
             st = runner.proc_stat(pid)
             if st is None:
                 continue
+            cookie = None if st.state == "Z" else runner.task_cookie(pid)
+            if pending and st.pgid == pid and (cookie is None or cookie in self._spawning):
+                continue
             if st.state == "Z":
                 if st.pgid != self._daemon_pgid:  # an orphan that ended on its own
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, os.WNOHANG)
                 continue
-            cookie = runner.task_cookie(pid)
             if cookie is None and st.pgid == self._daemon_pgid:
                 self._spared.add(pid)
                 continue

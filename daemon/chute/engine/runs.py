@@ -13,6 +13,7 @@ import hashlib
 import os
 import pwd
 import shutil
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -29,12 +30,20 @@ from chute.spool import Spool
 REUSABLE = ("succeeded", "cached")
 
 
+USER_TTL = 60.0  # seconds a uid's user name is reused (a lookup reads /etc/passwd)
+_users: dict[int, tuple[str | None, float]] = {}
+
+
 def submitter(uid: int | None = None) -> dict[str, Any]:
     uid = os.getuid() if uid is None else uid
-    try:
-        user: str | None = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        user = None
+    now = time.monotonic()
+    user, at = _users.get(uid, (None, -USER_TTL))
+    if now - at >= USER_TTL:
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = None
+        _users[uid] = (user, now)
     return {"uid": uid, "user": user}
 
 
