@@ -2,19 +2,21 @@
 
 Owns: the worker processes (from a forkserver), their pipes, the queue of call tasks waiting
 for a worker, each call's deadline and SIGTERM → grace → SIGKILL escalation, and what runs
-inside a worker around one call (affinity, log redirection and its cap, environment,
-sys.path, cwd, import, the call, the JSON check). Not here: the selector loop (chute.local,
-which hands this module its selector), `run:` tasks (chute.runner).
+inside a worker around one call (its folders, affinity, log redirection and its cap,
+environment, sys.path, cwd, import, the call, the JSON check, the done-mark). Not here:
+the selector loop (chute.local, which hands this module its selector), `run:` tasks
+(chute.runner).
 
 Data flow (one duplex pipe per worker, so the pool always knows which task a worker runs):
 
     Pool.start ─► queue ─► idle worker ──send(task, grace, log_limit)──► worker: run_call(...)
-    Pool.on_reply ◄──────────recv((exit_code, error, output))────┘
+    Pool.on_reply ◄──recv((exit_code, error, output, no_room, done-mark, hash))──┘
     worker sentinel readable ─► that worker's task fails alone; a new worker on demand
 
 Why not ProcessPoolExecutor: when one of its workers dies, every pending future fails with
 BrokenProcessPool and nothing says which task killed the worker.
-Crash safety: nothing durable is written here; a call's log is appended to (O_APPEND).
+Crash safety: a succeeded call's done-mark (Task.mark) is put in place here, atomically but
+not synced (the engine's group commit syncs it); a call's log is appended to (O_APPEND).
 Diagnostics: the user's mistakes (import errors, exceptions, bad return values) are the
 Result's one-line error, with tracebacks in the task's log, never in the daemon's.
 A chute bug inside the worker is a Result error starting `chute worker error:` and a

@@ -1,10 +1,11 @@
 """One `run:` task as a process group: spawn it pinned, watch its deadline, end it.
 
-Owns: one task's main process (a Popen in its own process group) and its pidfd, the task's
-deadline and its SIGTERM → grace → SIGKILL escalation, the task's output pipe and the copy
-of it into the log up to the log limit (LogPipe), and turning the exit into a Result
-(CHUTE_OUTPUT read, checked and removed). Also the small /proc readers the orphan sweep
-uses (our children, a process's state and group, its CHUTE_TASK_KEY cookie, its tree).
+Owns: one task's folders (Task.folders), its main process (a Popen in its own process
+group) and its pidfd, the task's deadline and its SIGTERM → grace → SIGKILL escalation,
+the task's output pipe and the copy of it into the log up to the log limit (LogPipe), and
+turning the exit into a Result (CHUTE_OUTPUT read, checked and removed). Also the small
+/proc readers the orphan sweep uses (our children, a process's state and group, its
+CHUTE_TASK_KEY cookie, its tree).
 Not here: the selector loop and the orphan sweep (chute.local), `call:` tasks (chute.pool).
 
 The log cap: a task's stdout and stderr are one pipe, not the log file, so a task that

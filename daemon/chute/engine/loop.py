@@ -7,7 +7,9 @@ processes (chute.local), which cores (chute.allocator).
 Crash safety: all writes of one loop step go out in one group commit (chute.atomic), a
 unit's output.json before the manifest that points at it, and a run's final manifest
 before its final run.json. A stage's output.json is its idempotent "done" mark: it is
-written once, after the task ended, so a crash leaves the stage done or not run.
+written once, after the task ended, so a crash leaves the stage done or not run (a call:
+task's worker writes its own, Task.mark, and the engine syncs it like one of its own; a
+first attempt's folders are made by the executor, Task.folders, and synced with it).
 The manifest of a running run is rewritten at most every MANIFEST_INTERVAL seconds, and at
 once when a stage fails or the run ends.
 Diagnostics: a task's own failure is recorded in the manifest; an OSError writing the run
