@@ -481,11 +481,13 @@ class LocalExecutor:
     def _sweep(self, now: float, closing: bool) -> None:
         self._register_spawned()
         kids = self._children()
-        # A child a spawner started that this thread has not registered yet leads its own
-        # group and carries a pending task's cookie, or none before its exec: left alone
-        # until it is registered (not taken for an orphan, nor reaped in Popen's place).
-        # The price: while spawns are pending, a zombie that led its own group waits for a
-        # later sweep, and so does a `setsid` escapee that also cleared its environment.
+        # A child a spawner started that this thread has not registered yet carries a
+        # pending task's cookie, or before its exec none, in the daemon's group or (after
+        # its setpgid) in its own: left alone until it is registered (not taken for an
+        # orphan, nor reaped in Popen's place). Its stat and its environment are two reads
+        # it can exec between, so any of these is enough. The price: while spawns are
+        # pending, a zombie that led its own group waits for a later sweep, and so does a
+        # `setsid` escapee that also cleared its environment.
         pending = bool(self._spawning)
         workers = self._pool.worker_pids()
         for pid in kids:
@@ -497,7 +499,9 @@ class LocalExecutor:
             if st is None:
                 continue
             cookie = None if st.state == "Z" else runner.task_cookie(pid)
-            if pending and st.pgid == pid and (cookie is None or cookie in self._spawning):
+            if pending and (
+                cookie in self._spawning or (cookie is None and st.pgid in (pid, self._daemon_pgid))
+            ):
                 continue
             if st.state == "Z":
                 if st.pgid != self._daemon_pgid:  # an orphan that ended on its own
