@@ -170,7 +170,8 @@ class LocalExecutor:
         on_spawn: Callable[[str, int], None] | None = None,
         log_limit: int = runner.DEFAULT_LOG_LIMIT,
     ):
-        """`on_spawn(key, pgid)` is called after each run: task starts (the daemon records
+        """`on_spawn(key, pgid)` is called after each run: task starts, from the spawner
+        thread that started it, before anything else happens there (the daemon records
         pgids so that a restart can end what a crashed daemon left). A task's log keeps at
         most `log_limit` bytes of its output, then a note that the rest was discarded."""
         if log_limit < 0:
@@ -306,7 +307,7 @@ class LocalExecutor:
     def _spawn(self, task: Task) -> RunProcess | Result:
         """In a spawner's thread: start `task`, or the Result saying why it could not."""
         try:
-            return runner.spawn(
+            proc = runner.spawn(
                 task,
                 stdin=self._devnull,
                 now=self._clock.monotonic(),
@@ -318,6 +319,12 @@ class LocalExecutor:
         except Exception as exc:  # a chute bug: the task fails, the daemon goes on
             log.exception("spawning task %s failed", task.key)
             return Result(key=task.key, error=f"chute error starting the task: {exc}")
+        if self._on_spawn is not None:
+            try:
+                self._on_spawn(task.key, proc.pgid)
+            except Exception:  # the task runs all the same; only its record is missing
+                log.exception("recording the spawn of task %s failed", task.key)
+        return proc
 
     def _on_spawned(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -343,8 +350,6 @@ class LocalExecutor:
             self._selector.register(
                 proc.log.read_fd, selectors.EVENT_READ, functools.partial(self._on_output, proc)
             )
-            if self._on_spawn is not None:
-                self._on_spawn(key, proc.pgid)
             if cancelled:
                 proc.stop("cancel", self._clock.monotonic())
 
