@@ -290,7 +290,7 @@ class Daemon:
             topology=self.topology,
             policy=cfg.policy,
             clock=self.clock,
-            on_finished=self._finished.append,
+            on_finished=self._on_finished,
             events=self.metrics,
             syncfs=self._syncfs,
         )
@@ -691,13 +691,18 @@ class Daemon:
 
     # -- finished runs ---------------------------------------------------------------------
 
+    def _on_finished(self, run: ActiveRun) -> None:
+        """In the writer thread, once a run's final run.json is durable."""
+        # Handover: run.json says the run is over (durable); the queue copy can go. Here,
+        # not in the loop: an unlink was 5% of the loop in a burst of runs.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.spool.queue / f"{run.run_id}.yaml")
+        self._finished.append(run)
+
     def _drain_finished(self) -> None:
         while self._finished:
             run = self._finished.popleft()
             self._reports.append((self.clock.monotonic(), run.dir))  # see _reports_due
-            # Handover: run.json says the run is over (durable); the queue copy can go.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.spool.queue / f"{run.run_id}.yaml")
             rec = run.record
             self.metrics.run_finished(str(rec["state"]), rec.get("duration_seconds"))
             stages = " ".join(f"{s.name}={s.state}" for s in run.graph.stages.values())
