@@ -6,7 +6,6 @@ import contextlib
 import errno
 import os
 import signal
-import subprocess
 import textwrap
 import threading
 import time
@@ -21,6 +20,7 @@ import fixtures_procs
 from chute import outputs
 from chute.executor import MAX_OUTPUT_BYTES, Context, Mark, Result, Task
 from chute.local import LocalExecutor
+from conftest import tmpfs
 from fixtures_procs import ManualClock, wait_for
 
 # the fixtures this module uses (the lead may register fixtures_procs in conftest instead)
@@ -733,24 +733,13 @@ def test_an_idle_worker_already_on_the_calls_cores_takes_it(
 @pytest.fixture
 def full_fs(tmp_path: Path) -> Any:
     """A tmpfs of 64 inodes, all used: making a folder there fails with ENOSPC."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "full"
     mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=64", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(mnt, "size=1m,nr_inodes=64"):
         with contextlib.suppress(OSError):
             for i in range(1000):
                 (mnt / f"f{i}").touch()
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.parametrize("kind", ["run", "call"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conftest import wait_for
+from conftest import tmpfs, wait_for
 from daemon_proc import Daemon, daemon_factory, final_run, job, runs_of
 
 __all__ = ["daemon_factory"]
@@ -27,19 +26,8 @@ __all__ = ["daemon_factory"]
 @pytest.fixture
 def small_spool(spool: Path) -> Iterator[Path]:
     """The spool on its own 16 MiB tmpfs, so it can be filled without touching the host."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(spool)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(spool, "size=16m"):
         yield spool
-    finally:
-        subprocess.run(["umount", "-l", str(spool)], check=False)
 
 
 def fill(path: Path) -> None:
