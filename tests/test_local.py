@@ -832,3 +832,12 @@ def test_spawner_threads_are_kept_for_the_most_recent_core_sets(
         spawners = [t.name for t in threading.enumerate() if t.name.startswith("chute-spawn-")]
         assert len(spawners) <= 2
     assert sorted(spawners) == ["chute-spawn-1", "chute-spawn-any"]
+
+
+def test_a_cancelled_task_that_could_not_start_ends_cancelled(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    executor.start(run_task(tmp_path, "t", "true", cwd=str(tmp_path / "gone")))
+    executor.cancel("t")  # before any poll: the spawn's outcome is not registered yet
+    r = one(executor, "t")
+    assert (r.cancelled, r.error) == (True, "cancelled before it started")

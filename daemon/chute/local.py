@@ -338,6 +338,8 @@ class LocalExecutor:
             key, outcome = self._spawned.popleft()
             cancelled = self._spawning.pop(key, False)
             if isinstance(outcome, Result):
+                if cancelled:  # it never ran: the cancel is what the caller asked about
+                    outcome = Result(key=key, error="cancelled before it started", cancelled=True)
                 self._results.append(outcome)
                 continue
             proc = outcome
