@@ -841,3 +841,17 @@ def test_a_cancelled_task_that_could_not_start_ends_cancelled(
     executor.cancel("t")  # before any poll: the spawn's outcome is not registered yet
     r = one(executor, "t")
     assert (r.cancelled, r.error) == (True, "cancelled before it started")
+
+
+def test_a_retired_spawner_still_starts_what_it_was_given(
+    make_executor: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each start below needs another core set than the one before, so with one spawner
+    kept, each retires the last while its task may still wait in its queue."""
+    monkeypatch.setattr("chute.local.MAX_SPAWNERS", 1)
+    ex = make_executor()
+    keys = [f"t{i}" for i in range(12)]
+    for i, key in enumerate(keys):
+        ex.start(run_task(tmp_path, key, "true", cores=(i % 2,)))
+    got = results(ex, *keys)
+    assert all(r.ok for r in got.values()), [r.error for r in got.values() if not r.ok]

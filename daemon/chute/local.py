@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36
 DRAIN_LIMIT = 5.0  # seconds after SIGKILL we wait for a task's leftovers before giving up
 SWEEP_EVERY = 0.1  # seconds between sweeps while only tasks' output wakes the loop
-MAX_SPAWNERS = 32  # spawner threads kept (one per core set); the least recently used goes
+MAX_SPAWNERS = 128  # spawner threads kept (one per core set); the least recently used goes
 
 _subreaper_done = False
 
@@ -131,6 +131,10 @@ class _Spawner:
     def put(self, task: Task) -> None:
         self._queue.put(task)
 
+    def retire(self) -> None:
+        """Start what is queued, then end (without waiting here)."""
+        self._queue.put(None)
+
     def stop(self) -> None:
         """Start nothing more of what is queued; return once the thread is gone."""
         with contextlib.suppress(queue.Empty):
@@ -138,6 +142,10 @@ class _Spawner:
                 self._queue.get_nowait()
         self._queue.put(None)
         self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _loop(self) -> None:
         if self._cores:
@@ -207,6 +215,7 @@ class LocalExecutor:
         )
         # run: tasks are spawned by threads of their own, one per core set (see _Spawner).
         self._spawners: dict[tuple[int, ...], _Spawner] = {}  # least recently used first
+        self._retired: list[_Spawner] = []  # dropped from _spawners, maybe still starting
         self._spawning: dict[str, bool] = {}  # key → cancelled, until registered
         self._spawned: deque[tuple[str, RunProcess | Result]] = deque()
         self._spawned_r, self._spawned_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -299,7 +308,10 @@ class LocalExecutor:
         spawner = self._spawners.pop(cores, None)
         if spawner is None:
             if len(self._spawners) >= MAX_SPAWNERS:
-                self._spawners.pop(next(iter(self._spawners))).stop()
+                # Its queue may still hold tasks: it starts them, then ends.
+                oldest = self._spawners.pop(next(iter(self._spawners)))
+                oldest.retire()
+                self._retired = [s for s in self._retired if s.alive] + [oldest]
             spawner = _Spawner(cores, self._spawn, self._spawned, self._spawned_w)
         self._spawners[cores] = spawner  # now the most recently used
         return spawner
@@ -357,9 +369,10 @@ class LocalExecutor:
 
     def _stop_spawners(self) -> None:
         """No further spawns; what the spawners started is registered (close ends it)."""
-        for spawner in self._spawners.values():
+        for spawner in [*self._spawners.values(), *self._retired]:
             spawner.stop()
         self._spawners.clear()
+        self._retired.clear()
         self._register_spawned()
         self._spawning.clear()
 
