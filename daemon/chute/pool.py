@@ -72,6 +72,7 @@ from chute.runner import (
     describe_end,
     kill,
     make_folders,
+    open_log,
     stop_message,
 )
 
@@ -155,14 +156,9 @@ def _pin(cores: tuple[int, ...]) -> None:
 
 
 @contextlib.contextmanager
-def _output_to(path: str) -> Iterator[None]:
-    """fds 1 and 2, sys.stdout/err and a root logging handler all append to `path`."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileNotFoundError:  # the engine makes the folder; other callers may not
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd = os.open(path, flags, 0o644)
+def _output_to(fd: int) -> Iterator[None]:
+    """fds 1 and 2, sys.stdout/err and a root logging handler all append to the log `fd`
+    (taken over: closed here)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -327,11 +323,7 @@ def _run_call(task: Task, grace: float) -> Reply:
     env[TASK_KEY_VAR] = task.key
     with contextlib.ExitStack() as stack:
         make_folders(task)
-        try:
-            stack.enter_context(_output_to(task.log_path))
-        except OSError as exc:
-            path = exc.filename or task.log_path
-            raise SpawnError(f"cannot open log {path}: {exc.strerror}", exc.errno) from None
+        stack.enter_context(_output_to(open_log(task.log_path, append=True)))
         _pin(task.cores)
         stack.enter_context(_environment(env))
         stack.enter_context(_code_paths(task.cwd, env.get("PYTHONPATH")))

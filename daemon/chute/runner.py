@@ -172,12 +172,13 @@ def make_folders(task: Task) -> None:
             raise SpawnError(f"cannot make folder {folder}: {exc.strerror}", exc.errno) from None
 
 
-def open_log(path: str) -> int:
+def open_log(path: str, *, append: bool = False) -> int:
     """A descriptor at the end of `path`, creating its folder; SpawnError says why not.
 
-    Not O_APPEND: splice(2) refuses to write to such a file (EINVAL).
+    O_APPEND only with `append` (a call: worker's fds 1 and 2): splice(2) refuses to write
+    to such a file (EINVAL), so a run: task's log pipe gets a plain descriptor.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else 0)
     try:
         try:
             fd = os.open(path, flags, 0o644)
