@@ -82,6 +82,11 @@ class Result:
     done: bytes | None = None  # the done-mark the executor put in place (Task.mark)
     output_hash: str | None = None  # with `done`: the hash of the output's data
 
+    @classmethod
+    def not_started(cls, key: str) -> Result:
+        """A task cancelled before it ever ran (queued for a worker, or for a spawn)."""
+        return cls(key=key, error="cancelled before it started", cancelled=True)
+
     @property
     def ok(self) -> bool:
         return self.error is None and self.exit_code == 0

@@ -351,7 +351,7 @@ class LocalExecutor:
             cancelled = self._spawning.pop(key, False)
             if isinstance(outcome, Result):
                 if cancelled:  # it never ran: the cancel is what the caller asked about
-                    outcome = Result(key=key, error="cancelled before it started", cancelled=True)
+                    outcome = Result.not_started(key)
                 self._results.append(outcome)
                 continue
             proc = outcome

@@ -443,7 +443,7 @@ class Pool:
         for task in self._queue:
             if task.key == key:
                 self._queue.remove(task)
-                self._emit(Result(key=key, error="cancelled before it started", cancelled=True))
+                self._emit(Result.not_started(key))
                 return
         for w in self._workers.values():
             if w.task is not None and w.task.key == key:
