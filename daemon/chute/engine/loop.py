@@ -141,7 +141,6 @@ class Engine:
         self._synced: list[Path] = []  # in place already, to fsync with the next commit
         self._new_dirs: set[Path] = set()
         self._left_folders: dict[str, tuple[Path, ...]] = {}  # task key -> Task.folders
-        self._marks: dict[str, str] = {}  # task key -> the output.json its worker may write
         self._committer = atomic.Committer(syncfs=syncfs)
         self._purge = False  # units in _waiting may have left the waiting state
         self.draining = False  # stopping: start nothing new, let running tasks end
@@ -282,7 +281,6 @@ class Engine:
         self._queue.clear()
         self._running.clear()
         self._left_folders.clear()
-        self._marks.clear()
         self._flush(self.clock.monotonic())
         self._committer.flush()
         return left
@@ -489,7 +487,6 @@ class Engine:
                 input_hash=unit.input_hash,
                 started_at=wall,
             )
-            self._marks[key] = mark.path
         task = Task(
             key=key,
             kind="run" if run_cmd is not None else "call",
@@ -606,11 +603,10 @@ class Engine:
                 )
             else:
                 output_hash = result.output_hash or data_hash(data)
-        elif self._marks.get(result.key):
-            # A call stopped (cancelled) after its worker left the done-mark: not done.
+        elif run.graph.stages[unit.stage].spec.call is not None and not unit.fallback:
+            # A call stopped after its worker left the done-mark (Task.mark): not done.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._marks[result.key])
-        self._marks.pop(result.key, None)
+                os.unlink(_folders(run, unit.stage, unit.shard)[0] / "output.json")
         graph = run.graph
         stage = graph.stages[unit.stage]
         self._check.add(run.run_id)
