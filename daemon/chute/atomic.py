@@ -143,10 +143,7 @@ def write_volatile(path: Path, data: bytes) -> None:
     the death of this process, not a power loss. Alone, for files rebuilt often (the
     daemon's status.json); followed by Committer.submit(synced=[path]) for a file that must
     be visible at once and durable soon (a stage's done-mark)."""
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.rename(tmp, path)
+    os.rename(_write_tmp(path, data, 0o644), path)
 
 
 @dataclass

@@ -481,8 +481,13 @@ class LocalExecutor:
 
     # --- orphans -----------------------------------------------------------------------
 
-    def _children(self) -> list[int]:
-        kids = runner.children_of("self")
+    def _children(self, *, all_threads: bool = True) -> list[int]:
+        """The daemon's children. Without `all_threads`, those of its main thread only: what
+        the sweep looks for. An orphan goes to the first live thread of its subreaper (the
+        main one, the kernel's find_new_reaper), whichever thread started its task, and the
+        spawner threads' own children are the task leaders, known by pid. Reading one file
+        instead of one per thread is most of a sweep's cost, paid on every task's end."""
+        kids = runner.children_of("self", thread=None if all_threads else os.getpid())
         if kids is None:  # no CONFIG_PROC_CHILDREN: the slow way, a scan of /proc
             kids = [p.pid for p in psutil.Process().children()]
         return kids
@@ -500,7 +505,7 @@ class LocalExecutor:
 
     def _sweep(self, now: float, closing: bool) -> None:
         self._register_spawned()
-        kids = self._children()
+        kids = self._children(all_threads=closing)
         # A child a spawner started that this thread has not registered yet carries a
         # pending task's cookie, or before its exec none, in the daemon's group or (after
         # its setpgid) in its own: left alone until it is registered (not taken for an

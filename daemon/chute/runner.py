@@ -469,25 +469,47 @@ def spawn(
 HAS_PROC_CHILDREN = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 
 
-def children_of(pid: int | str) -> list[int] | None:
-    """Direct children of `pid` from /proc/<pid>/task/*/children; None without that file.
+def children_of(pid: int | str, *, thread: int | None = None) -> list[int] | None:
+    """Direct children of `pid` from /proc/<pid>/task/*/children (with `thread`: of that
+    thread alone); None without that file.
 
     The file needs CONFIG_PROC_CHILDREN; every distribution kernel has it.
     """
     base = f"/proc/{pid}/task"
-    try:
-        tids = os.listdir(base)
-    except FileNotFoundError:
-        return []
+    if thread is not None:
+        tids: list[str] = [str(thread)]
+    else:
+        try:
+            tids = os.listdir(base)
+        except FileNotFoundError:
+            return []
     kids: list[int] = []
     for tid in tids:
-        try:
-            with open(f"{base}/{tid}/children", "rb") as f:
-                kids.extend(int(p) for p in f.read().split())
-        except (FileNotFoundError, ProcessLookupError):
+        raw = read_proc(f"{base}/{tid}/children")
+        if raw is None:
             if not HAS_PROC_CHILDREN:
                 return None
+            continue
+        kids.extend(map(int, raw.split()))
     return kids
+
+
+def read_proc(path: str) -> bytes | None:
+    """A whole /proc file, or None when its process is gone. Unbuffered: the orphan sweep
+    reads a few of these on every task's end, and open() costs several times os.open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except ProcessLookupError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,10 +519,8 @@ class ProcStat:
 
 
 def proc_stat(pid: int) -> ProcStat | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+    raw = read_proc(f"/proc/{pid}/stat")
+    if not raw:
         return None
     fields = raw[raw.rindex(b")") + 2 :].split()
     return ProcStat(state=fields[0].decode(), pgid=int(fields[2]))
@@ -509,9 +529,10 @@ def proc_stat(pid: int) -> ProcStat | None:
 def task_cookie(pid: int) -> str | None:
     """The CHUTE_TASK_KEY in the process's environment as it was at exec, if any."""
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            raw = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        raw = read_proc(f"/proc/{pid}/environ")
+    except PermissionError:
+        return None
+    if raw is None:
         return None
     prefix = TASK_KEY_VAR.encode() + b"="
     for entry in raw.split(b"\0"):
