@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from conftest import EXAMPLES, chute_env, load_json, pid_alive, wait_for
@@ -441,3 +442,36 @@ def test_sighup_reloads_the_config_and_says_what_needs_a_restart(
     assert "config reloaded from" in text
     assert "config http_listen changed: takes effect after a restart" in text
     assert "policy: 'nope' is not one of" in text
+
+
+@pytest.mark.parametrize("on_restart", ["fail", "resume"])
+def test_a_crash_before_run_json_says_running_still_counts_the_run_started(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path, on_restart: str
+) -> None:
+    # run.json turns `running` with the run's first manifest, up to 0.5 s after its first
+    # task started; a crash can come first. The stage folder tells recovery it had started.
+    ran = tmp_path / "ran"
+    config = f"on_restart: {on_restart}\nkill_grace: 500ms\n"
+    d = daemon_factory(config).start()
+    drop(spool, "once.yaml", job("once", f"echo x >> {ran}; test -e {tmp_path}/go || sleep 1000"))
+    wait_for("the task to start", lambda: ran.exists())
+    run_id = runs_of(spool, "incoming/once.yaml")[0]["run_id"]
+    d.stop(signal.SIGKILL)
+    run_json = spool / "runs" / run_id / "run.json"
+    rec = load_json(run_json)
+    rec.update(state="queued", started_at=None)  # as it is when the crash comes that early
+    run_json.write_bytes(orjson.dumps(rec))
+    (tmp_path / "go").touch()
+    d2 = daemon_factory(config).start()
+    rec = final_run(spool, "incoming/once.yaml")
+    assert rec["run_id"] == run_id
+    assert rec["recoveries"] == (1 if on_restart == "resume" else 0)
+    if on_restart == "fail":
+        assert rec["state"] == "interrupted"
+        assert ran.read_text() == "x\n"  # not run a second time
+    else:
+        assert rec["state"] == "succeeded"
+        assert rec["started_at"] is not None
+        assert ran.read_text() == "x\nx\n"  # its unfinished stage ran again, in place
+    assert len(runs_of(spool, "incoming/once.yaml")) == 1
+    assert d2.stop() == 0

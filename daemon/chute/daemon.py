@@ -194,6 +194,22 @@ def _kill_tree_leftovers(spool: Spool, grace: float) -> int:
     return len(targets)
 
 
+def _started_on_disk(run_dir: Path) -> bool:
+    """Whether a run that run.json still calls `queued` had started: run.json turns `running`
+    only with the run's first manifest (up to MANIFEST_INTERVAL after its first task), so a
+    crash can come first. The mark is a stage folder without its output.json: made before
+    its task started, and never by anything else (a retry's kept stages have theirs)."""
+    try:
+        with os.scandir(run_dir / "stages") as entries:
+            return any(
+                e.is_dir(follow_symlinks=False)
+                and not os.path.lexists(os.path.join(e.path, "output.json"))
+                for e in entries
+            )
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def _is_group_leader(pid: int) -> bool:
     try:
         return os.getpgid(pid) == pid
@@ -741,7 +757,8 @@ class Daemon:
             if rec["state"] in ("succeeded", "failed", "cancelled"):
                 path.unlink()  # finished before the crash; only the queue copy was left
                 continue
-            if rec["state"] != "queued" and self.config.on_restart == "fail":
+            started = rec["state"] != "queued" or _started_on_disk(self.spool.runs / run_id)
+            if started and self.config.on_restart == "fail":
                 rec["state"] = "interrupted"
                 rec["error"] = "the daemon stopped during the run (on_restart: fail)"
                 rec["finished_at"] = rfc3339(self.clock.time())
@@ -764,9 +781,10 @@ class Daemon:
                 atomic.write_json(self.spool.runs / run_id / "run.json", rec)
                 path.unlink()
                 continue
-            if rec["state"] != "queued":
+            if started:
                 run.record["recoveries"] = int(rec.get("recoveries", 0)) + 1
                 run.record["state"] = "running"
+                run.record["started_at"] = rec.get("started_at") or rfc3339(self.clock.time())
                 run.record["error"] = None
                 run.record["finished_at"] = None
                 atomic.write_json(run.dir / "run.json", run.record)

@@ -11,7 +11,9 @@ written once, after the task ended, so a crash leaves the stage done or not run 
 task's worker writes its own, Task.mark, and the engine syncs it like one of its own; a
 first attempt's folders are made by the executor, Task.folders, and synced with it).
 The manifest of a running run is rewritten at most every MANIFEST_INTERVAL seconds, and at
-once when a stage fails or the run ends.
+once when a stage fails or the run ends; run.json turns `running` with the first of those
+(a run shorter than that is written queued, then final: two run.json writes, not three).
+A crash before it leaves the run `queued` with stage folders: recovery counts it started.
 Diagnostics: a task's own failure is recorded in the manifest; an OSError writing the run
 folder propagates (the caller logs the path and errno).
 """
@@ -61,6 +63,7 @@ class ActiveRun:
     stage_index: dict[str, int] = field(default_factory=dict)  # topological position
     made: set[Path] = field(default_factory=set)  # stage folders known to exist
     dropped_at: float | None = None  # epoch s its file was dropped (intake latency), if known
+    record_stale: bool = False  # `record` changed since run.json was last written
 
     @property
     def state(self) -> str:
@@ -516,7 +519,7 @@ class Engine:
                 self.events.run_started(run.dropped_at, wall)
             run.record["state"] = "running"
             run.record["started_at"] = rfc3339(wall)
-            self._writes.append((run.dir / "run.json", atomic.dumps(run.record)))
+            run.record_stale = True  # written with the manifest this start makes due
         self._running[key] = (run, unit, grant)
         if made:
             self._left_folders[key] = made
@@ -755,6 +758,9 @@ class Engine:
             if due <= now:
                 run = self.runs[run_id]
                 self._writes.append((run.dir / "manifest.json", self._manifest(run)))
+                if run.record_stale:
+                    run.record_stale = False
+                    self._writes.append((run.dir / "run.json", atomic.dumps(run.record)))
                 del self._due[run_id]
         if not self._writes and not self._new_dirs and not self._synced and on_done is None:
             return
