@@ -185,6 +185,18 @@ def test_task_runs_in_its_cwd_with_stdin_empty(executor: LocalExecutor, tmp_path
     assert log_of(tmp_path, "t") == f"{tmp_path}\nend\n"
 
 
+def test_a_task_gets_only_its_three_descriptors_and_default_signals(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    # Nothing of the daemon's leaks into a task: no descriptor (those it inherited from
+    # whoever started it included), and not what Python ignores (SIGPIPE, SIGXFSZ).
+    executor.start(run_task(tmp_path, "t", "ls /proc/$$/fd; grep SigIgn /proc/$$/status"))
+    assert one(executor, "t").ok
+    fds, ignored = log_of(tmp_path, "t").rsplit("\n", 2)[:2]
+    assert fds.split() == ["0", "1", "2"]
+    assert ignored.split() == ["SigIgn:", "0000000000000000"]
+
+
 def test_stdout_and_stderr_are_appended_to_the_log(executor: LocalExecutor, tmp_path: Path) -> None:
     log = tmp_path / "logs" / "t.log"
     log.parent.mkdir()
