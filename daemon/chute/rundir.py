@@ -161,21 +161,21 @@ def create_many(
     for record, _ in items:
         newest[str(record["pipeline"])] = str(record["run_id"])
     for pipeline, run_id in newest.items():
-        update_latest(spool, run_id, pipeline, durable=False)
+        _point_pipeline_latest(spool, run_id, pipeline)
+    atomic.replace_symlink(spool.runs / "latest", str(items[-1][0]["run_id"]), durable=False)
     return pending
 
 
-def update_latest(spool: Spool, run_id: str, pipeline: str, *, durable: bool = True) -> None:
-    """Point runs/latest and pipelines/<name>/latest at `run_id`, atomically. Not durable
-    (`durable=False`): after a power loss a link may point at an older run, never at none."""
-    atomic.replace_symlink(spool.runs / "latest", run_id, durable=durable)
+def _point_pipeline_latest(spool: Spool, run_id: str, pipeline: str) -> None:
+    """pipelines/<name>/latest → `run_id`, atomically; like runs/latest, not synced: after a
+    power loss a link may point at an older run, never at none."""
     folder = spool.pipelines / pipeline
     target = os.path.relpath(spool.runs / run_id, folder)
     try:
-        atomic.replace_symlink(folder / "latest", target, durable=durable)
+        atomic.replace_symlink(folder / "latest", target, durable=False)
     except FileNotFoundError:  # the pipeline's first run
         folder.mkdir(parents=True, exist_ok=True)
-        atomic.replace_symlink(folder / "latest", target, durable=durable)
+        atomic.replace_symlink(folder / "latest", target, durable=False)
 
 
 def read_json(path: Path) -> Any:
