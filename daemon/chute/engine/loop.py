@@ -244,6 +244,19 @@ class Engine:
         self._committer.submit((), unsynced.folders, on_done, unsynced.files)
 
     def handle(self, results: list[Result]) -> None:
+        if all(r.ok for r in results) and self._waiting and not self.draining:
+            # Free these tasks' cores and start what waits for them first: its spawn then
+            # overlaps the recording of these results (output.json, log line, manifest),
+            # where it followed it. Only when all went well: a failure may cancel (failFast)
+            # or retry what would start here.
+            # They ended before what starts here began: their finish is taken first.
+            entries = [(r, self._running.pop(r.key, None)) for r in results]
+            now, wall = self.clock.monotonic(), self.clock.time()
+            if not self._disk_paused(now):
+                self._start_ready(self.clock.monotonic(), self.clock.time())
+            for result, entry in entries:
+                self._record(result, entry, now, wall)
+            return
         for result in results:
             self._handle(result)
 
@@ -579,6 +592,16 @@ class Engine:
 
     def _handle(self, result: Result) -> None:
         entry = self._running.pop(result.key, None)
+        self._record(result, entry, self.clock.monotonic(), self.clock.time())
+
+    def _record(
+        self,
+        result: Result,
+        entry: tuple[ActiveRun, Unit, allocator.Grant] | None,
+        now: float,
+        wall: float,
+    ) -> None:
+        """Record what `result` says; `now` and `wall`: when it was collected."""
         if entry is None:
             log.debug("result for unknown task %s", result.key)
             return
@@ -587,8 +610,6 @@ class Engine:
         if result.no_room is not None:  # the task did not start: wait for room, then rerun
             err = OSError(result.no_room, os.strerror(result.no_room))
             self._disk_trouble(err, f"making the folders of {result.key}")
-        now = self.clock.monotonic()
-        wall = self.clock.time()
         data: Any = None
         output_hash: str | None = None
         listing: list[dict[str, str]] = []
