@@ -252,16 +252,7 @@ def prescan(text: str, name: str) -> None:
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    raise SpecError(
-                        [
-                            Issue(
-                                name,
-                                line,
-                                "",
-                                f"nested deeper than {MAX_DEPTH} levels; a spec needs far fewer",
-                            )
-                        ]
-                    )
+                    raise SpecError([_too_deep(name, line)])
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
             elif isinstance(event, yaml.DocumentStartEvent):
@@ -279,7 +270,16 @@ def prescan(text: str, name: str) -> None:
                         ]
                     )
     except yaml.YAMLError as e:
+        if getattr(e, "problem", None) == "exceeded maximum nesting depth":
+            # libyaml 0.2.6 (PyYAML 6.0.4) has a limit of its own, which its scanner may
+            # reach looking ahead through a flow collection before the first event.
+            mark = getattr(e, "problem_mark", None)
+            raise SpecError([_too_deep(name, mark.line + 1 if mark else 0)]) from None
         raise SpecError([_syntax_issue(e, text, name)]) from None
+
+
+def _too_deep(name: str, line: int) -> Issue:
+    return Issue(name, line, "", f"nested deeper than {MAX_DEPTH} levels; a spec needs far fewer")
 
 
 def _tag(tag: str) -> str:
