@@ -248,8 +248,8 @@ class Engine:
             # Free these tasks' cores and start what waits for them first: its spawn then
             # overlaps the recording of these results (output.json, log line, manifest),
             # where it followed it. Only when all went well: a failure may cancel (failFast)
-            # or retry what would start here.
-            # They ended before what starts here began: their finish is taken first.
+            # or retry what would start here. Their finish time is taken before those
+            # starts, so that a core's intervals in the manifests never overlap.
             entries = [(r, self._running.pop(r.key, None)) for r in results]
             now, wall = self.clock.monotonic(), self.clock.time()
             if not self._disk_paused(now):
