@@ -30,6 +30,14 @@ def test_replace_symlink_swaps_the_target_without_a_gap(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
 
 
+def test_replace_symlink_goes_past_a_temp_link_a_crash_left(tmp_path: Path) -> None:
+    link = tmp_path / "latest"
+    os.symlink("stale", tmp_path / f".tmp-latest.{os.getpid()}")  # same pid, an earlier life
+    atomic.replace_symlink(link, "a")
+    assert os.readlink(link) == "a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
 def test_remove_temp_leftovers_deletes_only_temps(tmp_path: Path) -> None:
     (tmp_path / ".tmp-run.json.123").write_bytes(b"half")
     (tmp_path / "run.json").write_bytes(b"{}")

@@ -216,10 +216,10 @@ def replace_symlink(link: Path, target: str, *, durable: bool = True) -> None:
     (never unlink then create); `durable` also syncs the folder."""
     tmp = _tmp_name(link)
     try:
+        os.symlink(target, tmp)
+    except FileExistsError:  # left by a crash of this pid's predecessor
         os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    os.symlink(target, tmp)
+        os.symlink(target, tmp)
     os.rename(tmp, link)
     if durable:
         fsync_dir(link.parent)
