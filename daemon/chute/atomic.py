@@ -211,9 +211,10 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def replace_symlink(link: Path, target: str, *, durable: bool = True) -> None:
+def replace_symlink(link: Path, target: str) -> None:
     """Point `link` at `target` atomically: create a temp symlink, rename it over the old one
-    (never unlink then create); `durable` also syncs the folder."""
+    (never unlink then create). Not synced: the `latest` links may point at an older run
+    after a power loss, never at none."""
     tmp = _tmp_name(link)
     try:
         os.symlink(target, tmp)
@@ -221,8 +222,6 @@ def replace_symlink(link: Path, target: str, *, durable: bool = True) -> None:
         os.unlink(tmp)
         os.symlink(target, tmp)
     os.rename(tmp, link)
-    if durable:
-        fsync_dir(link.parent)
 
 
 def remove_temp_leftovers(folder: Path) -> int:

@@ -162,20 +162,19 @@ def create_many(
         newest[str(record["pipeline"])] = str(record["run_id"])
     for pipeline, run_id in newest.items():
         _point_pipeline_latest(spool, run_id, pipeline)
-    atomic.replace_symlink(spool.runs / "latest", str(items[-1][0]["run_id"]), durable=False)
+    atomic.replace_symlink(spool.runs / "latest", str(items[-1][0]["run_id"]))
     return pending
 
 
 def _point_pipeline_latest(spool: Spool, run_id: str, pipeline: str) -> None:
-    """pipelines/<name>/latest → `run_id`, atomically; like runs/latest, not synced: after a
-    power loss a link may point at an older run, never at none."""
+    """pipelines/<name>/latest → `run_id` (atomic.replace_symlink)."""
     folder = spool.pipelines / pipeline
     target = os.path.relpath(spool.runs / run_id, folder)
     try:
-        atomic.replace_symlink(folder / "latest", target, durable=False)
+        atomic.replace_symlink(folder / "latest", target)
     except FileNotFoundError:  # the pipeline's first run
         folder.mkdir(parents=True, exist_ok=True)
-        atomic.replace_symlink(folder / "latest", target, durable=False)
+        atomic.replace_symlink(folder / "latest", target)
 
 
 def read_json(path: Path) -> Any:
