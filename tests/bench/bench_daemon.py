@@ -146,21 +146,10 @@ class Daemon:
             self.proc.wait()
         self.sock.close()
         self.log.close()
-        LEFT.append(self.tmp)  # removed at the very end: see settle()
+        LEFT.append(self.tmp)  # removed at the very end: see benchenv.settle()
 
 
 LEFT: list[Path] = []  # temp spools of finished measurements
-
-
-def settle() -> None:
-    """Start each measurement from a quiet disk: write back what earlier ones left dirty.
-
-    Temp spools are deleted only at the end (cleanup()): on ext4 without a journal (this
-    machine's root) each file created scans past every inode freed in the last 60 s of its
-    block group (360 s while their inode table is dirty: `recently_deleted()` in ext4's
-    inode allocator), so deleting one measurement's thousands of files halves the
-    throughput of the next one."""
-    os.sync()
 
 
 def cleanup() -> None:
@@ -171,7 +160,7 @@ def cleanup() -> None:
 
 @contextmanager
 def daemon(config: str, prefix: tuple[str, ...] = (), root: Path | None = None) -> Iterator[Daemon]:
-    settle()
+    benchenv.settle()
     d = Daemon(config, prefix, root)
     try:
         yield d
@@ -318,7 +307,7 @@ def _burst(jobs: int, prefix: tuple[str, ...], config: str, root: Path | None) -
 
 
 def xargs(jobs: int) -> float:
-    settle()
+    benchenv.settle()
     t = time.perf_counter()
     subprocess.run(f"seq {jobs} | xargs -P2 -n1 true", shell=True, check=True)
     return time.perf_counter() - t

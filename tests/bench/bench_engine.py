@@ -147,11 +147,10 @@ def makefile(edges: dict[str, list[str]]) -> str:
 
 
 def best(fn: Callable[[], float], repeat: int) -> float:
-    """The fastest of `repeat` runs, each from a synced disk: what the run before it left
-    dirty is written back first, not during the next one (as bench_daemon's settle())."""
+    """The fastest of `repeat` runs, each from a quiet disk (benchenv.settle)."""
     times = []
     for _ in range(repeat):
-        os.sync()
+        benchenv.settle()
         times.append(fn())
     return min(times)
 
