@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import orjson
+import pytest
 
+from chute import logs
 from conftest import EXAMPLES, chute_env
 
 
@@ -61,3 +66,41 @@ def test_log_format_json_prints_one_object_per_line(spool: Path, tmp_path: Path)
         doc = orjson.loads(text)
         assert set(doc) >= {"time", "level", "logger", "message"}
     assert orjson.loads(line)["message"].startswith("daemon started spool=")
+
+
+def test_the_holding_thread_writes_its_info_lines_in_one_go_and_warnings_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    logs.setup(logging.INFO)
+    log = logging.getLogger("chute.test")
+    try:
+        logs.hold()
+        log.info("first")
+        log.info("second")
+        other = threading.Thread(target=lambda: log.info("from another thread"))
+        other.start()
+        other.join()
+        assert "from another thread" in out.getvalue()
+        assert "first" not in out.getvalue()
+        writes = []
+        monkeypatch.setattr(out, "write", lambda s: writes.append(s) or len(s))
+        logs.write_held()
+        assert len(writes) == 1
+        assert writes[0].index("first") < writes[0].index("second")
+        log.info("third")
+        assert len(writes) == 1
+        log.warning("trouble")
+        assert len(writes) == 2
+        assert writes[1].index("third") < writes[1].index("trouble")
+        log.info("fourth")
+        logs.unhold()
+        log.info("fifth")
+        assert [w.strip().rsplit(" ", 1)[-1] for w in writes[2:]] == ["fourth", "fifth"]
+    finally:
+        logs.unhold()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

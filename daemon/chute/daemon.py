@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from chute import __version__, atomic, report, rundir
+from chute import __version__, atomic, logs, report, rundir
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -348,7 +348,11 @@ class Daemon:
             )
             self.http.start()
             self.notifier.ready(self._status_text())
-            self._loop(watcher)
+            logs.hold()  # the loop's lines go out once per turn (chute.logs)
+            try:
+                self._loop(watcher)
+            finally:
+                logs.unhold()
         finally:
             self.http.close()
             for s, h in old_handlers.items():
@@ -500,6 +504,7 @@ class Daemon:
                     timeout = 0.0
             elif self._reports:
                 timeout = min(timeout, max(0.0, self._reports[0][0] + REPORT_DELAY - now))
+            logs.write_held()
             self.engine.handle(self.executor.poll(max(0.0, timeout)))
 
     # -- intake ----------------------------------------------------------------------------
