@@ -194,22 +194,6 @@ def _kill_tree_leftovers(spool: Spool, grace: float) -> int:
     return len(targets)
 
 
-def _started_on_disk(run_dir: Path) -> bool:
-    """Whether a run that run.json still calls `queued` had started: run.json turns `running`
-    only with the run's first manifest (up to MANIFEST_INTERVAL after its first task), so a
-    crash can come first. The mark is a stage folder without its output.json: made before
-    its task started, and never by anything else (a retry's kept stages have theirs)."""
-    try:
-        with os.scandir(run_dir / "stages") as entries:
-            return any(
-                e.is_dir(follow_symlinks=False)
-                and not os.path.lexists(os.path.join(e.path, "output.json"))
-                for e in entries
-            )
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-
-
 def _is_group_leader(pid: int) -> bool:
     try:
         return os.getpgid(pid) == pid
@@ -762,7 +746,7 @@ class Daemon:
             if rec["state"] in ("succeeded", "failed", "cancelled"):
                 path.unlink()  # finished before the crash; only the queue copy was left
                 continue
-            started = rec["state"] != "queued" or _started_on_disk(self.spool.runs / run_id)
+            started = rec["state"] != "queued" or runs.started_on_disk(self.spool.runs / run_id)
             if started and self.config.on_restart == "fail":
                 rec["state"] = "interrupted"
                 rec["error"] = "the daemon stopped during the run (on_restart: fail)"

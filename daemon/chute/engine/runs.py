@@ -125,6 +125,22 @@ def copy_reused(old_dir: Path, new_dir: Path, names: list[str]) -> None:
             shutil.copytree(src, new_dir / "stages" / name, symlinks=True, dirs_exist_ok=True)
 
 
+def started_on_disk(run_dir: Path) -> bool:
+    """Whether a run that run.json still calls `queued` had started: run.json turns `running`
+    only with the run's first manifest (up to MANIFEST_INTERVAL after its first task), so a
+    crash can come first. The mark is a stage folder without its output.json: made before
+    its task started, and never by anything else (a retry's kept stages have theirs)."""
+    try:
+        with os.scandir(run_dir / "stages") as entries:
+            return any(
+                e.is_dir(follow_symlinks=False)
+                and not os.path.lexists(os.path.join(e.path, "output.json"))
+                for e in entries
+            )
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def resume_run(
     spool: Spool, run_id: str, *, node_cpus: int | None, node_memory: int | None
 ) -> ActiveRun:
