@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ import yaml
 from chute.config import Config, load_config
 from chute.spool import FOLDERS
 from chute.units import parse_duration
+from conftest import chute_env, wait_for
+from daemon_proc import Daemon, daemon_factory, final_run, job, runs_of
 
+__all__ = ["daemon_factory"]  # a fixture, used by name
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD / "chute.service"
 
@@ -174,7 +178,7 @@ def test_tmpfiles_drop_boxes_let_submitters_write_but_not_list() -> None:
     assert paths["/var/spool/chute/runs"] == ("0750", "chute", "chute-submit")
     assert paths["/var/spool/chute/incoming"] == ("3730", "chute", "chute-submit")
     assert paths["/var/spool/chute/control"] == ("3730", "chute", "chute-submit")
-    assert paths["/var/spool/chute/state"] == ("0750", "chute", "chute")
+    assert paths["/var/spool/chute/state"] == ("0750", "chute", "chute-submit")
     assert paths["/etc/chute"] == ("0755", "root", "root")
 
 
@@ -222,3 +226,81 @@ def test_sysusers_and_tmpfiles_build_the_spool_in_a_root(tmp_path: Path) -> None
             ids[user],
             gids[group],
         ), path
+
+
+OWNER_UID, OWNER_GID, MEMBER_GID = 4242, 4242, 4343  # stand-ins for chute, chute, chute-submit
+
+
+def _lay_out_as_tmpfiles(spool: Path) -> None:
+    """The spool's folders with chute.tmpfiles.conf's modes, owned by stand-in ids."""
+    gid = {"chute": OWNER_GID, "chute-submit": MEMBER_GID}
+    for path, (mode, user, group) in _tmpfiles_paths().items():
+        if not path.startswith("/var/spool/chute"):
+            continue
+        folder = spool / path.removeprefix("/var/spool/chute").lstrip("/")
+        folder.mkdir(exist_ok=True)
+        os.chown(folder, OWNER_UID if user == "chute" else 0, gid[group])
+        os.chmod(folder, int(mode, 8))
+
+
+def _as_member(spool: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a member of the submit group: no DAC override, only MEMBER_GID."""
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--regid={MEMBER_GID}",
+            "--clear-groups",
+            "--bounding-set=-dac_override,-dac_read_search",
+            sys.executable,
+            "-m",
+            "chute",
+            *args,
+            "--spool",
+            str(spool),
+        ],
+        env=chute_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv (util-linux) to act as a member of the submit group",
+)
+def test_a_member_of_the_submit_group_submits_and_reads_status_on_the_tmpfiles_layout(
+    spool: Path, tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    _lay_out_as_tmpfiles(spool)
+    daemon_factory().start()
+    status = _as_member(spool, "status")
+    assert status.returncode == 0, status.stderr
+    assert "chute daemon pid" in status.stdout
+    job_file = tmp_path / "hello.yaml"
+    job_file.write_text(job("member-job", "echo hi"))
+    submitted = _as_member(spool, "submit", str(job_file))
+    assert submitted.returncode == 0, submitted.stderr
+    assert final_run(spool, "incoming/hello.yaml")["state"] == "succeeded"
+    for command in (["schedules"], ["runs"], ["show", "latest"]):
+        p = _as_member(spool, *command)
+        assert p.returncode == 0, (command, p.stderr)
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(job("member-slow", "sleep 60"))
+    assert _as_member(spool, "submit", str(slow)).returncode == 0
+    started = wait_for(
+        "the slow job to run",
+        lambda: [r for r in runs_of(spool, "incoming/slow.yaml") if r["state"] == "running"],
+        30,
+    )
+    run_id = started[0]["run_id"]
+    cancelled = _as_member(spool, "cancel", run_id)  # a request through the control/ drop box
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert final_run(spool, "incoming/slow.yaml")["state"] == "cancelled"
+    # The layout before state/ was the group's: a clear error, not a traceback.
+    os.chown(spool / "state", OWNER_UID, OWNER_GID)
+    denied = _as_member(spool, "status")
+    assert denied.returncode == 2
+    assert "cannot read" in denied.stderr
+    assert "state" in denied.stderr
+    assert "Traceback" not in denied.stderr

@@ -61,6 +61,20 @@ def write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     write_many([(path, data)], mode)
 
 
+def drop(path: Path, data: bytes) -> None:
+    """write_bytes into a drop box (incoming/, control/): under systemd a member of the submit
+    group may create and rename there but not read the folder, so cannot fsync it. The file
+    is still written to a temp name, synced and renamed; the folder's name is then synced by
+    the daemon when it takes the file (intake fsyncs incoming/ with every claim)."""
+    tmp = _write_tmp(path, data, 0o644)
+    fsync_path(tmp)
+    os.rename(tmp, path)
+    try:
+        fsync_dir(path.parent)
+    except PermissionError:
+        pass
+
+
 def write_json(path: Path, obj: object) -> None:
     write_bytes(path, dumps(obj))
 

@@ -456,7 +456,18 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def _daemon_pid(spool: Spool) -> int | None:
     from chute.daemon import daemon_pid
 
-    return daemon_pid(spool)
+    try:
+        return daemon_pid(spool)
+    except PermissionError as exc:
+        raise UsageError(_unreadable(spool, exc)) from None
+
+
+def _unreadable(spool: Spool, exc: OSError) -> str:
+    return (
+        f"cannot read {exc.filename or spool.state}: {exc.strerror}; this command reads the "
+        f"daemon's {spool.state}/ (under systemd, members of chute-submit may: see "
+        "systemd/README.md)"
+    )
 
 
 def _control(spool: Spool, request: dict[str, Any]) -> None:
@@ -480,7 +491,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         loaded.append((Path(name), raw, pipeline))
     if problems:
         raise UsageError("\n".join([*problems, "nothing submitted: fix the files above first"]))
-    pid = _daemon_pid(spool)
+    try:
+        pid = _daemon_pid(spool)
+    except UsageError as exc:  # a drop box needs no more than write access: submit anyway
+        log.warning("%s; cannot tell whether a daemon runs", exc)
+        pid = -1
     if pid is None:
         if args.wait:
             raise UsageError(f"no chute daemon runs on {spool.root}; start one, or use chute run")
@@ -496,7 +511,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             name = f"{stem}.{n}.{suffix}"
             n += 1
         # Handover: a dot-temp name the daemon ignores, then one rename into view.
-        atomic.write_bytes(spool.incoming / name, raw)
+        atomic.drop(spool.incoming / name, raw)
         placed.append((name, pipeline))
         print(f"submitted {path} as incoming/{name}")
     if not args.wait:
@@ -694,8 +709,12 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     rows = [["NAME", "TRIGGER", "NEXT FIRE"]]
     with tempfile.TemporaryDirectory() as tmp:
         state = spool.state / "schedules.json"
-        if state.exists():
+        try:
             shutil.copy(state, Path(tmp) / "schedules.json")
+        except FileNotFoundError:
+            pass
+        except PermissionError as exc:
+            raise UsageError(_unreadable(spool, exc)) from None
         table = Schedules(Path(tmp))
         now = datetime.now(UTC)
         for path in sorted(spool.schedules.glob("*.yaml")):
@@ -930,6 +949,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except UsageError as exc:
         print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except PermissionError as exc:  # the spool's modes: one line, not a traceback
+        print(f"{exc.filename or 'the spool'}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

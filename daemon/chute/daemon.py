@@ -123,7 +123,7 @@ def write_control(spool: Spool, request: dict[str, Any]) -> Path:
     """Hand a request to the daemon: one file in control/, written atomically."""
     name = f"{time.time_ns()}-{os.getpid()}-{request['action']}.json"
     path = spool.control / name
-    atomic.write_bytes(path, orjson.dumps(request))
+    atomic.drop(path, orjson.dumps(request))
     return path
 
 
