@@ -607,3 +607,21 @@ def test_an_artifact_linking_outside_the_run_folder_fails_its_stage(
         "write the file into $CHUTE_ARTIFACTS instead of linking to it"
     )
     assert not (latest(spool) / "stages/sneaky/output.json").exists()
+
+
+def test_gc_keeps_each_pipelines_latest_run(
+    spool: Path, chute: Chute, tmp_path: Path, write_spec: Spec
+) -> None:
+    config = _config(tmp_path, "retention: {keep_runs: 1, max_age: 30d}")
+    for name in ("alpha", "beta"):
+        spec = write_spec(
+            f"{name}.yaml",
+            f"apiVersion: chute/v1\nkind: Job\nmetadata: {{name: {name}}}\nspec:\n  run: 'true'\n",
+        )
+        assert chute("run", str(spec), "--config", str(config)).code == 0
+    done = chute("gc", "--config", str(config))
+    assert done.code == 0
+    assert done.out.startswith("removed 0 run(s)")
+    shown = chute("show", "alpha/latest")
+    assert shown.code == 0, shown.err
+    assert "alpha" in shown.out

@@ -10,6 +10,7 @@ Diagnostics: an unknown run name raises UnknownRun with the closest known names.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import os
@@ -212,6 +213,21 @@ def find_run(spool: Spool, ref: str) -> Path:
     raise UnknownRun(f"{ref}: no such run{known}{hint}")
 
 
+def _latest_runs(spool: Spool) -> set[str]:
+    """The run ids runs/latest and every pipelines/<name>/latest point at."""
+    links = [spool.runs / "latest"]
+    with (
+        contextlib.suppress(FileNotFoundError, NotADirectoryError),
+        os.scandir(spool.pipelines) as entries,
+    ):
+        links.extend(Path(e.path) / "latest" for e in entries if e.is_dir())
+    out: set[str] = set()
+    for link in links:
+        with contextlib.suppress(OSError):
+            out.add(os.path.basename(os.readlink(link)))
+    return out
+
+
 def gc(
     spool: Spool,
     *,
@@ -223,18 +239,16 @@ def gc(
 ) -> list[str]:
     """Remove finished runs beyond the newest `keep_runs` or older than `max_age` seconds,
     oldest first, at most `limit`; never a run that is queued, running, still in queue/ (an
-    interrupted run that resumes), `latest`, or in `active`. Returns the removed ids."""
+    interrupted run that resumes), a `latest` (runs/latest, or a pipeline's), or in
+    `active`. Returns the removed ids."""
     ids = run_ids(spool)
     newest = set(ids[-keep_runs:]) if keep_runs > 0 else set()
-    try:
-        latest = os.readlink(spool.runs / "latest")
-    except OSError:
-        latest = ""
+    latest = _latest_runs(spool)
     removed: list[str] = []
     for run_id in ids:
         if limit is not None and len(removed) >= limit:
             break
-        if run_id in active or run_id == latest:
+        if run_id in active or run_id in latest:
             continue
         folder = spool.runs / run_id
         try:
