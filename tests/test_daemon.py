@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -442,6 +443,42 @@ def test_sighup_reloads_the_config_and_says_what_needs_a_restart(
     assert "config reloaded from" in text
     assert "config http_listen changed: takes effect after a restart" in text
     assert "policy: 'nope' is not one of" in text
+
+
+def test_sighup_applies_cpus_stop_timeout_and_log_limit_to_what_comes_next(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    d = daemon_factory("cpus: 1\nstop_timeout: 30s\nlog_limit: 1MiB\n").start()
+
+    def total_cpus() -> int:
+        st = load_json(spool / "state" / "status.json")
+        return sum(n["total"] for n in st["cpus"])
+
+    wait_for("status.json", lambda: (spool / "state" / "status.json").exists())
+    assert total_cpus() == 1
+    d.config.write_text(
+        "cpus: 2\nstop_timeout: 1s\nlog_limit: 10B\nlog_format: json\nhttp: {listen: 127.0.0.1:0}\n"
+    )
+    assert d.proc is not None
+    d.messages.clear()
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_message("READY=1")
+    wait_for("2 cpus in status.json", lambda: total_cpus() == 2, timeout=5)
+    drop(spool, "loud.yaml", job("loud", "seq 100"))
+    run = final_run(spool, "incoming/loud.yaml")
+    log = (spool / "runs" / run["run_id"] / "stages" / "loud" / "log").read_text()
+    assert log.startswith("1\n2\n3\n4\n5")
+    assert "--- chute: log capped at 10B; the rest of the output was discarded ---" in log
+    drop(spool, "slow.yaml", job("slow", "sleep 60"))
+    wait_for("the slow task", lambda: any(r["state"] == "running" for r in runs_of(spool)), 30)
+    t = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - t < 15  # the old stop_timeout was 30s
+    text = d.log.read_text()
+    assert re.search(r"config cpus=\S+ \(2\) memory=", text)
+    after = [orjson.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert any(x["message"].startswith("config reloaded from") for x in after)
+    assert any("stage loud finished state=succeeded" in x["message"] for x in after)
 
 
 @pytest.mark.parametrize("on_restart", ["fail", "resume"])

@@ -56,10 +56,12 @@ from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
 from chute.spool import Spool, sync_roots
 from chute.topology import Topology, read_topology
+from chute.units import format_size
 
 log = logging.getLogger(__name__)
 
 CONTROL_INTERVAL = 0.25
+POLL_INTERVAL = 1.0  # seconds between scans of incoming/ without inotify (`watch: poll`)
 INTAKE_BATCH = 64  # files taken per loop pass: one group commit, then tasks get their turn
 # Backpressure: past this many active runs (~10 KB each in memory) new files wait, durable,
 # in incoming/ until runs finish; memory stays bounded whatever a flood drops at once.
@@ -73,7 +75,7 @@ REPORT_DELAY = 5.0  # while runs are active, a report.html waits up to this long
 STATUS_INTERVAL = 1.0
 GC_INTERVAL = 60.0
 GC_BATCH = 50  # run folders removed per retention pass: deleting thousands at once stalls runs
-RESTART_KEYS = ("spool", "runs_dir", "http_listen")
+RESTART_KEYS = ("spool", "runs_dir", "http_listen", "watch")
 
 
 class SpoolLocked(Exception):
@@ -314,7 +316,7 @@ class Daemon:
                 try:
                     watcher = Watcher(self.spool)
                 except OSError as exc:
-                    log.error("%s; falling back to rescans every %.0fs", exc, cfg.rescan_interval)
+                    log.error("%s; falling back to scans every %.0fs", exc, POLL_INTERVAL)
             if watcher is not None:
                 watch_thread = threading.Thread(
                     target=self._watch, args=(watcher,), name="chute-watch", daemon=True
@@ -407,7 +409,7 @@ class Daemon:
     def _loop(self, watcher: Watcher | None) -> None:
         cfg = self.config
         mono = self.clock.monotonic
-        next_rescan = mono() + (cfg.rescan_interval if watcher is not None else 1.0)
+        next_rescan = mono() + (cfg.rescan_interval if watcher is not None else POLL_INTERVAL)
         next_control = 0.0
         next_status = 0.0
         next_gc = mono() + 5.0
@@ -415,6 +417,7 @@ class Daemon:
         stop_deadline: float | None = None
         ping_every = self.notifier.watchdog_interval
         while True:
+            cfg = self.config  # a SIGHUP may have replaced it
             now = mono()
             self._tick(now)
             if self._stop and stop_deadline is None:
@@ -448,7 +451,9 @@ class Daemon:
                 if now >= next_rescan:
                     self._rescan()
                     self._sync_schedules()
-                    next_rescan = now + (cfg.rescan_interval if watcher is not None else 1.0)
+                    next_rescan = now + (
+                        cfg.rescan_interval if watcher is not None else POLL_INTERVAL
+                    )
                 if now >= next_control:
                     self._control()
                     next_control = now + CONTROL_INTERVAL
@@ -946,6 +951,16 @@ class Daemon:
             self._syncfs = sync_roots(new, self.spool)
             self.engine.use_syncfs(self._syncfs)
             log.info("config sync=%s: %s", new.sync, "syncfs" if self._syncfs else "fsync")
+        if (new.cpus, new.reserve_cpus, new.memory) != (
+            self.config.cpus,
+            self.config.reserve_cpus,
+            self.config.memory,
+        ):
+            self._reload_topology(new)
+        if (new.kill_grace, new.log_limit) != (self.config.kill_grace, self.config.log_limit):
+            self.executor.configure(kill_grace=new.kill_grace, log_limit=new.log_limit)
+        if new.log_format != self.config.log_format:
+            logs.setup(logging.getLogger().level, new.log_format)
         self.config = new
         self.engine.policy = new.policy
         self.intake.config = new
@@ -956,6 +971,33 @@ class Daemon:
                 log.error("%s; keeping the previous token", exc)
         log.info("config reloaded from %s", self.config_path or "defaults")
         self.notifier.ready(self._status_text())
+
+    def _reload_topology(self, new: Config) -> None:
+        """Use the CPUs and memory of `new` from now on: running tasks keep their cores (one
+        on a core taken away ends as it would have); waiting ones get the new cores."""
+        try:
+            topology = _topology(new)
+        except (ValueError, OSError) as exc:
+            log.error("config cpus/memory: %s; keeping the node as it was", exc)
+            return
+        self.topology = topology
+        self.engine.topology = topology
+        self.intake.node_cpus = len(topology.cpus)
+        self.intake.node_memory = topology.memory
+        log.info(
+            "config cpus=%s (%d) memory=%s",
+            topology.cpulist(topology.cpus),
+            len(topology.cpus),
+            format_size(topology.memory),
+        )
+        too_big = self.engine.waiting_beyond(topology)
+        if too_big:
+            log.warning(
+                "%d waiting task(s) need more cpus or memory than the node now has and wait "
+                "until a reload gives them back (or cancel their runs): %s",
+                len(too_big),
+                ", ".join(too_big[:10]),
+            )
 
     def _retention(self) -> None:
         removed = rundir.gc(

@@ -252,6 +252,14 @@ class LocalExecutor:
                 results, self._results[:] = list(self._results), []
                 return results
 
+    def configure(self, *, kill_grace: float, log_limit: int) -> None:
+        """New `kill_grace` and `log_limit` for tasks started from now on (config reload)."""
+        if log_limit < 0:
+            raise ValueError(f"log_limit is {log_limit}; it must be 0 or more bytes")
+        self._grace = kill_grace
+        self._log_limit = log_limit
+        self._pool.configure(kill_grace=kill_grace, log_limit=log_limit)
+
     def wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\0")

@@ -122,6 +122,9 @@ def setup(level: int = logging.INFO, fmt: str = "text") -> None:
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for h in list(root.handlers):
+        if isinstance(h, _Handler):  # a reload: the holding thread keeps holding
+            h.write_held()
+            handler.holder = h.holder
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)

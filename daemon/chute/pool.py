@@ -615,6 +615,11 @@ class Pool:
             log.debug("worker pid=%d ended with %s", w.pid, code)
         self._dispatch()
 
+    def configure(self, *, kill_grace: float, log_limit: int) -> None:
+        """New values for the tasks handed to workers from now on (config reload)."""
+        self._grace = kill_grace
+        self._log_limit = log_limit
+
     def close(self, grace: float) -> None:
         """End every worker (busy ones with SIGTERM, then SIGKILL after `grace`)."""
         self._queue.clear()

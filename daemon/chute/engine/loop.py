@@ -180,9 +180,21 @@ class Engine:
         out: dict[int, int] = {}
         for _, _, g in self._running.values():
             for core in g.cores:
-                node = self.topology.node_of(core)
+                try:
+                    node = self.topology.node_of(core)
+                except ValueError:  # a core a config reload took away, until its task ends
+                    continue
                 out[node] = out.get(node, 0) + 1
         return out
+
+    def waiting_beyond(self, topology: Topology) -> list[str]:
+        """Keys of waiting tasks that ask for more cpus or memory than `topology` has."""
+        whole = len(topology.cpus)
+        return [
+            key
+            for key, (_, _, req) in self._waiting.items()
+            if req.cpus > whole or req.memory > topology.memory
+        ]
 
     @property
     def tasks_running(self) -> int:
