@@ -109,3 +109,19 @@ def test_run_on_a_terminal_shows_live_progress(spool: Path) -> None:
     assert "\r" in text
     assert "seed-etl" in text
     assert "7/7 done, 0 running, 0 waiting, 0 failed" in text
+
+
+def test_submit_places_all_files_or_none_and_never_a_name_the_daemon_ignores(
+    spool: Path, chute: Chute, tmp_path: Path
+) -> None:
+    good = (EXAMPLES / "hello.yaml").read_text()
+    (tmp_path / ".hidden.yaml").write_text(good)
+    (tmp_path / "also.yaml").write_text(good)
+    (tmp_path / "bad.yaml").write_text("apiVersion: chute/v1\nkind: Job\n")
+    refused = chute("submit", str(tmp_path / "also.yaml"), str(tmp_path / "bad.yaml"))
+    assert refused.code == 2
+    assert "nothing submitted" in refused.err
+    assert not (spool / "incoming").exists() or not os.listdir(spool / "incoming")
+    placed = chute("submit", str(tmp_path / ".hidden.yaml"))
+    assert placed.code == 0, placed.err
+    assert sorted(os.listdir(spool / "incoming")) == ["hidden.yaml"]

@@ -504,7 +504,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     since = time.time()
     placed: list[tuple[str, Pipeline]] = []
     for path, raw, pipeline in loaded:
-        name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+        name = path.name.lstrip(".")  # the daemon ignores dot-names: never place one
+        if Path(name).suffix not in (".yaml", ".yml"):
+            name = f"{name or 'job'}.yaml"
         stem, suffix = name.rsplit(".", 1)
         n = 1
         while (spool.incoming / name).exists():
