@@ -89,6 +89,12 @@ MAX_SPAWNERS = 128  # spawner threads kept (one per core set); the least recentl
 _subreaper_done = False
 
 
+def _checked_log_limit(log_limit: int) -> int:
+    if log_limit < 0:
+        raise ValueError(f"log_limit is {log_limit}; it must be 0 or more bytes")
+    return log_limit
+
+
 def become_subreaper() -> None:
     """Orphans of our tasks are reparented to this process instead of init (once)."""
     global _subreaper_done
@@ -182,10 +188,8 @@ class LocalExecutor:
         thread that started it, before anything else happens there (the daemon records
         pgids so that a restart can end what a crashed daemon left). A task's log keeps at
         most `log_limit` bytes of its output, then a note that the rest was discarded."""
-        if log_limit < 0:
-            raise ValueError(f"log_limit is {log_limit}; it must be 0 or more bytes")
+        self._log_limit = _checked_log_limit(log_limit)
         become_subreaper()
-        self._log_limit = log_limit
         self._on_spawn = on_spawn
         self._grace = kill_grace
         self._clock = clock or Clock()
@@ -254,10 +258,8 @@ class LocalExecutor:
 
     def configure(self, *, kill_grace: float, log_limit: int) -> None:
         """New `kill_grace` and `log_limit` for tasks started from now on (config reload)."""
-        if log_limit < 0:
-            raise ValueError(f"log_limit is {log_limit}; it must be 0 or more bytes")
+        self._log_limit = _checked_log_limit(log_limit)
         self._grace = kill_grace
-        self._log_limit = log_limit
         self._pool.configure(kill_grace=kill_grace, log_limit=log_limit)
 
     def wake(self) -> None:
