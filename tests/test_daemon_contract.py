@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -167,6 +169,44 @@ def test_schedule_overlap_skip_never_overlaps_and_allow_does(
     iv = spans(spool, source)
     assert len(iv) >= 2
     assert overlapping(iv) == (overlap == "allow")
+
+
+def test_schedule_overlap_queue_holds_one_fire_through_a_kill_and_runs_it_after(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
+) -> None:
+    config = "cpus: 2\nstop_timeout: 500ms\nkill_grace: 500ms\n"
+    gate = tmp_path / "gate"
+    d = daemon_factory(config).start()
+    schedule = "  schedule: {every: 1s, overlap: queue}\n"
+    drop(spool, "q.yaml", job("q", f"until [ -e {gate} ]; do sleep 0.05; done", schedule))
+    source = "schedules/q.yaml"
+    wait_for("a fire held", lambda: "queued behind its running run" in d.log.read_text(), 15)
+    state = load_json(spool / "state" / "schedules.json")["q"]
+    held = parse_rfc3339(state["held"]["fire_time"]).timestamp()
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    [first] = runs_of(spool, source)  # the one that holds the fire, left running
+
+    d = daemon_factory(config).start()
+    gate.touch()
+
+    def is_held(rec: dict[str, Any]) -> bool:  # run.json has milliseconds, the state more
+        return abs(parse_rfc3339(rec["trigger"]["fire_time"]).timestamp() - held) < 0.001
+
+    def held_run() -> dict[str, Any] | None:
+        found = [r for r in runs_of(spool, source) if is_held(r)]
+        return found[0] if found and found[0]["state"] == "succeeded" else None
+
+    wait_for("the held fire's run to succeed", lambda: held_run() is not None, 15)
+    assert chute("unschedule", "q").code == 0
+    assert d.stop() == 0
+    recs = runs_of(spool, source)
+    assert [is_held(r) for r in recs].count(True) == 1
+    resumed = next(r for r in recs if r["run_id"] == first["run_id"])
+    assert (resumed["state"], resumed["recoveries"]) == ("succeeded", 1)
+    later = held_run()
+    assert later is not None
+    assert later["started_at"] >= resumed["finished_at"]
+    assert not overlapping(spans(spool, source))
 
 
 # -- metrics ---------------------------------------------------------------------------------

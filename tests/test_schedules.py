@@ -353,6 +353,17 @@ def test_within_grace_older_fires_coalesce_into_the_newest(state: Path) -> None:
     assert due.misfires == 2
 
 
+def test_misfires_are_told_per_schedule_so_each_counts_once_recorded(state: Path) -> None:
+    s = one(state, every(3600, grace=60), "2026-11-23T00:00:00+00:00", name="a")
+    s.set("b", every(3600, misfire="skip", grace=60), T("2026-11-23T00:00:00+00:00"))
+    s.set("c", every(7200, grace=60), T("2026-11-23T05:00:00+00:00"))
+    due = s.due(T("2026-11-23T05:30:00+00:00"))
+    assert due.misfired == {"a": 5, "b": 5}  # c has not fired yet
+    assert due.misfires == 10
+    s.record("b", T("2026-11-23T05:00:00+00:00"))  # a's fire not recorded: its run failed
+    assert s.due(T("2026-11-23T05:31:00+00:00")).misfired == {"a": 5}
+
+
 def test_recorded_skip_is_not_counted_again(state: Path) -> None:
     s = one(state, every(3600, misfire="skip", grace=60), "2026-11-23T00:00:00+00:00")
     now = T("2026-11-23T05:30:00+00:00")
@@ -495,6 +506,38 @@ def test_remove_and_retain_forget_a_schedule(state: Path) -> None:
     )
     with pytest.raises(KeyError):
         restarted.next_fire("a", T("2026-11-23T11:00:30+00:00"))
+
+
+def test_a_held_fire_is_recorded_and_kept_across_a_restart_until_released(state: Path) -> None:
+    s = one(state, cron("0 * * * *", "Asia/Shanghai", overlap="queue"), "2026-11-23T00:00:00Z")
+    [fire] = s.due(T("2026-11-23T03:00:10+00:00")).fires
+    assert s.held("job") is None
+    s.hold(fire)
+    assert s.due(T("2026-11-23T03:00:20+00:00")).fires == ()  # recorded by the same write
+    saved = orjson.loads((state / STATE_FILE).read_bytes())["job"]
+    assert saved["held"] == {"fire_time": "2026-11-23T03:00:00+00:00", "missed": 2}
+    assert saved["last_fire"] == "2026-11-23T03:00:00+00:00"
+
+    restarted = Schedules(state)
+    assert restarted.held("job") is None  # known from disk, active once set again
+    restarted.set(
+        "job", cron("0 * * * *", "Asia/Shanghai", overlap="queue"), T("2026-11-24T00:00:00Z")
+    )
+    assert restarted.held("job") == fire  # same zone, trigger, missed count: same run id
+    restarted.release("job")
+    assert restarted.held("job") is None
+    assert "held" not in orjson.loads((state / STATE_FILE).read_bytes())["job"]
+
+
+def test_a_new_trigger_drops_the_held_fire_of_the_old_one(state: Path) -> None:
+    s = one(state, every(60, overlap="queue"), "2026-11-23T10:00:00+00:00")
+    [fire] = s.due(T("2026-11-23T10:01:00+00:00")).fires
+    s.hold(fire)
+    s.set("job", every(60, overlap="skip"), T("2026-11-23T10:01:30+00:00"))
+    assert s.held("job") == fire  # same trigger, another overlap: still held
+    s.set("job", every(120, overlap="queue"), T("2026-11-23T10:01:40+00:00"))
+    assert s.held("job") is None
+    assert "held" not in orjson.loads((state / STATE_FILE).read_bytes())["job"]
 
 
 def test_an_unreadable_state_file_is_one_error_and_a_fresh_start(

@@ -216,7 +216,6 @@ class _ScheduleState:
     pipeline: Pipeline
     raw: bytes
     active: set[str] = field(default_factory=set)  # run ids of this schedule not finished
-    pending: Fire | None = None  # overlap: queue
 
 
 class Daemon:
@@ -617,30 +616,27 @@ class Daemon:
             return
         if self._write_trouble() is not None:
             return  # fires wait (within grace they run late; past it misfire rules apply)
-        for held in self._schedules.values():
-            if held.pending is not None and not held.active:
-                fire, held.pending = held.pending, None
-                if not self._start_fire(held, fire):
-                    held.pending = fire
+        for name, state in self._schedules.items():
+            self._start_held(name, state)
         now = self.clock.now()
         due = self.schedules.due(now)
-        self.misfires += due.misfires
-        self.metrics.schedules_fired(0, due.misfires)
         for name, fire_time in due.skipped:
             log.warning("schedule %s misfired at %s: skipped (misfire: skip)", name, fire_time)
             self.schedules.record(name, fire_time)
+            self._count_misfires(due.misfired[name])
         for fire in due.fires:
             st = self._schedules.get(fire.name)
             if st is None:
                 continue
             sched = st.pipeline.schedule
             assert sched is not None
-            decision = overlap_decision(sched.overlap, bool(st.active), st.pending is not None)
+            held = self.schedules.held(fire.name) is not None
+            decision = overlap_decision(sched.overlap, bool(st.active), held)
             if decision == "run":
                 if not self._start_fire(st, fire):
                     continue  # not recorded: due() offers it again once the spool is writable
             elif decision == "queue":
-                st.pending = fire
+                self.schedules.hold(fire)
                 log.info(
                     "schedule %s fire %s queued behind its running run", fire.name, fire.fire_time
                 )
@@ -652,6 +648,19 @@ class Daemon:
                 )
             self.metrics.schedules_fired(1, 0)  # counted once: when recorded
             self.schedules.record(fire.name, fire.fire_time)
+            self._count_misfires(due.misfired[fire.name])
+
+    def _count_misfires(self, n: int) -> None:
+        """Count a recorded fire's misfires (an unrecorded one is offered again, and counted
+        then)."""
+        self.misfires += n
+        self.metrics.schedules_fired(0, n)
+
+    def _start_held(self, name: str, st: _ScheduleState) -> None:
+        """Start the fire overlap: queue holds for `name` once its previous run has ended."""
+        fire = self.schedules.held(name)
+        if fire is not None and not st.active and self._start_fire(st, fire):
+            self.schedules.release(name)
 
     def _write_trouble(self) -> OSError | None:
         """Why the spool cannot be written now (engine or intake), or None."""
@@ -662,6 +671,8 @@ class Daemon:
         run_id = fire.run_id()
         if (self.spool.queue / f"{run_id}.yaml").exists():
             return True  # made before a crash: recovery resumed it from its queue file
+        if runs.finished_on_disk(self.spool.runs / run_id):
+            return True  # made before a crash and run since (a held fire not yet released)
         try:
             self._make_fire_run(st, fire, run_id)
         except OSError as exc:
@@ -724,13 +735,10 @@ class Daemon:
                 run.pipeline.name,
                 stages[:2000],
             )
-            for st in self._schedules.values():
+            for name, st in self._schedules.items():
                 if run.run_id in st.active:
                     st.active.discard(run.run_id)
-                    if st.pending is not None and not st.active:
-                        fire, st.pending = st.pending, None
-                        if not self._start_fire(st, fire):
-                            st.pending = fire  # _fire_schedules tries it again
+                    self._start_held(name, st)  # when it cannot, _fire_schedules tries again
 
     # -- recovery --------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Recurring fires: when each schedule fires, what a missed fire becomes, and the last fire.
 
 Owns: the fire times of `schedule:` blocks (cron, at, every), the misfire and overlap
-decisions, and `<state>/schedules.json` ({name: {"last_fire", "anchor", "trigger"}}).
+decisions, and `<state>/schedules.json` ({name: {"last_fire", "anchor", "trigger"}}, plus
+"held": {"fire_time", "missed"} while `overlap: queue` holds a fire).
 Not here: reading schedules/ (chute.spool), creating runs (chute.engine), the loop that
 sleeps until `next_wakeup` (the daemon), parsing and validating the block (chute.spec).
 
@@ -30,7 +31,9 @@ Exactly once: `due(now)` proposes at most one fire per schedule, keyed by (name,
 time) through its deterministic `run_id`; the daemon creates that run (a second create
 is a no-op), then `record`s the fire time. A crash before `record` proposes the same fire
 again: same run id, no second run. `due` never proposes a fire time at or before the
-recorded last fire, so a backward clock jump cannot fire one twice.
+recorded last fire, so a backward clock jump cannot fire one twice. A fire `overlap: queue`
+holds is recorded and held in one write (`hold`), so a restart keeps it; the daemon
+`release`s it once its run exists.
 Crash safety: schedules.json is replaced atomically (chute.atomic.write_json) by `set`
 (new or changed schedule), `record`, `remove` and `retain`.
 Diagnostics: an unreadable schedules.json is an environment problem: one ERROR line, and
@@ -96,7 +99,12 @@ class Due:
 
     fires: tuple[Fire, ...]  # run each now (overlap permitting), then record it
     skipped: tuple[tuple[str, datetime], ...]  # (name, newest missed time), misfire: skip
-    misfires: int  # fire times that get no run of their own: chute_schedule_misfires_total
+    misfired: dict[str, int]  # per schedule: fire times that get no run of their own
+
+    @property
+    def misfires(self) -> int:
+        """chute_schedule_misfires_total's share, once every fire and skip is recorded."""
+        return sum(self.misfired.values())
 
 
 def overlap_decision(policy: str, previous_running: bool, fire_pending: bool) -> Decision:
@@ -251,6 +259,7 @@ class _Entry:
     last_fire: datetime | None
     zone: tzinfo
     cron: _Cron | None = None
+    held: tuple[datetime, int] | None = None  # (fire time, missed) held by overlap: queue
 
     def kind(self) -> TriggerType:
         assert self.schedule is not None
@@ -271,6 +280,17 @@ class _Entry:
         assert s.at is not None
         at = _aware(s.at, self.zone)
         return at.astimezone(self.zone) if at > after and self.last_fire is None else None
+
+    def fire(self, name: str, fire_time: datetime, missed: int) -> Fire:
+        local = fire_time.astimezone(self.zone)
+        return Fire(name, local, self.kind(), missed, local.date().isoformat())
+
+    def mark(self, fire_time: datetime) -> bool:
+        """Make `fire_time` the last fire; False when an equal or later one is recorded."""
+        if self.last_fire is not None and self.last_fire >= fire_time:
+            return False
+        self.last_fire = fire_time.astimezone(UTC)
+        return True
 
     def pending(self, now: datetime) -> tuple[int, datetime] | None:
         """(how many fire times are due, up to MISSED_CAP + 1; the newest one), or None."""
@@ -336,13 +356,16 @@ class Schedules:
         self._entries: dict[str, _Entry] = {}
         for name, raw in self._load().items():
             try:
-                last = raw["last_fire"]
+                last, held = raw["last_fire"], raw.get("held")
                 self._entries[name] = _Entry(
                     schedule=None,
                     trigger=str(raw["trigger"]),
                     anchor=datetime.fromisoformat(raw["anchor"]),
                     last_fire=None if last is None else datetime.fromisoformat(last),
                     zone=UTC,
+                    held=None
+                    if held is None
+                    else (datetime.fromisoformat(held["fire_time"]), int(held["missed"])),
                 )
             except (KeyError, TypeError, ValueError) as e:
                 log.error(
@@ -363,30 +386,38 @@ class Schedules:
         return data
 
     def _save(self) -> None:
-        data = {
-            name: {
+        data: dict[str, dict[str, object]] = {}
+        for name, e in sorted(self._entries.items()):
+            data[name] = {
                 "last_fire": None
                 if e.last_fire is None
                 else e.last_fire.astimezone(UTC).isoformat(),
                 "anchor": e.anchor.astimezone(UTC).isoformat(),
                 "trigger": e.trigger,
             }
-            for name, e in sorted(self._entries.items())
-        }
+            if e.held is not None:
+                fire_time, missed = e.held
+                data[name]["held"] = {
+                    "fire_time": fire_time.astimezone(UTC).isoformat(),
+                    "missed": missed,
+                }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.path, data)  # hands over: a new anchor, or a fire whose run exists
 
     def set(self, name: str, schedule: Schedule, accepted_at: datetime) -> None:
         """Add or replace a schedule. With the same trigger as before (a restart, or a file
-        dropped again unchanged) it keeps its anchor and last fire; otherwise both restart
-        at `accepted_at` (an `every` grid starts there)."""
+        dropped again unchanged) it keeps its anchor, last fire and held fire; otherwise
+        they restart at `accepted_at` (an `every` grid starts there), and a held fire of the
+        old trigger is dropped."""
         _check_aware(accepted_at)
         text = trigger_text(schedule)
         zone = ZoneInfo(schedule.timezone)
         cron = _Cron(schedule.cron, zone) if schedule.cron is not None else None
         old = self._entries.get(name)
         if old is not None and old.trigger == text:
-            self._entries[name] = _Entry(schedule, text, old.anchor, old.last_fire, zone, cron)
+            self._entries[name] = _Entry(
+                schedule, text, old.anchor, old.last_fire, zone, cron, old.held
+            )
             return
         self._entries[name] = _Entry(schedule, text, accepted_at.astimezone(UTC), None, zone, cron)
         self._save()
@@ -425,7 +456,7 @@ class Schedules:
         _check_aware(now)
         fires: list[Fire] = []
         skipped: list[tuple[str, datetime]] = []
-        misfires = 0
+        misfired: dict[str, int] = {}
         for name, e in self._active():
             s = e.schedule
             assert s is not None
@@ -435,18 +466,17 @@ class Schedules:
             count, newest = found
             older = min(count - 1, MISSED_CAP)
             if (now - newest).total_seconds() <= s.grace:
-                misfires += older
+                misfired[name] = older
                 missed = older if s.misfire == "run_once" else 0
             else:
-                misfires += count
+                misfired[name] = count
                 if s.misfire == "skip":
                     skipped.append((name, newest))
                     continue
                 missed = older
-            local = newest.astimezone(e.zone)
-            fires.append(Fire(name, local, e.kind(), missed, local.date().isoformat()))
+            fires.append(e.fire(name, newest, missed))
         fires.sort(key=lambda f: (f.fire_time, f.name))
-        return Due(tuple(fires), tuple(skipped), misfires)
+        return Due(tuple(fires), tuple(skipped), misfired)
 
     def record(self, name: str, fire_time: datetime) -> None:
         """The fire at `fire_time` is handled (its run exists, or it was skipped)."""
@@ -455,10 +485,32 @@ class Schedules:
         if e is None:
             log.debug("schedule %s removed before its fire %s was recorded", name, fire_time)
             return
-        if e.last_fire is not None and e.last_fire >= fire_time:
+        if e.mark(fire_time):
+            self._save()
+
+    def hold(self, fire: Fire) -> None:
+        """Record `fire` and keep it to run once the schedule's running run ends (overlap:
+        queue), in one write: a restart in between neither loses nor repeats it."""
+        e = self._entries.get(fire.name)
+        if e is None:
             return
-        e.last_fire = fire_time.astimezone(UTC)
+        e.mark(fire.fire_time)
+        e.held = (fire.fire_time.astimezone(UTC), fire.missed)
         self._save()
+
+    def held(self, name: str) -> Fire | None:
+        """The fire `hold` keeps for `name`, until `release`."""
+        e = self._entries.get(name)
+        if e is None or e.held is None or e.schedule is None:
+            return None
+        return e.fire(name, *e.held)
+
+    def release(self, name: str) -> None:
+        """The held fire's run exists: nothing is held any more."""
+        e = self._entries.get(name)
+        if e is not None and e.held is not None:
+            e.held = None
+            self._save()
 
     def next_fire(self, name: str, now: datetime) -> datetime | None:
         """The next fire time after `now` (and after the last fire), in the schedule's zone."""

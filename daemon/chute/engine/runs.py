@@ -141,6 +141,14 @@ def started_on_disk(run_dir: Path) -> bool:
         return False
 
 
+def finished_on_disk(run_dir: Path) -> bool:
+    """Whether the run's run.json says it is over (an unreadable one: not)."""
+    try:
+        return rundir.read_json(run_dir / "run.json").get("state") in rundir.FINAL_RUN_STATES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def resume_run(
     spool: Spool, run_id: str, *, node_cpus: int | None, node_memory: int | None
 ) -> ActiveRun:
