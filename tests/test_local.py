@@ -664,6 +664,35 @@ def test_queued_call_waits_for_a_free_worker_and_can_be_cancelled(
     assert (got["third"].cancelled, got["third"].error) == (True, "cancelled before it started")
 
 
+def test_a_reconfigured_pool_grows_at_once_and_ends_idle_workers_beyond_its_size(
+    make_executor: Any, tmp_path: Path
+) -> None:
+    ex = make_executor(max_workers=1)
+    gate = tmp_path / "gate"
+    source = f"""
+        import os, pathlib, time
+        def run(name):
+            pathlib.Path({str(tmp_path)!r}, name).touch()
+            while not os.path.exists({str(gate)!r}):
+                time.sleep(0.01)
+            return {{"pid": os.getpid()}}
+    """
+    write_module(tmp_path, "g", textwrap.dedent(source))
+    ex.start(call_task(tmp_path, "a", "g:run", kwargs={"name": "a-started"}))
+    ex.start(call_task(tmp_path, "b", "g:run", kwargs={"name": "b-started"}))
+    wait_for("a to start", (tmp_path / "a-started").exists)
+    assert not (tmp_path / "b-started").exists()  # one worker, and a holds it until the gate
+    ex.configure(kill_grace=10.0, log_limit=1 << 20, max_workers=2)
+    wait_for("b to start beside a", (tmp_path / "b-started").exists)
+    gate.touch()
+    got = results(ex, "a", "b")
+    pids = [orjson.loads(got[k].output or b"{}")["pid"] for k in ("a", "b")]
+    assert pids[0] != pids[1]
+    assert all(alive(p) for p in pids)  # both idle, kept
+    ex.configure(kill_grace=10.0, log_limit=1 << 20, max_workers=1)
+    wait_for("one idle worker to end", lambda: [alive(p) for p in pids].count(True) == 1)
+
+
 @pytest.mark.parametrize("kind", ["run", "call"])
 def test_task_folders_are_made_before_it_starts(
     executor: LocalExecutor, tmp_path: Path, kind: str

@@ -965,8 +965,11 @@ class Daemon:
             self.config.memory,
         ):
             self._reload_topology(new)
-        if (new.kill_grace, new.log_limit) != (self.config.kill_grace, self.config.log_limit):
-            self.executor.configure(kill_grace=new.kill_grace, log_limit=new.log_limit)
+        self.executor.configure(
+            kill_grace=new.kill_grace,
+            log_limit=new.log_limit,
+            max_workers=len(self.topology.cpus),
+        )
         if new.log_format != self.config.log_format:
             logs.setup(logging.getLogger().level, new.log_format)
         self.config = new

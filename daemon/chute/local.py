@@ -256,11 +256,12 @@ class LocalExecutor:
                 results, self._results[:] = list(self._results), []
                 return results
 
-    def configure(self, *, kill_grace: float, log_limit: int) -> None:
-        """New `kill_grace` and `log_limit` for tasks started from now on (config reload)."""
+    def configure(self, *, kill_grace: float, log_limit: int, max_workers: int) -> None:
+        """New `kill_grace` and `log_limit` for tasks started from now on, and a new size
+        for the `call:` pool (config reload)."""
         self._log_limit = _checked_log_limit(log_limit)
         self._grace = kill_grace
-        self._pool.configure(kill_grace=kill_grace, log_limit=log_limit)
+        self._pool.configure(kill_grace=kill_grace, log_limit=log_limit, max_workers=max_workers)
 
     def wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):

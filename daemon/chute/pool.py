@@ -390,6 +390,12 @@ class _Worker:
         self.dead = False
 
 
+def _checked_max_workers(max_workers: int) -> int:
+    if max_workers < 1:
+        raise ValueError(f"max_workers is {max_workers}; it must be at least 1")
+    return max_workers
+
+
 class Pool:
     """`call:` tasks on up to `max_workers` reusable worker processes.
 
@@ -409,9 +415,8 @@ class Pool:
         idle_timeout: float = 300.0,
         log_limit: int = DEFAULT_LOG_LIMIT,
     ):
-        if max_workers < 1:
-            raise ValueError(f"max_workers is {max_workers}; it must be at least 1")
-        self._max_workers = max_workers
+        self._max_workers = _checked_max_workers(max_workers)
+        self._idle_cap = max_idle  # None: as many as max_workers
         self._max_idle = max_workers if max_idle is None else max_idle
         self._idle_timeout = idle_timeout
         self._grace = kill_grace
@@ -615,10 +620,18 @@ class Pool:
             log.debug("worker pid=%d ended with %s", w.pid, code)
         self._dispatch()
 
-    def configure(self, *, kill_grace: float, log_limit: int) -> None:
-        """New values for the tasks handed to workers from now on (config reload)."""
+    def configure(self, *, kill_grace: float, log_limit: int, max_workers: int) -> None:
+        """New values for the tasks handed to workers from now on (config reload). A smaller
+        pool ends its surplus idle workers now and busy ones as their tasks end; a bigger
+        one starts what waits for a worker."""
         self._grace = kill_grace
         self._log_limit = log_limit
+        self._max_workers = _checked_max_workers(max_workers)
+        cap = self._idle_cap
+        self._max_idle = max_workers if cap is None else min(cap, max_workers)
+        while len(self._idle) > self._max_idle:
+            self._retire(self._idle.pop(0))  # least recently used first
+        self._dispatch()
 
     def close(self, grace: float) -> None:
         """End every worker (busy ones with SIGTERM, then SIGKILL after `grace`)."""
