@@ -693,6 +693,35 @@ def test_a_reconfigured_pool_grows_at_once_and_ends_idle_workers_beyond_its_size
     wait_for("one idle worker to end", lambda: [alive(p) for p in pids].count(True) == 1)
 
 
+def test_a_pool_shrunk_while_busy_runs_its_backlog_on_one_worker(
+    make_executor: Any, tmp_path: Path
+) -> None:
+    ex = make_executor(max_workers=2)
+    gate = tmp_path / "gate"
+    source = f"""
+        import os, pathlib, time
+        def run(name, s=0):
+            pathlib.Path({str(tmp_path)!r}, name).touch()
+            while not os.path.exists({str(gate)!r}):
+                time.sleep(0.01)
+            time.sleep(s)
+            return {{"pid": os.getpid()}}
+    """
+    write_module(tmp_path, "g", textwrap.dedent(source))
+    for key in ("a", "b"):
+        ex.start(call_task(tmp_path, key, "g:run", kwargs={"name": key}))
+    wait_for("a and b to run", lambda: (tmp_path / "a").exists() and (tmp_path / "b").exists())
+    ex.configure(kill_grace=10.0, log_limit=1 << 20, max_workers=1)
+    for key in ("c", "d"):
+        ex.start(call_task(tmp_path, key, "g:run", kwargs={"name": key, "s": 0.3}))
+    gate.touch()
+    got = results(ex, "a", "b", "c", "d")
+    pid = {k: orjson.loads(r.output or b"{}")["pid"] for k, r in got.items()}
+    assert pid["c"] == pid["d"]  # one worker left: c and d one after the other
+    [other] = {pid["a"], pid["b"]} - {pid["c"]}
+    wait_for("the other worker to end", lambda: not alive(other))
+
+
 @pytest.mark.parametrize("kind", ["run", "call"])
 def test_task_folders_are_made_before_it_starts(
     executor: LocalExecutor, tmp_path: Path, kind: str

@@ -573,8 +573,9 @@ class Pool:
         w.deadline = None
         if w.dead:
             return
-        if len(self._idle) >= self._max_idle:
-            self._retire(w)
+        live = sum(1 for x in self._workers.values() if x.conn is not None)
+        if len(self._idle) >= self._max_idle or live > self._max_workers:
+            self._retire(w)  # the second: the pool was made smaller while it was busy
         else:
             w.idle_since = self._clock.monotonic()
             self._idle.append(w)
@@ -624,9 +625,9 @@ class Pool:
         """New values for the tasks handed to workers from now on (config reload). A smaller
         pool ends its surplus idle workers now and busy ones as their tasks end; a bigger
         one starts what waits for a worker."""
+        self._max_workers = _checked_max_workers(max_workers)
         self._grace = kill_grace
         self._log_limit = log_limit
-        self._max_workers = _checked_max_workers(max_workers)
         cap = self._idle_cap
         self._max_idle = max_workers if cap is None else min(cap, max_workers)
         while len(self._idle) > self._max_idle:
