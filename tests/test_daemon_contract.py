@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -171,6 +172,13 @@ def test_schedule_overlap_skip_never_overlaps_and_allow_does(
     assert overlapping(iv) == (overlap == "allow")
 
 
+def held_at(spool: Path, name: str) -> float | None:
+    """The fire time overlap: queue holds for schedule `name`, from state/schedules.json."""
+    path = spool / "state" / "schedules.json"
+    held = load_json(path).get(name, {}).get("held") if path.exists() else None
+    return None if held is None else parse_rfc3339(held["fire_time"]).timestamp()
+
+
 def test_schedule_overlap_queue_holds_one_fire_through_a_kill_and_runs_it_after(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -181,8 +189,8 @@ def test_schedule_overlap_queue_holds_one_fire_through_a_kill_and_runs_it_after(
     drop(spool, "q.yaml", job("q", f"until [ -e {gate} ]; do sleep 0.05; done", schedule))
     source = "schedules/q.yaml"
     wait_for("a fire held", lambda: "queued behind its running run" in d.log.read_text(), 15)
-    state = load_json(spool / "state" / "schedules.json")["q"]
-    held = parse_rfc3339(state["held"]["fire_time"]).timestamp()
+    held = held_at(spool, "q")
+    assert held is not None
     assert d.stop(signal.SIGKILL) == -signal.SIGKILL
     [first] = runs_of(spool, source)  # the one that holds the fire, left running
 
@@ -207,6 +215,36 @@ def test_schedule_overlap_queue_holds_one_fire_through_a_kill_and_runs_it_after(
     assert later is not None
     assert later["started_at"] >= resumed["finished_at"]
     assert not overlapping(spans(spool, source))
+
+
+def test_a_held_fire_whose_run_was_made_before_a_crash_is_released_not_run_again(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
+) -> None:
+    # The crash comes after the held fire's run was made and before its release was saved:
+    # simulated by saving the running run's fire as held again while the daemon is down.
+    config = "cpus: 2\nstop_timeout: 500ms\nkill_grace: 500ms\n"
+    d = daemon_factory(config).start()
+    schedule = "  schedule: {every: 1s, overlap: queue}\n"
+    wait = f'until [ -e "{tmp_path}/go-$CHUTE_RUN_ID" ]; do sleep 0.05; done'
+    drop(spool, "q.yaml", job("q", wait, schedule))
+    source = "schedules/q.yaml"
+    wait_for("a fire held", lambda: held_at(spool, "q") is not None, 15)
+    [first] = runs_of(spool, source)
+    (tmp_path / f"go-{first['run_id']}").touch()
+    wait_for("the held fire's run", lambda: len(runs_of(spool, source)) == 2)
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    made = next(r for r in runs_of(spool, source) if r["run_id"] != first["run_id"])
+    state_file = spool / "state" / "schedules.json"
+    state = load_json(state_file)
+    state["q"]["held"] = {"fire_time": made["trigger"]["fire_time"], "missed": 0}
+    state_file.write_bytes(orjson.dumps(state))
+    made_at = parse_rfc3339(made["trigger"]["fire_time"]).timestamp()
+
+    d = daemon_factory(config).start()
+    wait_for("a later fire held", lambda: (held_at(spool, "q") or 0) > made_at, 10)
+    assert chute("unschedule", "q").code == 0
+    assert d.stop() == 0
+    assert [r["run_id"] for r in runs_of(spool, source)].count(made["run_id"]) == 1
 
 
 # -- metrics ---------------------------------------------------------------------------------

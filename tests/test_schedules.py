@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -538,6 +539,49 @@ def test_a_new_trigger_drops_the_held_fire_of_the_old_one(state: Path) -> None:
     s.set("job", every(120, overlap="queue"), T("2026-11-23T10:01:40+00:00"))
     assert s.held("job") is None
     assert "held" not in orjson.loads((state / STATE_FILE).read_bytes())["job"]
+
+
+def test_a_state_file_that_cannot_be_written_is_one_error_and_written_later(
+    state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = one(state, every(60), "2026-11-23T10:00:00+00:00")
+    shutil.rmtree(state)
+    state.write_text("a file where the state folder should be")
+    s.record("job", T("2026-11-23T10:01:00+00:00"))  # no exception: the loop goes on
+    s.record("job", T("2026-11-23T10:02:00+00:00"))
+    assert s.unsaved
+    assert s.due(T("2026-11-23T10:02:30+00:00")).fires == ()  # memory has both records
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1  # not one per write
+    assert errors[0].startswith(f"{state / STATE_FILE}: cannot write (")
+    state.unlink()
+    s.save()
+    assert not s.unsaved
+    saved = orjson.loads((state / STATE_FILE).read_bytes())["job"]
+    assert saved["last_fire"] == "2026-11-23T10:02:00+00:00"
+
+
+@pytest.mark.parametrize(
+    "held",
+    [{"fire_time": "2026-11-23T10:01:00", "missed": 0}, {"fire_time": "2026-11-23T10:01:00Z"}],
+    ids=["a time without zone", "no missed count"],
+)
+def test_a_bad_held_fire_is_dropped_alone(
+    state: Path, caplog: pytest.LogCaptureFixture, held: dict[str, Any]
+) -> None:
+    state.mkdir()
+    entry = {
+        "last_fire": "2026-11-23T10:01:00+00:00",
+        "anchor": "2026-11-23T10:00:00+00:00",
+        "trigger": "every 1m",
+        "held": held,
+    }
+    (state / STATE_FILE).write_bytes(orjson.dumps({"job": entry}))
+    s = one(state, every(60, overlap="queue"), "2026-11-23T12:00:00+00:00")
+    assert s.held("job") is None
+    assert s.next_fire("job", T("2026-11-23T10:01:30+00:00")) == T("2026-11-23T10:02:00+00:00")
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"{state / STATE_FILE}: held fire of 'job' unreadable")
 
 
 def test_an_unreadable_state_file_is_one_error_and_a_fresh_start(

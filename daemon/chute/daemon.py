@@ -616,6 +616,8 @@ class Daemon:
             return
         if self._write_trouble() is not None:
             return  # fires wait (within grace they run late; past it misfire rules apply)
+        if self.schedules.unsaved:
+            self.schedules.save()
         for name, state in self._schedules.items():
             self._start_held(name, state)
         now = self.clock.now()
@@ -657,10 +659,21 @@ class Daemon:
         self.metrics.schedules_fired(0, n)
 
     def _start_held(self, name: str, st: _ScheduleState) -> None:
-        """Start the fire overlap: queue holds for `name` once its previous run has ended."""
+        """Start the fire overlap: queue holds for `name` once its previous run has ended.
+        One whose run exists already (a crash came before its release) is only released,
+        so the next fire can be held in its place."""
         fire = self.schedules.held(name)
-        if fire is not None and not st.active and self._start_fire(st, fire):
+        if fire is None:
+            return
+        if self._fire_made(fire.run_id()) or (not st.active and self._start_fire(st, fire)):
             self.schedules.release(name)
+
+    def _fire_made(self, run_id: str) -> bool:
+        """Whether a fire's run was made already: waiting or running (its queue file), or
+        run to the end since."""
+        return (self.spool.queue / f"{run_id}.yaml").exists() or runs.finished_on_disk(
+            self.spool.runs / run_id
+        )
 
     def _write_trouble(self) -> OSError | None:
         """Why the spool cannot be written now (engine or intake), or None."""
@@ -669,10 +682,8 @@ class Daemon:
     def _start_fire(self, st: _ScheduleState, fire: Fire) -> bool:
         """Make the fire's run; False when the spool cannot be written (retried later)."""
         run_id = fire.run_id()
-        if (self.spool.queue / f"{run_id}.yaml").exists():
-            return True  # made before a crash: recovery resumed it from its queue file
-        if runs.finished_on_disk(self.spool.runs / run_id):
-            return True  # made before a crash and run since (a held fire not yet released)
+        if self._fire_made(run_id):
+            return True  # made before a crash: resumed by recovery, or run since
         try:
             self._make_fire_run(st, fire, run_id)
         except OSError as exc:

@@ -35,11 +35,13 @@ recorded last fire, so a backward clock jump cannot fire one twice. A fire `over
 holds is recorded and held in one write (`hold`), so a restart keeps it; the daemon
 `release`s it once its run exists.
 Crash safety: schedules.json is replaced atomically (chute.atomic.write_json) by `set`
-(new or changed schedule), `record`, `remove` and `retain`.
+(new or changed schedule), `record`, `hold`, `release`, `remove` and `retain`.
 Diagnostics: an unreadable schedules.json is an environment problem: one ERROR line, and
 the schedules start without recorded fires (a fire the runs/ folder already holds keeps
-its run id, so it does not run twice). Invalid schedules are the validator's job; here
-they raise ValueError.
+its run id, so it does not run twice). One that cannot be written (a full disk) is one
+ERROR line too: the schedules go on from memory, `unsaved` says so, and every later write
+(each fire, or `save`) tries again; a crash meanwhile falls back on the run ids as above.
+Invalid schedules are the validator's job; here they raise ValueError.
 Limits: run ids have whole seconds, so two fires of one schedule within the same second
 (every: below 1s) share one run. Missed fires are counted up to MISSED_CAP, then
 "1000+". One writer per state folder: the daemon.
@@ -356,21 +358,33 @@ class Schedules:
         self._entries: dict[str, _Entry] = {}
         for name, raw in self._load().items():
             try:
-                last, held = raw["last_fire"], raw.get("held")
+                last = raw["last_fire"]
                 self._entries[name] = _Entry(
                     schedule=None,
                     trigger=str(raw["trigger"]),
                     anchor=datetime.fromisoformat(raw["anchor"]),
                     last_fire=None if last is None else datetime.fromisoformat(last),
                     zone=UTC,
-                    held=None
-                    if held is None
-                    else (datetime.fromisoformat(held["fire_time"]), int(held["missed"])),
+                    held=self._read_held(name, raw.get("held")),
                 )
             except (KeyError, TypeError, ValueError) as e:
                 log.error(
                     "%s: entry %r unreadable (%s); forgetting its last fire", self.path, name, e
                 )
+        self.unsaved = False  # the last write failed: memory is ahead of the file
+
+    def _read_held(self, name: str, held: Any) -> tuple[datetime, int] | None:
+        """A held fire as saved; a bad one is dropped alone (the last fire stays)."""
+        if held is None:
+            return None
+        try:
+            fire_time, missed = datetime.fromisoformat(held["fire_time"]), held["missed"]
+            if fire_time.utcoffset() is None or type(missed) is not int or missed < 0:
+                raise ValueError(f"{held!r} is not an aware time and a count")
+        except (KeyError, TypeError, ValueError) as e:
+            log.error("%s: held fire of %r unreadable (%s); dropping it", self.path, name, e)
+            return None
+        return fire_time, missed
 
     def _load(self) -> dict[str, Any]:
         try:
@@ -401,8 +415,26 @@ class Schedules:
                     "fire_time": fire_time.astimezone(UTC).isoformat(),
                     "missed": missed,
                 }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.path, data)  # hands over: a new anchor, or a fire whose run exists
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.path, data)  # hands over: a new anchor, or a fire whose run exists
+        except OSError as e:
+            if not self.unsaved:
+                log.error(
+                    "%s: cannot write (%s); schedules go on from memory and the file is "
+                    "written again with the next fire",
+                    self.path,
+                    e,
+                )
+            self.unsaved = True
+            return
+        if self.unsaved:
+            log.info("%s: written again", self.path)
+            self.unsaved = False
+
+    def save(self) -> None:
+        """Write the state file again (after `unsaved`: a write that failed)."""
+        self._save()
 
     def set(self, name: str, schedule: Schedule, accepted_at: datetime) -> None:
         """Add or replace a schedule. With the same trigger as before (a restart, or a file
