@@ -664,20 +664,32 @@ def test_queued_call_waits_for_a_free_worker_and_can_be_cancelled(
     assert (got["third"].cancelled, got["third"].error) == (True, "cancelled before it started")
 
 
+def gated_calls(tmp: Path) -> Path:
+    """Module `g`: `g:run(name, s=0)` touches tmp/name, waits for the returned gate file,
+    sleeps `s` and returns its worker's pid."""
+    gate = tmp / "gate"
+    source = f"""
+        import os, pathlib, time
+        def run(name, s=0):
+            pathlib.Path({str(tmp)!r}, name).touch()
+            while not os.path.exists({str(gate)!r}):
+                time.sleep(0.01)
+            time.sleep(s)
+            return {{"pid": os.getpid()}}
+    """
+    write_module(tmp, "g", textwrap.dedent(source))
+    return gate
+
+
+def pids_of(got: dict[str, Result]) -> dict[str, int]:
+    return {k: int(orjson.loads(r.output or b"{}")["pid"]) for k, r in got.items()}
+
+
 def test_a_reconfigured_pool_grows_at_once_and_ends_idle_workers_beyond_its_size(
     make_executor: Any, tmp_path: Path
 ) -> None:
     ex = make_executor(max_workers=1)
-    gate = tmp_path / "gate"
-    source = f"""
-        import os, pathlib, time
-        def run(name):
-            pathlib.Path({str(tmp_path)!r}, name).touch()
-            while not os.path.exists({str(gate)!r}):
-                time.sleep(0.01)
-            return {{"pid": os.getpid()}}
-    """
-    write_module(tmp_path, "g", textwrap.dedent(source))
+    gate = gated_calls(tmp_path)
     ex.start(call_task(tmp_path, "a", "g:run", kwargs={"name": "a-started"}))
     ex.start(call_task(tmp_path, "b", "g:run", kwargs={"name": "b-started"}))
     wait_for("a to start", (tmp_path / "a-started").exists)
@@ -685,8 +697,7 @@ def test_a_reconfigured_pool_grows_at_once_and_ends_idle_workers_beyond_its_size
     ex.configure(kill_grace=10.0, log_limit=1 << 20, max_workers=2)
     wait_for("b to start beside a", (tmp_path / "b-started").exists)
     gate.touch()
-    got = results(ex, "a", "b")
-    pids = [orjson.loads(got[k].output or b"{}")["pid"] for k in ("a", "b")]
+    pids = list(pids_of(results(ex, "a", "b")).values())
     assert pids[0] != pids[1]
     assert all(alive(p) for p in pids)  # both idle, kept
     ex.configure(kill_grace=10.0, log_limit=1 << 20, max_workers=1)
@@ -697,17 +708,7 @@ def test_a_pool_shrunk_while_busy_runs_its_backlog_on_one_worker(
     make_executor: Any, tmp_path: Path
 ) -> None:
     ex = make_executor(max_workers=2)
-    gate = tmp_path / "gate"
-    source = f"""
-        import os, pathlib, time
-        def run(name, s=0):
-            pathlib.Path({str(tmp_path)!r}, name).touch()
-            while not os.path.exists({str(gate)!r}):
-                time.sleep(0.01)
-            time.sleep(s)
-            return {{"pid": os.getpid()}}
-    """
-    write_module(tmp_path, "g", textwrap.dedent(source))
+    gate = gated_calls(tmp_path)
     for key in ("a", "b"):
         ex.start(call_task(tmp_path, key, "g:run", kwargs={"name": key}))
     wait_for("a and b to run", lambda: (tmp_path / "a").exists() and (tmp_path / "b").exists())
@@ -715,8 +716,7 @@ def test_a_pool_shrunk_while_busy_runs_its_backlog_on_one_worker(
     for key in ("c", "d"):
         ex.start(call_task(tmp_path, key, "g:run", kwargs={"name": key, "s": 0.3}))
     gate.touch()
-    got = results(ex, "a", "b", "c", "d")
-    pid = {k: orjson.loads(r.output or b"{}")["pid"] for k, r in got.items()}
+    pid = pids_of(results(ex, "a", "b", "c", "d"))
     assert pid["c"] == pid["d"]  # one worker left: c and d one after the other
     [other] = {pid["a"], pid["b"]} - {pid["c"]}
     wait_for("the other worker to end", lambda: not alive(other))
