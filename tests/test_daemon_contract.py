@@ -317,5 +317,6 @@ def test_the_daemon_applies_retention_itself_and_keeps_every_latest(
     assert [p.name for p in pipelines] == ["keep", "other"]
     for p, run_id in zip(pipelines, (keep[2], other), strict=True):
         assert load_json(p / "latest" / "run.json")["run_id"] == run_id
-    assert "retention removed 2 run folder(s)" in d.log.read_text()
+    # The loop writes its info lines when it next waits: poll, do not read once.
+    wait_for("the retention line", lambda: "retention removed 2 run folder(s)" in d.log.read_text())
     assert d.stop() == 0
