@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,9 @@ class Done:
     err: str
 
 
+Chute = Callable[..., Done]  # the `chute` fixture
+
+
 def chute_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHUTE_")}
     env["PYTHONPATH"] = str(REPO / "daemon") + os.pathsep + env.get("PYTHONPATH", "")
@@ -73,11 +76,17 @@ def fake_sysfs(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def chute(spool: Path) -> Callable[..., Done]:
-    """Run `chute ARGS --spool <spool>` as a real process; returns its code and output."""
+def chute(spool: Path) -> Chute:
+    """Run `chute ARGS --spool <spool>` as a real process (after `prefix`, a command that
+    runs it: `setpriv ...`); returns its code and output."""
 
-    def run(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> Done:
-        cmd = [sys.executable, "-m", "chute", *args, "--spool", str(spool)]
+    def run(
+        *args: str,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> Done:
+        cmd = [*prefix, sys.executable, "-m", "chute", *args, "--spool", str(spool)]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=chute_env(env))
         return Done(p.returncode, p.stdout, p.stderr)
 

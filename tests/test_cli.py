@@ -8,14 +8,12 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, Done, chute_env
+from conftest import EXAMPLES, Chute, chute_env
 
-Chute = Callable[..., Done]
 COMMANDS = ["validate", "run", "show", "logs", "retry", "schema"]
 
 

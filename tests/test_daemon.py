@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import EXAMPLES, chute_env, load_json, pid_alive, wait_for
+from conftest import EXAMPLES, Chute, Done, load_json, pid_alive, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, final_run, job, runs_of
 
 __all__ = ["daemon_factory"]  # a fixture, used by name
@@ -105,28 +103,13 @@ def test_a_fifo_and_a_symlink_are_refused_without_blocking(
 
 
 def test_a_second_daemon_on_the_same_spool_exits_2(
-    spool: Path, daemon_factory: Callable[..., Daemon]
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:
     first = daemon_factory().start()
-    second = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chute",
-            "daemon",
-            "--spool",
-            str(spool),
-            "--config",
-            str(first.config),
-        ],
-        env=chute_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert second.returncode == 2
-    assert "another chute daemon (pid " in second.stderr
-    assert "one daemon per spool" in second.stderr
+    second = chute("daemon", "--config", str(first.config), timeout=30)
+    assert second.code == 2
+    assert "another chute daemon (pid " in second.err
+    assert "one daemon per spool" in second.err
     assert first.stop() == 0
 
 
@@ -180,32 +163,20 @@ def test_higher_priority_starts_first_when_cpus_free_up(
 
 
 def test_cancel_stops_a_running_run_and_its_processes(
-    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path, chute: Chute
 ) -> None:
     pidfile = tmp_path / "pid"
     d = daemon_factory("kill_grace: 1s\n").start()
     drop(spool, "long.yaml", job("long", f"sleep 1000 & echo $! > {pidfile}; wait"))
     wait_for("the task to start", lambda: pidfile.exists() and pidfile.read_text().strip())
     run_id = runs_of(spool, "incoming/long.yaml")[0]["run_id"]
-    done = subprocess.run(
-        [sys.executable, "-m", "chute", "cancel", run_id, "--spool", str(spool)],
-        env=chute_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"{run_id} cancelled"
+    done = chute("cancel", run_id)
+    assert done.code == 0, done.err
+    assert done.out.strip() == f"{run_id} cancelled"
     assert not pid_alive(int(pidfile.read_text()))
-    again = subprocess.run(
-        [sys.executable, "-m", "chute", "cancel", run_id, "--spool", str(spool)],
-        env=chute_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert again.returncode == 0
-    assert again.stdout.strip() == f"{run_id} already cancelled"
+    again = chute("cancel", run_id)
+    assert again.code == 0
+    assert again.out.strip() == f"{run_id} already cancelled"
     assert d.stop() == 0
 
 
@@ -276,7 +247,7 @@ def test_notify_socket_gets_ready_watchdog_and_stopping(
 
 
 def test_every_schedule_fires_and_unschedule_stops_it(
-    spool: Path, daemon_factory: Callable[..., Daemon]
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:
     d = daemon_factory().start()
     drop(spool, "tick.yaml", job("tick", "true", "  schedule: {every: 1s}\n"))
@@ -286,24 +257,12 @@ def test_every_schedule_fires_and_unschedule_stops_it(
     )
     rec = next(r for r in runs_of(spool) if r["pipeline"] == "tick")
     assert rec["trigger"]["type"] == "every"
-    listed = subprocess.run(
-        [sys.executable, "-m", "chute", "schedules", "--spool", str(spool)],
-        env=chute_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert "tick" in listed.stdout
-    assert "every 1s" in listed.stdout
-    done = subprocess.run(
-        [sys.executable, "-m", "chute", "unschedule", "tick", "--spool", str(spool)],
-        env=chute_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 0
-    assert done.stdout.strip() == "unscheduled tick"
+    listed = chute("schedules", timeout=30)
+    assert "tick" in listed.out
+    assert "every 1s" in listed.out
+    done = chute("unschedule", "tick", timeout=30)
+    assert done.code == 0
+    assert done.out.strip() == "unscheduled tick"
     assert not (spool / "schedules" / "tick.yaml").exists()
     time.sleep(0.2)  # let a fire that was already being made land before counting
     n = len([r for r in runs_of(spool) if r["pipeline"] == "tick"])
@@ -315,31 +274,25 @@ def test_every_schedule_fires_and_unschedule_stops_it(
 
 
 def test_status_and_runs_describe_the_daemon_and_its_runs(
-    spool: Path, daemon_factory: Callable[..., Daemon]
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "chute", *args, "--spool", str(spool)],
-            env=chute_env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+    def cli(*args: str) -> Done:
+        return chute(*args, timeout=30)
 
     down = cli("status")
-    assert down.returncode == 1
-    assert down.stdout.strip() == f"chute daemon is not running on {spool}"
+    assert down.code == 1
+    assert down.out.strip() == f"chute daemon is not running on {spool}"
     d = daemon_factory("cpus: 1\n").start()
     drop(spool, "s.yaml", job("s", "sleep 0.5"))
     wait_for("status.json", lambda: (spool / "state" / "status.json").exists())
     up = cli("status")
-    assert up.returncode == 0
-    assert f"chute daemon pid {d.proc.pid} on {spool}" in up.stdout  # type: ignore[union-attr]
-    assert "cpus: " in up.stdout
-    assert "/1 allocated (node 0: " in up.stdout
+    assert up.code == 0
+    assert f"chute daemon pid {d.proc.pid} on {spool}" in up.out  # type: ignore[union-attr]
+    assert "cpus: " in up.out
+    assert "/1 allocated (node 0: " in up.out
     final_run(spool, "incoming/s.yaml")
     listed = cli("runs", "--state", "succeeded")
-    assert listed.stdout.splitlines()[0].split() == [
+    assert listed.out.splitlines()[0].split() == [
         "RUN",
         "PIPELINE",
         "STATE",
@@ -347,44 +300,23 @@ def test_status_and_runs_describe_the_daemon_and_its_runs(
         "CREATED",
         "DURATION",
     ]
-    assert " s " in listed.stdout
+    assert " s " in listed.out
     assert d.stop() == 0
 
 
 def test_submit_wait_follows_the_run_and_exits_with_its_result(
-    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path, chute: Chute
 ) -> None:
     d = daemon_factory().start()
     bad = tmp_path / "fails.yaml"
     bad.write_text(job("fails", "exit 3"))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chute",
-            "submit",
-            str(EXAMPLES / "hello.yaml"),
-            "--wait",
-            "--spool",
-            str(spool),
-        ],
-        env=chute_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "submitted" in done.stdout
-    assert "state succeeded" in done.stdout
-    failed = subprocess.run(
-        [sys.executable, "-m", "chute", "submit", str(bad), "--wait", "--spool", str(spool)],
-        env=chute_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert failed.returncode == 1
-    assert "state failed" in failed.stdout
+    done = chute("submit", str(EXAMPLES / "hello.yaml"), "--wait")
+    assert done.code == 0, done.err
+    assert "submitted" in done.out
+    assert "state succeeded" in done.out
+    failed = chute("submit", str(bad), "--wait")
+    assert failed.code == 1
+    assert "state failed" in failed.out
     assert d.stop() == 0
 
 

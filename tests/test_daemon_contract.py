@@ -16,12 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chute.clock import parse_rfc3339
-from conftest import EXAMPLES, Done, load_json, wait_for
+from conftest import EXAMPLES, Chute, load_json, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job, runs_of
 
 __all__ = ["daemon_factory"]  # a fixture, used by name
-
-Chute = Callable[..., Done]
 
 
 def metric(spool: Path, name: str) -> float:

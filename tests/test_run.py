@@ -14,11 +14,10 @@ from typing import Any
 import jsonschema
 import pytest
 
-from conftest import EXAMPLES, REPO, Done, chute_env, load_json, pid_alive, wait_for
+from conftest import EXAMPLES, REPO, Chute, chute_env, load_json, pid_alive, wait_for
 
 SCHEMAS = REPO / "daemon" / "chute" / "schemas"
 Spec = Callable[[str, str], Path]
-Chute = Callable[..., Done]
 
 
 def schema(name: str) -> dict[str, Any]:

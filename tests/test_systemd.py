@@ -25,7 +25,7 @@ import yaml
 from chute.config import Config, load_config
 from chute.spool import FOLDERS
 from chute.units import parse_duration
-from conftest import chute_env, wait_for
+from conftest import Chute, wait_for
 from daemon_proc import Daemon, daemon_factory, final_run, job, runs_of
 
 __all__ = ["daemon_factory"]  # a fixture, used by name
@@ -243,26 +243,13 @@ def _lay_out_as_tmpfiles(spool: Path) -> None:
         os.chmod(folder, int(mode, 8))
 
 
-def _as_member(spool: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI as a member of the submit group: no DAC override, only MEMBER_GID."""
-    return subprocess.run(
-        [
-            "setpriv",
-            f"--regid={MEMBER_GID}",
-            "--clear-groups",
-            "--bounding-set=-dac_override,-dac_read_search",
-            sys.executable,
-            "-m",
-            "chute",
-            *args,
-            "--spool",
-            str(spool),
-        ],
-        env=chute_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+# The CLI as a member of the submit group: no DAC override, only MEMBER_GID.
+AS_MEMBER = (
+    "setpriv",
+    f"--regid={MEMBER_GID}",
+    "--clear-groups",
+    "--bounding-set=-dac_override,-dac_read_search",
+)
 
 
 @pytest.mark.skipif(
@@ -270,37 +257,37 @@ def _as_member(spool: Path, *args: str) -> subprocess.CompletedProcess[str]:
     reason="needs root and setpriv (util-linux) to act as a member of the submit group",
 )
 def test_a_member_of_the_submit_group_submits_and_reads_status_on_the_tmpfiles_layout(
-    spool: Path, tmp_path: Path, daemon_factory: Callable[..., Daemon]
+    spool: Path, tmp_path: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:
     _lay_out_as_tmpfiles(spool)
     daemon_factory().start()
-    status = _as_member(spool, "status")
-    assert status.returncode == 0, status.stderr
-    assert "chute daemon pid" in status.stdout
+    status = chute("status", prefix=AS_MEMBER)
+    assert status.code == 0, status.err
+    assert "chute daemon pid" in status.out
     job_file = tmp_path / "hello.yaml"
     job_file.write_text(job("member-job", "echo hi"))
-    submitted = _as_member(spool, "submit", str(job_file))
-    assert submitted.returncode == 0, submitted.stderr
+    submitted = chute("submit", str(job_file), prefix=AS_MEMBER)
+    assert submitted.code == 0, submitted.err
     assert final_run(spool, "incoming/hello.yaml")["state"] == "succeeded"
     for command in (["schedules"], ["runs"], ["show", "latest"]):
-        p = _as_member(spool, *command)
-        assert p.returncode == 0, (command, p.stderr)
+        p = chute(*command, prefix=AS_MEMBER)
+        assert p.code == 0, (command, p.err)
     slow = tmp_path / "slow.yaml"
     slow.write_text(job("member-slow", "sleep 60"))
-    assert _as_member(spool, "submit", str(slow)).returncode == 0
+    assert chute("submit", str(slow), prefix=AS_MEMBER).code == 0
     started = wait_for(
         "the slow job to run",
         lambda: [r for r in runs_of(spool, "incoming/slow.yaml") if r["state"] == "running"],
         30,
     )
     run_id = started[0]["run_id"]
-    cancelled = _as_member(spool, "cancel", run_id)  # a request through the control/ drop box
-    assert cancelled.returncode == 0, cancelled.stderr
+    cancelled = chute("cancel", run_id, prefix=AS_MEMBER)  # a request through the control/ drop box
+    assert cancelled.code == 0, cancelled.err
     assert final_run(spool, "incoming/slow.yaml")["state"] == "cancelled"
     # The layout before state/ was the group's: a clear error, not a traceback.
     os.chown(spool / "state", OWNER_UID, OWNER_GID)
-    denied = _as_member(spool, "status")
-    assert denied.returncode == 2
-    assert "cannot read" in denied.stderr
-    assert "state" in denied.stderr
-    assert "Traceback" not in denied.stderr
+    denied = chute("status", prefix=AS_MEMBER)
+    assert denied.code == 2
+    assert "cannot read" in denied.err
+    assert "state" in denied.err
+    assert "Traceback" not in denied.err
