@@ -417,7 +417,6 @@ class Pool:
     ):
         self._max_workers = _checked_max_workers(max_workers)
         self._idle_cap = max_idle  # None: as many as max_workers
-        self._max_idle = max_workers if max_idle is None else max_idle
         self._idle_timeout = idle_timeout
         self._grace = kill_grace
         self._log_limit = log_limit
@@ -431,6 +430,12 @@ class Pool:
         # fork of a threaded process may copy a lock some other thread held, for ever.
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(["chute.pool"])
+
+    @property
+    def _max_idle(self) -> int:
+        """Idle workers kept: `max_idle`, never more than the pool's size."""
+        cap = self._idle_cap
+        return self._max_workers if cap is None else min(cap, self._max_workers)
 
     def live_keys(self) -> set[str]:
         keys = {t.key for t in self._queue}
@@ -628,8 +633,6 @@ class Pool:
         self._max_workers = _checked_max_workers(max_workers)
         self._grace = kill_grace
         self._log_limit = log_limit
-        cap = self._idle_cap
-        self._max_idle = max_workers if cap is None else min(cap, max_workers)
         while len(self._idle) > self._max_idle:
             self._retire(self._idle.pop(0))  # least recently used first
         self._dispatch()
