@@ -406,9 +406,12 @@ class Daemon:
     # -- the loop --------------------------------------------------------------------------
 
     def _loop(self, watcher: Watcher | None) -> None:
-        cfg = self.config
         mono = self.clock.monotonic
-        next_rescan = mono() + (cfg.rescan_interval if watcher is not None else POLL_INTERVAL)
+
+        def rescan_every() -> float:  # inotify misses little; a poll is all there is
+            return self.config.rescan_interval if watcher is not None else POLL_INTERVAL
+
+        next_rescan = mono() + rescan_every()
         next_control = 0.0
         next_status = 0.0
         next_gc = mono() + 5.0
@@ -450,9 +453,7 @@ class Daemon:
                 if now >= next_rescan:
                     self._rescan()
                     self._sync_schedules()
-                    next_rescan = now + (
-                        cfg.rescan_interval if watcher is not None else POLL_INTERVAL
-                    )
+                    next_rescan = now + rescan_every()
                 if now >= next_control:
                     self._control()
                     next_control = now + CONTROL_INTERVAL
