@@ -399,7 +399,9 @@ class Schedules:
             return {}
         return data
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Write the state file from memory (each change does; call it again after a write
+        that failed: `unsaved`)."""
         data: dict[str, dict[str, object]] = {}
         for name, e in sorted(self._entries.items()):
             data[name] = {
@@ -432,10 +434,6 @@ class Schedules:
             log.info("%s: written again", self.path)
             self.unsaved = False
 
-    def save(self) -> None:
-        """Write the state file again (after `unsaved`: a write that failed)."""
-        self._save()
-
     def set(self, name: str, schedule: Schedule, accepted_at: datetime) -> None:
         """Add or replace a schedule. With the same trigger as before (a restart, or a file
         dropped again unchanged) it keeps its anchor, last fire and held fire; otherwise
@@ -452,12 +450,12 @@ class Schedules:
             )
             return
         self._entries[name] = _Entry(schedule, text, accepted_at.astimezone(UTC), None, zone, cron)
-        self._save()
+        self.save()
 
     def remove(self, name: str) -> bool:
         if self._entries.pop(name, None) is None:
             return False
-        self._save()
+        self.save()
         return True
 
     def retain(self, names: Collection[str]) -> list[str]:
@@ -467,7 +465,7 @@ class Schedules:
         for n in gone:
             del self._entries[n]
         if gone:
-            self._save()
+            self.save()
         return gone
 
     def names(self) -> list[str]:
@@ -518,7 +516,7 @@ class Schedules:
             log.debug("schedule %s removed before its fire %s was recorded", name, fire_time)
             return
         if e.mark(fire_time):
-            self._save()
+            self.save()
 
     def hold(self, fire: Fire) -> None:
         """Record `fire` and keep it to run once the schedule's running run ends (overlap:
@@ -528,7 +526,7 @@ class Schedules:
             return
         e.mark(fire.fire_time)
         e.held = (fire.fire_time.astimezone(UTC), fire.missed)
-        self._save()
+        self.save()
 
     def held(self, name: str) -> Fire | None:
         """The fire `hold` keeps for `name`, until `release`."""
@@ -542,7 +540,7 @@ class Schedules:
         e = self._entries.get(name)
         if e is not None and e.held is not None:
             e.held = None
-            self._save()
+            self.save()
 
     def next_fire(self, name: str, now: datetime) -> datetime | None:
         """The next fire time after `now` (and after the last fire), in the schedule's zone."""
