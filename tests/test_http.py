@@ -191,7 +191,7 @@ def test_unknown_runs_paths_and_methods(served: tuple[Daemon, str, Path]) -> Non
     assert (status, orjson.loads(body)) == (404, {"error": "/nope: no such endpoint"})
     status, headers, body = get(address, "/api/v1/runs", TOKEN, method="POST")
     assert status == 405
-    assert headers["Allow"] == "GET"
+    assert headers["Allow"] == "GET, HEAD"
     assert orjson.loads(body) == {"error": "POST not allowed; this API is read-only (GET)"}
     assert get(address, "/healthz", method="DELETE")[0] == 405
     # a malformed request line is the standard library's 400, and the server goes on
@@ -202,19 +202,85 @@ def test_unknown_runs_paths_and_methods(served: tuple[Daemon, str, Path]) -> Non
     assert d.stop() == 0
 
 
-def test_a_slow_client_does_not_stop_healthz(served: tuple[Daemon, str, Path]) -> None:
+def test_every_method_but_get_and_head_is_405_with_allow(served: tuple[Daemon, str, Path]) -> None:
     d, address, _ = served
-    slow = [socket.create_connection(tuple_of(address), timeout=5) for _ in range(4)]
+    for method in ("BREW", "PROPFIND", "PUT", "DELETE", "OPTIONS", "TRACE"):
+        for path in ("/healthz", "/metrics", "/api/v1/runs", "/nope"):
+            status, headers, body = get(address, path, TOKEN, method=method)
+            assert (status, headers["Allow"]) == (405, "GET, HEAD"), (method, path)
+            assert orjson.loads(body)["error"].startswith(f"{method} not allowed"), (method, path)
+    assert d.stop() == 0
+
+
+def test_head_answers_like_get_without_a_body(served: tuple[Daemon, str, Path]) -> None:
+    d, address, _ = served
+    for path, token in (("/metrics", None), ("/healthz", None), ("/api/v1/runs", TOKEN)):
+        status, headers, body = get(address, path, token, method="HEAD")
+        full = get(address, path, token)
+        assert (status, body) == (200, b""), path
+        assert int(headers["Content-Length"]) > 0, path
+        assert headers["Content-Type"] == full[1]["Content-Type"], path
+    assert d.stop() == 0
+
+
+def test_slow_clients_hold_no_thread_and_healthz_answers_at_once(
+    served: tuple[Daemon, str, Path],
+) -> None:
+    """Slowloris: far more clients than handler threads, each with half a request head."""
+    d, address, _ = served
+    slow = [socket.create_connection(tuple_of(address), timeout=5) for _ in range(64)]
     try:
         for s in slow:
-            s.sendall(b"GET /metr")  # half a request line, and the socket kept open
-        started = time.monotonic()
-        status, _, body = get(address, "/healthz")
-        assert (status, body) == (200, b"ok\n")
-        assert time.monotonic() - started < 1.0
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")  # the head is never finished
+        for path, token, expected in (
+            ("/healthz", None, 200),
+            ("/metrics", None, 200),
+            ("/api/v1/runs", TOKEN, 200),
+        ):
+            started = time.monotonic()
+            assert get(address, path, token)[0] == expected, path
+            assert time.monotonic() - started < 2.0, path
     finally:
         for s in slow:
             s.close()
+    assert d.stop() == 0
+
+
+def test_a_request_gets_five_seconds_in_all_not_per_byte(
+    served: tuple[Daemon, str, Path],
+) -> None:
+    """A client that sends one byte now and then is cut off when its request's time is up,
+    with a 408; before, each byte bought another 5 s."""
+    d, address, _ = served
+    with socket.create_connection(tuple_of(address), timeout=10) as s:
+        started = time.monotonic()
+        answer = b""
+        for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break  # closed on us: the deadline passed
+            s.settimeout(0.5)
+            try:
+                answer += s.recv(1000)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+        while chunk := s.recv(1000):
+            answer += chunk
+        took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.0 408 Request Timeout"), answer
+    assert 4.5 < took < 8.0
+    assert d.stop() == 0
+
+
+def test_an_oversized_head_is_431_and_the_server_goes_on(served: tuple[Daemon, str, Path]) -> None:
+    d, address, _ = served
+    with socket.create_connection(tuple_of(address), timeout=5) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 40_000)
+        assert s.recv(100).startswith(b"HTTP/1.0 431")
+    assert get(address, "/healthz")[0] == 200
     assert d.stop() == 0
 
 

@@ -1,13 +1,14 @@
 """The daemon's HTTP endpoint: /metrics, /healthz and the read-only runs API.
 
-Owns: the listening socket on `http.listen`, request threads, bearer-token checks, and the
-JSON shape of /api/v1. Not here: the metrics themselves (chute.metrics), run folders'
-formats (chute.rundir), what "healthy" watches (the daemon hands in a callable).
-Threads: serve_forever runs in one thread, each request in its own daemon thread, at most
-MAX_REQUESTS at once (more are answered 503 and closed without a thread); a request's
-socket times out after REQUEST_TIMEOUT, so a client that sends half a request holds one
-thread for that long and no more. Handlers only read: run folders from disk, the metrics
-registry (locked by prometheus_client) and values the loop publishes whole.
+Owns: what each endpoint answers on `http.listen`, bearer-token checks, and the JSON
+shape of /api/v1. Not here: connections, deadlines and threads (chute.listener), the
+metrics themselves (chute.metrics), run folders' formats (chute.rundir), what "healthy"
+watches (the daemon hands in a callable).
+Threads: /healthz and /metrics are answered by the listener's event thread (no disk, no
+token: they are served whatever other clients do); the API's requests run in handler
+threads. Handlers only read: run folders from disk, the metrics registry (locked by
+prometheus_client) and values the loop publishes whole. GET and HEAD are the methods;
+any other gets 405 with `Allow`.
 Diagnostics: a bind failure or an unreadable token file raises HttpError with one line
 naming the config key; the daemon logs it as an ERROR and exits non-zero. Requests are
 logged at DEBUG only.
@@ -20,11 +21,9 @@ import errno
 import hmac
 import logging
 import re
-import socket
-import threading
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -33,21 +32,15 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from chute import __version__, rundir
+from chute.listener import Listener, Request, response
 from chute.spool import Spool
 
 log = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request
-MAX_REQUESTS = 16  # requests served at once
+ALLOWED = ("GET", "HEAD")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 HEALTH_FLOOR = 5.0  # the loop may be quiet this long (or twice its longest wait) and be well
-_BUSY_BODY = b"too many requests at once; retry\n"
-_BUSY = (
-    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-    + f"Content-Length: {len(_BUSY_BODY)}\r\nConnection: close\r\n\r\n".encode()
-    + _BUSY_BODY
-)
 _RUN_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}")
 
 
@@ -124,11 +117,8 @@ def list_runs(
     return out
 
 
-class Server(ThreadingHTTPServer):
-    """One listening socket; request threads are daemon threads, at most MAX_REQUESTS."""
-
-    daemon_threads = True
-    request_queue_size = 64
+class Server(Listener):
+    """The daemon's endpoint: the listener (chute.listener) plus what the handlers read."""
 
     def __init__(
         self,
@@ -143,52 +133,39 @@ class Server(ThreadingHTTPServer):
         self.registry = registry
         self.health = health
         self.token = token  # replaced whole on SIGHUP
-        self._slots = threading.BoundedSemaphore(MAX_REQUESTS)
-        self._thread: threading.Thread | None = None
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
+        super().__init__(address, inline=self._inline, handle=self._handle)
 
     @property
     def address(self) -> str:
-        host, port = self.server_address[:2]
-        host = str(host)
+        host, port = self.server_address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self.serve_forever, kwargs={"poll_interval": 0.5}, name="chute-http"
-        )
-        self._thread.daemon = True
-        self._thread.start()
+    def _inline(self, method: str, target: str) -> bytes | None:
+        """/healthz and /metrics, answered by the listener's own thread: no token, no disk,
+        so they are served whatever other clients do."""
+        path = urlsplit(target).path.rstrip("/") or "/"
+        if path not in ("/healthz", "/metrics"):
+            return None
+        if method not in ALLOWED:
+            body = orjson.dumps(
+                {"error": f"{method} not allowed on {path}; use GET"},
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+            allow = {"Allow": ", ".join(ALLOWED)}
+            return response(405, "Method Not Allowed", body, "application/json", False, allow)
+        head_only = method == "HEAD"
+        if path == "/metrics":
+            return response(
+                200, "OK", generate_latest(self.registry), CONTENT_TYPE_LATEST, head_only
+            )
+        reason = self.health()
+        if reason is None:
+            return response(200, "OK", b"ok\n", "text/plain; charset=utf-8", head_only)
+        body = f"{reason}\n".encode()
+        return response(503, "Service Unavailable", body, "text/plain; charset=utf-8", head_only)
 
-    def close(self) -> None:
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join()
-            self._thread = None
-        self.server_close()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            try:
-                request.settimeout(1.0)
-                request.sendall(_BUSY)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def _handle(self, request: Request) -> None:
+        _Handler(request, request.address, self)  # type: ignore[arg-type]
 
 
 def serve(
@@ -215,25 +192,33 @@ def serve(
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: Server
-    timeout = REQUEST_TIMEOUT
+    """One request in a handler thread: the API's endpoints, which read run folders."""
+
+    server: Server  # type: ignore[assignment]
+    request: Request
     server_version = f"chute/{__version__}"
     sys_version = ""
+
+    def setup(self) -> None:
+        self.connection = self.request.sock
+        self.rfile = self.request.reader()
+        self.wfile = self.request.writer()
+
+    def handle(self) -> None:
+        """One request, whatever its method (the standard library answers an unknown one
+        501; here it is 405 with the methods allowed)."""
+        self.close_connection = True
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536 or not self.parse_request():
+            return
+        if self.command in ALLOWED:
+            self.do_GET()
+        else:
+            self._not_allowed()
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         path = url.path.rstrip("/") or "/"
-        if path == "/metrics":
-            self._send(HTTPStatus.OK, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
-            return
-        if path == "/healthz":
-            reason = self.server.health()
-            if reason is None:
-                self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
-            else:
-                body = f"{reason}\n".encode()
-                self._send(HTTPStatus.SERVICE_UNAVAILABLE, body, "text/plain; charset=utf-8")
-            return
         if not self._authorized():
             self._json(
                 HTTPStatus.UNAUTHORIZED,
@@ -252,10 +237,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(
             HTTPStatus.METHOD_NOT_ALLOWED,
             {"error": f"{self.command} not allowed; this API is read-only (GET)"},
-            {"Allow": "GET"},
+            {"Allow": ", ".join(ALLOWED)},
         )
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
 
     def _authorized(self) -> bool:
         token = self.server.token
