@@ -23,6 +23,7 @@ Limits: signals only set flags and wake the loop; everything else happens in the
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -78,8 +79,28 @@ GC_BATCH = 50  # run folders removed per retention pass: deleting thousands at o
 RESTART_KEYS = ("spool", "runs_dir", "http_listen", "watch")
 
 
+EXIT_CANNOT_START = 2
+"""A bad config or an unusable spool: restarting cannot fix it (systemd/chute.service has
+RestartPreventExitStatus=2), and `chute` uses 2 for usage and input errors anyway."""
+
+
 class SpoolLocked(Exception):
     """Another daemon owns this spool."""
+
+
+def unwritable(spool: Spool, exc: OSError) -> str:
+    """One line for a spool folder the daemon cannot write, with what to do."""
+    where = exc.filename or str(spool.root)
+    if Path(where).is_relative_to(spool.runs) and not spool.runs.is_relative_to(spool.root):
+        fix = "set runs_dir in the config to a writable folder"
+    else:
+        fix = "pass another --spool"
+    code = errno.errorcode.get(exc.errno or 0, "?")
+    return (
+        f"cannot write {where}: {exc.strerror} ({code}); the daemon writes every folder of its "
+        f"spool: make it writable by {runs.submitter()['user'] or os.getuid()} and mounted "
+        f"read-write, or {fix}"
+    )
 
 
 def lock_path(spool: Spool) -> Path:
@@ -249,8 +270,20 @@ class Daemon:
     # -- life ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.spool.ensure()
-        (self.spool.state / "intake").mkdir(exist_ok=True)
+        """Serve until SIGTERM: 0; a configuration or spool the operator must fix: one
+        ERROR line and EXIT_CANNOT_START (the unit's RestartPreventExitStatus=)."""
+        try:
+            self.topology = _topology(self.config)
+        except (ValueError, OSError) as exc:
+            log.error("config %s: %s", self.config_path or "(defaults)", exc)
+            return EXIT_CANNOT_START
+        try:
+            self.spool.ensure()
+            (self.spool.state / "intake").mkdir(exist_ok=True)
+            self.spool.check_writable()
+        except OSError as exc:
+            log.error("%s", unwritable(self.spool, exc))
+            return EXIT_CANNOT_START
         lock_fd = acquire_lock(self.spool)
         try:
             return self._run()
@@ -259,7 +292,6 @@ class Daemon:
 
     def _run(self) -> int:
         cfg = self.config
-        self.topology = _topology(cfg)
         try:  # bound before anything else: a taken port is one ERROR line and exit 1
             self.http = serve(
                 cfg.http_listen,

@@ -69,6 +69,17 @@ class Spool:
             (self.root / name).mkdir(parents=True, exist_ok=True)
         self.runs.mkdir(parents=True, exist_ok=True)
 
+    def check_writable(self) -> None:
+        """OSError, naming the folder, for the first folder a file cannot be made in (a
+        read-only mount, modes): at start, not at the first run that needs it."""
+        for folder in (*(self.root / name for name in FOLDERS), self.runs):
+            probe = folder / f".probe-{os.getpid()}"
+            try:
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                os.unlink(probe)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(folder)) from None
+
 
 def resolve_spool(arg: str | Path | None, config: Config) -> Spool:
     """`--spool`, else $CHUTE_SPOOL, else the config's `spool`, else ./spool."""
