@@ -146,6 +146,18 @@ def read_output(path: str) -> tuple[bytes | None, str | None]:
             os.unlink(path)
 
 
+def too_big_to_exec(argv: list[str], env: dict[str, str]) -> str:
+    """Why exec said "Argument list too long": the sizes, and the biggest string by name."""
+    sizes = {f"argument {i}": len(a.encode()) + 1 for i, a in enumerate(argv)}
+    sizes.update({f"variable {k}": len(k.encode()) + len(v.encode()) + 2 for k, v in env.items()})
+    biggest = max(sizes, key=sizes.__getitem__)
+    return (
+        f"cannot start {argv[0]}: its command and environment are {sum(sizes.values()):,} "
+        f"bytes, over the kernel's limit (the biggest is {biggest}, {sizes[biggest]:,} bytes); "
+        "put the data in a file and pass its path"
+    )
+
+
 def killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
@@ -445,6 +457,8 @@ def spawn(
         except OSError as exc:
             if task.cwd is not None and exc.filename == task.cwd:
                 raise SpawnError(f"cannot change to cwd {task.cwd}: {exc.strerror}") from None
+            if exc.errno == errno.E2BIG:
+                raise SpawnError(too_big_to_exec(argv, env)) from None
             path = env.get("PATH", "")
             raise SpawnError(f"cannot start {argv[0]}: {exc.strerror} (PATH={path})") from None
         finally:

@@ -62,3 +62,11 @@ def format_size(n: int) -> str:
         if n >= factor and n % factor == 0:
             return f"{n // factor}{unit}"
     return f"{n}B"
+
+
+def human_size(n: int) -> str:
+    """Three significant digits and the biggest unit that fits: 2.29MiB, 512KiB, 80B."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.3g}{unit}"
+    return f"{n}B"

@@ -163,12 +163,24 @@ class Str(Type):
         return s
 
 
-class Text(Type):
-    """A string; a number is taken as its text as written (`version: 2` is "2")."""
+MAX_ARG_BYTES = 131072
+"""The kernel's MAX_ARG_STRLEN: the most bytes (with its NUL) one argument or one NAME=value
+of a program's environment may hold; past it exec fails with "Argument list too long"."""
 
-    def __init__(self, hint: str = "a string", allow_empty: bool = True) -> None:
+
+class Text(Type):
+    """A string; a number is taken as its text as written (`version: 2` is "2").
+
+    `exec_arg`: it becomes one string a program is started with (an argument, or the value
+    of `NAME=value` in its environment, NAME being the last part of the path), so it must
+    fit MAX_ARG_BYTES."""
+
+    def __init__(
+        self, hint: str = "a string", allow_empty: bool = True, exec_arg: str | None = None
+    ) -> None:
         self.hint = hint
         self.allow_empty = allow_empty
+        self.exec_arg = exec_arg  # None, "argument" or "variable"
 
     def check(self, node: Node, path: str, cx: Context) -> Any:
         v = node.value
@@ -181,12 +193,27 @@ class Text(Type):
             return node.text
         if not v and not self.allow_empty:
             return cx.report(node.line, path, f"is empty; expected {self.hint}")
+        if self.exec_arg is not None:
+            size = len(v.encode()) + 1
+            if self.exec_arg == "variable":
+                size += len(path.rsplit(".", 1)[-1]) + 1
+            if size > MAX_ARG_BYTES:
+                what = "NAME=value" if self.exec_arg == "variable" else "one argument"
+                return cx.report(
+                    node.line,
+                    path,
+                    f"is {size:,} bytes; the kernel starts no program with {what} over "
+                    f"{MAX_ARG_BYTES:,} bytes — put the data in a file and pass its path",
+                )
         return v
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        if self.allow_empty:
+        limit = {"maxLength": MAX_ARG_BYTES - 1} if self.exec_arg is not None else {}
+        if self.allow_empty and not limit:
             return {"type": ["string", "number"]}
-        return {"anyOf": [{"type": "string", "minLength": 1}, {"type": "number"}]}
+        if self.allow_empty:
+            return {"anyOf": [{"type": "string", **limit}, {"type": "number"}]}
+        return {"anyOf": [{"type": "string", "minLength": 1, **limit}, {"type": "number"}]}
 
 
 class Int(Type):
@@ -627,9 +654,10 @@ class Struct(Type):
 _CALL = Str("module.path:function, like etl.mes:extract", CALL_PATTERN)
 _RUN = Either(
     "a command string or a non-empty list of argv strings",
-    scalar=Text("a command string", allow_empty=False),
+    scalar=Text("a command string", allow_empty=False, exec_arg="argument"),
     list_=ListOf(
-        Text("an argv string", allow_empty=False), hint="a non-empty list of argv strings"
+        Text("an argv string", allow_empty=False, exec_arg="argument"),
+        hint="a non-empty list of argv strings",
     ),
 )
 _WITH = MapOf(
@@ -639,7 +667,7 @@ _WITH = MapOf(
     "a mapping of keyword arguments",
 )
 _ENV = MapOf(
-    Text("a string; quote booleans"),
+    Text("a string; quote booleans", exec_arg="variable"),
     ENV_NAME_PATTERN,
     "an environment variable name (letters, digits, '_', not starting with a digit)",
     "a mapping of variable names to strings",

@@ -22,7 +22,7 @@ from typing import Any
 from chute.spec import fields as F
 from chute.spec.load import Issue, Node, SpecError
 from chute.spec.model import Fallback, Pipeline, Retries, Schedule, Shards, Stage
-from chute.units import format_size, parse_size
+from chute.units import format_size, human_size, parse_size
 
 
 def validate(
@@ -67,6 +67,18 @@ def validate(
         _build_stage(stage_dicts[i], stage_nodes[i].line, spec, defaults, _deps(stage_dicts[i]))
         for i in order
     ]
+    for i, stage in zip(order, built, strict=True):
+        size = _exec_bytes(stage)
+        if size > EXEC_BUDGET:
+            cx.report(
+                stage_nodes[i].line,
+                paths[i],
+                f"its command and environment come to {human_size(size)}; a program starts "
+                f"with at most {human_size(EXEC_BUDGET)} of both (the kernel's 2MiB ARG_MAX, "
+                "less room for chute's own variables) — put the data in a file and pass its path",
+            )
+    if cx.issues:
+        raise SpecError(cx.issues)
     return Pipeline(
         kind=kind,
         name=meta["name"],
@@ -264,6 +276,23 @@ def _check_node_limits(
                     f"{format_size(asked)} requested; this node has {format_size(node_memory)} "
                     "— ask for less, or run it on a bigger node",
                 )
+
+
+EXEC_BUDGET = (2 << 20) - (64 << 10)
+"""Bytes of command and environment a stage may have: the kernel's usual ARG_MAX (2 MiB,
+a quarter of the default 8 MiB stack), less room for what chute adds (PATH, HOME, LANG,
+the CHUTE_ variables and the pointers to all of them)."""
+
+
+def _exec_bytes(stage: Stage) -> int:
+    """Bytes of the strings a stage's program is started with (each with its NUL)."""
+    env = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in stage.env.items())
+    commands = [c for c in (stage.run, stage.fallback.run if stage.fallback else None) if c]
+    argv = max(
+        (sum(len(a.encode()) + 1 for a in ((c,) if isinstance(c, str) else c)) for c in commands),
+        default=0,
+    )
+    return env + argv
 
 
 def _command(value: Any) -> str | tuple[str, ...] | None:
