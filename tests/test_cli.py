@@ -123,3 +123,79 @@ def test_submit_places_all_files_or_none_and_never_a_name_the_daemon_ignores(
     placed = chute("submit", str(tmp_path / ".hidden.yaml"))
     assert placed.code == 0, placed.err
     assert sorted(os.listdir(spool / "incoming")) == ["hidden.yaml"]
+
+
+SPOOL_COMMANDS: dict[str, tuple[str, ...]] = {
+    "validate": (str(EXAMPLES / "hello.yaml"),),
+    "run": (str(EXAMPLES / "hello.yaml"),),
+    "show": ("latest",),
+    "logs": ("latest",),
+    "retry": ("latest",),
+    "daemon": (),
+    "submit": (str(EXAMPLES / "hello.yaml"),),
+    "status": (),
+    "runs": (),
+    "cancel": ("latest",),
+    "schedules": (),
+    "unschedule": ("nightly",),
+    "gc": (),
+}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chute", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=chute_env(),
+    )
+
+
+@pytest.mark.parametrize("command", list(SPOOL_COMMANDS), ids=list(SPOOL_COMMANDS))
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_and_spool_mean_the_same_before_or_after_the_command(
+    tmp_path: Path, command: str, where: str
+) -> None:
+    """A config that cannot be read stops every command, wherever --config is written: it
+    is read, not silently replaced by the command's own default."""
+    options = ["--config", str(tmp_path / "missing.yaml"), "--spool", str(tmp_path / "sp")]
+    args = [command, *SPOOL_COMMANDS[command]]
+    done = _cli(*options, *args) if where == "before" else _cli(*args, *options)
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"{tmp_path / 'missing.yaml'}: cannot read the config: No such file or directory\n",
+    )
+
+
+@pytest.mark.parametrize("where", ["before", "after", "both"])
+def test_the_spool_given_before_the_command_is_the_one_used(tmp_path: Path, where: str) -> None:
+    spool = str(tmp_path / "sp")
+    if where == "before":
+        done = _cli("--spool", spool, "status")
+    elif where == "after":
+        done = _cli("status", "--spool", spool)
+    else:  # the later one wins, as with any repeated option
+        done = _cli("--spool", str(tmp_path / "other"), "status", "--spool", spool)
+    assert (done.returncode, done.stdout) == (3, f"chute daemon is not running on {spool}\n")
+
+
+def test_quiet_before_the_command_keeps_info_lines_out(tmp_path: Path) -> None:
+    spool = str(tmp_path / "sp")
+    loud = _cli("--spool", spool, "run", str(EXAMPLES / "hello.yaml"))
+    quiet = _cli("-q", "--spool", spool, "run", str(EXAMPLES / "hello.yaml"))
+    assert loud.returncode == quiet.returncode == 0
+    assert " INFO " in loud.stderr
+    assert quiet.stderr == ""
+
+
+@pytest.mark.parametrize("option", ["--spool", "--config"])
+def test_schema_refuses_spool_and_config_it_would_not_read(tmp_path: Path, option: str) -> None:
+    before = _cli(option, str(tmp_path), "schema", "spec")
+    assert before.returncode == 2
+    assert before.stderr.endswith(
+        f"chute: error: {option}: chute schema reads no spool or config\n"
+    )
+    after = _cli("schema", "spec", option, str(tmp_path))
+    assert after.returncode == 2
+    assert f"unrecognized arguments: {option}" in after.stderr

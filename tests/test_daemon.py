@@ -280,7 +280,7 @@ def test_status_and_runs_describe_the_daemon_and_its_runs(
         return chute(*args, timeout=30)
 
     down = cli("status")
-    assert down.code == 1
+    assert down.code == 3
     assert down.out.strip() == f"chute daemon is not running on {spool}"
     d = daemon_factory("cpus: 1\n").start()
     drop(spool, "s.yaml", job("s", "sleep 0.5"))

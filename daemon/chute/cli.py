@@ -41,6 +41,7 @@ from chute.units import format_duration
 log = logging.getLogger("chute")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_NOT_RUNNING = 3  # `chute status` with no daemon: the LSB and `systemctl status` code
 
 
 class UsageError(Exception):
@@ -610,7 +611,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     pid = _daemon_pid(spool)
     if pid is None:
         print(f"chute daemon is not running on {spool.root}")
-        return EXIT_FAILED
+        return EXIT_NOT_RUNNING
     try:
         st = rundir.read_json(spool.state / "status.json")
     except (OSError, orjson.JSONDecodeError):
@@ -784,30 +785,52 @@ def cmd_schema(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--spool", help="spool folder (default: $CHUTE_SPOOL, the config's, ./spool)"
-    )
-    common.add_argument(
-        "--config", help="config file (default: $CHUTE_CONFIG, /etc/chute/chute.yaml)"
-    )
-    common.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
-    common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+SPOOL_OPTIONS = ("spool", "config")
+"""Options every command takes but `schema`, which reads neither a spool nor a config."""
 
+
+def _options(*, top: bool, spool: bool = True) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name. Below the top level their
+    default is SUPPRESS: an option left out after the command must not overwrite one given
+    before it (argparse's subparsers would set their own default over it)."""
+    common = argparse.ArgumentParser(add_help=False)
+    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    if spool:
+        common.add_argument(
+            "--spool", help="spool folder (default: $CHUTE_SPOOL, the config's, ./spool)", **default
+        )
+        common.add_argument(
+            "--config",
+            help="config file (default: $CHUTE_CONFIG, /etc/chute/chute.yaml)",
+            **default,
+        )
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug lines", **default)
+    common.add_argument(
+        "-q", "--quiet", action="store_true", help="log warnings and errors only", **default
+    )
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chute",
         description="chute: drop YAML job and pipeline files into a spool; chute runs them.",
-        parents=[common],
+        parents=[_options(top=True)],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _options(top=False)
 
     def add(
-        name: str, func: Callable[[argparse.Namespace], int], synopsis: str, example: str
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        synopsis: str,
+        example: str,
+        *,
+        options: argparse.ArgumentParser = common,
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
-            parents=[common],
+            parents=[options],
             help=synopsis,
             description=f"{synopsis}\n\nexample:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -888,7 +911,7 @@ def _parser() -> argparse.ArgumentParser:
     add(
         "status",
         cmd_status,
-        "chute status: is the daemon up, CPUs in use by NUMA node, queued and running runs",
+        "chute status: is the daemon up (exit 3 if not), CPUs by NUMA node, queued and running",
         "chute status",
     )
 
@@ -937,7 +960,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd_schema,
         "chute schema spec|run|manifest|output: print a JSON Schema",
         "chute schema spec > chute.schema.json",
+        options=_options(top=False, spool=False),
     )
+    p.set_defaults(takes_spool=False)
     p.add_argument("what", choices=("spec", "run", "manifest", "output"))
     return parser
 
@@ -945,6 +970,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "takes_spool", True):
+        given = [f"--{name}" for name in SPOOL_OPTIONS if getattr(args, name) is not None]
+        if given:
+            parser.error(f"{' and '.join(given)}: chute {args.command} reads no spool or config")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logs.setup(level)
     try:
