@@ -88,7 +88,7 @@ SPEC_SUFFIXES = (".yaml", ".yml")
 ERROR_SUFFIX = ".error.json"
 NAME_MAX = 255
 _RUN_ID = re.compile(r"\d{8}_\d{6}_[0-9a-f]{6}")
-_REJECTED_COPY = re.compile(r"(.+\.ya?ml)\.\d+")
+_REJECTED_COPY = re.compile(r"(.+\.ya?ml)\.\d+", re.IGNORECASE)
 _LEASE_SIGNAL = signal.SIGURG
 """A broken lease is announced by a signal, SIGIO unless set, whose default action ends the
 process: SIGURG's default is to ignore it, and the lease is checked with F_GETLEASE anyway."""
@@ -139,10 +139,20 @@ Outcome = Accepted | Scheduled | Rejected
 
 
 def is_candidate(name: str) -> bool:
-    """A name intake takes: `*.yaml`/`*.yml`, not hidden, not a temp or partial file."""
-    if name.startswith(".") or name.endswith(IGNORED_SUFFIXES):
-        return False
-    return name.endswith(SPEC_SUFFIXES)
+    """A name intake takes: anything not hidden and not a temp or partial file (a name
+    without a spec suffix is taken too, and rejected: see is_spec_name)."""
+    return not (name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES))
+
+
+def is_spec_name(name: str) -> bool:
+    """`*.yaml` or `*.yml`, in any case: the names a spec may be dropped under."""
+    return name.lower().endswith(SPEC_SUFFIXES)
+
+
+NOT_YAML = (
+    "is not named *.yaml or *.yml; chute takes spec files with those suffixes (any case) — "
+    "rename it, or write it under a dot-name or with .tmp/.part/.swp until it is complete"
+)
 
 
 class _Gone(Exception):
@@ -554,6 +564,8 @@ class Intake:
         for the caller's group commit (returns None); without, it is committed now."""
         display = f"incoming/{name}"
         reason, issues = look.reason, list(look.issues)
+        if reason is None and not is_spec_name(name):
+            reason, issues = "not_yaml", [Issue(display, 0, "", NOT_YAML)]
         pipeline: Pipeline | None = None
         if reason is None:
             try:
@@ -760,8 +772,6 @@ class Intake:
                 continue
             copy = _REJECTED_COPY.fullmatch(entry)
             name = copy.group(1) if copy else entry
-            if not name.endswith(SPEC_SUFFIXES):
-                continue  # not one of ours
             path = self.spool.rejected / entry
             display = f"incoming/{name}"
             try:
@@ -769,6 +779,8 @@ class Intake:
             except (_Gone, _NotReady):
                 continue
             reason, issues = look.reason, list(look.issues)
+            if reason is None and not is_spec_name(name):
+                reason, issues = "not_yaml", [Issue(display, 0, "", NOT_YAML)]
             if reason is None:
                 try:
                     load_bytes(
@@ -842,7 +854,8 @@ class Watcher:
     def read(self) -> tuple[list[str], list[str], bool]:
         """Drain pending events: (incoming names ready, schedule names deleted, overflowed).
 
-        Names are de-duplicated in arrival order and filtered with is_candidate. On overflow
+        Names are de-duplicated in arrival order and filtered with is_candidate (and, in
+        schedules/, to the `<name>.yaml` files intake writes there). On overflow
         events were lost: the caller must rescan incoming/ and schedules/.
         """
         ready: dict[str, None] = {}
@@ -867,7 +880,10 @@ class Watcher:
                 name = os.fsdecode(raw.split(b"\0", 1)[0])
                 if not is_candidate(name):
                     continue
-                (ready if watch[0] == "incoming" else deleted)[name] = None
+                if watch[0] == "incoming":
+                    ready[name] = None
+                elif name.endswith(".yaml"):  # schedules/<metadata.name>.yaml only
+                    deleted[name] = None
         return list(ready), list(deleted), overflowed
 
     def close(self) -> None:

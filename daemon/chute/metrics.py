@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 REJECT_REASONS = (
     "invalid",
+    "not_yaml",
     "too_large",
     "not_regular",
     "symlink",
