@@ -47,6 +47,7 @@ from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
 from chute.engine.dag import RunGraph
 from chute.engine.loop import ActiveRun, Engine
+from chute.faults import crash_point
 from chute.http import HttpError, Server, health, read_token, serve
 from chute.intake import Accepted, Handover, Intake, Outcome, Rejected, Scheduled, Watcher
 from chute.local import LocalExecutor
@@ -643,6 +644,7 @@ class Daemon:
         forgotten = self.schedules.retain(list(self._schedules))
         if forgotten:
             log.info("forgot state of schedules whose files are gone: %s", ", ".join(forgotten))
+        self._remove_spent()  # fired before a crash that came before their removal
 
     def _fire_schedules(self) -> None:
         if not self._schedules:
@@ -684,6 +686,22 @@ class Daemon:
             self.metrics.schedules_fired(1, 0)  # counted once: when recorded
             self.schedules.record(fire.name, fire.fire_time)
             self._count_misfires(due.misfired[fire.name])
+        if due.fires or due.skipped:
+            self._remove_spent()
+
+    def _remove_spent(self) -> None:
+        """An `at` schedule that fired (or was skipped) leaves schedules/: it would only be
+        listed as `next: never`. Its fire is recorded first, so a crash before the unlink
+        just removes it at the next start (the state says it fired)."""
+        for name in self.schedules.spent():
+            crash_point("schedules.spent")  # the fire is recorded; the file is still there
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spool.schedules / f"{name}.yaml")
+            atomic.fsync_dir(self.spool.schedules)
+            self._unschedule(name)
+            log.info(
+                "schedule %s done: its `at` fire is past; removed schedules/%s.yaml", name, name
+            )
 
     def _count_misfires(self, n: int) -> None:
         """Count a recorded fire's misfires (an unrecorded one is offered again, and counted

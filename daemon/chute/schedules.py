@@ -542,6 +542,15 @@ class Schedules:
             e.held = None
             self.save()
 
+    def spent(self) -> list[str]:
+        """One-shot (`at`) schedules that are done: their fire is recorded (it ran, or
+        `misfire: skip` dropped it) and nothing is held. They never fire again."""
+        return [
+            n
+            for n, e in self._active()
+            if e.kind() == "at" and e.last_fire is not None and e.held is None
+        ]
+
     def next_fire(self, name: str, now: datetime) -> datetime | None:
         """The next fire time after `now` (and after the last fire), in the schedule's zone."""
         _check_aware(now)
