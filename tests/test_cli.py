@@ -187,15 +187,3 @@ def test_quiet_before_the_command_keeps_info_lines_out(tmp_path: Path) -> None:
     assert loud.returncode == quiet.returncode == 0
     assert " INFO " in loud.stderr
     assert quiet.stderr == ""
-
-
-@pytest.mark.parametrize("option", ["--spool", "--config"])
-def test_schema_refuses_spool_and_config_it_would_not_read(tmp_path: Path, option: str) -> None:
-    before = _cli(option, str(tmp_path), "schema", "spec")
-    assert before.returncode == 2
-    assert before.stderr.endswith(
-        f"chute: error: {option}: chute schema reads no spool or config\n"
-    )
-    after = _cli("schema", "spec", option, str(tmp_path))
-    assert after.returncode == 2
-    assert f"unrecognized arguments: {option}" in after.stderr

@@ -255,7 +255,9 @@ def test_metrics_count_schedule_fires(
     assert metric(spool, "chute_schedule_fires_total") == 0
     drop(spool, "tick.yaml", job("tick", "true", "  schedule: {every: 1s}\n"))
     wait_for("a fire", lambda: runs_of(spool, "schedules/tick.yaml"), 10)
-    assert metric(spool, "chute_schedule_fires_total") >= 1
+    # The run folder is made before the fire is recorded and counted, in the same loop turn:
+    # a scrape may come in between.
+    wait_for("the fire counted", lambda: metric(spool, "chute_schedule_fires_total") >= 1, 10)
     assert chute("unschedule", "tick").code == 0
     assert d.stop() == 0
 

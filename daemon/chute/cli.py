@@ -785,25 +785,18 @@ def cmd_schema(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------
 
 
-SPOOL_OPTIONS = ("spool", "config")
-"""Options every command takes but `schema`, which reads neither a spool nor a config."""
-
-
-def _options(*, top: bool, spool: bool = True) -> argparse.ArgumentParser:
+def _options(*, top: bool) -> argparse.ArgumentParser:
     """The options every command takes, before or after its name. Below the top level their
     default is SUPPRESS: an option left out after the command must not overwrite one given
     before it (argparse's subparsers would set their own default over it)."""
     common = argparse.ArgumentParser(add_help=False)
     default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
-    if spool:
-        common.add_argument(
-            "--spool", help="spool folder (default: $CHUTE_SPOOL, the config's, ./spool)", **default
-        )
-        common.add_argument(
-            "--config",
-            help="config file (default: $CHUTE_CONFIG, /etc/chute/chute.yaml)",
-            **default,
-        )
+    common.add_argument(
+        "--spool", help="spool folder (default: $CHUTE_SPOOL, the config's, ./spool)", **default
+    )
+    common.add_argument(
+        "--config", help="config file (default: $CHUTE_CONFIG, /etc/chute/chute.yaml)", **default
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="log debug lines", **default)
     common.add_argument(
         "-q", "--quiet", action="store_true", help="log warnings and errors only", **default
@@ -825,12 +818,10 @@ def _parser() -> argparse.ArgumentParser:
         func: Callable[[argparse.Namespace], int],
         synopsis: str,
         example: str,
-        *,
-        options: argparse.ArgumentParser = common,
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
-            parents=[options],
+            parents=[common],
             help=synopsis,
             description=f"{synopsis}\n\nexample:\n  {example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -960,9 +951,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd_schema,
         "chute schema spec|run|manifest|output: print a JSON Schema",
         "chute schema spec > chute.schema.json",
-        options=_options(top=False, spool=False),
     )
-    p.set_defaults(takes_spool=False)
     p.add_argument("what", choices=("spec", "run", "manifest", "output"))
     return parser
 
@@ -970,10 +959,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "takes_spool", True):
-        given = [f"--{name}" for name in SPOOL_OPTIONS if getattr(args, name) is not None]
-        if given:
-            parser.error(f"{' and '.join(given)}: chute {args.command} reads no spool or config")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logs.setup(level)
     try:
