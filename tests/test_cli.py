@@ -8,6 +8,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,49 @@ def test_quiet_before_the_command_keeps_info_lines_out(tmp_path: Path) -> None:
     assert loud.returncode == quiet.returncode == 0
     assert " INFO " in loud.stderr
     assert quiet.stderr == ""
+
+
+def test_a_stage_named_total_is_not_mistaken_for_the_tally_and_shard_logs_by_name(
+    tmp_path: Path,
+) -> None:
+    spool = str(tmp_path / "sp")
+    assert _cli("run", str(EXAMPLES / "shards.yaml"), "--spool", spool).returncode == 0
+    show = _cli("show", "latest", "--spool", spool).stdout.splitlines()
+    tally = next(i for i, line in enumerate(show) if line.startswith("stages: "))
+    assert [line.split()[0] for line in show[2:tally] if not line.startswith(" ")] == [
+        "measure",
+        "total",
+        "report",
+    ]
+    assert show[tally].startswith("stages: 3 succeeded; run took ")
+    shard = _cli("logs", "latest", "measure[1]", "--spool", spool)
+    assert shard.returncode == 0
+    assert shard.stdout.strip() != ""
+    assert (
+        shard.stdout
+        == _cli("logs", "latest", "measure", "--spool", spool)
+        .stdout.split("==> measure[2] <==\n")[0]
+        .split("==> measure[1] <==\n")[1]
+    )
+    missing = _cli("logs", "latest", "measure[9]", "--spool", spool)
+    assert (missing.returncode, missing.stderr.split(": ", 1)[1]) == (
+        2,
+        f"no log of shard 9 of stage measure in {Path(show[0].split()[1]).name}\n",
+    )
+
+
+def test_validate_shows_scripts_on_one_line_and_argv_as_a_shell_would(
+    chute: Chute, write_spec: Callable[[str, str], Path]
+) -> None:
+    path = write_spec(
+        "p.yaml",
+        "apiVersion: chute/v1\nkind: Pipeline\nmetadata: {name: p}\nspec:\n  stages:\n"
+        "    - name: script\n      run: |\n        set -e\n        echo one\n        echo two\n"
+        "    - name: argv\n      run: [python3, -c, 'print(\"a b\")']\n",
+    )
+    done = chute("validate", str(path))
+    assert done.code == 0
+    assert done.out.splitlines()[1:] == [
+        "  script: run: set -e  (+2 more lines) (cpus=1)",
+        "  argv: run: python3 -c 'print(\"a b\")' (cpus=1)",
+    ]

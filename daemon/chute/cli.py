@@ -12,6 +12,8 @@ import argparse
 import contextlib
 import logging
 import os
+import re
+import shlex
 import shutil
 import signal
 import sys
@@ -113,14 +115,27 @@ def _plan(p: Pipeline) -> str:
     when = "runs now" if p.schedule is None else f"scheduled ({_trigger_text(p)})"
     lines = [f"{len(p.stages)} stage{'s' if len(p.stages) != 1 else ''}, {when}"]
     for s in p.stages:
-        what = f"run: {s.run}" if s.run is not None else f"call: {s.call}"
+        what = f"run: {_command_text(s.run)}" if s.run is not None else f"call: {s.call}"
         extra = [f"cpus={s.cpus}"]
         if s.shards is not None:
             extra.append(f"shards={s.shards.count}")
         if s.depends_on:
             extra.append(f"after {', '.join(s.depends_on)}")
-        lines.append(f"  {s.name}: {what[:60]} ({', '.join(extra)})")
+        lines.append(f"  {s.name}: {what} ({', '.join(extra)})")
     return "\n".join(lines)
+
+
+def _command_text(command: str | tuple[str, ...], width: int = 60) -> str:
+    """One line for a command: argv as a shell would write it, a script's first line and
+    how many follow, cut at `width` with an ellipsis."""
+    if isinstance(command, tuple):
+        text, more = shlex.join(command), ""
+    else:
+        lines = command.strip().splitlines() or [""]
+        text = lines[0]
+        more = f"  (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
+    room = width - len(more)
+    return (text if len(text) <= room else text[: room - 1] + "…") + more
 
 
 def _trigger_text(p: Pipeline) -> str:
@@ -307,7 +322,7 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def summary(run_dir: Path) -> str:
-    """The execution summary of a run: one row per stage (and shard), then the total."""
+    """The execution summary of a run: one row per stage (and shard), then the tally."""
     rec = rundir.read_json(run_dir / "run.json")
     try:
         stages: list[dict[str, Any]] = rundir.read_json(run_dir / "manifest.json")["stages"]
@@ -348,8 +363,12 @@ def summary(run_dir: Path) -> str:
     for s in stages:
         counts[s["state"]] = counts.get(s["state"], 0) + 1
     tally = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    rows.append(["total", tally or "-", "", dur(rec.get("duration_seconds")), ""])
-    lines = [head, *_table(rows)]
+    # Not a row: a stage may be named `total`.
+    lines = [
+        head,
+        *_table(rows),
+        f"stages: {tally or 'none'}; run took {dur(rec.get('duration_seconds'))}",
+    ]
     if rec.get("error"):
         lines.append(f"error: {rec['error']}")
     lines.append(f"folder: {run_dir}")
@@ -378,8 +397,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SHARD_REF = re.compile(r"(.+)\[(\d+)\]")  # `measure[1]`, as log headers name a shard
+
+
 def _log_files(run_dir: Path, stage: str | None) -> list[tuple[str, Path]]:
     stages_dir = run_dir / "stages"
+    shard = SHARD_REF.fullmatch(stage) if stage is not None else None
+    if stage is not None and shard is not None and not (stages_dir / stage).is_dir():
+        name, index = shard.group(1), int(shard.group(2))
+        log_path = stages_dir / name / str(index) / "log"
+        if not log_path.is_file():
+            raise UsageError(f"{stage}: no log of shard {index} of stage {name} in {run_dir.name}")
+        return [(f"{name}[{index}]", log_path)]
     if stage is not None:
         if not (stages_dir / stage).is_dir():
             spec_names: list[str] = []

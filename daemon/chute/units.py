@@ -45,7 +45,7 @@ def parse_size(text: str) -> int:
 
 
 def format_duration(seconds: float) -> str:
-    """Short human form for tables: 0.42s, 3.2s, 4m05s, 2h03m."""
+    """Short human form for tables: 0.42s, 3.2s, 4m05s, 2h03m, 30d, 2d04h."""
     if seconds < 10:
         return f"{seconds:.2f}s"
     if seconds < 60:
@@ -54,19 +54,19 @@ def format_duration(seconds: float) -> str:
     if minutes < 60:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d" if hours == minutes == secs == 0 else f"{days}d{hours:02d}h"
 
 
 def format_size(n: int) -> str:
-    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= factor and n % factor == 0:
-            return f"{n // factor}{unit}"
-    return f"{n}B"
-
-
-def human_size(n: int) -> str:
-    """Three significant digits and the biggest unit that fits: 2.29MiB, 512KiB, 80B."""
+    """A size as people read it: the biggest unit that fits, exact when it divides (`4GiB`,
+    `64MiB`), else three significant digits (`23.5GiB`, `3.00KiB`); under 1 KiB in bytes."""
     for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= factor:
-            return f"{n / factor:.3g}{unit}"
+            if n % factor == 0:
+                return f"{n // factor}{unit}"
+            text = f"{n / factor:.3g}"
+            return f"{text if '.' in text else f'{n / factor:.2f}'}{unit}"
     return f"{n}B"

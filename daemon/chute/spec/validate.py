@@ -22,7 +22,7 @@ from typing import Any
 from chute.spec import fields as F
 from chute.spec.load import Issue, Node, SpecError
 from chute.spec.model import Fallback, Pipeline, Retries, Schedule, Shards, Stage
-from chute.units import format_size, human_size, parse_size
+from chute.units import format_size, parse_size
 
 
 def validate(
@@ -73,8 +73,8 @@ def validate(
             cx.report(
                 stage_nodes[i].line,
                 paths[i],
-                f"its command and environment come to {human_size(size)}; a program starts "
-                f"with at most {human_size(EXEC_BUDGET)} of both (the kernel's 2MiB ARG_MAX, "
+                f"its command and environment come to {format_size(size)}; a program starts "
+                f"with at most {format_size(EXEC_BUDGET)} of both (the kernel's 2MiB ARG_MAX, "
                 "less room for chute's own variables) — put the data in a file and pass its path",
             )
     if cx.issues:
