@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from conftest import EXAMPLES, Chute, chute_env
@@ -123,3 +124,115 @@ def test_submit_places_all_files_or_none_and_never_a_name_the_daemon_ignores(
     placed = chute("submit", str(tmp_path / ".hidden.yaml"))
     assert placed.code == 0, placed.err
     assert sorted(os.listdir(spool / "incoming")) == ["hidden.yaml"]
+
+
+# -- names from the command line -------------------------------------------------------------
+
+QUEUED = "20261122_101500_a1b2c3"
+RUN_HINT = (
+    "give a run id (like 20261122_101500_a1b2c3), a prefix of one, latest, or <pipeline>/latest"
+)
+NAME_HINT = (
+    "a name of lowercase letters, digits, '.', '_' or '-' (starting with a letter or digit, "
+    "at most 63), like nightly-etl"
+)
+
+
+def _fake_run(folder: Path, run_id: str, state: str) -> None:
+    """A run folder as the daemon leaves it (run.json, spec.yaml), written by hand."""
+    (folder / "stages").mkdir(parents=True)
+    (folder / "spec.yaml").write_text(
+        "apiVersion: chute/v1\nkind: Job\nmetadata: {name: victim}\nspec:\n  run: 'true'\n"
+    )
+    (folder / "run.json").write_bytes(
+        orjson.dumps(
+            {
+                "run_id": run_id,
+                "pipeline": "victim",
+                "kind": "Job",
+                "state": state,
+                "trigger": {"type": "drop", "source": "incoming/victim.yaml"},
+                "created_at": "2026-11-22T10:15:00.000Z",
+                "finished_at": None,
+                "run_date": "2026-11-22",
+            }
+        )
+    )
+
+
+def _tree(root: Path) -> dict[str, bytes | str]:
+    """Every path under `root` with its bytes (or its link target): a snapshot to compare."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = os.readlink(path)
+        elif path.is_file():
+            out[rel] = path.read_bytes()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+@pytest.fixture
+def targets(spool: Path, tmp_path: Path) -> Path:
+    """A spool with a run waiting in queue/, and beside the spool a canary folder that a
+    name leading out of the spool would reach: a run-like folder, a `latest` link to it, a
+    schedule-like file and a stage log."""
+    _fake_run(spool / "runs" / QUEUED, QUEUED, "queued")
+    (spool / "queue").mkdir()
+    (spool / "queue" / f"{QUEUED}.yaml").write_text("waiting")
+    (spool / "schedules").mkdir()
+    canary = tmp_path / "canary"
+    _fake_run(canary / "run", QUEUED, "queued")
+    os.symlink(canary / "run", canary / "latest")
+    (canary / "x.yaml").write_text("keep me")
+    (canary / "log").write_text("SECRET\n")
+    return canary
+
+
+HOSTILE_ARGS = {
+    "cancel-traversal": (
+        ["cancel", f"../queue/{QUEUED}"],
+        f"../queue/{QUEUED}: not a run; {RUN_HINT}",
+    ),
+    "cancel-outside-latest": (
+        ["cancel", "{canary}/latest"],
+        "{canary}/latest: not a run; " + RUN_HINT,
+    ),
+    "cancel-empty": (["cancel", ""], f"'': not a run; {RUN_HINT}"),
+    "show-traversal": (["show", "../../canary/run"], f"../../canary/run: not a run; {RUN_HINT}"),
+    "logs-run-dotdot": (["logs", ".."], f"..: not a run; {RUN_HINT}"),
+    "logs-stage-traversal": (
+        ["logs", QUEUED, "../../../canary"],
+        f"../../../canary: not a stage name; {NAME_HINT}",
+    ),
+    "retry-outside-latest": (
+        ["retry", "{canary}/latest"],
+        "{canary}/latest: not a run; " + RUN_HINT,
+    ),
+    "retry-from-traversal": (
+        ["retry", QUEUED, "--from", "../x"],
+        f"../x: not a stage name; {NAME_HINT}",
+    ),
+    "unschedule-traversal": (
+        ["unschedule", f"../queue/{QUEUED}"],
+        f"../queue/{QUEUED}: not a schedule name; {NAME_HINT}",
+    ),
+    "unschedule-absolute": (
+        ["unschedule", "{canary}/x"],
+        "{canary}/x: not a schedule name; " + NAME_HINT,
+    ),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), HOSTILE_ARGS.values(), ids=HOSTILE_ARGS.keys())
+def test_a_name_of_the_wrong_form_is_refused_before_it_touches_a_file(
+    spool: Path, chute: Chute, targets: Path, args: list[str], message: str
+) -> None:
+    before_spool, before_canary = _tree(spool), _tree(targets)
+    done = chute(*[a.replace("{canary}", str(targets)) for a in args])
+    assert (done.code, done.out) == (2, "")
+    assert done.err == message.replace("{canary}", str(targets)) + "\n"
+    assert _tree(targets) == before_canary
+    assert _tree(spool) == before_spool  # the queued run and its queue file untouched

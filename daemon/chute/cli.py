@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, logs, report, rundir
+from chute import atomic, logs, names, report, rundir
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -84,8 +84,16 @@ def _load(path: str, config: Config, topo: Topology) -> tuple[Pipeline, bytes]:
 
 def _find(spool: Spool, ref: str) -> Path:
     try:
-        return rundir.find_run(spool, ref)
+        return rundir.find_run(spool, ref)  # checks the ref's form first (chute.names)
     except rundir.UnknownRun as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _checked(check: Callable[[str, str], str], text: str, what: str) -> str:
+    """A name from the command line, checked against the form of its kind (chute.names)."""
+    try:
+        return check(text, what)
+    except names.BadName as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -238,12 +246,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
     spool = _spool(args, config)
     topo = _topology(config)
     old_dir = _find(spool, args.run)
+    if args.from_stage is not None:
+        _checked(names.name, args.from_stage, "stage name")
     old = rundir.read_json(old_dir / "run.json")
     pipeline, raw = _load(str(old_dir / "spec.yaml"), config, topo)
     if args.from_stage is not None and args.from_stage not in {s.name for s in pipeline.stages}:
-        names = ", ".join(s.name for s in pipeline.stages)
+        stages = ", ".join(s.name for s in pipeline.stages)
         raise UsageError(
-            f"--from {args.from_stage}: no such stage in {old['run_id']} (stages: {names})"
+            f"--from {args.from_stage}: no such stage in {old['run_id']} (stages: {stages})"
         )
     if old.get("state") in ("queued", "running"):
         raise UsageError(f"{old['run_id']}: still {old['state']}; retry it once it has ended")
@@ -380,6 +390,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def _log_files(run_dir: Path, stage: str | None) -> list[tuple[str, Path]]:
     stages_dir = run_dir / "stages"
     if stage is not None:
+        _checked(names.name, stage, "stage name")
         if not (stages_dir / stage).is_dir():
             spec_names: list[str] = []
             try:
@@ -389,11 +400,11 @@ def _log_files(run_dir: Path, stage: str | None) -> list[tuple[str, Path]]:
                 pass
             known = ", ".join(spec_names) or "none ran yet"
             raise UsageError(f"{stage}: no such stage in {run_dir.name} (stages: {known})")
-        names = [stage]
+        stage_names = [stage]
     else:
-        names = sorted(p.name for p in stages_dir.iterdir()) if stages_dir.is_dir() else []
+        stage_names = sorted(p.name for p in stages_dir.iterdir()) if stages_dir.is_dir() else []
     out: list[tuple[str, Path]] = []
-    for name in names:
+    for name in stage_names:
         folder = stages_dir / name
         if (folder / "log").exists():
             out.append((name, folder / "log"))
@@ -739,18 +750,19 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 def cmd_unschedule(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
-    path = spool.schedules / f"{args.name}.yaml"
+    name = _checked(names.name, args.name, "schedule name")
+    path = spool.schedules / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in spool.schedules.glob("*.yaml"))
-        raise UsageError(f"{args.name}: no such schedule (schedules: {', '.join(known) or 'none'})")
+        raise UsageError(f"{name}: no such schedule (schedules: {', '.join(known) or 'none'})")
     if _daemon_pid(spool) is not None:
-        _control(spool, {"action": "unschedule", "name": args.name})
+        _control(spool, {"action": "unschedule", "name": name})
         deadline = time.monotonic() + 10
         while path.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
     else:
         path.unlink()
-    print(f"unscheduled {args.name}")
+    print(f"unscheduled {name}")
     return EXIT_OK
 
 

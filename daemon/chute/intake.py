@@ -74,6 +74,7 @@ from chute import atomic, rundir
 from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.config import Config
 from chute.engine.runs import submitter
+from chute.names import is_run_id
 from chute.spec import Issue, SpecError, load_bytes
 from chute.spec.load import read_upto
 from chute.spec.model import Pipeline
@@ -87,7 +88,6 @@ IGNORED_SUFFIXES = (".tmp", ".part", ".swp")
 SPEC_SUFFIXES = (".yaml", ".yml")
 ERROR_SUFFIX = ".error.json"
 NAME_MAX = 255
-_RUN_ID = re.compile(r"\d{8}_\d{6}_[0-9a-f]{6}")
 _REJECTED_COPY = re.compile(r"(.+\.ya?ml)\.\d+")
 _LEASE_SIGNAL = signal.SIGURG
 """A broken lease is announced by a signal, SIGIO unless set, whose default action ends the
@@ -687,7 +687,7 @@ class Intake:
     def _finish_claim(self, entry: str, *, announce: bool) -> Outcome | None:
         run_id, sep, name = entry.partition(CLAIM_SEP)
         claim = self.claims / entry
-        if not sep or not _RUN_ID.fullmatch(run_id) or not name:
+        if not sep or not is_run_id(run_id) or not name:
             log.warning("%s: not a claim intake made; left alone", claim)
             self._stuck.add(entry)
             return None

@@ -5,7 +5,8 @@ finding a run by name. Not here: deciding states (chute.engine), durable writes 
 Crash safety: the folder is created with spec.yaml and run.json (state queued) in one group
 commit before the run is acknowledged; every later file is replaced atomically, so a reader
 sees a whole run.json or the previous one. `latest` links are replaced by rename.
-Diagnostics: an unknown run name raises UnknownRun with the closest known names.
+Diagnostics: an unknown run name raises UnknownRun with the closest known names; a name not
+of a run's form (chute.names) raises it before any file is looked at.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from chute import __version__, atomic
+from chute import __version__, atomic, names
 from chute.clock import rfc3339
 from chute.spool import Spool
 
@@ -192,14 +193,28 @@ def run_ids(spool: Spool) -> list[str]:
 
 
 def find_run(spool: Spool, ref: str) -> Path:
-    """The folder of run `ref`: an id, a unique id prefix, `latest`, or `<pipeline>/latest`."""
+    """The folder of run `ref`: an id, a unique id prefix, `latest`, or `<pipeline>/latest`
+    (chute.names checks the form first: a ref never leads out of runs/)."""
+    try:
+        names.run_ref(ref)
+    except names.BadName as exc:
+        raise UnknownRun(str(exc)) from None
     if ref == "latest" or ref.endswith("/latest"):
         link = spool.runs / "latest" if ref == "latest" else spool.pipelines / ref
-        if link.exists():
-            return (link.parent / os.readlink(link)).resolve() if link.is_symlink() else link
+        try:
+            target = os.readlink(link)
+        except OSError:
+            target = ""
+        folder = link.parent / target
+        if (
+            names.is_run_id(folder.name)
+            and os.path.realpath(folder.parent) == os.path.realpath(spool.runs)
+            and (folder / "run.json").exists()
+        ):
+            return spool.runs / folder.name
         raise UnknownRun(f"{ref}: no run yet" + ("" if ref == "latest" else " for that pipeline"))
     candidate = spool.runs / ref
-    if ref and "/" not in ref and not ref.startswith(".") and (candidate / "run.json").exists():
+    if names.is_run_id(ref) and (candidate / "run.json").exists():
         return candidate
     ids = run_ids(spool)
     matches = [i for i in ids if ref and i.startswith(ref)]
