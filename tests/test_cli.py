@@ -236,3 +236,52 @@ def test_a_name_of_the_wrong_form_is_refused_before_it_touches_a_file(
     assert done.err == message.replace("{canary}", str(targets)) + "\n"
     assert _tree(targets) == before_canary
     assert _tree(spool) == before_spool  # the queued run and its queue file untouched
+
+
+# -- gc --------------------------------------------------------------------------------------
+
+
+def _finished_runs(spool: Path, count: int) -> list[str]:
+    ids = [f"20260101_{i // 60:04d}{i % 60:02d}_000000" for i in range(count)]
+    for run_id in ids:
+        _fake_run(spool / "runs" / run_id, run_id, "succeeded")
+        for j in range(10):
+            (spool / "runs" / run_id / "stages" / f"s{j}").mkdir()
+            (spool / "runs" / run_id / "stages" / f"s{j}" / "log").write_text("x" * 100)
+    os.symlink(ids[-1], spool / "runs" / "latest")
+    return ids
+
+
+def test_concurrent_gc_runs_each_remove_a_run_once_and_never_crash(
+    spool: Path, tmp_path: Path
+) -> None:
+    ids = _finished_runs(spool, 300)
+    config = tmp_path / "chute.yaml"
+    config.write_text("retention: {keep_runs: 0, max_age: 1s}\n")
+    cmd = [sys.executable, "-m", "chute", "gc", "--spool", str(spool), "--config", str(config)]
+    procs = [
+        subprocess.Popen(cmd, env=chute_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    removed = 0
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert (p.returncode, err) == (0, b""), err.decode()
+        removed += int(out.split()[1])
+    assert removed == len(ids) - 1  # each run removed by exactly one of them; latest kept
+    assert sorted(os.listdir(spool / "runs")) == [ids[-1], "latest"]
+
+
+def test_a_gc_killed_mid_delete_is_finished_by_the_next_one(
+    spool: Path, chute: Chute, tmp_path: Path
+) -> None:
+    ids = _finished_runs(spool, 5)
+    config = tmp_path / "chute.yaml"
+    config.write_text("retention: {keep_runs: 0, max_age: 1s}\n")
+    killed = chute("gc", "--config", str(config), env={"CHUTE_CRASH_AT": "gc.renamed:2"})
+    assert killed.code == -9
+    assert sorted(os.listdir(spool / "runs")) == [f".gc-{ids[1]}", *ids[2:], "latest"]
+    done = chute("gc", "--config", str(config))
+    assert (done.code, done.err) == (0, "")
+    assert done.out.startswith("removed 2 run(s)")  # the leftover is finished, not counted
+    assert sorted(os.listdir(spool / "runs")) == [ids[-1], "latest"]
