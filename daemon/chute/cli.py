@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, logs, names, report, rundir
+from chute import atomic, control, logs, names, report, rundir
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -259,20 +259,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
         raise UsageError(f"{old['run_id']}: still {old['state']}; retry it once it has ended")
     if _daemon_pid(spool) is not None:
         new_id = rundir.new_run_id(Clock().now())
-        _control(
-            spool,
-            {
-                "action": "retry",
-                "run": old["run_id"],
-                "from": args.from_stage,
-                "new_run_id": new_id,
-            },
-        )
+        request = _control(spool, control.Retry(old["run_id"], args.from_stage, new_id))
         print(f"retry of {old['run_id']} submitted as {new_id}")
         if not args.wait:
             return EXIT_OK
         deadline = time.monotonic() + 30
         while not (spool.runs / new_id / "run.json").exists():
+            _raise_if_rejected(spool, request)
             if time.monotonic() > deadline:
                 raise UsageError(f"{new_id}: the daemon did not start the retry (see its log)")
             time.sleep(0.05)
@@ -481,10 +474,21 @@ def _unreadable(spool: Spool, exc: OSError) -> str:
     )
 
 
-def _control(spool: Spool, request: dict[str, Any]) -> None:
-    from chute.daemon import write_control
+def _control(spool: Spool, request: control.Request) -> Path:
+    return control.submit(spool, request)
 
-    write_control(spool, request)
+
+def _raise_if_rejected(spool: Spool, request: Path) -> None:
+    """UsageError with the daemon's reason once it has moved `request` to rejected/."""
+    report = spool.rejected / f"{request.name}.error.json"
+    if request.exists() or not report.exists():
+        return
+    try:
+        doc = rundir.read_json(report)
+        messages = "; ".join(str(e.get("message")) for e in doc.get("errors", []))
+    except (OSError, ValueError, AttributeError):
+        messages = "see the daemon's log"
+    raise UsageError(f"the daemon refused the request: {messages} ({report})")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -692,13 +696,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"{run_id} already {rec['state']}")
         return EXIT_OK
     if _daemon_pid(spool) is not None:
-        _control(spool, {"action": "cancel", "run": run_id})
+        request = _control(spool, control.Cancel(run_id))
         deadline = time.monotonic() + config.kill_grace + 30
         while time.monotonic() < deadline:
             rec = rundir.read_json(folder / "run.json")
             if rec["state"] in rundir.FINAL_RUN_STATES:
                 print(f"{run_id} {rec['state']}")
                 return EXIT_OK
+            _raise_if_rejected(spool, request)
             time.sleep(0.05)
         print(f"{run_id}: cancel requested; the daemon has not finished it yet", file=sys.stderr)
         return EXIT_FAILED
@@ -756,9 +761,16 @@ def cmd_unschedule(args: argparse.Namespace) -> int:
         known = sorted(p.stem for p in spool.schedules.glob("*.yaml"))
         raise UsageError(f"{name}: no such schedule (schedules: {', '.join(known) or 'none'})")
     if _daemon_pid(spool) is not None:
-        _control(spool, {"action": "unschedule", "name": name})
+        request = _control(spool, control.Unschedule(name))
         deadline = time.monotonic() + 10
-        while path.exists() and time.monotonic() < deadline:
+        while path.exists():
+            _raise_if_rejected(spool, request)
+            if time.monotonic() > deadline:
+                print(
+                    f"{name}: unschedule requested; the daemon has not done it yet",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
             time.sleep(0.05)
     else:
         path.unlink()

@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import orjson
 
-from chute import __version__, atomic, logs, report, rundir
+from chute import __version__, atomic, control, logs, report, rundir
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -119,14 +118,6 @@ def daemon_pid(spool: Spool) -> int | None:
         return None
     finally:
         os.close(fd)
-
-
-def write_control(spool: Spool, request: dict[str, Any]) -> Path:
-    """Hand a request to the daemon: one file in control/, written atomically."""
-    name = f"{time.time_ns()}-{os.getpid()}-{request['action']}.json"
-    path = spool.control / name
-    atomic.drop(path, orjson.dumps(request))
-    return path
 
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -245,6 +236,8 @@ class Daemon:
         self.http: Server | None = None
         self.last_tick = self.clock.monotonic()  # set each loop iteration; /healthz reads it
         self._write_error: OSError | None = None  # the committer failure counted last
+        self._control_held: set[str] = set()  # requests a chute bug left: tried at next start
+        self._control_trouble: dict[str, int | None] = {}  # request -> errno logged for it
 
     # -- life ------------------------------------------------------------------------------
 
@@ -757,6 +750,10 @@ class Daemon:
     def _recover(self) -> None:
         for folder in (self.spool.queue, self.spool.schedules, self.spool.control):
             atomic.remove_temp_leftovers(folder)
+        try:
+            control.repair(self.spool, self.clock.now())
+        except OSError as exc:
+            log.error("rejected/: cannot repair rejected requests: %s", exc)
         for outcome in self.intake.recover():
             self._take(outcome)
         self._load_schedules()
@@ -827,42 +824,81 @@ class Daemon:
     # -- control, status, config, retention ------------------------------------------------
 
     def _control(self) -> None:
+        """Carry out the requests in control/ (chute.control): each request's effect is
+        durable before its file goes; a bad one goes to rejected/; one that cannot be
+        carried out yet (a full disk, a run not handed to the engine yet) waits."""
+        pending = control.pending(self.spool)
+        for name in set(self._control_trouble) - set(pending):
+            del self._control_trouble[name]
+        for name in pending:
+            if name in self._control_held:
+                continue
+            try:
+                request = control.read(self.spool, name)
+            except control.BadRequest as exc:
+                self._reject_request(name, exc)
+                continue
+            except FileNotFoundError:
+                continue  # gone meanwhile: a benign race
+            except OSError as exc:
+                self._control_failed(name, exc)
+                continue
+            try:
+                done = self._carry_out(request)
+            except control.BadRequest as exc:
+                self._reject_request(name, exc)
+                continue
+            except OSError as exc:
+                self._control_failed(name, exc)
+                continue
+            except Exception:
+                log.exception("control/%s: failed (a chute bug); left until the next start", name)
+                self._control_held.add(name)
+                continue
+            self._control_trouble.pop(name, None)
+            if done:
+                control.finish(self.spool, name)
+
+    def _control_failed(self, name: str, exc: OSError) -> None:
+        """The environment (a full disk, permissions): one ERROR line per request and errno;
+        the request stays in control/ and is tried again at each pass."""
+        if self._control_trouble.get(name) != exc.errno:
+            log.error(
+                "control/%s: cannot carry it out: %s: %s (errno %s); it waits and is retried: "
+                "free space or fix permissions on the spool",
+                name,
+                exc.filename or self.spool.root,
+                exc.strerror,
+                exc.errno,
+            )
+        self._control_trouble[name] = exc.errno
+
+    def _reject_request(self, name: str, exc: control.BadRequest) -> None:
+        self._control_trouble.pop(name, None)
         try:
-            names = sorted(os.listdir(self.spool.control))
+            control.reject(self.spool, name, exc, self.clock.now())
         except FileNotFoundError:
             return
-        for name in names:
-            if name.startswith(".") or not name.endswith(".json"):
-                continue
-            path = self.spool.control / name
-            try:
-                req = orjson.loads(path.read_bytes())
-            except (OSError, orjson.JSONDecodeError) as exc:
-                log.warning("control/%s unreadable (%s); removing it", name, exc)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            self._handle_control(req)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        except OSError as err:
+            log.error("control/%s: cannot move it to rejected/: %s", name, err.strerror)
+            self._control_held.add(name)
+            return
+        self.metrics.file_rejected(exc.reason)
 
-    def _handle_control(self, req: dict[str, Any]) -> None:
-        action = req.get("action")
-        if action == "cancel":
-            run_id = str(req.get("run"))
-            if self.engine.cancel(run_id):
-                log.info("%s cancel requested", run_id)
+    def _carry_out(self, request: control.Request) -> bool:
+        """Do what `request` asks; False when it must wait for a later pass."""
+        if isinstance(request, control.Cancel):
+            if self.engine.cancel(request.run):
+                log.info("%s cancel requested", request.run)
             else:
-                log.info("%s cancel requested but the run is not active", run_id)
-        elif action == "retry":
-            self._retry(str(req.get("run")), req.get("from"), str(req.get("new_run_id")))
-        elif action == "unschedule":
-            name = str(req.get("name"))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.spool.schedules / f"{name}.yaml")
-            self._unschedule(name)
+                log.info("%s cancel requested but the run is not active", request.run)
+        elif isinstance(request, control.Retry):
+            self._retry(request.run, request.from_stage, request.new_run_id)
         else:
-            log.warning("unknown control request %r", req)
+            if control.unschedule_file(self.spool, request.name):
+                log.info("schedule %s unscheduled by request", request.name)
+            self._unschedule(request.name)
+        return True
 
     def _retry(self, old_id: str, from_stage: str | None, new_id: str) -> None:
         old_dir = self.spool.runs / old_id

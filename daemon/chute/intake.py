@@ -622,17 +622,8 @@ class Intake:
         return rejected
 
     def _report(self, target: Path, name: str, reason: str, issues: list[Issue]) -> Rejected:
-        errors = [i.as_dict() for i in issues]
         # Handover: error.json completes the rejection (crash point 6 rewrites it).
-        atomic.write_json(
-            target.with_name(target.name + ERROR_SUFFIX),
-            {
-                "file": _json_safe(name),
-                "reason": reason,
-                "errors": errors,
-                "rejected_at": rfc3339(self.clock.now()),
-            },
-        )
+        errors = write_report(target, name, reason, issues, self.clock.now())
         first = str(issues[0]) if issues else "(no details)"
         more = (
             f" (and {len(issues) - 1} more in rejected/{target.name}{ERROR_SUFFIX})"
@@ -645,16 +636,7 @@ class Intake:
         return Rejected(target.name, reason, errors)
 
     def _rejected_path(self, name: str) -> Path:
-        n = 0
-        while True:
-            suffix = f".{n}" if n else ""
-            base = _fit(name, len(suffix) + len(ERROR_SUFFIX)) + suffix
-            path = self.spool.rejected / base
-            if not os.path.lexists(path) and not os.path.lexists(
-                path.with_name(base + ERROR_SUFFIX)
-            ):
-                return path
-            n += 1
+        return rejected_path(self.spool.rejected, name)
 
     # -- recovery ---------------------------------------------------------------------
 
@@ -877,6 +859,32 @@ class Watcher:
 
 
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+
+
+def rejected_path(folder: Path, name: str) -> Path:
+    """A free name in rejected/ for a file named `name`: `name`, else `name.1`, `name.2`…
+    (free: neither it nor its error.json exists)."""
+    n = 0
+    while True:
+        suffix = f".{n}" if n else ""
+        base = _fit(name, len(suffix) + len(ERROR_SUFFIX)) + suffix
+        path = folder / base
+        if not os.path.lexists(path) and not os.path.lexists(path.with_name(base + ERROR_SUFFIX)):
+            return path
+        n += 1
+
+
+def write_report(
+    target: Path, name: str, reason: str, issues: list[Issue], now: datetime
+) -> list[dict[str, Any]]:
+    """Write rejected/<target>.error.json for a file dropped as `name`: {file, reason, errors:
+    [{path, line, message}], rejected_at}; returns the errors."""
+    errors = [i.as_dict() for i in issues]
+    atomic.write_json(
+        target.with_name(target.name + ERROR_SUFFIX),
+        {"file": _json_safe(name), "reason": reason, "errors": errors, "rejected_at": rfc3339(now)},
+    )
+    return errors
 
 
 def _inotify_error(err: int, call: str, folder: Path | None) -> OSError:

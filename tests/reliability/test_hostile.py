@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from chute.spec import SpecError, load_bytes
 from conftest import chute_env, wait_for
-from daemon_proc import Daemon, daemon_factory, drop, final_run, job
+from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job, runs_of
 
 __all__ = ["daemon_factory"]
 
@@ -147,3 +147,136 @@ def test_chute_validate_answers_hostile_files_with_exit_2_quickly(tmp_path: Path
         assert p.stderr.startswith(str(path)), (name, p.stderr)
         assert "Traceback" not in p.stderr
         assert time.monotonic() - start < 5, name
+
+
+# -- control/ is a drop box too -----------------------------------------------------------------
+
+# name in control/ -> (what to put there, reason, what the message says)
+CONTROL = {
+    "array.json": (b"[]", "bad_request", "is a JSON array, not an object"),
+    "string.json": (b'"x"', "bad_request", "is a JSON string, not an object"),
+    "number.json": (b"1", "bad_request", "is a JSON number, not an object"),
+    "null.json": (b"null", "bad_request", "is a JSON null, not an object"),
+    "garbage.json": (b"\xff\x00{", "bad_request", "is not JSON"),
+    "unknown-action.json": (b'{"action": "reboot"}', "bad_request", "reboot is not an action"),
+    "missing-run.json": (b'{"action": "cancel"}', "bad_request", "missing; a cancel request"),
+    "mistyped-run.json": (b'{"action": "cancel", "run": 7}', "bad_request", "7: not a run id"),
+    "cancel-traversal.json": (
+        b'{"action": "cancel", "run": "../queue/{waiting}"}',
+        "bad_request",
+        "../queue/{waiting}: not a run id",
+    ),
+    "unschedule-traversal.json": (
+        b'{"action": "unschedule", "name": "../queue/{waiting}"}',
+        "bad_request",
+        "../queue/{waiting}: not a schedule name",
+    ),
+    "unschedule-absolute.json": (
+        b'{"action": "unschedule", "name": "{canary}/keep"}',
+        "bad_request",
+        "{canary}/keep: not a schedule name",
+    ),
+    "retry-into-queue.json": (
+        b'{"action": "retry", "run": "{old}", "new_run_id": "../queue"}',
+        "bad_request",
+        "../queue: not a run id",
+    ),
+    "retry-outside.json": (
+        b'{"action": "retry", "run": "{old}", "new_run_id": "../../canary"}',
+        "bad_request",
+        "../../canary: not a run id",
+    ),
+    "retry-absolute.json": (
+        b'{"action": "retry", "run": "{old}", "new_run_id": "{canary}"}',
+        "bad_request",
+        "not a run id",
+    ),
+    "oversized.json": (b" " * 5000 + b"{}", "too_large", "is over 4096 bytes"),
+    "link.json": ("symlink", "symlink", "is a symbolic link, not the request"),
+    "fifo.json": ("fifo", "not_regular", "is a FIFO, not a regular file"),
+    "folder.json": ("folder", "not_regular", "is a directory, not a regular file"),
+}
+LEFT_ALONE = [".being-written.json", "notes.txt"]
+
+
+def _metric(address: str, name: str, reason: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    line = next(x for x in text.splitlines() if x.startswith(f'{name}{{reason="{reason}"}}'))
+    return float(line.split()[-1])
+
+
+def test_bad_control_files_are_rejected_with_a_reason_and_the_daemon_goes_on(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    (canary / "keep.yaml").write_text("keep\n")
+    gate = tmp_path / "go"
+    config = "cpus: 2\nstop_timeout: 500ms\nkill_grace: 500ms\n"
+    d = daemon_factory(config).start()
+    drop(spool, "old.yaml", job("old", "true"))
+    drop(spool, "taken.yaml", job("taken", "true"))
+    drop(spool, "waiting.yaml", job("waiting", f"test -e {gate} || sleep 1000"))
+    old = final_run(spool, "incoming/old.yaml")["run_id"]
+    taken = final_run(spool, "incoming/taken.yaml")["run_id"]
+    waiting = wait_for(
+        "the waiting run to run",
+        lambda: [r for r in runs_of(spool, "incoming/waiting.yaml") if r["state"] == "running"],
+    )[0]
+    fill = {"{old}": old, "{taken}": taken, "{waiting}": waiting["run_id"], "{canary}": str(canary)}
+
+    def filled(text: str) -> str:
+        for key, value in fill.items():
+            text = text.replace(key, value)
+        return text
+
+    before = {p.name: p.read_bytes() for p in (spool / "queue").iterdir()}
+    runs_before = sorted(p.name for p in (spool / "runs").iterdir())
+    taken_json = (spool / "runs" / taken / "run.json").read_bytes()
+    control = spool / "control"
+    for name in LEFT_ALONE:
+        (control / name).write_text('{"action": "cancel"}')
+    for name, (what, _, _) in CONTROL.items():
+        if what == "symlink":
+            os.symlink(canary / "keep.yaml", control / name)
+        elif what == "fifo":
+            os.mkfifo(control / name)
+        elif what == "folder":
+            (control / name).mkdir()
+        else:
+            assert isinstance(what, bytes)
+            tmp = control / f".{name}.tmp"
+            tmp.write_bytes(filled(what.decode("latin-1")).encode("latin-1"))
+            os.rename(tmp, control / name)
+
+    def all_rejected() -> bool:
+        return all((spool / "rejected" / f"{n}.error.json").exists() for n in CONTROL)
+
+    wait_for("every bad request rejected", all_rejected, 30)
+    assert d.proc is not None
+    assert d.proc.poll() is None
+    for name, (_, reason, message) in CONTROL.items():
+        doc = orjson.loads((spool / "rejected" / f"{name}.error.json").read_bytes())
+        assert (doc["file"], doc["reason"]) == (name, reason), name
+        assert filled(message) in doc["errors"][0]["message"], (name, doc)
+        assert os.path.lexists(spool / "rejected" / name), name
+    assert sorted(os.listdir(control)) == sorted(LEFT_ALONE)
+    bad = sum(1 for _, reason, _ in CONTROL.values() if reason == "bad_request")
+    assert _metric(http_address(spool), "chute_files_rejected_total", "bad_request") == bad
+    assert {p.name: p.read_bytes() for p in (spool / "queue").iterdir()} == before
+    assert sorted(p.name for p in (spool / "runs").iterdir()) == runs_before  # no new run
+    assert (spool / "runs" / taken / "run.json").read_bytes() == taken_json
+    assert sorted(os.listdir(canary)) == ["keep.yaml"]
+    assert (canary / "keep.yaml").read_text() == "keep\n"
+    text = d.log.read_text()
+    assert "Traceback" not in text
+    assert text.count("WARNING control/") == len(CONTROL)
+    assert d.stop() == 0
+    gate.touch()
+    d2 = daemon_factory(config).start()  # nothing left in control/ to trip a restart
+    assert final_run(spool, "incoming/waiting.yaml")["state"] == "succeeded"
+    assert d2.stop() == 0
+    assert "Traceback" not in d2.log.read_text()
