@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conftest import EXAMPLES, Chute, chute_env
+from conftest import EXAMPLES, Chute, chute_env, load_json
 
 COMMANDS = ["validate", "run", "show", "logs", "retry", "schema"]
 
@@ -236,6 +236,21 @@ def test_a_name_of_the_wrong_form_is_refused_before_it_touches_a_file(
     assert done.err == message.replace("{canary}", str(targets)) + "\n"
     assert _tree(targets) == before_canary
     assert _tree(spool) == before_spool  # the queued run and its queue file untouched
+
+
+def test_cancel_without_a_daemon_uses_the_run_folders_name_not_its_run_json(
+    spool: Path, chute: Chute, targets: Path
+) -> None:
+    """run.json is data: a run_id field naming another run never decides what is changed."""
+    other = "20261122_101501_000000"
+    _fake_run(spool / "runs" / other, QUEUED, "queued")  # says it is QUEUED
+    (spool / "queue" / f"{other}.yaml").write_text("waiting")
+    done = chute("cancel", other)
+    assert (done.code, done.out) == (0, f"{other} cancelled\n")
+    assert load_json(spool / "runs" / other / "run.json")["state"] == "cancelled"
+    assert not (spool / "queue" / f"{other}.yaml").exists()
+    assert (spool / "queue" / f"{QUEUED}.yaml").exists()
+    assert load_json(spool / "runs" / QUEUED / "run.json")["state"] == "queued"
 
 
 # -- gc --------------------------------------------------------------------------------------

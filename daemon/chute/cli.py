@@ -9,7 +9,6 @@ exits 1; a chute bug prints a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import Any
 import orjson
 
 from chute import atomic, control, logs, names, report, rundir
-from chute.clock import Clock, rfc3339
+from chute.clock import Clock
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
 from chute.engine.loop import ActiveRun, Engine
@@ -248,19 +247,16 @@ def cmd_retry(args: argparse.Namespace) -> int:
     old_dir = _find(spool, args.run)
     if args.from_stage is not None:
         _checked(names.name, args.from_stage, "stage name")
-    old = rundir.read_json(old_dir / "run.json")
-    pipeline, raw = _load(str(old_dir / "spec.yaml"), config, topo)
-    if args.from_stage is not None and args.from_stage not in {s.name for s in pipeline.stages}:
-        stages = ", ".join(s.name for s in pipeline.stages)
-        raise UsageError(
-            f"--from {args.from_stage}: no such stage in {old['run_id']} (stages: {stages})"
+    try:
+        plan = runs.plan_retry(
+            old_dir, args.from_stage, node_cpus=len(topo.cpus), node_memory=topo.memory
         )
-    if old.get("state") in ("queued", "running"):
-        raise UsageError(f"{old['run_id']}: still {old['state']}; retry it once it has ended")
+    except runs.RetryRefused as exc:
+        raise UsageError(str(exc)) from None
     if _daemon_pid(spool) is not None:
         new_id = rundir.new_run_id(Clock().now())
-        request = _control(spool, control.Retry(old["run_id"], args.from_stage, new_id))
-        print(f"retry of {old['run_id']} submitted as {new_id}")
+        request = _control(spool, control.Retry(plan.old_id, args.from_stage, new_id))
+        print(f"retry of {plan.old_id} submitted as {new_id}")
         if not args.wait:
             return EXIT_OK
         deadline = time.monotonic() + 30
@@ -270,30 +266,17 @@ def cmd_retry(args: argparse.Namespace) -> int:
                 raise UsageError(f"{new_id}: the daemon did not start the retry (see its log)")
             time.sleep(0.05)
         return _follow_run(spool, new_id)
-    try:
-        reused = runs.reusable_stages(old_dir, pipeline, args.from_stage)
-    except FileNotFoundError:
-        reused = {}
     clock = Clock()
 
     def make() -> ActiveRun:
-        run = runs.create_run(
-            spool,
-            pipeline,
-            raw,
-            trigger={"type": "retry", "source": old["run_id"]},
-            now=clock.now(),
-            run_date=old.get("run_date"),
-            resumed_from=old["run_id"],
-            reused=reused,
-        )
-        runs.copy_reused(old_dir, run.dir, list(reused))
+        run = runs.make_retry(spool, plan, now=clock.now())
+        assert run is not None  # a new run id: nothing made before
         log.info(
             "%s retry of %s keeps %d stage(s): %s",
             run.run_id,
-            old["run_id"],
-            len(reused),
-            ", ".join(reused) or "none",
+            plan.old_id,
+            len(plan.reused),
+            ", ".join(plan.reused) or "none",
         )
         return run
 
@@ -395,7 +378,11 @@ def _log_files(run_dir: Path, stage: str | None) -> list[tuple[str, Path]]:
             raise UsageError(f"{stage}: no such stage in {run_dir.name} (stages: {known})")
         stage_names = [stage]
     else:
-        stage_names = sorted(p.name for p in stages_dir.iterdir()) if stages_dir.is_dir() else []
+        stage_names = (
+            sorted(p.name for p in stages_dir.iterdir() if not p.name.startswith("."))
+            if stages_dir.is_dir()
+            else []
+        )
     out: list[tuple[str, Path]] = []
     for name in stage_names:
         folder = stages_dir / name
@@ -690,12 +677,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
     folder = _find(spool, args.run)
+    run_id = folder.name
     rec = rundir.read_json(folder / "run.json")
-    run_id = rec["run_id"]
     if rec["state"] in ("succeeded", "failed", "cancelled"):
         print(f"{run_id} already {rec['state']}")
         return EXIT_OK
-    if _daemon_pid(spool) is not None:
+    lock = None if _daemon_pid(spool) is not None else _lock_if_free(spool)
+    if lock is None:
         request = _control(spool, control.Cancel(run_id))
         deadline = time.monotonic() + config.kill_grace + 30
         while time.monotonic() < deadline:
@@ -707,15 +695,24 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             time.sleep(0.05)
         print(f"{run_id}: cancel requested; the daemon has not finished it yet", file=sys.stderr)
         return EXIT_FAILED
-    # No daemon: nothing runs; a queued or interrupted run just will not start again.
-    rec["state"] = "cancelled"
-    rec["error"] = "cancelled"
-    rec["finished_at"] = rfc3339(time.time())
-    atomic.write_json(folder / "run.json", rec)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(spool.queue / f"{run_id}.yaml")
+    # No daemon, and none starts while we hold its lock: nothing runs; a queued or
+    # interrupted run just will not start again.
+    try:
+        rec = rundir.read_json(folder / "run.json")
+        if rec["state"] in ("succeeded", "failed", "cancelled"):
+            print(f"{run_id} already {rec['state']}")
+            return EXIT_OK
+        runs.cancel_stopped(spool, run_id, time.time())
+    finally:
+        os.close(lock)
     print(f"{run_id} cancelled")
     return EXIT_OK
+
+
+def _lock_if_free(spool: Spool) -> int | None:
+    from chute.daemon import lock_if_free
+
+    return lock_if_free(spool)
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
@@ -773,7 +770,7 @@ def cmd_unschedule(args: argparse.Namespace) -> int:
                 return EXIT_FAILED
             time.sleep(0.05)
     else:
-        path.unlink()
+        control.unschedule_file(spool, name)
     print(f"unscheduled {name}")
     return EXIT_OK
 

@@ -4,6 +4,7 @@ a reason (exit 2 from `chute validate`); the daemon keeps taking good files."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chute.spec import SpecError, load_bytes
-from conftest import chute_env, wait_for
+from conftest import Chute, chute_env, load_json, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job, runs_of
 
 __all__ = ["daemon_factory"]
@@ -191,6 +192,22 @@ CONTROL = {
         "bad_request",
         "not a run id",
     ),
+    "retry-over-another-run.json": (
+        b'{"action": "retry", "run": "{old}", "new_run_id": "{taken}"}',
+        "bad_request",
+        "retry refused: {taken}: that run id is taken by another run",
+    ),
+    "retry-of-a-running-run.json": (
+        b'{"action": "retry", "run": "{waiting}", "new_run_id": "20261231_235959_00ab01"}',
+        "bad_request",
+        "retry refused: {waiting}: still running; retry it once it has ended",
+    ),
+    "retry-unknown-stage.json": (
+        b'{"action": "retry", "run": "{old}", "from": "nope", '
+        b'"new_run_id": "20261231_235959_00ab02"}',
+        "bad_request",
+        "retry refused: --from nope: no such stage in {old} (stages: old)",
+    ),
     "oversized.json": (b" " * 5000 + b"{}", "too_large", "is over 4096 bytes"),
     "link.json": ("symlink", "symlink", "is a symbolic link, not the request"),
     "fifo.json": ("fifo", "not_regular", "is a FIFO, not a regular file"),
@@ -280,3 +297,46 @@ def test_bad_control_files_are_rejected_with_a_reason_and_the_daemon_goes_on(
     assert final_run(spool, "incoming/waiting.yaml")["state"] == "succeeded"
     assert d2.stop() == 0
     assert "Traceback" not in d2.log.read_text()
+
+
+def test_retry_copies_only_files_folders_and_links_inside_whatever_the_old_run_holds(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
+) -> None:
+    """A FIFO, a socket-like special file, a link out and a stage folder swapped for a link:
+    the retry neither blocks nor follows; it copies what is a file, folder or inner link."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "output.json").write_text('{"_meta": {}, "data": {"stolen": true}}')
+    (outside / "secret").write_text("secret\n")
+    spec = (
+        "apiVersion: chute/v1\nkind: Pipeline\nmetadata: {name: fifo}\nspec:\n  stages:\n"
+        "    - {name: one, run: 'echo 1 > $CHUTE_ARTIFACTS/real; mkdir $CHUTE_ARTIFACTS/sub'}\n"
+        "    - {name: swapped, run: 'true'}\n"
+        f"    - {{name: last, dependsOn: [one, swapped], run: 'test -e {tmp_path}/go'}}\n"
+    )
+    d = daemon_factory().start()
+    drop(spool, "fifo.yaml", spec)
+    old = final_run(spool, "incoming/fifo.yaml")
+    assert old["state"] == "failed"
+    old_dir = spool / "runs" / old["run_id"]
+    artifacts = old_dir / "stages" / "one" / "artifacts"
+    os.mkfifo(artifacts / "pipe")  # left there after the run ended
+    os.symlink(outside / "secret", artifacts / "out")
+    os.symlink("../real", artifacts / "sub" / "inner")
+    shutil.rmtree(old_dir / "stages" / "swapped")
+    os.symlink(outside, old_dir / "stages" / "swapped")
+    (tmp_path / "go").touch()
+    done = chute("retry", old["run_id"], "--wait", timeout=60)
+    assert done.code == 0, done.err
+    new_id = done.out.split("\n")[0].rsplit(" ", 1)[1]
+    new_dir = spool / "runs" / new_id
+    copied = new_dir / "stages" / "one" / "artifacts"
+    assert sorted(p.name for p in copied.iterdir()) == ["real", "sub"]
+    assert os.readlink(copied / "sub" / "inner") == "../real"
+    manifest = {s["name"]: s for s in load_json(new_dir / "manifest.json")["stages"]}
+    assert manifest["swapped"]["state"] == "succeeded"  # run again: its folder was a link
+    assert manifest["swapped"]["attempts"]  # (a kept stage has no attempt of its own here)
+    assert not (new_dir / "stages" / "swapped").is_symlink()
+    assert load_json(new_dir / "stages" / "swapped" / "output.json")["data"] is None
+    assert "kept stage one without 2 entries" in d.log.read_text()
+    assert d.stop() == 0
