@@ -586,8 +586,10 @@ def test_a_cancel_survives_a_kill_9_and_the_stage_never_runs_again(
     assert starts.read_text() == "x\n"  # not resumed, not run again
     manifest = load_json(spool / "runs" / run_id / "manifest.json")
     assert manifest["stages"][0]["state"] == "cancelled"
-    wait_for("the queue file to go", lambda: not any((spool / "queue").iterdir()))
-    assert list((spool / "control").iterdir()) == []
+    wait_for(
+        "the queue file and the replayed request to go",
+        lambda: not any((spool / "queue").iterdir()) and not any((spool / "control").iterdir()),
+    )
     assert d2.stop() == 0
 
 
@@ -688,7 +690,8 @@ def test_a_run_recovery_cannot_resume_ends_alone_and_the_daemon_starts(
     def ready() -> bool:
         first = runs_of(spool, "incoming/stage-folder-a-file.yaml")
         started = first and (spool / "runs" / first[0]["run_id"] / "stages" / "d").is_dir()
-        return bool(started) and len(os.listdir(spool / "queue")) == len(names)
+        handed = not os.listdir(spool / "state" / "intake")  # no claim left: recovery's turn
+        return bool(started) and handed and len(os.listdir(spool / "queue")) == len(names)
 
     wait_for("every run accepted and the first started", ready, 30)
     ids = {name: runs_of(spool, f"incoming/{name}.yaml")[0]["run_id"] for name in names}

@@ -68,8 +68,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from chute import atomic, rundir
 from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.config import Config
@@ -676,9 +674,11 @@ class Intake:
         run_dir = self.spool.runs / run_id
         try:
             record = rundir.read_json(run_dir / "run.json")
+            if not isinstance(record, dict):
+                raise ValueError("run.json is not a JSON object")
         except FileNotFoundError:
             record = None
-        except orjson.JSONDecodeError:
+        except ValueError:  # orjson.JSONDecodeError too
             # A power loss before the writer thread synced it (take_deferred): the folder is
             # half made, like one without run.json (crash point 2).
             log.warning("%s: run.json of a run not yet handed over is damaged; remaking it", claim)
