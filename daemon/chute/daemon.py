@@ -816,10 +816,6 @@ class Daemon:
         for folder in (self.spool.queue, self.spool.schedules, self.spool.control):
             atomic.remove_temp_leftovers(folder)
         try:
-            control.repair(self.spool, self.clock.now())
-        except OSError as exc:
-            log.error("rejected/: cannot repair rejected requests: %s", exc)
-        try:
             outcomes = self.intake.recover()
         except OSError as exc:
             log.error(
@@ -833,6 +829,10 @@ class Daemon:
                 "intake recovery failed (a chute bug); claims left are retried at each rescan"
             )
             outcomes = []
+        try:  # after intake's: what intake rejected it repairs itself
+            control.repair(self.spool, self.clock.now())
+        except OSError as exc:
+            log.error("rejected/: cannot repair rejected requests: %s", exc)
         for outcome in outcomes:
             try:
                 self._take(outcome)
