@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 
-from conftest import EXAMPLES, Chute, chute_env
+from conftest import EXAMPLES, Chute, chute_env, load_json
 
 COMMANDS = ["validate", "run", "show", "logs", "retry", "schema"]
 
@@ -234,3 +235,179 @@ def test_validate_shows_scripts_on_one_line_and_argv_as_a_shell_would(
         "  script: run: set -e  (+2 more lines) (cpus=1)",
         "  argv: run: python3 -c 'print(\"a b\")' (cpus=1)",
     ]
+
+
+# -- names from the command line -------------------------------------------------------------
+
+QUEUED = "20261122_101500_a1b2c3"
+RUN_HINT = (
+    "give a run id (like 20261122_101500_a1b2c3), a prefix of one, latest, or <pipeline>/latest"
+)
+NAME_HINT = (
+    "a name of lowercase letters, digits, '.', '_' or '-' (starting with a letter or digit, "
+    "at most 63), like nightly-etl"
+)
+
+
+def _fake_run(folder: Path, run_id: str, state: str) -> None:
+    """A run folder as the daemon leaves it (run.json, spec.yaml), written by hand."""
+    (folder / "stages").mkdir(parents=True)
+    (folder / "spec.yaml").write_text(
+        "apiVersion: chute/v1\nkind: Job\nmetadata: {name: victim}\nspec:\n  run: 'true'\n"
+    )
+    (folder / "run.json").write_bytes(
+        orjson.dumps(
+            {
+                "run_id": run_id,
+                "pipeline": "victim",
+                "kind": "Job",
+                "state": state,
+                "trigger": {"type": "drop", "source": "incoming/victim.yaml"},
+                "created_at": "2026-11-22T10:15:00.000Z",
+                "finished_at": None,
+                "run_date": "2026-11-22",
+            }
+        )
+    )
+
+
+def _tree(root: Path) -> dict[str, bytes | str]:
+    """Every path under `root` with its bytes (or its link target): a snapshot to compare."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = os.readlink(path)
+        elif path.is_file():
+            out[rel] = path.read_bytes()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+@pytest.fixture
+def targets(spool: Path, tmp_path: Path) -> Path:
+    """A spool with a run waiting in queue/, and beside the spool a canary folder that a
+    name leading out of the spool would reach: a run-like folder, a `latest` link to it, a
+    schedule-like file and a stage log."""
+    _fake_run(spool / "runs" / QUEUED, QUEUED, "queued")
+    (spool / "queue").mkdir()
+    (spool / "queue" / f"{QUEUED}.yaml").write_text("waiting")
+    (spool / "schedules").mkdir()
+    canary = tmp_path / "canary"
+    _fake_run(canary / "run", QUEUED, "queued")
+    os.symlink(canary / "run", canary / "latest")
+    (canary / "x.yaml").write_text("keep me")
+    (canary / "log").write_text("SECRET\n")
+    return canary
+
+
+HOSTILE_ARGS = {
+    "cancel-traversal": (
+        ["cancel", f"../queue/{QUEUED}"],
+        f"../queue/{QUEUED}: not a run; {RUN_HINT}",
+    ),
+    "cancel-outside-latest": (
+        ["cancel", "{canary}/latest"],
+        "{canary}/latest: not a run; " + RUN_HINT,
+    ),
+    "cancel-empty": (["cancel", ""], f"'': not a run; {RUN_HINT}"),
+    "show-traversal": (["show", "../../canary/run"], f"../../canary/run: not a run; {RUN_HINT}"),
+    "logs-run-dotdot": (["logs", ".."], f"..: not a run; {RUN_HINT}"),
+    "logs-stage-traversal": (
+        ["logs", QUEUED, "../../../canary"],
+        f"../../../canary: not a stage name; {NAME_HINT}",
+    ),
+    "retry-outside-latest": (
+        ["retry", "{canary}/latest"],
+        "{canary}/latest: not a run; " + RUN_HINT,
+    ),
+    "retry-from-traversal": (
+        ["retry", QUEUED, "--from", "../x"],
+        f"../x: not a stage name; {NAME_HINT}",
+    ),
+    "unschedule-traversal": (
+        ["unschedule", f"../queue/{QUEUED}"],
+        f"../queue/{QUEUED}: not a schedule name; {NAME_HINT}",
+    ),
+    "unschedule-absolute": (
+        ["unschedule", "{canary}/x"],
+        "{canary}/x: not a schedule name; " + NAME_HINT,
+    ),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), HOSTILE_ARGS.values(), ids=HOSTILE_ARGS.keys())
+def test_a_name_of_the_wrong_form_is_refused_before_it_touches_a_file(
+    spool: Path, chute: Chute, targets: Path, args: list[str], message: str
+) -> None:
+    before_spool, before_canary = _tree(spool), _tree(targets)
+    done = chute(*[a.replace("{canary}", str(targets)) for a in args])
+    assert (done.code, done.out) == (2, "")
+    assert done.err == message.replace("{canary}", str(targets)) + "\n"
+    assert _tree(targets) == before_canary
+    assert _tree(spool) == before_spool  # the queued run and its queue file untouched
+
+
+def test_cancel_without_a_daemon_uses_the_run_folders_name_not_its_run_json(
+    spool: Path, chute: Chute, targets: Path
+) -> None:
+    """run.json is data: a run_id field naming another run never decides what is changed."""
+    other = "20261122_101501_000000"
+    _fake_run(spool / "runs" / other, QUEUED, "queued")  # says it is QUEUED
+    (spool / "queue" / f"{other}.yaml").write_text("waiting")
+    done = chute("cancel", other)
+    assert (done.code, done.out) == (0, f"{other} cancelled\n")
+    assert load_json(spool / "runs" / other / "run.json")["state"] == "cancelled"
+    assert not (spool / "queue" / f"{other}.yaml").exists()
+    assert (spool / "queue" / f"{QUEUED}.yaml").exists()
+    assert load_json(spool / "runs" / QUEUED / "run.json")["state"] == "queued"
+
+
+# -- gc --------------------------------------------------------------------------------------
+
+
+def _finished_runs(spool: Path, count: int) -> list[str]:
+    ids = [f"20260101_{i // 60:04d}{i % 60:02d}_000000" for i in range(count)]
+    for run_id in ids:
+        _fake_run(spool / "runs" / run_id, run_id, "succeeded")
+        for j in range(10):
+            (spool / "runs" / run_id / "stages" / f"s{j}").mkdir()
+            (spool / "runs" / run_id / "stages" / f"s{j}" / "log").write_text("x" * 100)
+    os.symlink(ids[-1], spool / "runs" / "latest")
+    return ids
+
+
+def test_concurrent_gc_runs_each_remove_a_run_once_and_never_crash(
+    spool: Path, tmp_path: Path
+) -> None:
+    ids = _finished_runs(spool, 300)
+    config = tmp_path / "chute.yaml"
+    config.write_text("retention: {keep_runs: 0, max_age: 1s}\n")
+    cmd = [sys.executable, "-m", "chute", "gc", "--spool", str(spool), "--config", str(config)]
+    procs = [
+        subprocess.Popen(cmd, env=chute_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    removed = 0
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert (p.returncode, err) == (0, b""), err.decode()
+        removed += int(out.split()[1])
+    assert removed == len(ids) - 1  # each run removed by exactly one of them; latest kept
+    assert sorted(os.listdir(spool / "runs")) == [ids[-1], "latest"]
+
+
+def test_a_gc_killed_mid_delete_is_finished_by_the_next_one(
+    spool: Path, chute: Chute, tmp_path: Path
+) -> None:
+    ids = _finished_runs(spool, 5)
+    config = tmp_path / "chute.yaml"
+    config.write_text("retention: {keep_runs: 0, max_age: 1s}\n")
+    killed = chute("gc", "--config", str(config), env={"CHUTE_CRASH_AT": "gc.renamed:2"})
+    assert killed.code == -9
+    assert sorted(os.listdir(spool / "runs")) == [f".gc-{ids[1]}", *ids[2:], "latest"]
+    done = chute("gc", "--config", str(config))
+    assert (done.code, done.err) == (0, "")
+    assert done.out.startswith("removed 2 run(s)")  # the leftover is finished, not counted
+    assert sorted(os.listdir(spool / "runs")) == [ids[-1], "latest"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import EXAMPLES, Chute, Done, load_json, pid_alive, wait_for
+from conftest import EXAMPLES, Chute, Done, chute_env, load_json, pid_alive, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, final_run, job, runs_of
 
 __all__ = ["daemon_factory"]  # a fixture, used by name
@@ -444,3 +447,275 @@ def test_a_crash_before_run_json_says_running_still_counts_the_run_started(
         assert ran.read_text() == "x\nx\n"  # its unfinished stage ran again, in place
     assert len(runs_of(spool, "incoming/once.yaml")) == 1
     assert d2.stop() == 0
+
+
+# -- control requests across kill -9 ----------------------------------------------------------
+
+
+def _canary(tmp_path: Path) -> Path:
+    """A folder beside the spool that nothing chute does may touch."""
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    (canary / "keep").write_text("keep\n")
+    return canary
+
+
+def _untouched(canary: Path) -> bool:
+    return sorted(p.name for p in canary.iterdir()) == ["keep"] and (
+        (canary / "keep").read_text() == "keep\n"
+    )
+
+
+def _retry_spec(tmp_path: Path) -> str:
+    """Two stages to keep (one leaves artifacts), a third that fails until `go` exists."""
+    return (
+        "apiVersion: chute/v1\nkind: Pipeline\nmetadata: {name: rt}\nspec:\n  stages:\n"
+        f"    - {{name: one, run: 'echo x >> {tmp_path}/one-ran; "
+        "for i in 1 2 3; do echo $i > $CHUTE_ARTIFACTS/a$i; done'}\n"
+        f"    - {{name: two, run: 'echo x >> {tmp_path}/two-ran'}}\n"
+        f"    - {{name: three, dependsOn: [one, two], run: 'echo x >> {tmp_path}/three-ran; "
+        f"test -e {tmp_path}/go'}}\n"
+    )
+
+
+@pytest.mark.parametrize("crash_at", ["retry.copied", "control.recorded"])
+def test_a_retry_killed_mid_way_is_finished_once_under_the_id_the_cli_printed(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path, crash_at: str
+) -> None:
+    canary = _canary(tmp_path)
+    d = daemon_factory(env={"CHUTE_CRASH_AT": crash_at}).start()
+    drop(spool, "rt.yaml", _retry_spec(tmp_path))
+    old = final_run(spool, "incoming/rt.yaml")
+    assert old["state"] == "failed"
+    (tmp_path / "go").touch()
+    done = chute("retry", old["run_id"])
+    assert done.code == 0, done.err
+    new_id = done.out.split()[-1]
+    assert d.proc is not None
+    assert d.proc.wait(timeout=30) == -signal.SIGKILL  # the crash point fired
+    d2 = daemon_factory().start()
+    rec = wait_for(
+        "the retry to end",
+        lambda: (
+            (r := load_json(spool / "runs" / new_id / "run.json"))["state"] == "succeeded" and r
+        ),
+        30,
+    )
+    assert rec["trigger"] == {"type": "retry", "source": old["run_id"]}
+    retries = [r for r in runs_of(spool) if r["trigger"]["type"] == "retry"]
+    assert [r["run_id"] for r in retries] == [new_id]  # the printed id, made once
+    assert (tmp_path / "one-ran").read_text() == "x\n"  # kept, never run again
+    assert (tmp_path / "two-ran").read_text() == "x\n"
+    assert (tmp_path / "three-ran").read_text() == "x\nx\n"
+    artifacts = spool / "runs" / new_id / "stages" / "one" / "artifacts"
+    assert sorted(p.name for p in artifacts.iterdir()) == ["a1", "a2", "a3"]
+    assert (artifacts / "a3").read_text() == "3\n"
+    assert [
+        p.name for p in (spool / "runs" / new_id / "stages").iterdir() if p.name[0] == "."
+    ] == []
+    wait_for("queue/ and control/ to empty", lambda: not any((spool / "queue").iterdir()))
+    assert list((spool / "control").iterdir()) == []
+    assert load_json(spool / "runs" / old["run_id"] / "run.json") == old
+    assert _untouched(canary)
+    assert d2.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_kill_9_while_a_retry_copies_big_artifacts_loses_no_run(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
+) -> None:
+    """The reported case: 400 × 1 MiB artifacts make the copy take a while; kill -9 then."""
+    spec = (
+        "apiVersion: chute/v1\nkind: Pipeline\nmetadata: {name: big}\nspec:\n  stages:\n"
+        "    - {name: make, run: 'for i in $(seq 400); do "
+        "head -c 1048576 /dev/zero > $CHUTE_ARTIFACTS/f$i; done'}\n"
+        f"    - {{name: use, dependsOn: [make], run: 'test -e {tmp_path}/go'}}\n"
+    )
+    d = daemon_factory().start()
+    drop(spool, "big.yaml", spec)
+    old = final_run(spool, "incoming/big.yaml", timeout=120)
+    assert old["state"] == "failed"
+    (tmp_path / "go").touch()
+    done = chute("retry", old["run_id"])
+    new_id = done.out.split()[-1]
+    wait_for("the retry's run folder", (spool / "runs" / new_id / "run.json").exists, 30)
+    d.stop(signal.SIGKILL)  # while it copies: the folder exists, its queue file does not
+    assert not (spool / "queue" / f"{new_id}.yaml").exists()
+    d2 = daemon_factory().start()
+    rec = final_run(spool, old["run_id"], timeout=120)  # the retry's trigger source
+    assert (rec["run_id"], rec["state"]) == (new_id, "succeeded")
+    assert len(list((spool / "runs" / new_id / "stages" / "make" / "artifacts").iterdir())) == 400
+    assert d2.stop() == 0
+
+
+@pytest.mark.parametrize("kill", ["during-grace", "control.recorded"])
+def test_a_cancel_survives_a_kill_9_and_the_stage_never_runs_again(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path, kill: str
+) -> None:
+    starts = tmp_path / "starts"
+    env = {"CHUTE_CRASH_AT": kill} if kill != "during-grace" else None
+    d = daemon_factory("kill_grace: 60s\n", env=env).start()
+    drop(spool, "stubborn.yaml", job("stubborn", f"echo x >> {starts}; trap '' TERM; sleep 100"))
+    wait_for("the task to start", starts.exists)
+    run_id = runs_of(spool, "incoming/stubborn.yaml")[0]["run_id"]
+    cancel = subprocess.Popen(
+        [sys.executable, "-m", "chute", "cancel", run_id, "--spool", str(spool)],
+        env=chute_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for("the cancel to be recorded", (spool / "runs" / run_id / "cancel.json").exists)
+        if kill == "during-grace":
+            wait_for("the request to be done", lambda: not any((spool / "control").iterdir()))
+            d.stop(signal.SIGKILL)  # the task ignores TERM: the run is in its kill grace
+        else:
+            assert d.proc is not None
+            assert d.proc.wait(timeout=30) == -signal.SIGKILL
+        assert load_json(spool / "runs" / run_id / "run.json")["state"] != "cancelled"
+        d2 = daemon_factory("kill_grace: 500ms\n").start()
+        out, err = cancel.communicate(timeout=60)
+    finally:
+        if cancel.poll() is None:
+            cancel.kill()
+            cancel.wait()
+    assert (cancel.returncode, out) == (0, f"{run_id} cancelled\n"), err
+    rec = final_run(spool, "incoming/stubborn.yaml")
+    assert (rec["state"], rec["error"]) == ("cancelled", "cancelled")
+    assert starts.read_text() == "x\n"  # not resumed, not run again
+    manifest = load_json(spool / "runs" / run_id / "manifest.json")
+    assert manifest["stages"][0]["state"] == "cancelled"
+    wait_for(
+        "the queue file and the replayed request to go",
+        lambda: not any((spool / "queue").iterdir()) and not any((spool / "control").iterdir()),
+    )
+    assert d2.stop() == 0
+
+
+def test_an_unschedule_survives_a_kill_9_before_its_request_is_removed(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
+) -> None:
+    d = daemon_factory(env={"CHUTE_CRASH_AT": "control.recorded"}).start()
+    drop(spool, "tick.yaml", job("tick", "true", "  schedule: {every: 1s}\n"))
+    wait_for("the schedule file", (spool / "schedules" / "tick.yaml").exists)
+    done = chute("unschedule", "tick", timeout=30)
+    assert (done.code, done.out) == (0, "unscheduled tick\n")
+    assert d.proc is not None
+    assert d.proc.wait(timeout=30) == -signal.SIGKILL
+    assert len(list((spool / "control").iterdir())) == 1  # the request, to be replayed
+    d2 = daemon_factory().start()
+    wait_for("the replayed request to go", lambda: not any((spool / "control").iterdir()))
+    assert not (spool / "schedules" / "tick.yaml").exists()
+    assert "tick" not in chute("schedules", timeout=30).out
+    fired = len(runs_of(spool))
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        assert len(runs_of(spool)) == fired
+        time.sleep(0.25)
+    assert d2.stop() == 0
+
+
+def test_a_fire_whose_run_was_made_but_not_queued_is_finished_not_made_again(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    d = daemon_factory(env={"CHUTE_CRASH_AT": "schedules.run_made"}).start()
+    ran = tmp_path / "ran"
+    drop(
+        spool, "tick.yaml", job("tick", f"echo $CHUTE_RUN_ID >> {ran}", "  schedule: {every: 2s}\n")
+    )
+    assert d.proc is not None
+    assert d.proc.wait(timeout=30) == -signal.SIGKILL
+    (made,) = runs_of(spool)
+    assert made["state"] == "queued"
+    assert not (spool / "queue" / f"{made['run_id']}.yaml").exists()
+    d2 = daemon_factory().start()
+    rec = wait_for(
+        "the fire's run to end",
+        lambda: (
+            (r := load_json(spool / "runs" / made["run_id"] / "run.json"))["state"] == "succeeded"
+            and r
+        ),
+        30,
+    )
+    assert rec["created_at"] == made["created_at"]  # the same run, finished, not made again
+    assert ran.read_text().splitlines()[0] == made["run_id"]
+    assert ran.read_text().splitlines().count(made["run_id"]) == 1
+    assert d2.stop() == 0
+
+
+# -- recovery that fails for one run ---------------------------------------------------------
+
+DAMAGE = [
+    "torn-run-json",
+    "run-json-not-an-object",
+    "spec-missing",
+    "manifest-a-folder",
+    "stage-folder-a-file",
+]
+
+
+def _damage(name: str, run: Path) -> None:
+    """Leave run folder `run` as the case `name` says (a disk fault or a human did it)."""
+    if name == "torn-run-json":
+        (run / "run.json").write_bytes(b'{"run_id": "2026')
+    elif name == "run-json-not-an-object":
+        (run / "run.json").write_bytes(b"[]")
+    elif name == "spec-missing":
+        (run / "spec.yaml").unlink()
+    elif name == "manifest-a-folder":
+        (run / "manifest.json").unlink(missing_ok=True)
+        (run / "manifest.json").mkdir()
+    else:
+        shutil.rmtree(run / "stages" / "d")
+        (run / "stages" / "d").write_text("not a folder")
+
+
+EXPECTED_ERROR = {
+    "spec-missing": "spec.yaml: No such file or directory",
+    "manifest-a-folder": "manifest.json: Is a directory",
+    "stage-folder-a-file": "stages/d is not a folder",
+}
+
+
+def test_a_run_recovery_cannot_resume_ends_alone_and_the_daemon_starts(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    gate = tmp_path / "go"
+    d = daemon_factory("cpus: 2\nkill_grace: 500ms\n").start()
+    names = ["stage-folder-a-file", "sound", *DAMAGE[:-1]]  # the first two start (2 cpus)
+    for name in names:
+        drop(spool, f"{name}.yaml", job("d", f"test -e {gate} || sleep 1000"))
+
+    def ready() -> bool:
+        first = runs_of(spool, "incoming/stage-folder-a-file.yaml")
+        started = first and (spool / "runs" / first[0]["run_id"] / "stages" / "d").is_dir()
+        handed = not os.listdir(spool / "state" / "intake")  # no claim left: recovery's turn
+        return bool(started) and handed and len(os.listdir(spool / "queue")) == len(names)
+
+    wait_for("every run accepted and the first started", ready, 30)
+    ids = {name: runs_of(spool, f"incoming/{name}.yaml")[0]["run_id"] for name in names}
+    d.stop(signal.SIGKILL)
+    for name in DAMAGE:
+        _damage(name, spool / "runs" / ids[name])
+    gate.touch()
+    d2 = daemon_factory("cpus: 2\nkill_grace: 500ms\n").start()
+    sound = spool / "runs" / ids["sound"] / "run.json"
+    wait_for("the sound run to succeed", lambda: load_json(sound)["state"] == "succeeded", 30)
+    for name in ("torn-run-json", "run-json-not-an-object"):  # no record to write: set aside
+        run_id = ids[name]
+        assert not (spool / "queue" / f"{run_id}.yaml").exists()
+        assert (spool / "queue" / f"{run_id}.yaml.unrecoverable").exists()
+    for name, error in EXPECTED_ERROR.items():
+        rec = load_json(spool / "runs" / ids[name] / "run.json")
+        assert rec["state"] == "failed", name
+        assert rec["error"].startswith("recovery failed: "), name
+        assert error in rec["error"], name
+        assert not (spool / "queue" / f"{ids[name]}.yaml").exists()
+    text = d2.log.read_text()
+    assert "Traceback" not in text
+    assert text.count(" recovery failed: ") == len(DAMAGE)
+    assert d2.stop() == 0
+    d3 = daemon_factory("cpus: 2\n").start()  # nothing left to fail again
+    assert " recovery failed: " not in d3.log.read_text().split("daemon stopped")[-1]
+    assert d3.stop() == 0

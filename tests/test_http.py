@@ -176,6 +176,8 @@ def test_one_run_gives_its_record_and_manifest(
     assert doc["run"] == rec
     assert doc["manifest"]["run_id"] == rec["run_id"]
     assert [s["name"] for s in doc["manifest"]["stages"]] == ["one"]
+    status, _, body = get(address, "/api/v1/runs/one%2Flatest", TOKEN)  # <pipeline>/latest
+    assert (status, orjson.loads(body)["run"]) == (200, rec)
     assert d.stop() == 0
 
 
@@ -185,8 +187,13 @@ def test_unknown_runs_paths_and_methods(served: tuple[Daemon, str, Path]) -> Non
     assert status == 404
     assert headers["Content-Type"] == "application/json"
     assert orjson.loads(body)["error"].startswith("19990101_000000_000000: no such run (2 runs in")
-    status, _, body = get(address, "/api/v1/runs/..%2f..%2fetc", TOKEN)
-    assert (status, orjson.loads(body)) == (404, {"error": "../../etc: no such run"})
+    hint = (
+        "give a run id (like 20261122_101500_a1b2c3), a prefix of one, latest, or <pipeline>/latest"
+    )
+    for ref in ("..%2f..%2fetc", "%2Fetc%2Flatest", "..", "one%2F..%2F..%2Flatest"):
+        status, _, body = get(address, f"/api/v1/runs/{ref}", TOKEN)
+        shown = ref.replace("%2f", "/").replace("%2F", "/")
+        assert (status, orjson.loads(body)) == (404, {"error": f"{shown}: not a run; {hint}"})
     status, _, body = get(address, "/nope", TOKEN)
     assert (status, orjson.loads(body)) == (404, {"error": "/nope: no such endpoint"})
     status, headers, body = get(address, "/api/v1/runs", TOKEN, method="POST")

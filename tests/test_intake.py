@@ -689,12 +689,16 @@ def test_crash_after_run_folder_before_queue_file_writes_the_queue_file_once(
     assert intake.scan() == []
 
 
+@pytest.mark.parametrize(
+    "damaged", [b"", b'{"run_id": "2026', b"[]"], ids=["empty", "torn", "array"]
+)
 def test_power_loss_before_the_handover_synced_remakes_a_damaged_run_json(
-    root: Spool, intake: Intake
+    root: Spool, intake: Intake, damaged: bytes
 ) -> None:
-    """take_deferred puts run.json in place unsynced; a power loss can leave it empty."""
+    """take_deferred puts run.json in place unsynced; a power loss can leave it empty, torn
+    or (a disk's fault, a human) not a run record at all."""
     make_run(root, RUN_ID)
-    (root.runs / RUN_ID / "run.json").write_bytes(b"")
+    (root.runs / RUN_ID / "run.json").write_bytes(damaged)
     claim(root)
     assert intake.recover() == []
     run = load_json(root.runs / RUN_ID / "run.json")

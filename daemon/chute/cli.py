@@ -9,7 +9,6 @@ exits 1; a chute bug prints a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import re
@@ -28,8 +27,8 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, logs, report, rundir
-from chute.clock import Clock, rfc3339
+from chute import atomic, control, logs, names, report, rundir
+from chute.clock import Clock
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
 from chute.engine.loop import ActiveRun, Engine
@@ -87,8 +86,16 @@ def _load(path: str, config: Config, topo: Topology) -> tuple[Pipeline, bytes]:
 
 def _find(spool: Spool, ref: str) -> Path:
     try:
-        return rundir.find_run(spool, ref)
+        return rundir.find_run(spool, ref)  # checks the ref's form first (chute.names)
     except rundir.UnknownRun as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _checked(check: Callable[[str, str], str], text: str, what: str) -> str:
+    """A name from the command line, checked against the form of its kind (chute.names)."""
+    try:
+        return check(text, what)
+    except names.BadName as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -254,59 +261,38 @@ def cmd_retry(args: argparse.Namespace) -> int:
     spool = _spool(args, config)
     topo = _topology(config)
     old_dir = _find(spool, args.run)
-    old = rundir.read_json(old_dir / "run.json")
-    pipeline, raw = _load(str(old_dir / "spec.yaml"), config, topo)
-    if args.from_stage is not None and args.from_stage not in {s.name for s in pipeline.stages}:
-        names = ", ".join(s.name for s in pipeline.stages)
-        raise UsageError(
-            f"--from {args.from_stage}: no such stage in {old['run_id']} (stages: {names})"
+    if args.from_stage is not None:
+        _checked(names.name, args.from_stage, "stage name")
+    try:
+        plan = runs.plan_retry(
+            old_dir, args.from_stage, node_cpus=len(topo.cpus), node_memory=topo.memory
         )
-    if old.get("state") in ("queued", "running"):
-        raise UsageError(f"{old['run_id']}: still {old['state']}; retry it once it has ended")
+    except runs.RetryRefused as exc:
+        raise UsageError(str(exc)) from None
     if _daemon_pid(spool) is not None:
         new_id = rundir.new_run_id(Clock().now())
-        _control(
-            spool,
-            {
-                "action": "retry",
-                "run": old["run_id"],
-                "from": args.from_stage,
-                "new_run_id": new_id,
-            },
-        )
-        print(f"retry of {old['run_id']} submitted as {new_id}")
+        request = _control(spool, control.Retry(plan.old_id, args.from_stage, new_id))
+        print(f"retry of {plan.old_id} submitted as {new_id}")
         if not args.wait:
             return EXIT_OK
         deadline = time.monotonic() + 30
         while not (spool.runs / new_id / "run.json").exists():
+            _raise_if_rejected(spool, request)
             if time.monotonic() > deadline:
                 raise UsageError(f"{new_id}: the daemon did not start the retry (see its log)")
             time.sleep(0.05)
         return _follow_run(spool, new_id)
-    try:
-        reused = runs.reusable_stages(old_dir, pipeline, args.from_stage)
-    except FileNotFoundError:
-        reused = {}
     clock = Clock()
 
     def make() -> ActiveRun:
-        run = runs.create_run(
-            spool,
-            pipeline,
-            raw,
-            trigger={"type": "retry", "source": old["run_id"]},
-            now=clock.now(),
-            run_date=old.get("run_date"),
-            resumed_from=old["run_id"],
-            reused=reused,
-        )
-        runs.copy_reused(old_dir, run.dir, list(reused))
+        run = runs.make_retry(spool, plan, now=clock.now())
+        assert run is not None  # a new run id: nothing made before
         log.info(
             "%s retry of %s keeps %d stage(s): %s",
             run.run_id,
-            old["run_id"],
-            len(reused),
-            ", ".join(reused) or "none",
+            plan.old_id,
+            len(plan.reused),
+            ", ".join(plan.reused) or "none",
         )
         return run
 
@@ -410,6 +396,7 @@ def _log_files(run_dir: Path, stage: str | None) -> list[tuple[str, Path]]:
             raise UsageError(f"{stage}: no log of shard {index} of stage {name} in {run_dir.name}")
         return [(f"{name}[{index}]", log_path)]
     if stage is not None:
+        _checked(names.name, stage, "stage name")
         if not (stages_dir / stage).is_dir():
             spec_names: list[str] = []
             try:
@@ -419,11 +406,15 @@ def _log_files(run_dir: Path, stage: str | None) -> list[tuple[str, Path]]:
                 pass
             known = ", ".join(spec_names) or "none ran yet"
             raise UsageError(f"{stage}: no such stage in {run_dir.name} (stages: {known})")
-        names = [stage]
+        stage_names = [stage]
     else:
-        names = sorted(p.name for p in stages_dir.iterdir()) if stages_dir.is_dir() else []
+        stage_names = (
+            sorted(p.name for p in stages_dir.iterdir() if not p.name.startswith("."))
+            if stages_dir.is_dir()
+            else []
+        )
     out: list[tuple[str, Path]] = []
-    for name in names:
+    for name in stage_names:
         folder = stages_dir / name
         if (folder / "log").exists():
             out.append((name, folder / "log"))
@@ -500,10 +491,21 @@ def _unreadable(spool: Spool, exc: OSError) -> str:
     )
 
 
-def _control(spool: Spool, request: dict[str, Any]) -> None:
-    from chute.daemon import write_control
+def _control(spool: Spool, request: control.Request) -> Path:
+    return control.submit(spool, request)
 
-    write_control(spool, request)
+
+def _raise_if_rejected(spool: Spool, request: Path) -> None:
+    """UsageError with the daemon's reason once it has moved `request` to rejected/."""
+    report = spool.rejected / f"{request.name}.error.json"
+    if request.exists() or not report.exists():
+        return
+    try:
+        doc = rundir.read_json(report)
+        messages = "; ".join(str(e.get("message")) for e in doc.get("errors", []))
+    except (OSError, ValueError, AttributeError):
+        messages = "see the daemon's log"
+    raise UsageError(f"the daemon refused the request: {messages} ({report})")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -705,31 +707,42 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
     folder = _find(spool, args.run)
+    run_id = folder.name
     rec = rundir.read_json(folder / "run.json")
-    run_id = rec["run_id"]
     if rec["state"] in ("succeeded", "failed", "cancelled"):
         print(f"{run_id} already {rec['state']}")
         return EXIT_OK
-    if _daemon_pid(spool) is not None:
-        _control(spool, {"action": "cancel", "run": run_id})
+    lock = None if _daemon_pid(spool) is not None else _lock_if_free(spool)
+    if lock is None:
+        request = _control(spool, control.Cancel(run_id))
         deadline = time.monotonic() + config.kill_grace + 30
         while time.monotonic() < deadline:
             rec = rundir.read_json(folder / "run.json")
             if rec["state"] in rundir.FINAL_RUN_STATES:
                 print(f"{run_id} {rec['state']}")
                 return EXIT_OK
+            _raise_if_rejected(spool, request)
             time.sleep(0.05)
         print(f"{run_id}: cancel requested; the daemon has not finished it yet", file=sys.stderr)
         return EXIT_FAILED
-    # No daemon: nothing runs; a queued or interrupted run just will not start again.
-    rec["state"] = "cancelled"
-    rec["error"] = "cancelled"
-    rec["finished_at"] = rfc3339(time.time())
-    atomic.write_json(folder / "run.json", rec)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(spool.queue / f"{run_id}.yaml")
+    # No daemon, and none starts while we hold its lock: nothing runs; a queued or
+    # interrupted run just will not start again.
+    try:
+        rec = rundir.read_json(folder / "run.json")
+        if rec["state"] in ("succeeded", "failed", "cancelled"):
+            print(f"{run_id} already {rec['state']}")
+            return EXIT_OK
+        runs.cancel_stopped(spool, run_id, time.time())
+    finally:
+        os.close(lock)
     print(f"{run_id} cancelled")
     return EXIT_OK
+
+
+def _lock_if_free(spool: Spool) -> int | None:
+    from chute.daemon import lock_if_free
+
+    return lock_if_free(spool)
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
@@ -769,18 +782,26 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 def cmd_unschedule(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
-    path = spool.schedules / f"{args.name}.yaml"
+    name = _checked(names.name, args.name, "schedule name")
+    path = spool.schedules / f"{name}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in spool.schedules.glob("*.yaml"))
-        raise UsageError(f"{args.name}: no such schedule (schedules: {', '.join(known) or 'none'})")
+        raise UsageError(f"{name}: no such schedule (schedules: {', '.join(known) or 'none'})")
     if _daemon_pid(spool) is not None:
-        _control(spool, {"action": "unschedule", "name": args.name})
+        request = _control(spool, control.Unschedule(name))
         deadline = time.monotonic() + 10
-        while path.exists() and time.monotonic() < deadline:
+        while path.exists():
+            _raise_if_rejected(spool, request)
+            if time.monotonic() > deadline:
+                print(
+                    f"{name}: unschedule requested; the daemon has not done it yet",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
             time.sleep(0.05)
     else:
-        path.unlink()
-    print(f"unscheduled {args.name}")
+        control.unschedule_file(spool, name)
+    print(f"unscheduled {name}")
     return EXIT_OK
 
 

@@ -1,22 +1,27 @@
 """The daemon: one loop that takes dropped files, fires schedules and drives runs.
 
-Owns: the spool lock (state/lock), start-up recovery, the main loop, signals, control
-requests (control/), state/status.json, state/tasks.log and retention. Not here: taking a
-file (chute.intake), fire times (chute.schedules), a run's stages (chute.engine), processes
-(chute.local).
+Owns: the spool lock (state/lock), start-up recovery, the main loop, signals, carrying out
+control requests, state/status.json, state/tasks.log and retention. Not here: taking a
+file (chute.intake), reading and checking a request (chute.control), fire times
+(chute.schedules), a run's stages and what recovery decides for one run (chute.engine),
+processes (chute.local).
 Crash safety: an accepted run is known by its queue/<run_id>.yaml, which is removed only
 after the run's final run.json is durable (the committer's callback). So after any crash,
 queue/ lists exactly the runs to resume: queued ones start, running ones resume in place
 from their finished stages (output.json done-marks) or become interrupted
 (`on_restart: fail`), finished ones just lose their queue file. A scheduled fire makes
 its run under an id derived from (schedule, fire time) before the fire is recorded, so a
-crash in between makes the same run id again, which exists: no second run.
+crash in between makes the same run id again, which exists: no second run (a run made
+but not queued is queued then, never removed). A control request's effect is durable
+before its file is removed (chute.control), so a replay after a crash is a no-op or
+finishes the work. Recovery contains a failure to the run, schedule or claim it concerns:
+that one is failed or set aside with one line, the daemon starts.
 Process groups a dead daemon left are found in state/tasks.log (pgid and process start
 time, so a recycled pid is never hit) and by the CHUTE_TASK_KEY cookie of this spool's
 runs (for tasks that left their group), and killed before anything starts. tasks.log is
 appended without fsync: it only matters while the machine stays up.
 Diagnostics: environment trouble (a second daemon, inotify limits, an unwritable spool) is
-one ERROR line with the knob; user mistakes go to rejected/ (chute.intake).
+one ERROR line with the knob; user mistakes go to rejected/ (chute.intake, chute.control).
 Limits: signals only set flags and wake the loop; everything else happens in the loop.
 """
 
@@ -28,7 +33,6 @@ import fcntl
 import itertools
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -37,11 +41,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-import orjson
-
-from chute import __version__, atomic, logs, report, rundir
+from chute import __version__, atomic, control, logs, report, rundir
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -108,18 +109,29 @@ def lock_path(spool: Spool) -> Path:
     return spool.state / "lock"
 
 
+LOCK_WAIT = 1.0  # seconds a starting daemon waits for a CLI command that holds the lock
+
+
 def acquire_lock(spool: Spool) -> int:
-    """Hold state/lock for the daemon's life; SpoolLocked names the holder."""
+    """Hold state/lock for the daemon's life; SpoolLocked names the holder. A CLI command
+    that acts without a daemon holds the lock for a moment (lock_if_free): that is waited
+    for, up to LOCK_WAIT."""
     fd = os.open(lock_path(spool), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise SpoolLocked(
             f"another chute daemon (pid {holder}) already runs on {spool.root}; "
             "one daemon per spool (stop it, or use another --spool)"
-        ) from None
+        )
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -143,12 +155,21 @@ def daemon_pid(spool: Spool) -> int | None:
         os.close(fd)
 
 
-def write_control(spool: Spool, request: dict[str, Any]) -> Path:
-    """Hand a request to the daemon: one file in control/, written atomically."""
-    name = f"{time.time_ns()}-{os.getpid()}-{request['action']}.json"
-    path = spool.control / name
-    atomic.drop(path, orjson.dumps(request))
-    return path
+def lock_if_free(spool: Spool) -> int | None:
+    """For a CLI command that changes runs without a daemon: hold state/lock (close the
+    returned fd to let go), so no daemon starts and resumes a run meanwhile; None when a
+    daemon holds it."""
+    try:
+        fd = os.open(lock_path(spool), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:  # no state/ yet: no daemon ever ran here
+        spool.state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path(spool), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -267,6 +288,8 @@ class Daemon:
         self.http: Server | None = None
         self.last_tick = self.clock.monotonic()  # set each loop iteration; /healthz reads it
         self._write_error: OSError | None = None  # the committer failure counted last
+        self._control_held: set[str] = set()  # requests a chute bug left: tried at next start
+        self._control_trouble: dict[str, int | None] = {}  # request -> errno logged for it
 
     # -- life ------------------------------------------------------------------------------
 
@@ -625,6 +648,8 @@ class Daemon:
                 self._unschedule(name)
 
     def _load_schedules(self) -> None:
+        """At start: every schedule file; one that fails (whatever the reason) is skipped
+        with one line, and the rest load."""
         for path in sorted(self.spool.schedules.glob("*.yaml")):
             try:
                 raw = path.read_bytes()
@@ -634,14 +659,19 @@ class Daemon:
                     node_cpus=len(self.topology.cpus),
                     node_memory=self.topology.memory,
                 )
+                if pipeline.schedule is None:
+                    continue
+                accepted = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+                self._schedule(path.stem, pipeline, raw, accepted)
             except (OSError, SpecError) as exc:
                 log.error("schedules/%s cannot be loaded: %s; skipping it", path.name, exc)
-                continue
-            if pipeline.schedule is None:
-                continue
-            accepted = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-            self._schedule(path.stem, pipeline, raw, accepted)
-        forgotten = self.schedules.retain(list(self._schedules))
+            except Exception:
+                log.exception("schedules/%s cannot be loaded (a chute bug); skipping it", path.name)
+        try:
+            forgotten = self.schedules.retain(list(self._schedules))
+        except OSError as exc:
+            log.error("%s: cannot forget gone schedules: %s", exc.filename, exc.strerror)
+            forgotten = []
         if forgotten:
             log.info("forgot state of schedules whose files are gone: %s", ", ".join(forgotten))
         self._remove_spent()  # fired before a crash that came before their removal
@@ -738,6 +768,7 @@ class Daemon:
         try:
             self._make_fire_run(st, fire, run_id)
         except OSError as exc:
+            # Nothing is removed: a run folder made so far is finished by the next try.
             log.error(
                 "schedule %s fire %s: cannot make its run (%s); retrying when the spool is "
                 "writable",
@@ -745,13 +776,33 @@ class Daemon:
                 fire.fire_time,
                 exc,
             )
-            shutil.rmtree(self.spool.runs / run_id, ignore_errors=True)
             return False
+        except (SpecError, runs.Unrecoverable, ValueError) as exc:
+            log.error(
+                "schedule %s fire %s: its run %s was half made before a stop and cannot be "
+                "finished (%s); this fire is not run",
+                fire.name,
+                fire.fire_time,
+                run_id,
+                exc,
+            )
         return True
 
     def _make_fire_run(self, st: _ScheduleState, fire: Fire, run_id: str) -> None:
-        shutil.rmtree(self.spool.runs / run_id, ignore_errors=True)  # a half-made leftover
-        run = runs.create_run(
+        if os.path.lexists(self.spool.runs / run_id / "run.json"):
+            # Made before a crash (run.json) but not queued: queue that run, never a second.
+            made = runs.queue_made(
+                self.spool,
+                run_id,
+                st.raw,
+                node_cpus=len(self.topology.cpus),
+                node_memory=self.topology.memory,
+            )
+            if made is not None:
+                st.active.add(run_id)
+                self.engine.add(made)
+            return
+        run = runs.create_run(  # a folder without run.json is half made: create makes it again
             self.spool,
             st.pipeline,
             st.raw,
@@ -764,6 +815,9 @@ class Daemon:
             run_date=fire.run_date,
             run_id=run_id,
         )
+        # Crash point: the fire's run exists (run.json queued), not its queue file, and the
+        # fire is not recorded: the next start offers the fire again and queues this run.
+        crash_point("schedules.run_made")
         atomic.write_bytes(self.spool.queue / f"{run_id}.yaml", st.raw)
         st.active.add(run_id)
         self.engine.add(run)
@@ -805,66 +859,96 @@ class Daemon:
     # -- recovery --------------------------------------------------------------------------
 
     def _recover(self) -> None:
+        """At start: finish interrupted intake, load schedules, then each run of queue/. A
+        step that fails for one file or run is contained to it (one line; log.exception
+        for a chute bug), and the daemon starts anyway."""
         for folder in (self.spool.queue, self.spool.schedules, self.spool.control):
             atomic.remove_temp_leftovers(folder)
-        for outcome in self.intake.recover():
-            self._take(outcome)
+        try:
+            outcomes = self.intake.recover()
+        except OSError as exc:
+            log.error(
+                "intake recovery stopped at %s: %s; claims left are retried at each rescan",
+                exc.filename,
+                exc.strerror,
+            )
+            outcomes = []
+        except Exception:
+            log.exception(
+                "intake recovery failed (a chute bug); claims left are retried at each rescan"
+            )
+            outcomes = []
+        try:  # after intake's: what intake rejected it repairs itself
+            control.repair(self.spool, self.clock.now())
+        except OSError as exc:
+            log.error("rejected/: cannot repair rejected requests: %s", exc)
+        for outcome in outcomes:
+            try:
+                self._take(outcome)
+            except Exception:
+                log.exception("taking %s after a restart failed (a chute bug)", outcome)
         self._load_schedules()
         resumed = interrupted = 0
         for path in sorted(self.spool.queue.glob("*.yaml")):
             run_id = path.stem
             try:
-                rec = rundir.read_json(self.spool.runs / run_id / "run.json")
-            except (OSError, orjson.JSONDecodeError) as exc:
-                log.error("queue/%s has no readable run folder (%s); leaving it", path.name, exc)
-                continue
-            if rec["state"] in ("succeeded", "failed", "cancelled"):
-                path.unlink()  # finished before the crash; only the queue copy was left
-                continue
-            started = rec["state"] != "queued" or runs.started_on_disk(self.spool.runs / run_id)
-            if started and self.config.on_restart == "fail":
-                rec["state"] = "interrupted"
-                rec["error"] = "the daemon stopped during the run (on_restart: fail)"
-                rec["finished_at"] = rfc3339(self.clock.time())
-                atomic.write_json(self.spool.runs / run_id / "run.json", rec)
-                path.unlink()
-                interrupted += 1
-                self.metrics.run_finished("interrupted", None)
-                continue
-            try:
-                run = runs.resume_run(
+                got = runs.recover(
                     self.spool,
                     run_id,
+                    on_restart=self.config.on_restart,
+                    now=self.clock.time(),
                     node_cpus=len(self.topology.cpus),
                     node_memory=self.topology.memory,
                 )
-            except (SpecError, OSError, KeyError, orjson.JSONDecodeError) as exc:
-                log.error("%s cannot be resumed: %s; marking it failed", run_id, exc)
-                rec["state"] = "failed"
-                rec["error"] = f"cannot be resumed: {exc}"
-                atomic.write_json(self.spool.runs / run_id / "run.json", rec)
-                path.unlink()
+            except Exception as exc:  # noqa: BLE001 (contained to this run; logged there)
+                self._recovery_failed(run_id, exc)
                 continue
-            if started:
-                run.record["recoveries"] = int(rec.get("recoveries", 0)) + 1
-                run.record["state"] = "running"
-                run.record["started_at"] = rec.get("started_at") or rfc3339(self.clock.time())
-                run.record["error"] = None
-                run.record["finished_at"] = None
-                atomic.write_json(run.dir / "run.json", run.record)
-                resumed += 1
-            trig = rec.get("trigger", {})
-            if trig.get("type") in ("cron", "every", "at"):
+            if got.state == "interrupted":
+                interrupted += 1
+                self.metrics.run_finished("interrupted", None)
+            if got.run is None:
+                continue
+            resumed += got.started and not got.cancel
+            trig = got.run.record.get("trigger")
+            if isinstance(trig, dict) and trig.get("type") in ("cron", "every", "at"):
                 name = Path(str(trig.get("source", ""))).stem
                 if name in self._schedules:
                     self._schedules[name].active.add(run_id)
-            self.engine.add(run)
+            self.engine.add(got.run)
+            if got.cancel:
+                log.info("%s cancel requested before the stop: ending it cancelled", run_id)
+                self.engine.cancel(run_id)
         if resumed or interrupted:
             log.warning(
                 "recovered after a stop or crash: %d run(s) resumed, %d marked interrupted",
                 resumed,
                 interrupted,
             )
+
+    def _recovery_failed(self, run_id: str, exc: Exception) -> None:
+        """Called in an except block: end the run recovery could not resume (failed, or its
+        queue file set aside) and say so in one line, with a traceback for a chute bug."""
+        reason = _reason(exc)
+        try:
+            marked = runs.recovery_failed(self.spool, run_id, reason, self.clock.time())
+        except OSError as err:
+            outcome = (
+                f"and its queue file cannot be set aside ({err.strerror}): it is tried again "
+                "at the next start"
+            )
+        else:
+            if marked:
+                self.metrics.run_finished("failed", None)
+                outcome = "marked failed"
+            else:
+                outcome = (
+                    f"its run.json cannot be written, so queue/{run_id}.yaml is set aside as "
+                    f"queue/{run_id}.yaml{runs.UNRECOVERABLE_SUFFIX}: look at runs/{run_id}/"
+                )
+        if isinstance(exc, runs.Unrecoverable | SpecError | OSError | ValueError):
+            log.error("%s recovery failed: %s; %s", run_id, reason, outcome)
+        else:
+            log.exception("%s recovery failed (a chute bug): %s; %s", run_id, reason, outcome)
 
     def _record_spawn(self, key: str, pgid: int) -> None:
         # The boot-clock time of the spawn, not /proc/<pid>/stat of the new child (reading
@@ -877,78 +961,114 @@ class Daemon:
     # -- control, status, config, retention ------------------------------------------------
 
     def _control(self) -> None:
+        """Carry out the requests in control/ (chute.control): each request's effect is
+        durable before its file goes; a bad one goes to rejected/; one that cannot be
+        carried out yet (a full disk, a run not handed to the engine yet) waits."""
+        pending = control.pending(self.spool)
+        for name in set(self._control_trouble) - set(pending):
+            del self._control_trouble[name]
+        for name in pending:
+            if name in self._control_held:
+                continue
+            try:
+                request = control.read(self.spool, name)
+            except control.BadRequest as exc:
+                self._reject_request(name, exc)
+                continue
+            except FileNotFoundError:
+                continue  # gone meanwhile: a benign race
+            except OSError as exc:
+                self._control_failed(name, exc)
+                continue
+            try:
+                done = self._carry_out(request)
+            except control.BadRequest as exc:
+                self._reject_request(name, exc)
+                continue
+            except OSError as exc:
+                self._control_failed(name, exc)
+                continue
+            except Exception:
+                log.exception("control/%s: failed (a chute bug); left until the next start", name)
+                self._control_held.add(name)
+                continue
+            self._control_trouble.pop(name, None)
+            if done:
+                control.finish(self.spool, name)
+
+    def _control_failed(self, name: str, exc: OSError) -> None:
+        """The environment (a full disk, permissions): one ERROR line per request and errno;
+        the request stays in control/ and is tried again at each pass."""
+        if self._control_trouble.get(name) != exc.errno:
+            log.error(
+                "control/%s: cannot carry it out: %s: %s (errno %s); it waits and is retried: "
+                "free space or fix permissions on the spool",
+                name,
+                exc.filename or self.spool.root,
+                exc.strerror,
+                exc.errno,
+            )
+        self._control_trouble[name] = exc.errno
+
+    def _reject_request(self, name: str, exc: control.BadRequest) -> None:
+        self._control_trouble.pop(name, None)
         try:
-            names = sorted(os.listdir(self.spool.control))
+            control.reject(self.spool, name, exc, self.clock.now())
         except FileNotFoundError:
             return
-        for name in names:
-            if name.startswith(".") or not name.endswith(".json"):
-                continue
-            path = self.spool.control / name
-            try:
-                req = orjson.loads(path.read_bytes())
-            except (OSError, orjson.JSONDecodeError) as exc:
-                log.warning("control/%s unreadable (%s); removing it", name, exc)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            self._handle_control(req)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        except OSError as err:
+            log.error("control/%s: cannot move it to rejected/: %s", name, err.strerror)
+            self._control_held.add(name)
+            return
+        self.metrics.file_rejected(exc.reason)
 
-    def _handle_control(self, req: dict[str, Any]) -> None:
-        action = req.get("action")
-        if action == "cancel":
-            run_id = str(req.get("run"))
-            if self.engine.cancel(run_id):
-                log.info("%s cancel requested", run_id)
-            else:
-                log.info("%s cancel requested but the run is not active", run_id)
-        elif action == "retry":
-            self._retry(str(req.get("run")), req.get("from"), str(req.get("new_run_id")))
-        elif action == "unschedule":
-            name = str(req.get("name"))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.spool.schedules / f"{name}.yaml")
-            self._unschedule(name)
-        else:
-            log.warning("unknown control request %r", req)
+    def _carry_out(self, request: control.Request) -> bool:
+        """Do what `request` asks, durably; False when it must wait for a later pass."""
+        if isinstance(request, control.Cancel):
+            return self._cancel(request.run)
+        if isinstance(request, control.Retry):
+            self._retry(request)
+            return True
+        if control.unschedule_file(self.spool, request.name):
+            log.info("schedule %s unscheduled by request", request.name)
+        self._unschedule(request.name)
+        return True
 
-    def _retry(self, old_id: str, from_stage: str | None, new_id: str) -> None:
-        old_dir = self.spool.runs / old_id
+    def _cancel(self, run_id: str) -> bool:
+        run_dir = self.spool.runs / run_id
+        if run_id in self.engine.runs:
+            # Handover: the mark is durable before the cancel is acted on, so a restart ends
+            # the run cancelled rather than resuming it.
+            runs.mark_cancelled(run_dir, self.clock.time())
+            self.engine.cancel(run_id)
+            log.info("%s cancel requested", run_id)
+            return True
+        if (self.spool.queue / f"{run_id}.yaml").exists() and not runs.finished_on_disk(run_dir):
+            return False  # accepted, not handed to the engine yet: the next pass cancels it
+        log.info("%s cancel requested but the run is not active", run_id)
+        return True
+
+    def _retry(self, request: control.Retry) -> None:
         try:
-            raw = (old_dir / "spec.yaml").read_bytes()
-            pipeline = load_bytes(
-                raw,
-                f"runs/{old_id}/spec.yaml",
+            plan = runs.plan_retry(
+                self.spool.runs / request.run,
+                request.from_stage,
                 node_cpus=len(self.topology.cpus),
                 node_memory=self.topology.memory,
             )
-            old = rundir.read_json(old_dir / "run.json")
-            reused = runs.reusable_stages(old_dir, pipeline, from_stage)
-        except (OSError, SpecError, orjson.JSONDecodeError) as exc:
-            log.error("retry of %s refused: %s", old_id, exc)
-            return
-        try:
-            run = runs.create_run(
-                self.spool,
-                pipeline,
-                raw,
-                trigger={"type": "retry", "source": old_id},
-                now=self.clock.now(),
-                run_date=old.get("run_date"),
-                run_id=new_id,
-                resumed_from=old_id,
-                reused=reused,
+            run = runs.make_retry(
+                self.spool, plan, now=self.clock.now(), new_id=request.new_run_id, queue=True
             )
-            runs.copy_reused(old_dir, run.dir, list(reused))
-            atomic.write_bytes(self.spool.queue / f"{new_id}.yaml", raw)
-        except OSError as exc:
-            log.error("retry of %s refused: cannot write its run folder (%s)", old_id, exc)
-            shutil.rmtree(self.spool.runs / new_id, ignore_errors=True)
-            return
+        except runs.RetryRefused as exc:
+            if runs.abandon_retry(
+                self.spool, request.new_run_id, request.run, str(exc), self.clock.time()
+            ):
+                log.warning("%s ended failed: its retry cannot be finished", request.new_run_id)
+            raise control.BadRequest("bad_request", "", f"retry refused: {exc}") from None
+        if run is None:
+            return  # made before a crash: queued (recovery resumed it) or run since
         self.engine.add(run)
-        log.info("%s retry of %s keeps %d stage(s)", new_id, old_id, len(reused))
+        log.info("%s retry of %s keeps %d stage(s)", run.run_id, plan.old_id, len(plan.reused))
 
     def _tick(self, now: float) -> None:
         """Once per loop iteration: /healthz sees the loop alive; a new write failure counts."""
@@ -1087,3 +1207,13 @@ class Daemon:
 
 def _topology(config: Config) -> Topology:
     return read_topology(cpus=config.cpus, reserve_cpus=config.reserve_cpus, memory=config.memory)
+
+
+def _reason(exc: Exception) -> str:
+    """One line for what went wrong: the path and errno text, a spec's issues, or the
+    message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    if isinstance(exc, SpecError):
+        return "; ".join(str(i) for i in exc.issues)
+    return str(exc) or type(exc).__name__

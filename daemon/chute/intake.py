@@ -68,12 +68,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from chute import atomic, rundir
 from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.config import Config
 from chute.engine.runs import submitter
+from chute.names import is_run_id
 from chute.spec import Issue, SpecError, load_bytes
 from chute.spec.load import read_upto
 from chute.spec.model import Pipeline
@@ -87,7 +86,6 @@ IGNORED_SUFFIXES = (".tmp", ".part", ".swp")
 SPEC_SUFFIXES = (".yaml", ".yml")
 ERROR_SUFFIX = ".error.json"
 NAME_MAX = 255
-_RUN_ID = re.compile(r"\d{8}_\d{6}_[0-9a-f]{6}")
 _REJECTED_COPY = re.compile(r"(.+\.ya?ml)\.\d+", re.IGNORECASE)
 _LEASE_SIGNAL = signal.SIGURG
 """A broken lease is announced by a signal, SIGIO unless set, whose default action ends the
@@ -634,17 +632,8 @@ class Intake:
         return rejected
 
     def _report(self, target: Path, name: str, reason: str, issues: list[Issue]) -> Rejected:
-        errors = [i.as_dict() for i in issues]
         # Handover: error.json completes the rejection (crash point 6 rewrites it).
-        atomic.write_json(
-            target.with_name(target.name + ERROR_SUFFIX),
-            {
-                "file": _json_safe(name),
-                "reason": reason,
-                "errors": errors,
-                "rejected_at": rfc3339(self.clock.now()),
-            },
-        )
+        errors = write_report(target, name, reason, issues, self.clock.now())
         first = str(issues[0]) if issues else "(no details)"
         more = (
             f" (and {len(issues) - 1} more in rejected/{target.name}{ERROR_SUFFIX})"
@@ -657,16 +646,7 @@ class Intake:
         return Rejected(target.name, reason, errors)
 
     def _rejected_path(self, name: str) -> Path:
-        n = 0
-        while True:
-            suffix = f".{n}" if n else ""
-            base = _fit(name, len(suffix) + len(ERROR_SUFFIX)) + suffix
-            path = self.spool.rejected / base
-            if not os.path.lexists(path) and not os.path.lexists(
-                path.with_name(base + ERROR_SUFFIX)
-            ):
-                return path
-            n += 1
+        return rejected_path(self.spool.rejected, name)
 
     # -- recovery ---------------------------------------------------------------------
 
@@ -699,16 +679,18 @@ class Intake:
     def _finish_claim(self, entry: str, *, announce: bool) -> Outcome | None:
         run_id, sep, name = entry.partition(CLAIM_SEP)
         claim = self.claims / entry
-        if not sep or not _RUN_ID.fullmatch(run_id) or not name:
+        if not sep or not is_run_id(run_id) or not name:
             log.warning("%s: not a claim intake made; left alone", claim)
             self._stuck.add(entry)
             return None
         run_dir = self.spool.runs / run_id
         try:
             record = rundir.read_json(run_dir / "run.json")
+            if not isinstance(record, dict):
+                raise ValueError("run.json is not a JSON object")
         except FileNotFoundError:
             record = None
-        except orjson.JSONDecodeError:
+        except ValueError:  # orjson.JSONDecodeError too
             # A power loss before the writer thread synced it (take_deferred): the folder is
             # half made, like one without run.json (crash point 2).
             log.warning("%s: run.json of a run not yet handed over is damaged; remaking it", claim)
@@ -893,6 +875,32 @@ class Watcher:
 
 
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+
+
+def rejected_path(folder: Path, name: str) -> Path:
+    """A free name in rejected/ for a file named `name`: `name`, else `name.1`, `name.2`…
+    (free: neither it nor its error.json exists)."""
+    n = 0
+    while True:
+        suffix = f".{n}" if n else ""
+        base = _fit(name, len(suffix) + len(ERROR_SUFFIX)) + suffix
+        path = folder / base
+        if not os.path.lexists(path) and not os.path.lexists(path.with_name(base + ERROR_SUFFIX)):
+            return path
+        n += 1
+
+
+def write_report(
+    target: Path, name: str, reason: str, issues: list[Issue], now: datetime
+) -> list[dict[str, Any]]:
+    """Write rejected/<target>.error.json for a file dropped as `name`: {file, reason, errors:
+    [{path, line, message}], rejected_at}; returns the errors."""
+    errors = [i.as_dict() for i in issues]
+    atomic.write_json(
+        target.with_name(target.name + ERROR_SUFFIX),
+        {"file": _json_safe(name), "reason": reason, "errors": errors, "rejected_at": rfc3339(now)},
+    )
+    return errors
 
 
 def _inotify_error(err: int, call: str, folder: Path | None) -> OSError:

@@ -9,9 +9,10 @@ the HTTP thread only collects. Gauges that mirror the engine are read from a Sna
 immutable value the loop publishes once a second (Daemon._write_status), so a scrape never
 iterates a dict the loop is changing. Every metric lives in the daemon process: no
 prometheus_client multiprocess mode (it leaves files behind and drops features).
-Labels: bounded by construction. `reason` is one of intake's rejection words, `state` one of
-the final run states, `numa_node` a node id of this machine. No run id, file name or
-pipeline label (a pipeline label would grow with every name users invent).
+Labels: bounded by construction. `reason` is one of the rejection words (intake's, and
+bad_request for a control request), `state` one of the final run states, `numa_node` a
+node id of this machine. No run id, file name or pipeline label (a pipeline label would
+grow with every name users invent).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ REJECT_REASONS = (
     "not_submitter",
     "unreadable",
     "unknown",
+    "bad_request",
 )
 RUN_STATES = ("succeeded", "failed", "cancelled", "interrupted")
 RUN_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
@@ -97,7 +99,7 @@ class Metrics:
         )
         self.files_rejected = Counter(
             "chute_files_rejected",
-            "Dropped files moved to rejected/, by reason.",
+            "Dropped files and control requests moved to rejected/, by reason.",
             ["reason"],
             registry=r,
         )

@@ -4,8 +4,11 @@ Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/lates
 finding a run by name. Not here: deciding states (chute.engine), durable writes (chute.atomic).
 Crash safety: the folder is created with spec.yaml and run.json (state queued) in one group
 commit before the run is acknowledged; every later file is replaced atomically, so a reader
-sees a whole run.json or the previous one. `latest` links are replaced by rename.
-Diagnostics: an unknown run name raises UnknownRun with the closest known names.
+sees a whole run.json or the previous one. `latest` links are replaced by rename. Removal
+(gc) renames a folder to runs/.gc-<id> first; a deletion a crash interrupted is finished by
+the next gc of anyone, and concurrent removers skip what another took.
+Diagnostics: an unknown run name raises UnknownRun with the closest known names; a name not
+of a run's form (chute.names) raises it before any file is looked at.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from typing import Any
 
 import orjson
 
-from chute import __version__, atomic
+from chute import __version__, atomic, names
 from chute.clock import rfc3339
+from chute.faults import crash_point
 from chute.spool import Spool
 
 RUN_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -192,14 +196,28 @@ def run_ids(spool: Spool) -> list[str]:
 
 
 def find_run(spool: Spool, ref: str) -> Path:
-    """The folder of run `ref`: an id, a unique id prefix, `latest`, or `<pipeline>/latest`."""
+    """The folder of run `ref`: an id, a unique id prefix, `latest`, or `<pipeline>/latest`
+    (chute.names checks the form first: a ref never leads out of runs/)."""
+    try:
+        names.run_ref(ref)
+    except names.BadName as exc:
+        raise UnknownRun(str(exc)) from None
     if ref == "latest" or ref.endswith("/latest"):
         link = spool.runs / "latest" if ref == "latest" else spool.pipelines / ref
-        if link.exists():
-            return (link.parent / os.readlink(link)).resolve() if link.is_symlink() else link
+        try:
+            target = os.readlink(link)
+        except OSError:
+            target = ""
+        folder = link.parent / target
+        if (
+            names.is_run_id(folder.name)
+            and os.path.realpath(folder.parent) == os.path.realpath(spool.runs)
+            and (folder / "run.json").exists()
+        ):
+            return spool.runs / folder.name
         raise UnknownRun(f"{ref}: no run yet" + ("" if ref == "latest" else " for that pipeline"))
     candidate = spool.runs / ref
-    if ref and "/" not in ref and not ref.startswith(".") and (candidate / "run.json").exists():
+    if names.is_run_id(ref) and (candidate / "run.json").exists():
         return candidate
     ids = run_ids(spool)
     matches = [i for i in ids if ref and i.startswith(ref)]
@@ -228,6 +246,9 @@ def _latest_runs(spool: Spool) -> set[str]:
     return out
 
 
+GC_PREFIX = ".gc-"  # runs/.gc-<id>: a run folder being removed (renamed out of view first)
+
+
 def gc(
     spool: Spool,
     *,
@@ -240,32 +261,64 @@ def gc(
     """Remove finished runs beyond the newest `keep_runs` or older than `max_age` seconds,
     oldest first, at most `limit`; never a run that is queued, running, still in queue/ (an
     interrupted run that resumes), a `latest` (runs/latest, or a pipeline's), or in
-    `active`. Returns the removed ids."""
+    `active`. Returns the removed ids.
+
+    Removers may run at once (the daemon's retention and `chute gc`): a run another one
+    took first is skipped. A folder is renamed to runs/.gc-<id> before it is deleted, so a
+    crash never leaves half a run under its id; every pass first finishes the .gc- folders
+    a crash left (those count against `limit`)."""
+    removed: list[str] = []
+    budget = limit if limit is not None else -1
+    for leftover in _gc_leftovers(spool):
+        if budget == 0:
+            return removed
+        shutil.rmtree(spool.runs / leftover, ignore_errors=True)
+        budget -= 1
     ids = run_ids(spool)
     newest = set(ids[-keep_runs:]) if keep_runs > 0 else set()
     latest = _latest_runs(spool)
-    removed: list[str] = []
     for run_id in ids:
-        if limit is not None and len(removed) >= limit:
+        if budget == 0:
             break
-        if run_id in active or run_id in latest:
+        if run_id in active or run_id in latest or not names.is_run_id(run_id):
             continue
         folder = spool.runs / run_id
-        try:
-            rec = read_json(folder / "run.json")
-        except (OSError, orjson.JSONDecodeError):
-            continue
-        if rec.get("state") not in FINAL_RUN_STATES:
-            continue
+        finished = _finished_at(folder)
+        if finished is None:
+            continue  # not finished, or not a run.json chute wrote: never removed
         if (spool.queue / f"{run_id}.yaml").exists():
             continue  # accepted and not done (an interrupted run that will resume)
-        finished = rec.get("finished_at") or rec.get("created_at")
-        age = now - datetime.fromisoformat(str(finished).replace("Z", "+00:00")).timestamp()
-        if run_id in newest and age <= max_age:
+        if run_id in newest and now - finished <= max_age:
             continue
-        # Rename first so a crash mid-delete never leaves a half run folder under its id.
-        doomed = spool.runs / f".gc-{run_id}"
-        os.rename(folder, doomed)
+        doomed = spool.runs / f"{GC_PREFIX}{run_id}"
+        try:
+            os.rename(folder, doomed)
+        except FileNotFoundError:
+            continue  # another remover took it first
+        # Crash point: the run is out of view under runs/.gc-<id>, not yet deleted; the next
+        # pass (the daemon's retention or `chute gc`) finishes it.
+        crash_point("gc.renamed")
         shutil.rmtree(doomed, ignore_errors=True)
         removed.append(run_id)
+        budget -= 1
     return removed
+
+
+def _gc_leftovers(spool: Spool) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(spool.runs) if n.startswith(GC_PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def _finished_at(folder: Path) -> float | None:
+    """When the run in `folder` finished (epoch s), from its run.json; None when it has not
+    finished, or its run.json cannot be read as chute writes it."""
+    try:
+        rec = read_json(folder / "run.json")
+        if not isinstance(rec, dict) or rec.get("state") not in FINAL_RUN_STATES:
+            return None
+        stamp = rec.get("finished_at") or rec.get("created_at")
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except (OSError, ValueError):
+        return None

@@ -4,6 +4,7 @@ a reason (exit 2 from `chute validate`); the daemon keeps taking good files."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chute.spec import SpecError, load_bytes
-from conftest import chute_env, wait_for
-from daemon_proc import Daemon, daemon_factory, drop, final_run, job
+from conftest import Chute, chute_env, load_json, wait_for
+from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job, runs_of
 
 __all__ = ["daemon_factory"]
 
@@ -147,3 +148,195 @@ def test_chute_validate_answers_hostile_files_with_exit_2_quickly(tmp_path: Path
         assert p.stderr.startswith(str(path)), (name, p.stderr)
         assert "Traceback" not in p.stderr
         assert time.monotonic() - start < 5, name
+
+
+# -- control/ is a drop box too -----------------------------------------------------------------
+
+# name in control/ -> (what to put there, reason, what the message says)
+CONTROL = {
+    "array.json": (b"[]", "bad_request", "is a JSON array, not an object"),
+    "string.json": (b'"x"', "bad_request", "is a JSON string, not an object"),
+    "number.json": (b"1", "bad_request", "is a JSON number, not an object"),
+    "null.json": (b"null", "bad_request", "is a JSON null, not an object"),
+    "garbage.json": (b"\xff\x00{", "bad_request", "is not JSON"),
+    "unknown-action.json": (b'{"action": "reboot"}', "bad_request", "reboot is not an action"),
+    "missing-run.json": (b'{"action": "cancel"}', "bad_request", "missing; a cancel request"),
+    "mistyped-run.json": (b'{"action": "cancel", "run": 7}', "bad_request", "7: not a run id"),
+    "cancel-traversal.json": (
+        b'{"action": "cancel", "run": "../queue/{waiting}"}',
+        "bad_request",
+        "../queue/{waiting}: not a run id",
+    ),
+    "unschedule-traversal.json": (
+        b'{"action": "unschedule", "name": "../queue/{waiting}"}',
+        "bad_request",
+        "../queue/{waiting}: not a schedule name",
+    ),
+    "unschedule-absolute.json": (
+        b'{"action": "unschedule", "name": "{canary}/keep"}',
+        "bad_request",
+        "{canary}/keep: not a schedule name",
+    ),
+    "retry-into-queue.json": (
+        b'{"action": "retry", "run": "{old}", "new_run_id": "../queue"}',
+        "bad_request",
+        "../queue: not a run id",
+    ),
+    "retry-outside.json": (
+        b'{"action": "retry", "run": "{old}", "new_run_id": "../../canary"}',
+        "bad_request",
+        "../../canary: not a run id",
+    ),
+    "retry-absolute.json": (
+        b'{"action": "retry", "run": "{old}", "new_run_id": "{canary}"}',
+        "bad_request",
+        "not a run id",
+    ),
+    "retry-over-another-run.json": (
+        b'{"action": "retry", "run": "{old}", "new_run_id": "{taken}"}',
+        "bad_request",
+        "retry refused: {taken}: that run id is taken by another run",
+    ),
+    "retry-of-a-running-run.json": (
+        b'{"action": "retry", "run": "{waiting}", "new_run_id": "20261231_235959_00ab01"}',
+        "bad_request",
+        "retry refused: {waiting}: still running; retry it once it has ended",
+    ),
+    "retry-unknown-stage.json": (
+        b'{"action": "retry", "run": "{old}", "from": "nope", '
+        b'"new_run_id": "20261231_235959_00ab02"}',
+        "bad_request",
+        "retry refused: --from nope: no such stage in {old} (stages: old)",
+    ),
+    "oversized.json": (b" " * 5000 + b"{}", "too_large", "is over 4096 bytes"),
+    "link.json": ("symlink", "symlink", "is a symbolic link, not the request"),
+    "fifo.json": ("fifo", "not_regular", "is a FIFO, not a regular file"),
+    "folder.json": ("folder", "not_regular", "is a directory, not a regular file"),
+}
+LEFT_ALONE = [".being-written.json", "notes.txt"]
+
+
+def _metric(address: str, name: str, reason: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    line = next(x for x in text.splitlines() if x.startswith(f'{name}{{reason="{reason}"}}'))
+    return float(line.split()[-1])
+
+
+def test_bad_control_files_are_rejected_with_a_reason_and_the_daemon_goes_on(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    (canary / "keep.yaml").write_text("keep\n")
+    gate = tmp_path / "go"
+    config = "cpus: 2\nstop_timeout: 500ms\nkill_grace: 500ms\n"
+    d = daemon_factory(config).start()
+    drop(spool, "old.yaml", job("old", "true"))
+    drop(spool, "taken.yaml", job("taken", "true"))
+    drop(spool, "waiting.yaml", job("waiting", f"test -e {gate} || sleep 1000"))
+    old = final_run(spool, "incoming/old.yaml")["run_id"]
+    taken = final_run(spool, "incoming/taken.yaml")["run_id"]
+    waiting = wait_for(
+        "the waiting run to run",
+        lambda: [r for r in runs_of(spool, "incoming/waiting.yaml") if r["state"] == "running"],
+    )[0]
+    fill = {"{old}": old, "{taken}": taken, "{waiting}": waiting["run_id"], "{canary}": str(canary)}
+
+    def filled(text: str) -> str:
+        for key, value in fill.items():
+            text = text.replace(key, value)
+        return text
+
+    before = {p.name: p.read_bytes() for p in (spool / "queue").iterdir()}
+    runs_before = sorted(p.name for p in (spool / "runs").iterdir())
+    taken_json = (spool / "runs" / taken / "run.json").read_bytes()
+    control = spool / "control"
+    for name in LEFT_ALONE:
+        (control / name).write_text('{"action": "cancel"}')
+    for name, (what, _, _) in CONTROL.items():
+        if what == "symlink":
+            os.symlink(canary / "keep.yaml", control / name)
+        elif what == "fifo":
+            os.mkfifo(control / name)
+        elif what == "folder":
+            (control / name).mkdir()
+        else:
+            assert isinstance(what, bytes)
+            tmp = control / f".{name}.tmp"
+            tmp.write_bytes(filled(what.decode("latin-1")).encode("latin-1"))
+            os.rename(tmp, control / name)
+
+    def all_rejected() -> bool:
+        return all((spool / "rejected" / f"{n}.error.json").exists() for n in CONTROL)
+
+    wait_for("every bad request rejected", all_rejected, 30)
+    assert d.proc is not None
+    assert d.proc.poll() is None
+    for name, (_, reason, message) in CONTROL.items():
+        doc = orjson.loads((spool / "rejected" / f"{name}.error.json").read_bytes())
+        assert (doc["file"], doc["reason"]) == (name, reason), name
+        assert filled(message) in doc["errors"][0]["message"], (name, doc)
+        assert os.path.lexists(spool / "rejected" / name), name
+    assert sorted(os.listdir(control)) == sorted(LEFT_ALONE)
+    bad = sum(1 for _, reason, _ in CONTROL.values() if reason == "bad_request")
+    assert _metric(http_address(spool), "chute_files_rejected_total", "bad_request") == bad
+    assert {p.name: p.read_bytes() for p in (spool / "queue").iterdir()} == before
+    assert sorted(p.name for p in (spool / "runs").iterdir()) == runs_before  # no new run
+    assert (spool / "runs" / taken / "run.json").read_bytes() == taken_json
+    assert sorted(os.listdir(canary)) == ["keep.yaml"]
+    assert (canary / "keep.yaml").read_text() == "keep\n"
+    text = d.log.read_text()
+    assert "Traceback" not in text
+    assert text.count("WARNING control/") == len(CONTROL)
+    assert d.stop() == 0
+    gate.touch()
+    d2 = daemon_factory(config).start()  # nothing left in control/ to trip a restart
+    assert final_run(spool, "incoming/waiting.yaml")["state"] == "succeeded"
+    assert d2.stop() == 0
+    assert "Traceback" not in d2.log.read_text()
+
+
+def test_retry_copies_only_files_folders_and_links_inside_whatever_the_old_run_holds(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
+) -> None:
+    """A FIFO, a socket-like special file, a link out and a stage folder swapped for a link:
+    the retry neither blocks nor follows; it copies what is a file, folder or inner link."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "output.json").write_text('{"_meta": {}, "data": {"stolen": true}}')
+    (outside / "secret").write_text("secret\n")
+    spec = (
+        "apiVersion: chute/v1\nkind: Pipeline\nmetadata: {name: fifo}\nspec:\n  stages:\n"
+        "    - {name: one, run: 'echo 1 > $CHUTE_ARTIFACTS/real; mkdir $CHUTE_ARTIFACTS/sub'}\n"
+        "    - {name: swapped, run: 'true'}\n"
+        f"    - {{name: last, dependsOn: [one, swapped], run: 'test -e {tmp_path}/go'}}\n"
+    )
+    d = daemon_factory().start()
+    drop(spool, "fifo.yaml", spec)
+    old = final_run(spool, "incoming/fifo.yaml")
+    assert old["state"] == "failed"
+    old_dir = spool / "runs" / old["run_id"]
+    artifacts = old_dir / "stages" / "one" / "artifacts"
+    os.mkfifo(artifacts / "pipe")  # left there after the run ended
+    os.symlink(outside / "secret", artifacts / "out")
+    os.symlink("../real", artifacts / "sub" / "inner")
+    shutil.rmtree(old_dir / "stages" / "swapped")
+    os.symlink(outside, old_dir / "stages" / "swapped")
+    (tmp_path / "go").touch()
+    done = chute("retry", old["run_id"], "--wait", timeout=60)
+    assert done.code == 0, done.err
+    new_id = done.out.split("\n")[0].rsplit(" ", 1)[1]
+    new_dir = spool / "runs" / new_id
+    copied = new_dir / "stages" / "one" / "artifacts"
+    assert sorted(p.name for p in copied.iterdir()) == ["real", "sub"]
+    assert os.readlink(copied / "sub" / "inner") == "../real"
+    manifest = {s["name"]: s for s in load_json(new_dir / "manifest.json")["stages"]}
+    assert manifest["swapped"]["state"] == "succeeded"  # run again: its folder was a link
+    assert manifest["swapped"]["attempts"]  # (a kept stage has no attempt of its own here)
+    assert not (new_dir / "stages" / "swapped").is_symlink()
+    assert load_json(new_dir / "stages" / "swapped" / "output.json")["data"] is None
+    assert "kept stage one without 2 entries" in d.log.read_text()
+    assert d.stop() == 0

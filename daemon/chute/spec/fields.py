@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Final
 
+from chute import names
 from chute.spec.load import Issue, Node
 from chute.units import (
     _DURATION,  # the parser's own pattern, so the schema cannot drift from it
@@ -43,11 +44,8 @@ class _Invalid:
 INVALID: Final = _Invalid()
 """Returned by check() for a value that produced an Issue."""
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-NAME_HINT = (
-    "a name of lowercase letters, digits, '.', '_' or '-' (starting with a letter or digit, "
-    "at most 63), like nightly-etl"
-)
+NAME_PATTERN = f"^{names.NAME_PATTERN}$"
+NAME_HINT = names.NAME_HINT
 CALL_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ENV_NAME_PATTERN = IDENT_PATTERN
