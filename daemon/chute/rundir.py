@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from chute import __version__, atomic
+from chute import __version__, atomic, taskfiles
 from chute.clock import rfc3339
 from chute.spool import Spool
 
@@ -178,8 +178,14 @@ def _point_pipeline_latest(spool: Spool, run_id: str, pipeline: str) -> None:
         atomic.replace_symlink(folder / "latest", target)
 
 
+JSON_LIMIT = 256 << 20
+"""Bytes a run's JSON file may have when read back (a manifest of 10,000 shards: ~30 MB)."""
+
+
 def read_json(path: Path) -> Any:
-    return orjson.loads(path.read_bytes())
+    """A run's JSON file, read as a task's file (chute.taskfiles: a task may have put a FIFO
+    or a folder in its place): OSError when it is not a regular file within JSON_LIMIT."""
+    return orjson.loads(taskfiles.read_regular(str(path), JSON_LIMIT))
 
 
 def run_ids(spool: Spool) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from chute import rundir
+from chute import rundir, taskfiles
 from chute.engine.dag import Reused, RunGraph
 from chute.engine.loop import ActiveRun
 from chute.spec.model import Pipeline
@@ -107,7 +107,7 @@ def reusable_stages(old_dir: Path, pipeline: Pipeline, rerun_from: str | None) -
             rerun.add(s.name)
             continue
         try:
-            doc = orjson.loads((old_dir / "stages" / s.name / "output.json").read_bytes())
+            doc = orjson.loads(_read(old_dir / "stages" / s.name / "output.json"))
         except (OSError, orjson.JSONDecodeError):
             rerun.add(s.name)
             continue
@@ -123,6 +123,12 @@ def copy_reused(old_dir: Path, new_dir: Path, names: list[str]) -> None:
         src = old_dir / "stages" / name
         if src.is_dir():
             shutil.copytree(src, new_dir / "stages" / name, symlinks=True, dirs_exist_ok=True)
+
+
+def _read(path: Path) -> bytes:
+    """A file of a run folder, read as a task's file (a task may have replaced it by a FIFO
+    or a folder: chute.taskfiles), within rundir.JSON_LIMIT."""
+    return taskfiles.read_regular(str(path), rundir.JSON_LIMIT)
 
 
 def started_on_disk(run_dir: Path) -> bool:
@@ -159,26 +165,27 @@ def resume_run(
 
     folder = spool.runs / run_id
     record = rundir.read_json(folder / "run.json")
-    raw = (folder / "spec.yaml").read_bytes()
+    raw = _read(folder / "spec.yaml")
     pipeline = load_bytes(
         raw, f"runs/{run_id}/spec.yaml", node_cpus=node_cpus, node_memory=node_memory
     )
     reused: dict[str, Reused] = {}
     try:
         entries = {e["name"]: e for e in rundir.read_json(folder / "manifest.json")["stages"]}
-    except FileNotFoundError:
+    except (FileNotFoundError, taskfiles.NotRegular):  # none yet, or a task's FIFO or folder
         entries = {}
     for s in pipeline.stages:
-        out = folder / "stages" / s.name / "output.json"
-        if not out.exists():
+        try:
+            doc = orjson.loads(_read(folder / "stages" / s.name / "output.json"))
+        except FileNotFoundError:
             entry = entries.get(s.name)
             if entry is not None and entry.get("state") in ("failed", "timed_out"):
                 reused[s.name] = Reused(entry=entry, data=None, output_hash=None)
             continue  # else not finished (a sharded stage with some shards done runs whole)
-        try:
-            doc = orjson.loads(out.read_bytes())
-        except orjson.JSONDecodeError:
-            continue  # torn by a power loss before its fsync: the stage runs again
+        except (OSError, orjson.JSONDecodeError):
+            # Torn by a power loss before its fsync, or a task put something else there
+            # (a FIFO, a folder): not a done-mark, so the stage runs again.
+            continue
         entry = entries.get(s.name)
         if entry is None or entry.get("state") not in ("succeeded", "cached", "fallback"):
             # The done-mark landed after the last manifest: rebuild the entry from it.
