@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from chute import __version__, atomic, logs, report, rundir
+from chute import __version__, atomic, logs, report, rundir, taskfiles
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -765,8 +765,18 @@ class Daemon:
             run_id = path.stem
             try:
                 rec = rundir.read_json(self.spool.runs / run_id / "run.json")
+            except (FileNotFoundError, NotADirectoryError, taskfiles.NotRegular) as exc:
+                # Its folder (or run.json) is gone or replaced: nothing to resume, ever.
+                log.error("%s dropped: its run folder has no run.json (%s)", run_id, exc)
+                path.unlink()
+                continue
             except (OSError, orjson.JSONDecodeError) as exc:
                 log.error("queue/%s has no readable run folder (%s); leaving it", path.name, exc)
+                continue
+            problem = rundir.record_problem(rec)
+            if problem is not None:  # a task wrote into it: nothing to resume it from
+                log.error("%s dropped: %s", run_id, problem)
+                path.unlink()
                 continue
             if rec["state"] in ("succeeded", "failed", "cancelled"):
                 path.unlink()  # finished before the crash; only the queue copy was left

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from chute import __version__, atomic, taskfiles
-from chute.clock import rfc3339
+from chute.clock import parse_rfc3339, rfc3339
 from chute.spool import Spool
 
 RUN_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -188,6 +188,27 @@ def read_json(path: Path) -> Any:
     return orjson.loads(taskfiles.read_regular(str(path), JSON_LIMIT))
 
 
+def record_problem(record: Any) -> str | None:
+    """What makes `record` (a run.json read back) unfit to resume a run from, or None. A
+    task can write anything into its run's folder; recovery must not trip on it."""
+    if not isinstance(record, dict):
+        return f"run.json holds {type(record).__name__}, not a run record"
+    if record.get("state") not in RUN_STATES:
+        return f"run.json state is {record.get('state')!r}, not one of {', '.join(RUN_STATES)}"
+    for name in ("created_at", "started_at"):
+        value = record.get(name)
+        try:
+            if value is not None:
+                parse_rfc3339(value)
+        except (TypeError, ValueError, AttributeError):
+            return f"run.json {name} is {value!r}, not an RFC 3339 time"
+    if not isinstance(record.get("recoveries", 0), int):
+        return f"run.json recoveries is {record.get('recoveries')!r}, not a count"
+    if not isinstance(record.get("trigger", {}), dict):
+        return f"run.json trigger is {record.get('trigger')!r}, not a mapping"
+    return None
+
+
 def run_ids(spool: Spool) -> list[str]:
     """Every run folder's name, oldest first (run ids sort by time)."""
     try:
@@ -275,3 +296,4 @@ def gc(
         shutil.rmtree(doomed, ignore_errors=True)
         removed.append(run_id)
     return removed
+
