@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import itertools
 import os
 import secrets
 import shutil
@@ -293,7 +294,63 @@ def gc(
         # Rename first so a crash mid-delete never leaves a half run folder under its id.
         doomed = spool.runs / f".gc-{run_id}"
         os.rename(folder, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_tree(doomed)
         removed.append(run_id)
     return removed
 
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def remove_tree(top: Path) -> None:
+    """`rm -rf top`, best effort (what cannot be removed stays), however its tasks shaped
+    it: shutil.rmtree recurses once per level, and a task can nest folders thousands deep
+    (RecursionError), past PATH_MAX. Here the tree is flattened instead: a folder's
+    subfolders are moved up into `top` until each folder is empty, with two descriptors
+    open at a time and no path longer than two names."""
+    try:
+        top_fd = os.open(top, _DIR)
+    except OSError:
+        return
+    moved = itertools.count()
+    try:
+        while names := os.listdir(top_fd):
+            changed = False  # a pass that removes or moves nothing ends it: the rest stays
+            for name in names:
+                try:
+                    os.unlink(name, dir_fd=top_fd)
+                    changed = True
+                    continue
+                except IsADirectoryError:
+                    pass
+                except OSError:
+                    continue
+                try:
+                    sub_fd = os.open(name, _DIR, dir_fd=top_fd)
+                except OSError:
+                    continue
+                try:
+                    for child in os.listdir(sub_fd):
+                        try:
+                            os.unlink(child, dir_fd=sub_fd)
+                        except IsADirectoryError:
+                            up = f".rm-{next(moved)}"
+                            os.rename(child, up, src_dir_fd=sub_fd, dst_dir_fd=top_fd)
+                        changed = True
+                except OSError:
+                    pass
+                finally:
+                    os.close(sub_fd)
+                try:
+                    os.rmdir(name, dir_fd=top_fd)
+                    changed = True
+                except OSError:
+                    pass
+            if not changed:
+                return
+    except OSError:
+        return
+    finally:
+        os.close(top_fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(top)
