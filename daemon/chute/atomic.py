@@ -190,6 +190,8 @@ def commit(
         """Whether the file at `index` is not to be put in place (noted if newly so)."""
         if index in failed:
             return True
+        if not doomed:  # the usual case: nothing failed
+            return False
         key = None if scope is None else scope(path)
         first = None if key is None else doomed.get(key)
         if first is None or first[0] > index:
@@ -242,7 +244,8 @@ def commit(
                     syncfs(fd)
         else:
             for folder, error in _sync_folders(to_sync).items():
-                fail(-1, folder, error)
+                if not isinstance(error, FileNotFoundError):  # gone: no names left to sync
+                    fail(-1, folder, error)
     finally:
         for tmp in staged.values():  # an error about the filesystem: the retry writes anew
             with contextlib.suppress(OSError):
