@@ -441,10 +441,11 @@ HOSTILE = {
         "failed",
         "cannot write the done-mark {stage}/output.json: No such file or directory",
     ),
-    "shard-folder-made-a-file": Hostile(
-        (stage('d="$PWD"; cd /; rm -rf "$d"; echo x > "$d"', "shards: 2"),),
+    # The first attempt fails on its CHUTE_OUTPUT; the retry on its folders, not the run.
+    "shard-folder-made-a-fifo": Hostile(
+        (stage('d="$PWD"; cd /; rm -rf "$d"; mkfifo "$d"', f"shards: 2, {RETRY}"),),
         "failed",
-        "cannot read CHUTE_OUTPUT {stage}/.output.json: Not a directory",
+        "cannot make folder {stage}/artifacts: Not a directory",
         sharded=True,
     ),
     # Shard 1 makes shard 0's folder (which passed its own checks) a FIFO: the stage's

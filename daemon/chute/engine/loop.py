@@ -481,10 +481,17 @@ class Engine:
         # A first attempt that needs no file in its folder beforehand has the folder made by
         # the executor (the spawner thread, the call worker): two fewer file-system creates
         # on the loop per task, each ~0.2 ms here while the writer thread syncs.
+        problem: str | None = None  # why this attempt fails before it starts
         if attempt_no == 1 and not unit.fallback and not spec.depends_on:
             folder, made = _folders(run, spec.name, unit.shard)
         else:
-            folder, made = self._stage_folder(run, spec.name, unit.shard), ()
+            folder, made = _folders(run, spec.name, unit.shard)[0], ()
+            try:
+                self._stage_folder(run, spec.name, unit.shard)
+            except OSError as exc:  # the unit's own folders: a task replaced one (a FIFO)
+                if atomic.environment_wide(exc):
+                    raise
+                problem = f"cannot make folder {exc.filename}: {exc.strerror}"
         fb = spec.fallback if unit.fallback else None
         run_cmd = fb.run if fb is not None else spec.run
         call = fb.call if fb is not None else spec.call
@@ -492,12 +499,11 @@ class Engine:
 
         upstream = graph.upstream_data(spec)
         inputs: dict[str, Any] = {}
-        problem: str | None = None
         for kwarg, ref in spec.inputs.items():
             try:
                 inputs[kwarg] = resolve_input(ref, upstream)
             except KeyError as exc:
-                problem = f"inputs.{kwarg}: {exc.args[0]}"
+                problem = problem or f"inputs.{kwarg}: {exc.args[0]}"
         inputs_blob = (
             orjson.dumps({"inputs": inputs, "upstream": upstream}) if spec.depends_on else None
         )
@@ -543,11 +549,7 @@ class Engine:
                 **chute_env,
             }
         )
-        log_path = (
-            folder / "log"
-            if not unit.fallback
-            else self._stage_folder(run, spec.name, None) / "log"
-        )
+        log_path = folder / "log"  # a fallback's folder is its stage's
         if (attempt_no > 1 or unit.fallback) and problem is None:
             what = "fallback" if unit.fallback else f"attempt {attempt_no}"
             problem = _log_header(log_path, f"--- chute: {what} at {rfc3339(wall)} ---\n")
