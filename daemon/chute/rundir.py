@@ -1,7 +1,11 @@
 """A run's folder: run.json, manifest.json, spec.yaml, stages/, and the `latest` links.
 
-Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/latest, and
-finding a run by name. Not here: deciding states (chute.engine), durable writes (chute.atomic).
+Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/latest,
+finding a run by name, and removing run folders (retention). Its tasks may have changed
+anything in a run folder: its JSON files are read as a task's files (chute.taskfiles),
+a record read back is checked before a run is resumed from it (record_problem), and a
+folder is removed however deep a task nested it (remove_tree).
+Not here: deciding states (chute.engine), durable writes (chute.atomic).
 Crash safety: the folder is created with spec.yaml and run.json (state queued) in one group
 commit before the run is acknowledged; every later file is replaced atomically, so a reader
 sees a whole run.json or the previous one. `latest` links are replaced by rename.
