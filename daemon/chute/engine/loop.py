@@ -927,6 +927,7 @@ class Engine:
             folder_ok = stat.S_ISDIR(os.lstat(run.dir).st_mode)
         except OSError:
             folder_ok = False
+        rec = run.record
         if run.rewritten or lost.cause == record or not folder_ok:
             log.error(
                 "%s dropped: %s; its end cannot be recorded in %s, and it is not resumed",
@@ -934,11 +935,11 @@ class Engine:
                 reason,
                 run.dir,
             )
+            rec["state"], rec["error"] = "failed", reason  # for its summary line and metric
             if self.on_finished is not None:
                 self.on_finished(run)
             return
         run.rewritten = True
-        rec = run.record
         if rec["state"] != "failed":  # else it says why already (a stage, or _fail_run)
             log.warning("%s failed: %s", run.run_id, reason)
             rec["state"] = "failed"
