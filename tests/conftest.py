@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "spool" / "examples"
 sys.path.insert(0, str(REPO / "daemon"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# What this process starts with its own environment must import this repository's chute
+# too: the call: pool's forkserver (Python 3.11 ignores the parent's sys.path there) would
+# otherwise import whichever chute is installed.
+os.environ["PYTHONPATH"] = str(REPO / "daemon") + os.pathsep + os.environ.get("PYTHONPATH", "")
 
 
 @contextmanager

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -158,3 +160,21 @@ def http_address(spool: Path) -> str:
 
     result: str = wait_for("the http address in status.json", address)
     return result
+
+
+def healthz(spool: Path) -> tuple[int, str]:
+    """GET /healthz of the daemon whose address state/status.json holds: (status, body);
+    (0, why) while there is none to ask (not started, restarting)."""
+    try:
+        addr = load_json(spool / "state" / "status.json").get("http")
+    except (OSError, ValueError):
+        return 0, "no status.json"
+    if not addr:
+        return 0, "no http address"
+    try:
+        with urllib.request.urlopen(f"http://{addr}/healthz", timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except (urllib.error.URLError, OSError) as e:
+        return 0, str(e)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from chute import atomic
+from conftest import tmpfs
 
 
 def test_write_bytes_replaces_the_file_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -61,32 +66,128 @@ def test_committer_keeps_submission_order_and_last_version_wins(tmp_path: Path) 
         c.close()
 
 
-def test_committer_holds_a_failed_batch_and_retries_it_until_it_lands(
-    tmp_path: Path, monkeypatch: object
-) -> None:
-    atomic_retry = 0.05
-    import pytest
+def fill(path: Path) -> None:
+    """Write until the filesystem says ENOSPC."""
+    with open(path, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * (1 << 16))
+            f.flush()
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(atomic, "RETRY_DELAY", atomic_retry)
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs at tmp_path/disk, holding one file `filler` that fills it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    with tmpfs(disk, "size=1m"):
+        fill(disk / "filler")
+        yield disk
+
+
+def test_committer_holds_a_batch_the_disk_has_no_room_for_and_retries_it_until_it_lands(
+    full_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(atomic, "RETRY_DELAY", 0.05)
     c = atomic.Committer()
     try:
-        missing = tmp_path / "not-yet"
         landed = threading.Event()
-        c.submit([(missing / "run.json", b"{}")], on_done=landed.set)
-        c.submit([(tmp_path / "after", b"later")])
-        assert not c.flush(timeout=0.3)  # ENOENT: held, not dropped
+        c.submit([(full_disk / "run.json", b"{}" * 4096)], on_done=landed.set)
+        c.submit([(full_disk / "after", b"later")])
+        assert not c.flush(timeout=0.3)  # ENOSPC: held, not dropped
         assert c.error is not None
-        assert not (tmp_path / "after").exists()
-        missing.mkdir()
+        assert c.error.errno == errno.ENOSPC
+        assert not (full_disk / "after").exists()
+        (full_disk / "filler").unlink()
         assert c.flush(timeout=10)
         assert landed.is_set()
-        assert (missing / "run.json").read_bytes() == b"{}"
-        assert (tmp_path / "after").read_bytes() == b"later"
+        assert (full_disk / "run.json").read_bytes() == b"{}" * 4096
+        assert (full_disk / "after").read_bytes() == b"later"
         assert c.error is None
     finally:
         c.close()
-        mp.undo()
+
+
+def test_a_path_that_fails_on_its_own_is_dropped_with_its_scope_and_the_rest_lands(
+    tmp_path: Path,
+) -> None:
+    """A run folder removed, a folder where a manifest goes: that run's problem, reported,
+    and no other file waits for it. Within the broken run, a file after the failed one (the
+    run.json that would acknowledge it) is not put in place either."""
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    (tmp_path / "a" / "manifest.json").mkdir()  # a task made it a folder
+    reported: list[list[atomic.Unwritten]] = []
+    seen: list[dict[object, atomic.Unwritten]] = []
+    c = atomic.Committer(scope=lambda p: p.parent.name, on_unwritten=reported.append)
+    try:
+        c.submit(
+            [
+                (tmp_path / "a" / "early.json", b"1"),
+                (tmp_path / "a" / "manifest.json", b"2"),
+                (tmp_path / "b" / "manifest.json", b"3"),
+                (tmp_path / "a" / "run.json", b"4"),
+                (tmp_path / "gone" / "run.json", b"5"),
+                (tmp_path / "b" / "run.json", b"6"),
+            ],
+            on_done=lambda: seen.append(dict(c.unwritten_scopes)),
+        )
+        assert c.flush(timeout=10)
+        assert c.error is None
+    finally:
+        c.close()
+    assert (tmp_path / "a" / "early.json").read_bytes() == b"1"  # before the failure: landed
+    assert not (tmp_path / "a" / "run.json").exists()
+    assert [(tmp_path / "b" / n).read_bytes() for n in ("manifest.json", "run.json")] == [
+        b"3",
+        b"6",
+    ]
+    [unwritten] = reported
+    got = {(str(u.path.relative_to(tmp_path)), u.error.errno, u.cause.name) for u in unwritten}
+    assert got == {
+        ("a/manifest.json", errno.EISDIR, "manifest.json"),
+        ("a/run.json", errno.EISDIR, "manifest.json"),
+        ("gone/run.json", errno.ENOENT, "run.json"),
+    }
+    [scopes] = seen
+    assert {k: str(u.path.relative_to(tmp_path)) for k, u in scopes.items()} == {
+        "a": "a/manifest.json",
+        "gone": "gone/run.json",
+    }
+    assert list(tmp_path.rglob(f"{atomic.TMP_PREFIX}*")) == []
+
+
+def test_a_temp_name_a_task_made_a_fifo_or_a_link_neither_blocks_nor_redirects_a_write(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "outside"
+    target.write_bytes(b"keep")
+    fifo = tmp_path / f"{atomic.TMP_PREFIX}a.json.{os.getpid()}"
+    os.mkfifo(fifo)
+    (tmp_path / f"{atomic.TMP_PREFIX}b.json.{os.getpid()}").symlink_to(target)
+    atomic.write_volatile(tmp_path / "a.json", b"A")
+    atomic.write_bytes(tmp_path / "b.json", b"B")
+    assert (tmp_path / "a.json").read_bytes() == b"A"
+    assert (tmp_path / "b.json").read_bytes() == b"B"
+    assert target.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "outside"]
+
+
+def test_close_gives_up_after_its_timeout_while_the_disk_stays_full(
+    full_disk: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(atomic, "RETRY_DELAY", 0.05)
+    c = atomic.Committer()
+    done = threading.Event()
+    c.submit([(full_disk / "run.json", b"{}" * 4096)], on_done=done.set)
+    t0 = time.monotonic()
+    assert c.close(timeout=0.5) is False
+    assert time.monotonic() - t0 < 5
+    assert not done.is_set()  # its owner was not told it landed: it did not
+    assert not (full_disk / "run.json").exists()
+    assert (
+        f"exiting with 1 file(s) not written (No space left on device): {full_disk}/run.json"
+        in (caplog.text)
+    )
 
 
 def test_committer_on_a_filesystem_of_its_own_keeps_order_too(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import signal
+import tempfile
 import textwrap
 import threading
 import time
@@ -878,6 +880,105 @@ def test_a_call_whose_artifact_links_out_fails_and_leaves_no_mark(
     assert r.error.startswith("artifact 'passwd' links outside the run folder")
     assert r.done is None
     assert not (stage / "output.json").exists()
+
+
+# --- a task's files are hostile input ---------------------------------------------------
+
+
+def make_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def make_folder(path: Path) -> None:
+    path.mkdir()
+
+
+def make_link(path: Path) -> None:
+    path.symlink_to("/etc/passwd")
+
+
+REPLACED = {
+    "fifo": (make_fifo, "a FIFO"),
+    "folder": (make_folder, "a directory"),
+    "link": (make_link, "a symbolic link"),
+}
+
+
+@pytest.mark.parametrize("kind", ["run", "call"])
+@pytest.mark.parametrize("replaced", list(REPLACED), ids=list(REPLACED))
+def test_a_log_a_task_replaced_fails_the_next_task_at_once_and_is_left_alone(
+    executor: LocalExecutor, tmp_path: Path, kind: str, replaced: str
+) -> None:
+    """A FIFO there must not block the spawner thread or the worker in open(), nor a link
+    send a task's output elsewhere."""
+    make, what = REPLACED[replaced]
+    log = tmp_path / "logs" / "t.log"
+    log.parent.mkdir()
+    make(log)
+    passwd = Path("/etc/passwd").read_bytes()
+    write_module(tmp_path, "m", "def f():\n    print('hello')\n")
+    task = (
+        run_task(tmp_path, "t", "echo hello") if kind == "run" else call_task(tmp_path, "t", "m:f")
+    )
+    executor.start(task)
+    assert one(executor, "t").error == (
+        f"log {log} is {what}, not a regular file; remove it so the stage's output can be "
+        "logged there"
+    )
+    assert Path("/etc/passwd").read_bytes() == passwd
+
+
+def test_a_call_that_makes_its_log_a_fifo_is_not_waited_on_when_its_log_is_capped(
+    executor: LocalExecutor, tmp_path: Path
+) -> None:
+    log = tmp_path / "logs" / "t.log"
+    write_module(
+        tmp_path,
+        "m",
+        f"""
+        import os
+        def f():
+            os.unlink({str(log)!r})
+            os.mkfifo({str(log)!r})
+            return {{"n": 1}}
+        """,
+    )
+    executor.start(call_task(tmp_path, "t", "m:f"))
+    r = one(executor, "t")
+    assert r.ok, r.error
+    assert log.is_fifo()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become the user nobody")
+def test_an_artifacts_folder_the_daemon_cannot_read_fails_the_attempt(tmp_path: Path) -> None:
+    """chmod 000 as a daemon that is not root meets it (root reads it all the same)."""
+    base = Path(tempfile.mkdtemp(prefix="chute-eacces-"))  # /tmp: nobody can reach it
+    try:
+        base.chmod(0o755)
+        stage = base / "run" / "stages" / "s"
+        (stage / "artifacts").mkdir(parents=True)
+        (stage / "artifacts" / "a.csv").write_text("x")
+        (stage / "artifacts").chmod(0)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: as nobody, scan and report
+            try:
+                os.close(r)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                listing, problem = outputs.scan_artifacts(stage / "artifacts", stage, base / "run")
+                os.write(w, orjson.dumps([listing, problem]))
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            got = orjson.loads(f.read())
+        os.waitpid(pid, 0)
+    finally:
+        (base / "run" / "stages" / "s" / "artifacts").chmod(0o755)
+        shutil.rmtree(base)
+    assert got == [[], f"cannot list $CHUTE_ARTIFACTS {stage / 'artifacts'}: Permission denied"]
 
 
 def test_a_task_cancelled_before_its_spawn_is_registered_ends_cancelled(

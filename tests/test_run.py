@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -588,6 +589,35 @@ def test_gc_removes_finished_runs_beyond_retention_but_never_latest_or_queued(
     left = sorted(p.name for p in (spool / "runs").iterdir() if not p.is_symlink())
     assert left == [ids[0], ids[3], ids[4]]
     assert latest(spool).name == ids[4]
+
+
+def test_gc_removes_a_run_whose_task_nested_folders_thousands_deep(
+    spool: Path, chute: Chute, tmp_path: Path, write_spec: Spec
+) -> None:
+    """Deeper than shutil.rmtree's recursion and PATH_MAX: retention must neither crash
+    (the daemon applies it every minute) nor leave the tree behind."""
+    config = _config(tmp_path, "retention: {keep_runs: 1, max_age: 30d}")
+    once = tmp_path / "nested-once"
+    nest = (
+        f'[ -e {once} ] && exit 0; touch {once}; {sys.executable} -c "import os\n'
+        "for _ in range(3000): os.mkdir('d'); os.chdir('d')\nopen('f', 'w').close()\""
+    )
+    spec = write_spec(
+        "deep.yaml",
+        "apiVersion: chute/v1\nkind: Job\nmetadata: {name: deep}\n"
+        f"spec:\n  run: {json.dumps(nest)}\n",
+    )
+    try:
+        for _ in range(2):  # the second is the pipeline's latest, which gc keeps
+            assert chute("run", str(spec), "--config", str(config)).code == 0
+        deep, kept = sorted(p.name for p in (spool / "runs").iterdir() if not p.is_symlink())
+        assert (spool / "runs" / deep / "stages" / "deep" / "d" / "d").is_dir()
+        done = chute("gc", "--config", str(config))
+        assert (done.code, done.err) == (0, "")
+        assert done.out.startswith("removed 1 run(s)")
+        assert sorted(p.name for p in (spool / "runs").iterdir() if not p.is_symlink()) == [kept]
+    finally:  # pytest's clean-up of old temp folders (shutil.rmtree) would choke on it
+        subprocess.run(["rm", "-rf", str(spool / "runs")], check=True)
 
 
 def test_an_artifact_linking_outside_the_run_folder_fails_its_stage(

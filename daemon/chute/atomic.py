@@ -5,18 +5,24 @@ group commit of many files at once, by fsyncs or, on a filesystem of chute's own
 Crash safety: a reader sees the old file or the new one, never a mix; after `write_*`
 returns, the new name survives power loss (its folder was fsynced). A temp leftover
 from a crash starts with `.tmp-` and is ignored by every reader.
-Diagnostics: OSError propagates to the caller, which knows the handover that failed.
+Temp files are created with O_EXCL|O_NOFOLLOW: a run folder is a task's to scribble in,
+and a FIFO or a link a task put at a temp name must neither block a write nor redirect it.
+Diagnostics: OSError propagates to the caller, which knows the handover that failed; the
+Committer sorts what fails by its errno (environment_wide): an error about the filesystem
+holds the batch and is retried, an error about one path drops that path (and the later
+files of its scope) and is reported to the owner (`on_unwritten`).
 Limits: a failed fsync is not retried on the same file (fsyncgate): the caller redoes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +33,26 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 RETRY_DELAY = 1.0
+ABANDON_WAIT = 2.0  # seconds Committer.close waits for its thread after giving up
 PARALLEL_FROM = 16  # paths in one batch from which their fsyncs overlap (fsync_each)
 SYNC_THREADS = 4
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+ENVIRONMENT_WIDE = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+)
+"""Errnos about the filesystem or the process (no room, read-only, I/O error, out of
+descriptors or memory): they say nothing about the path at hand, so all writes wait."""
+
+
+def environment_wide(exc: OSError) -> bool:
+    """Whether `exc` is about the filesystem or the process rather than about one path.
+
+    Any other errno (ENOENT, EISDIR, ENOTDIR, ELOOP, EACCES, ...) is about the path: in a
+    run folder, that run's problem (a task may have removed or replaced anything there)."""
+    return exc.errno in ENVIRONMENT_WIDE
 
 
 def _tmp_name(path: Path) -> Path:
@@ -43,10 +64,20 @@ def fsync_dir(folder: Path) -> None:
     fsync_path(folder)
 
 
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _write_tmp(path: Path, data: bytes, mode: int) -> Path:
-    """Write `data` to a temp name beside `path` (not synced: write_many syncs them all)."""
+    """Write `data` to a temp name beside `path` (not synced: write_many syncs them all).
+
+    Created, never opened: whatever is at the temp name (a leftover of this pid's earlier
+    life or of a failed write, or a FIFO or link a task put there) is removed first."""
     tmp = _tmp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        fd = os.open(tmp, _CREATE, mode)
+    except FileExistsError:
+        os.unlink(tmp)
+        fd = os.open(tmp, _CREATE, mode)
     try:
         view = memoryview(data)
         while view:
@@ -94,34 +125,132 @@ def write_many(
     each folder once (those of the files, and `folders`: ones that gained a new subfolder).
 
     Each file is atomic on its own; the batch is not (a crash may leave some renamed), so
-    callers list the file that acknowledges the others last.
+    callers list the file that acknowledges the others last. The first error is raised,
+    after the files it does not concern have landed (see `commit`).
     """
-    staged = [(_write_tmp(path, data, mode), path) for path, data in files]
-    done = fsync_each([tmp for tmp, _ in staged] + list(synced), missing_ok=True)
-    to_sync = set(folders)
-    to_sync.update(path.parent for path in done)
-    for tmp, path in staged:
-        os.rename(tmp, path)
-    _sync_folders(to_sync)
+    unwritten = commit(list(files), folders=folders, synced=synced, mode=mode)
+    if unwritten:
+        raise unwritten[0].error
 
 
-def write_many_syncfs(files: Iterable[tuple[Path, bytes]], filesystems: Sequence[int]) -> None:
-    """write_many for files on `filesystems` (a descriptor of each), which chute has to
-    itself: every temp is written, one syncfs(2) per filesystem makes them (and whatever
-    else waits to be synced there: files put in place by write_volatile, new folders)
-    durable, the temps are renamed, and a second syncfs makes the names durable.
+@dataclass(frozen=True, slots=True)
+class Unwritten:
+    """A path a group commit could not make durable (a file: not put in place), the error
+    about it, and `cause`: the path the error is about (itself, or an earlier file of its
+    scope, which this one would have acknowledged)."""
 
-    Two syncs per batch instead of one per file and folder: a burst of runs writes about
-    ten of those per run. The cost: syncfs also writes back other processes' dirty data on
-    that filesystem, so it is for a spool on a filesystem of its own (config `sync`)."""
-    staged = [(_write_tmp(path, data, 0o644), path) for path, data in files]
-    for fd in filesystems:
-        syncfs(fd)
-    if staged:
-        for tmp, path in staged:
-            os.rename(tmp, path)
-        for fd in filesystems:
-            syncfs(fd)
+    path: Path
+    error: OSError
+    cause: Path
+
+
+def commit(
+    files: list[tuple[Path, bytes]],
+    *,
+    folders: Iterable[Path] = (),
+    synced: Iterable[Path] = (),
+    filesystems: Sequence[int] = (),
+    scope: Callable[[Path], Hashable | None] | None = None,
+    mode: int = 0o644,
+) -> list[Unwritten]:
+    """One group commit, path by path; returns what could not be written.
+
+    By fsyncs: every temp is written, the temps and `synced` (files already in place by
+    write_volatile; one gone since is skipped) are fsynced, the temps are renamed in order,
+    then each folder is fsynced once (those of the files, and `folders`: ones that gained
+    a new subfolder). With `filesystems` (a descriptor of each; chute has them to itself):
+    the temps are written, one syncfs(2) per filesystem makes them (and whatever else waits
+    to be synced there) durable, they are renamed, and a second syncfs makes the names
+    durable: two syncs per batch instead of one per file and folder (a burst of runs
+    writes about ten of those per run); the cost is that syncfs also writes back other
+    processes' dirty data there, so it is for a spool on a filesystem of its own.
+
+    An error about one path (not environment_wide: its folder gone, a folder or a FIFO in
+    its place) drops that path and every later file of its scope (`scope(path)`, e.g. the
+    files of one run, so that a run.json is not put in place without the manifest before
+    it; None: no scope) and is returned; the rest of the batch lands. An error about the
+    filesystem is raised: the caller retries the whole batch (a temp it leaves is removed
+    by the next write of its file).
+    """
+    unwritten: list[Unwritten] = []
+    failed: set[int] = set()  # indexes into `files`
+    doomed: dict[Hashable, tuple[int, Unwritten]] = {}  # scope -> the first failure in it
+
+    def fail(index: int, path: Path, exc: OSError) -> None:
+        if environment_wide(exc):
+            raise exc
+        record = Unwritten(path, exc, path)
+        unwritten.append(record)
+        failed.add(index)
+        key = None if scope is None else scope(path)
+        if key is not None and key not in doomed:
+            doomed[key] = (index, record)
+
+    def dropped(index: int, path: Path) -> bool:
+        """Whether the file at `index` is not to be put in place (noted if newly so)."""
+        if index in failed:
+            return True
+        if not doomed:  # the usual case: nothing failed
+            return False
+        key = None if scope is None else scope(path)
+        first = None if key is None else doomed.get(key)
+        if first is None or first[0] > index:
+            return False
+        unwritten.append(Unwritten(path, first[1].error, first[1].cause))
+        failed.add(index)
+        return True
+
+    staged: dict[int, Path] = {}  # index -> its temp, until renamed or dropped
+    try:
+        marks = list(synced)
+        mark_errors = {} if filesystems else _fsync_all(marks)
+        for path, error in mark_errors.items():
+            # In place already, so first in the order: one that fails dooms its scope.
+            if not isinstance(error, FileNotFoundError):  # gone since: nothing to sync
+                fail(-1, path, error)
+        for i, (path, data) in enumerate(files):
+            if dropped(i, path):
+                continue
+            try:
+                staged[i] = _write_tmp(path, data, mode)
+            except OSError as exc:
+                fail(i, path, exc)
+        to_sync = set(folders)
+        if filesystems:
+            for fd in filesystems:
+                syncfs(fd)
+        else:
+            to_sync.update(p.parent for p in marks if p not in mark_errors)
+            errors = _fsync_all(list(staged.values()))
+            for i, tmp in list(staged.items()):
+                if tmp in errors:
+                    fail(i, files[i][0], errors[tmp])
+        for i, tmp in list(staged.items()):
+            path = files[i][0]
+            if not dropped(i, path):
+                try:
+                    os.rename(tmp, path)
+                    del staged[i]
+                    to_sync.add(path.parent)
+                    continue
+                except OSError as exc:
+                    fail(i, path, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            del staged[i]
+        if filesystems:
+            if files:
+                for fd in filesystems:
+                    syncfs(fd)
+        else:
+            for folder, error in _sync_folders(to_sync).items():
+                if not isinstance(error, FileNotFoundError):  # gone: no names left to sync
+                    fail(-1, folder, error)
+    finally:
+        for tmp in staged.values():  # an error about the filesystem: the retry writes anew
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return unwritten
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -156,8 +285,15 @@ def write_volatile(path: Path, data: bytes) -> None:
     """Atomic but not durable (no fsync): the new content is in place at once and survives
     the death of this process, not a power loss. Alone, for files rebuilt often (the
     daemon's status.json); followed by Committer.submit(synced=[path]) for a file that must
-    be visible at once and durable soon (a stage's done-mark)."""
-    os.rename(_write_tmp(path, data, 0o644), path)
+    be visible at once and durable soon (a stage's done-mark). A `path` that is a folder
+    fails with EISDIR and leaves no temp behind."""
+    tmp = _write_tmp(path, data, 0o644)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @dataclass
@@ -170,12 +306,13 @@ class Unsynced:
 
     def sync(self) -> None:
         fsync_each(self.files)
-        _sync_folders(self.folders | {path.parent for path in self.files})
+        for exc in _sync_folders(self.folders | {path.parent for path in self.files}).values():
+            raise exc
 
 
 def fsync_each(paths: list[Path], *, missing_ok: bool = False) -> list[Path]:
     """fsync every path (files or folders); returns those synced (with `missing_ok`, a path
-    gone since is skipped).
+    gone since is skipped). The first other error is raised.
 
     A batch smaller than PARALLEL_FROM is synced one path after another: issuing a burst's
     small batches from a pool of threads made it ~10% slower on 2 cores (the loop needs the
@@ -185,18 +322,26 @@ def fsync_each(paths: list[Path], *, missing_ok: bool = False) -> list[Path]:
     fsyncs/s from one thread, 6,100 from four) that made a burst of 1,000 durable runs
     ~10% faster and drained a backlog of 0.5–1.4 s of call: stages' syncs, and made taking
     10,000 files that only queue ~20% slower (the threads' CPU and GIL are the loop's)."""
+    errors = _fsync_all(paths)
+    for path in paths:
+        exc = errors.get(path)
+        if exc is not None and not (missing_ok and isinstance(exc, FileNotFoundError)):
+            raise exc
+    return [path for path in paths if path not in errors]
 
-    def one(path: Path) -> Path | None:
+
+def _fsync_all(paths: list[Path]) -> dict[Path, OSError]:
+    """fsync every path (fsync_each's pacing); the errors, by path, none raised."""
+
+    def one(path: Path) -> OSError | None:
         try:
             fsync_path(path)
-        except FileNotFoundError:
-            if not missing_ok:
-                raise
-            return None
-        return path
+        except OSError as exc:
+            return exc
+        return None
 
-    synced = map(one, paths) if len(paths) < PARALLEL_FROM else _sync_pool().map(one, paths)
-    return [path for path in synced if path is not None]
+    results = map(one, paths) if len(paths) < PARALLEL_FROM else _sync_pool().map(one, paths)
+    return {path: exc for path, exc in zip(paths, results, strict=True) if exc is not None}
 
 
 def _sync_pool() -> ThreadPoolExecutor:
@@ -207,18 +352,21 @@ def _sync_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _sync_folders(folders: Iterable[Path]) -> None:
-    """fsync each folder once, deepest first (a new subfolder's own names before its name)."""
+def _sync_folders(folders: Iterable[Path]) -> dict[Path, OSError]:
+    """fsync each folder once, deepest first (a new subfolder's own names before its name);
+    the errors, by folder (none raised)."""
     by_depth: dict[int, list[Path]] = {}
     for folder in folders:
         by_depth.setdefault(len(folder.parts), []).append(folder)
+    errors: dict[Path, OSError] = {}
     for depth in sorted(by_depth, reverse=True):
-        fsync_each(by_depth[depth])
+        errors.update(_fsync_all(by_depth[depth]))
+    return errors
 
 
 def fsync_path(path: Path) -> None:
-    """fsync a file or a folder by name."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """fsync a file or a folder by name (a FIFO a task put there fails, EINVAL, at once)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -259,19 +407,33 @@ class Committer:
     """Group commit in a writer thread, so the caller's loop never waits for a disk.
 
     Batches are committed one after another in the order they were submitted, each with
-    `write_many`, so a file submitted after another is never durable before it. While one
+    `commit`, so a file submitted after another is never durable before it. While one
     batch syncs, the next one grows: the busier the loop, the fewer syncs per file.
-    A batch that fails (ENOSPC, EIO) is logged once and retried whole every RETRY_DELAY
-    seconds, keeping later batches behind it: nothing is acknowledged out of order or lost
-    while the process lives. `on_done` callbacks run in the writer thread after the batch
-    they came with is durable.
+    A batch that fails for want of a filesystem (ENOSPC, EIO: environment_wide) is logged
+    once and retried whole every RETRY_DELAY seconds, keeping later batches behind it:
+    nothing is acknowledged out of order or lost while the process lives. A path that fails
+    on its own (a run folder removed, a folder where a file goes) is dropped from its batch
+    with the later files of its scope and handed to `on_unwritten`; the rest lands and
+    nothing waits for it. `on_done` callbacks run in the writer thread after the batch they
+    came with is done, `unwritten_scopes` telling them which scopes lost a file in it.
     """
 
-    def __init__(self, name: str = "chute-writer", syncfs: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        name: str = "chute-writer",
+        syncfs: Sequence[Path] = (),
+        *,
+        scope: Callable[[Path], Hashable | None] | None = None,
+        on_unwritten: Callable[[list[Unwritten]], None] | None = None,
+    ) -> None:
         """`syncfs`: roots of filesystems chute has to itself (own_filesystems); every
-        batch then costs two syncfs(2) each, whatever its size (write_many_syncfs)."""
+        batch then costs two syncfs(2) each, whatever its size. `scope` and `on_unwritten`:
+        see `commit`; `on_unwritten` is called in the writer thread (without it, each path
+        is one ERROR line)."""
         self._filesystems = _open_roots(syncfs)
         self._next_filesystems: list[int] | None = None
+        self._scope = scope
+        self._on_unwritten = on_unwritten
         self._cond = threading.Condition()
         self._files: list[tuple[Path, bytes]] = []
         self._folders: set[Path] = set()
@@ -280,7 +442,11 @@ class Committer:
         self._submitted = 0
         self._committed = 0
         self._closing = False
+        self._abandon = False  # close() ran out of time: give up what is not written
         self.error: OSError | None = None
+        self.unwritten_scopes: dict[Hashable, Unwritten] = {}
+        """While a batch's `on_done` callbacks run: its scopes that lost a file, each with
+        the first such file."""
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -316,20 +482,30 @@ class Committer:
             target = self._submitted
             return self._cond.wait_for(lambda: self._committed >= target, timeout)
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, timeout: float | None = None) -> bool:
+        """Write what was submitted, then stop the writer thread. With `timeout`, give up
+        after that many seconds (writes failing for want of a filesystem): what is not
+        written is then named in one ERROR line and lost, so its owner must be able to redo
+        it (the daemon's runs resume from queue/). False when something was given up."""
+        landed = self.flush(timeout)
         with self._cond:
             self._closing = True
+            self._abandon = not landed
             self._cond.notify_all()
-        self._thread.join()
-        _close_all(self._filesystems + (self._next_filesystems or []))
-        self._filesystems, self._next_filesystems = [], None
+        self._thread.join(None if landed else ABANDON_WAIT)
+        if self._thread.is_alive():
+            log.error("the writer thread is stuck in a write to the spool; exiting without it")
+        else:
+            _close_all(self._filesystems + (self._next_filesystems or []))
+            self._filesystems, self._next_filesystems = [], None
+        return landed
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._submitted > self._committed or self._closing)
-                if self._submitted == self._committed and self._closing:
+                if self._abandon or (self._submitted == self._committed and self._closing):
+                    self._give_up(self._files)
                     return
                 files, self._files = self._files, []
                 folders, self._folders = self._folders, set()
@@ -341,17 +517,19 @@ class Committer:
                     self._filesystems, self._next_filesystems = self._next_filesystems, None
             while True:
                 try:
-                    # A synced path gone since (replaced, removed) has nothing left to sync.
-                    if self._filesystems:
-                        write_many_syncfs(_last_write_wins(files), self._filesystems)
-                    else:
-                        write_many(_last_write_wins(files), folders=folders, synced=synced)
+                    unwritten = commit(
+                        _last_write_wins(files),
+                        folders=folders,
+                        synced=synced,
+                        filesystems=self._filesystems,
+                        scope=self._scope,
+                    )
                     break
                 except OSError as exc:
                     if self.error is None:
                         log.error(
                             "cannot write %s: %s (errno %s); holding %d file(s) in memory and "
-                            "retrying every %.0fs: free space or fix permissions",
+                            "retrying every %.0fs: free space or fix the filesystem",
                             exc.filename or "the spool",
                             exc.strerror,
                             exc.errno,
@@ -359,18 +537,53 @@ class Committer:
                             RETRY_DELAY,
                         )
                     self.error = exc
-                    time.sleep(RETRY_DELAY)
+                    with self._cond:
+                        if self._cond.wait_for(lambda: self._abandon, RETRY_DELAY):
+                            self._give_up(files + self._files)
+                            return
             if self.error is not None:
                 log.warning("writes to the spool succeed again")
                 self.error = None
+            self._report(unwritten)
             for cb in callbacks:
                 try:
                     cb()
                 except Exception:
                     log.exception("callback after commit failed")
+            self.unwritten_scopes = {}
             with self._cond:
                 self._committed = upto
                 self._cond.notify_all()
+
+    def _report(self, unwritten: list[Unwritten]) -> None:
+        scopes: dict[Hashable, Unwritten] = {}
+        for u in unwritten:
+            key = None if self._scope is None else self._scope(u.path)
+            if key is not None:
+                scopes.setdefault(key, u)
+        self.unwritten_scopes = scopes
+        if not unwritten:
+            return
+        if self._on_unwritten is None:
+            for u in unwritten:
+                log.error("cannot write %s: %s", u.path, u.error.strerror)
+            return
+        try:
+            self._on_unwritten(unwritten)
+        except Exception:
+            log.exception("handling unwritten files failed")
+
+    def _give_up(self, files: list[tuple[Path, bytes]]) -> None:
+        if not files:
+            return
+        paths = list(dict.fromkeys(str(path) for path, _ in files))
+        log.error(
+            "exiting with %d file(s) not written (%s): %s%s",
+            len(paths),
+            self.error.strerror if self.error is not None else "shutting down",
+            ", ".join(paths[:10]),
+            ", ..." if len(paths) > 10 else "",
+        )
 
 
 def _open_roots(roots: Sequence[Path]) -> list[int]:

@@ -6,10 +6,12 @@ file (chute.intake), reading and checking a request (chute.control), fire times
 (chute.schedules), a run's stages and what recovery decides for one run (chute.engine),
 processes (chute.local).
 Crash safety: an accepted run is known by its queue/<run_id>.yaml, which is removed only
-after the run's final run.json is durable (the committer's callback). So after any crash,
-queue/ lists exactly the runs to resume: queued ones start, running ones resume in place
-from their finished stages (output.json done-marks) or become interrupted
-(`on_restart: fail`), finished ones just lose their queue file. A scheduled fire makes
+after the run's final run.json is durable (the committer's callback), or when no run.json
+can be written or read in its folder any more (the run is dropped, with an ERROR line:
+chute.engine.loop, and recovery here). So after any crash, queue/ lists exactly the runs
+to resume: queued ones start, running ones resume in place from their finished stages
+(output.json done-marks) or become interrupted (`on_restart: fail`), finished ones just
+lose their queue file. A scheduled fire makes
 its run under an id derived from (schedule, fire time) before the fire is recorded, so a
 crash in between makes the same run id again, which exists: no second run (a run made
 but not queued is queued then, never removed). A control request's effect is durable

@@ -76,8 +76,9 @@ class Result:
     timed_out: bool = False
     cancelled: bool = False
     lost: bool = False  # ended by no fault of its own (a pool broke): rerun without charge
-    # The task did not start: its folders or log could not be made for want of room
-    # (ENOSPC, EDQUOT; with lost=True). The engine starts nothing until the spool has room.
+    # The task did not start: its folders or log could not be made for want of a writable
+    # spool (no room, read-only, EIO: atomic.environment_wide; with lost=True). The engine
+    # starts nothing until the spool can be written again.
     no_room: int | None = None  # the errno
     done: bytes | None = None  # the done-mark the executor put in place (Task.mark)
     output_hash: str | None = None  # with `done`: the hash of the output's data

@@ -16,7 +16,9 @@ Data flow (one duplex pipe per worker, so the pool always knows which task a wor
 Why not ProcessPoolExecutor: when one of its workers dies, every pending future fails with
 BrokenProcessPool and nothing says which task killed the worker.
 Crash safety: a succeeded call's done-mark (Task.mark) is put in place here, atomically but
-not synced (the engine's group commit syncs it); a call's log is appended to (O_APPEND).
+not synced (the engine's group commit syncs it); a call's log is appended to (O_APPEND),
+opened as a task's file (chute.taskfiles: a FIFO or link there fails the call, never
+blocks the worker).
 Diagnostics: the user's mistakes (import errors, exceptions, bad return values) are the
 Result's one-line error, with tracebacks in the task's log, never in the daemon's.
 A chute bug inside the worker is a Result error starting `chute worker error:` and a
@@ -59,7 +61,7 @@ from typing import Any
 import orjson
 import psutil
 
-from chute import atomic, outputs
+from chute import atomic, outputs, taskfiles
 from chute.clock import Clock
 from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Mark, Result, Task
 from chute.runner import (
@@ -114,9 +116,10 @@ def _worker_main(conn: Connection) -> None:
 def leave_mark(mark: Mark, output: bytes | None) -> tuple[str | None, bytes | None, str | None]:
     """Write a succeeded call's done-mark: (error, the output.json, its data's hash).
 
-    The error is an artifact linking out of the run (the call then fails, as the engine
-    would fail it). The mark is left to the engine (None) when it cannot be written here:
-    the engine's writes know how to wait for a full disk.
+    The error is why the artifacts fail the call (one linking out of the run, a FIFO, a
+    folder that cannot be listed: as the engine would fail a run: task). The mark is left to
+    the engine (None) when it cannot be written here: the engine's writes know how to wait
+    for a full disk, and what a path a task replaced means for the attempt.
     """
     folder = Path(mark.path).parent
     listing, escape = outputs.scan_artifacts(folder / "artifacts", folder, Path(mark.run_dir))
@@ -290,10 +293,11 @@ def _reap_leftovers(grace: float) -> None:
 def cap_log(path: str, limit: int) -> None:
     """Cut the log at `path` back to `limit` bytes plus the cap note, if it is longer.
 
-    Best effort: a log we cannot open or cut is left as it is (the call's result stands).
+    Best effort: a log we cannot open or cut is left as it is (the call's result stands);
+    one a task replaced by a FIFO or a link is not touched (chute.taskfiles).
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = taskfiles.open_regular(path, os.O_WRONLY)
     except OSError:
         return
     try:

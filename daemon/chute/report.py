@@ -6,8 +6,9 @@ it only reads; chute.rundir and chute.engine own those). Not here: the summary t
 Crash safety: the page is replaced atomically (`chute.atomic.write_volatile`, no fsync), so
 a reader sees the old page or the new one; losing it loses nothing, `write_report` rebuilds
 it.
-Diagnostics: a page that cannot be built or written would be a chute bug (or the disk):
-`write_report_or_log` logs it with a traceback and the run's outcome never depends on it.
+Diagnostics: a page that cannot be built would be a chute bug: `write_report_or_log` logs
+it with a traceback; one whose files cannot be read or written (a run folder a task broke,
+the disk) is one WARNING line. The run's outcome never depends on it.
 Limits: the page fetches nothing (inline CSS, SVG and JS; no URL anywhere) and escapes every
 string from the spec or the run. Attempts do not record their own cores, so every attempt of
 a task is drawn on the task's final cores; an attempt with no finish yet ends at the latest
@@ -785,9 +786,19 @@ def write_report(run_dir: Path) -> Path:
 
 def write_report_or_log(run_dir: Path) -> Path | None:
     """`write_report`, for callers whose outcome must not depend on it (the run has ended
-    either way): a failure is logged with its traceback and gives None."""
+    either way): a failure gives None, logged as one line when it is the run folder's (a
+    task may have removed or replaced anything there), else with its traceback."""
     try:
         return write_report(run_dir)
+    except OSError as exc:
+        log.warning(
+            "%s report: could not write %s: %s: %s",
+            run_dir.name,
+            run_dir / REPORT_NAME,
+            exc.filename,
+            exc.strerror,
+        )
+        return None
     except Exception:
         log.exception("%s report: could not write %s", run_dir.name, run_dir / REPORT_NAME)
         return None

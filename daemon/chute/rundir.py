@@ -1,7 +1,10 @@
 """A run's folder: run.json, manifest.json, spec.yaml, stages/, and the `latest` links.
 
-Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/latest, and
-finding a run by name. Not here: deciding states (chute.engine), durable writes (chute.atomic).
+Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/latest,
+finding a run by name, and removing run folders (retention). Its tasks may have changed
+anything in a run folder: its JSON files are read as a task's files (chute.taskfiles),
+and a folder is removed however deep a task nested it (remove_tree).
+Not here: deciding states (chute.engine), durable writes (chute.atomic).
 Crash safety: the folder is created with spec.yaml and run.json (state queued) in one group
 commit before the run is acknowledged; every later file is replaced atomically, so a reader
 sees a whole run.json or the previous one. `latest` links are replaced by rename. Removal
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import itertools
 import os
 import secrets
 import shutil
@@ -27,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from chute import __version__, atomic, names
+from chute import __version__, atomic, names, taskfiles
 from chute.clock import rfc3339
 from chute.faults import crash_point
 from chute.spool import Spool
@@ -182,8 +186,14 @@ def _point_pipeline_latest(spool: Spool, run_id: str, pipeline: str) -> None:
         atomic.replace_symlink(folder / "latest", target)
 
 
+JSON_LIMIT = 256 << 20
+"""Bytes a run's JSON file may have when read back (a manifest of 10,000 shards: ~30 MB)."""
+
+
 def read_json(path: Path) -> Any:
-    return orjson.loads(path.read_bytes())
+    """A run's JSON file, read as a task's file (chute.taskfiles: a task may have put a FIFO
+    or a folder in its place): OSError when it is not a regular file within JSON_LIMIT."""
+    return orjson.loads(taskfiles.read_regular(str(path), JSON_LIMIT))
 
 
 def run_ids(spool: Spool) -> list[str]:
@@ -272,7 +282,7 @@ def gc(
     for leftover in _gc_leftovers(spool):
         if budget == 0:
             return removed
-        shutil.rmtree(spool.runs / leftover, ignore_errors=True)
+        remove_tree(spool.runs / leftover)
         budget -= 1
     ids = run_ids(spool)
     newest = set(ids[-keep_runs:]) if keep_runs > 0 else set()
@@ -298,7 +308,7 @@ def gc(
         # Crash point: the run is out of view under runs/.gc-<id>, not yet deleted; the next
         # pass (the daemon's retention or `chute gc`) finishes it.
         crash_point("gc.renamed")
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_tree(doomed)
         removed.append(run_id)
         budget -= 1
     return removed
@@ -322,3 +332,60 @@ def _finished_at(folder: Path) -> float | None:
         return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
     except (OSError, ValueError):
         return None
+
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def remove_tree(top: Path) -> None:
+    """`rm -rf top`, best effort (what cannot be removed stays), however its tasks shaped
+    it: shutil.rmtree recurses once per level, and a task can nest folders thousands deep
+    (RecursionError), past PATH_MAX. Here the tree is flattened instead: a folder's
+    subfolders are moved up into `top` until each folder is empty, with two descriptors
+    open at a time and no path longer than two names."""
+    try:
+        top_fd = os.open(top, _DIR)
+    except OSError:
+        return
+    moved = itertools.count()
+    try:
+        while entries := os.listdir(top_fd):
+            changed = False  # a pass that removes or moves nothing ends it: the rest stays
+            for name in entries:
+                try:
+                    os.unlink(name, dir_fd=top_fd)
+                    changed = True
+                    continue
+                except IsADirectoryError:
+                    pass
+                except OSError:
+                    continue
+                try:
+                    sub_fd = os.open(name, _DIR, dir_fd=top_fd)
+                except OSError:
+                    continue
+                try:
+                    for child in os.listdir(sub_fd):
+                        try:
+                            os.unlink(child, dir_fd=sub_fd)
+                        except IsADirectoryError:
+                            up = f".rm-{next(moved)}"
+                            os.rename(child, up, src_dir_fd=sub_fd, dst_dir_fd=top_fd)
+                        changed = True
+                except OSError:
+                    pass
+                finally:
+                    os.close(sub_fd)
+                try:
+                    os.rmdir(name, dir_fd=top_fd)
+                    changed = True
+                except OSError:
+                    pass
+            if not changed:
+                return
+    except OSError:
+        return
+    finally:
+        os.close(top_fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(top)

@@ -25,8 +25,11 @@ removed only after it has been read into the Result.
 Diagnostics: a task's own failure (exit code, signal, timeout, bad output) is the Result's
 one-line `error`, never a log line of ours. A task that cannot start (missing program,
 missing cwd, unwritable log, bad cores) is a Result with an error naming the path and the
-errno text, so the engine records it like any failed attempt. A log that cannot be written
-while the task runs (disk full) is one ERROR line; the task's further output is discarded.
+errno text, so the engine records it like any failed attempt. A task's folder is hostile
+input: its log and CHUTE_OUTPUT are opened through chute.taskfiles (a FIFO, folder or link
+a task put there fails the attempt with a reason that says what is there; nothing blocks).
+A log that cannot be written while the task runs (disk full) is one ERROR line; the task's
+further output is discarded.
 Limits: the group is signalled only while the main process is an unreaped zombie or alive,
 so its pgid cannot have been recycled; processes that left the group are found by the
 orphan sweep in chute.local, not here. The limit is on the log file, earlier attempts
@@ -43,13 +46,13 @@ import fcntl
 import logging
 import os
 import signal
-import stat
 import subprocess
 from dataclasses import dataclass
 from typing import Literal
 
 import orjson
 
+from chute import atomic, taskfiles
 from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Result, Task
 from chute.units import format_size
 
@@ -69,18 +72,17 @@ TASK_KEY_VAR = "CHUTE_TASK_KEY"
 StopReason = Literal["timeout", "cancel"]
 
 
-NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
-
-
 class SpawnError(Exception):
     """The task could not be started; the message is the Result's error."""
 
     def __init__(self, message: str, errno_: int | None = None):
         super().__init__(message)
-        self.no_room = errno_ if errno_ in NO_ROOM else None
+        # About the filesystem (no room, read-only, EIO): not the task's fault (see Result).
+        self.no_room = errno_ if errno_ in atomic.ENVIRONMENT_WIDE else None
 
     def result(self, key: str) -> Result:
-        """The Result of a task that could not start: failed, or lost for want of room."""
+        """The Result of a task that could not start: failed, or lost for want of a
+        writable spool."""
         return Result(key=key, error=str(self), lost=self.no_room is not None, no_room=self.no_room)
 
 
@@ -114,36 +116,42 @@ def stop_message(reason: StopReason, timeout: float | None, grace: float, sigkil
 
 
 def read_output(path: str) -> tuple[bytes | None, str | None]:
-    """The JSON a task left at CHUTE_OUTPUT (removed once read), or the reason it is unusable."""
+    """The JSON a task left at CHUTE_OUTPUT (removed once read), or the reason it is unusable.
+
+    The task may have put anything there (taskfiles.open_regular decides what is read); what
+    it left is removed, but for a non-empty folder, which the reason names.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        data = taskfiles.read_regular(path, MAX_OUTPUT_BYTES)
     except FileNotFoundError:
         return None, None
     except OSError as exc:
+        _remove(path)
+        if isinstance(exc, taskfiles.TooBig):
+            return None, OUTPUT_TOO_BIG.format(size=exc.size)
+        if isinstance(exc, taskfiles.NotRegular):
+            return None, (
+                f"CHUTE_OUTPUT {path} {exc.strerror}; write the JSON output as a file at that path"
+            )
         return None, f"cannot read CHUTE_OUTPUT {path}: {exc.strerror}"
+    _remove(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, f"CHUTE_OUTPUT {path} is not a regular file"
-        if st.st_size > MAX_OUTPUT_BYTES:
-            return None, OUTPUT_TOO_BIG.format(size=st.st_size)
-        chunks = []
-        total = 0
-        while chunk := os.read(fd, MAX_OUTPUT_BYTES + 1 - total):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > MAX_OUTPUT_BYTES:  # it grew after fstat: a process still writes
-                return None, OUTPUT_TOO_BIG.format(size=total)
-        data = b"".join(chunks)
-        try:
-            orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            return None, f"CHUTE_OUTPUT is not valid JSON: {exc}"
-        return data, None
-    finally:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return None, f"CHUTE_OUTPUT is not valid JSON: {exc}"
+    return data, None
+
+
+def _remove(path: str) -> None:
+    """Remove what a task left at `path` (an empty folder too), so the next attempt starts
+    clean; what cannot be removed stays, and the next attempt's reason says what it is."""
+    try:
+        os.unlink(path)
+    except IsADirectoryError:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+    except OSError:
+        pass
 
 
 def too_big_to_exec(argv: list[str], env: dict[str, str]) -> str:
@@ -185,23 +193,29 @@ def make_folders(task: Task) -> None:
 
 
 def open_log(path: str, *, append: bool = False) -> int:
-    """A descriptor at the end of `path`, creating its folder; SpawnError says why not.
+    """A descriptor at the end of the log `path`, creating it and its folder; SpawnError
+    says why not (a task may have put a FIFO, a folder or a link there: never followed nor
+    waited on, see chute.taskfiles).
 
     O_APPEND only with `append` (a call: worker's fds 1 and 2): splice(2) refuses to write
     to such a file (EINVAL), so a run: task's log pipe gets a plain descriptor.
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else 0)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0)
     try:
         try:
-            fd = os.open(path, flags, 0o644)
+            fd = taskfiles.open_regular(path, flags)
         except FileNotFoundError:  # the engine makes the folder; other callers may not
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            fd = os.open(path, flags, 0o644)
+            fd = taskfiles.open_regular(path, flags)
+        os.lseek(fd, 0, os.SEEK_END)
+    except taskfiles.NotRegular as exc:
+        raise SpawnError(
+            f"log {path} {exc.strerror}; remove it so the stage's output can be logged there"
+        ) from None
     except OSError as exc:
         raise SpawnError(
             f"cannot open log {exc.filename or path}: {exc.strerror}", exc.errno
         ) from None
-    os.lseek(fd, 0, os.SEEK_END)
     return fd
 
 

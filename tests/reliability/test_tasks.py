@@ -9,7 +9,10 @@ final, since the daemon records a task's end only after its processes are gone.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +28,7 @@ import pytest
 from chute.clock import parse_rfc3339
 from chute.runner import DEFAULT_LOG_LIMIT, cap_note
 from conftest import chute_env, load_json, pid_alive, wait_for
-from daemon_proc import Daemon, daemon_factory, drop, final_run, job, runs_of
+from daemon_proc import Daemon, daemon_factory, drop, final_run, healthz, job, runs_of
 
 __all__ = ["daemon_factory"]
 
@@ -242,3 +245,358 @@ def test_no_task_process_is_left_when_the_daemon_stops_mid_task(
     run_id = wait_for("the busy task to run", running, 30)
     assert d.stop() == 0
     assert task_processes(run_id) == []
+
+
+# --- tasks that break their own run folder ---------------------------------------------
+#
+# A task's folder is hostile input: whatever a task puts in place of its output, its
+# artifacts, its log, its inputs or its folders, its attempt ends failed with a reason that
+# says what is there (or, where chute can simply replace what the task left, the attempt
+# runs), and the daemon goes on: /healthz answers 200, the next job runs, a restart finds
+# nothing it trips on. In the reasons, {stage} is the stage's (or shard 0's) folder.
+
+PY = sys.executable
+DEEP = "d" * 200  # a folder name; 25 of them nested make a path longer than PATH_MAX
+
+
+def pipeline(*stages: str, extra: str = "") -> str:
+    body = "".join(f"    - {stage}\n" for stage in stages)
+    return (
+        "apiVersion: chute/v1\nkind: Pipeline\nmetadata: {name: hostile}\n"
+        f"spec:\n{extra}  stages:\n{body}"
+    )
+
+
+def stage(run: str, extra: str = "", name: str = "bad") -> str:
+    return f"{{name: {name}, run: {json.dumps(run)}{', ' if extra else ''}{extra}}}"
+
+
+def call_stage(fn: str, mods: str, extra: str = "") -> str:
+    return f"{{name: bad, call: 'hostile_mod:{fn}', workdir: {mods}{', ' if extra else ''}{extra}}}"
+
+
+RETRY = "retries: {max: 1, delay: 100ms}"
+LOG = 'L="$CHUTE_RUN_DIR/stages/$CHUTE_STAGE/log"; rm -rf "$L"; '
+HOSTILE_MOD = """
+import os, shutil
+
+def artifacts_file(ctx):
+    shutil.rmtree(ctx.artifacts)
+    with open(ctx.artifacts, "w") as f:
+        f.write("not a folder")
+    return {"n": 1}
+
+def artifact_fifo(ctx):
+    os.mkfifo(os.path.join(ctx.artifacts, "results.pipe"))
+    return {"n": 1}
+
+def mark_folder(ctx):
+    os.makedirs(os.path.join(os.path.dirname(ctx.artifacts), "output.json"), exist_ok=True)
+    return {"n": 1}
+
+def log_fifo(ctx):
+    log = os.path.join(os.path.dirname(ctx.artifacts), "log")
+    os.unlink(log)
+    os.mkfifo(log)
+    raise RuntimeError("left a FIFO as my log")
+"""
+
+
+@dataclass(frozen=True)
+class Hostile:
+    stages: tuple[str, ...]  # the pipeline's stages; the one named `bad` misbehaves
+    state: str  # the run's final state
+    reason: str | None  # the last attempt's error of `bad` ({stage}: its folder, shard 0's)
+    sharded: bool = False
+    slow: bool = False  # a variant of a row the default suite has: CI runs it
+
+
+HOSTILE = {
+    "output-is-a-folder": Hostile(
+        (stage('mkdir -p "$CHUTE_OUTPUT"'),),
+        "failed",
+        "CHUTE_OUTPUT {stage}/.output.json is a directory, not a regular file; write the JSON "
+        "output as a file at that path",
+    ),
+    "output-is-a-fifo": Hostile(
+        (stage('rm -rf "$CHUTE_OUTPUT"; mkfifo "$CHUTE_OUTPUT"'),),
+        "failed",
+        "CHUTE_OUTPUT {stage}/.output.json is a FIFO, not a regular file; write the JSON "
+        "output as a file at that path",
+        slow=True,
+    ),
+    "output-is-a-link": Hostile(
+        (stage('ln -sfn /etc/passwd "$CHUTE_OUTPUT"'),),
+        "failed",
+        "CHUTE_OUTPUT {stage}/.output.json is a symbolic link, not a regular file; write the "
+        "JSON output as a file at that path",
+        slow=True,
+    ),
+    "output-is-huge": Hostile(
+        (stage('truncate -s 3G "$CHUTE_OUTPUT"'),),
+        "failed",
+        "output is 3221225472 bytes, over the 1 MiB limit; write the data to a file under "
+        "$CHUTE_ARTIFACTS (ctx.artifacts) and return its path instead",
+        slow=True,
+    ),
+    "artifacts-is-a-file": Hostile(
+        (stage('rm -rf "$CHUTE_ARTIFACTS"; echo x > "$CHUTE_ARTIFACTS"'),),
+        "failed",
+        "$CHUTE_ARTIFACTS {stage}/artifacts is a regular file, not a folder; leave it a folder "
+        "and write the artifacts into it",
+    ),
+    "artifacts-is-a-fifo": Hostile(
+        (stage('rm -rf "$CHUTE_ARTIFACTS"; mkfifo "$CHUTE_ARTIFACTS"'),),
+        "failed",
+        "$CHUTE_ARTIFACTS {stage}/artifacts is a FIFO, not a folder; leave it a folder and "
+        "write the artifacts into it",
+        slow=True,
+    ),
+    "artifacts-is-a-link": Hostile(
+        (stage('rm -rf "$CHUTE_ARTIFACTS"; ln -s /etc "$CHUTE_ARTIFACTS"'),),
+        "failed",
+        "$CHUTE_ARTIFACTS {stage}/artifacts is a symbolic link, not a folder; leave it a "
+        "folder and write the artifacts into it",
+        slow=True,
+    ),
+    # Root lists a chmod 000 folder all the same; what root meets is a path too long to open.
+    "artifacts-deeper-than-path-max": Hostile(
+        (
+            stage(
+                f'cd "$CHUTE_ARTIFACTS"; {PY} -c "import os; d = \'{DEEP}\'; '
+                '[(os.mkdir(d), os.chdir(d)) for _ in range(25)]"'
+            ),
+        ),
+        "failed",
+        f"cannot list artifact folder '{DEEP[:60]}<any>{DEEP[-60:]}': File name too long",
+    ),
+    "artifact-is-a-fifo": Hostile(
+        (stage('mkfifo "$CHUTE_ARTIFACTS/results.pipe"'),),
+        "failed",
+        "artifact 'results.pipe' is a FIFO, not a file or folder; artifacts are files: remove "
+        "it (or put a regular file in its place) before the task ends",
+    ),
+    "artifact-is-a-socket": Hostile(
+        (
+            stage(
+                f'mkdir "$CHUTE_ARTIFACTS/s"; cd "$CHUTE_ARTIFACTS"; '
+                f"{PY} -c \"import socket; socket.socket(socket.AF_UNIX).bind('s/ock')\""
+            ),
+        ),
+        "failed",
+        "artifact 's/ock' is a socket, not a file or folder; artifacts are files: remove it (or "
+        "put a regular file in its place) before the task ends",
+        slow=True,
+    ),
+    "log-is-a-folder": Hostile(
+        (stage(LOG + 'mkdir "$L"; exit 1', RETRY),),
+        "failed",
+        "log {stage}/log is a directory, not a regular file; remove it so the stage's output "
+        "can be logged there",
+        slow=True,
+    ),
+    "log-is-a-fifo": Hostile(
+        (stage(LOG + 'mkfifo "$L"; exit 1', RETRY),),
+        "failed",
+        "log {stage}/log is a FIFO, not a regular file; remove it so the stage's output can be "
+        "logged there",
+    ),
+    "log-is-a-link": Hostile(
+        (stage(LOG + 'ln -s /etc/passwd "$L"; exit 1', RETRY),),
+        "failed",
+        "log {stage}/log is a symbolic link, not a regular file; remove it so the stage's "
+        "output can be logged there",
+        slow=True,
+    ),
+    "inputs-is-a-folder": Hostile(
+        (
+            stage("true", name="up"),
+            stage(
+                'rm -f "$CHUTE_INPUTS"; mkdir "$CHUTE_INPUTS"; exit 1', f"dependsOn: [up], {RETRY}"
+            ),
+        ),
+        "failed",
+        "cannot write CHUTE_INPUTS {stage}/.inputs.json: Is a directory",
+    ),
+    # A FIFO (or a link) where chute writes a file of its own is simply replaced.
+    "inputs-is-a-fifo": Hostile(
+        (
+            stage("true", name="up"),
+            stage(
+                '[ -e ../once ] && exec cat "$CHUTE_INPUTS"; touch ../once; '
+                'rm "$CHUTE_INPUTS"; mkfifo "$CHUTE_INPUTS"; exit 1',
+                f"dependsOn: [up], {RETRY}",
+            ),
+        ),
+        "succeeded",
+        None,
+    ),
+    "done-mark-is-a-folder": Hostile(
+        (stage("mkdir output.json"),),
+        "failed",
+        "cannot write the done-mark {stage}/output.json: Is a directory",
+    ),
+    "stage-folder-removed": Hostile(
+        (stage('rm -rf "$CHUTE_RUN_DIR/stages/$CHUTE_STAGE"'),),
+        "failed",
+        "cannot write the done-mark {stage}/output.json: No such file or directory",
+    ),
+    # The first attempt fails on its CHUTE_OUTPUT; the retry on its folders, not the run.
+    "shard-folder-made-a-fifo": Hostile(
+        (stage('d="$PWD"; cd /; rm -rf "$d"; mkfifo "$d"', f"shards: 2, {RETRY}"),),
+        "failed",
+        "cannot make folder {stage}/artifacts: Not a directory",
+        sharded=True,
+    ),
+    # Shard 1 makes shard 0's folder (which passed its own checks) a FIFO: the stage's
+    # listing leaves shard 0 out, with a warning; nothing is left to fail.
+    "sibling-shard-folder-made-a-fifo": Hostile(
+        (
+            stage(
+                '[ "$CHUTE_SHARD_INDEX" = 0 ] && exit 0; '
+                "while [ ! -e ../0/output.json ]; do sleep 0.02; done; "
+                "rm -rf ../0; mkfifo ../0",
+                "shards: 2",
+            ),
+        ),
+        "succeeded",
+        None,
+        sharded=True,
+        slow=True,
+    ),
+    "call-artifacts-is-a-file": Hostile(
+        (call_stage("artifacts_file", "{mods}"),),
+        "failed",
+        "$CHUTE_ARTIFACTS {stage}/artifacts is a regular file, not a folder; leave it a folder "
+        "and write the artifacts into it",
+        slow=True,
+    ),
+    "call-artifact-is-a-fifo": Hostile(
+        (call_stage("artifact_fifo", "{mods}"),),
+        "failed",
+        "artifact 'results.pipe' is a FIFO, not a file or folder; artifacts are files: remove "
+        "it (or put a regular file in its place) before the task ends",
+    ),
+    "call-done-mark-is-a-folder": Hostile(
+        (call_stage("mark_folder", "{mods}"),),
+        "failed",
+        "cannot write the done-mark {stage}/output.json: Is a directory",
+        slow=True,
+    ),
+    "call-log-is-a-fifo": Hostile(
+        (call_stage("log_fifo", "{mods}", RETRY),),
+        "failed",
+        "log {stage}/log is a FIFO, not a regular file; remove it so the stage's output can be "
+        "logged there",
+    ),
+}
+
+
+def matches(pattern: str, text: str) -> bool:
+    """`text` is `pattern`, where `<any>` stands for any text."""
+    regex = ".*".join(re.escape(part) for part in pattern.split("<any>"))
+    return re.fullmatch(regex, text, re.DOTALL) is not None
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(case, id=name, marks=[pytest.mark.slow] if case.slow else [])
+        for name, case in HOSTILE.items()
+    ],
+)
+def test_a_task_that_breaks_its_own_folder_fails_its_attempt_and_the_daemon_goes_on(
+    spool: Path, tmp_path: Path, daemon_factory: Callable[..., Daemon], case: Hostile
+) -> None:
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "hostile_mod.py").write_text(HOSTILE_MOD)
+    d = daemon_factory("kill_grace: 1s\n").start()
+    text = pipeline(*(s.replace("{mods}", str(mods)) for s in case.stages))
+    drop(spool, "hostile.yaml", text)
+    rec = final_run(spool, "incoming/hostile.yaml", timeout=60)
+    run_dir = spool / "runs" / rec["run_id"]
+    bad = {s["name"]: s for s in load_json(run_dir / "manifest.json")["stages"]}["bad"]
+    assert rec["state"] == case.state, (rec, bad)
+    attempts = bad["shards"][0]["attempts"] if case.sharded else bad["attempts"]
+    if case.reason is None:
+        assert bad["state"] == "succeeded", bad
+    else:
+        folder = run_dir / "stages" / "bad" / ("0" if case.sharded else "")
+        reason = case.reason.format(stage=str(folder).rstrip("/"))
+        assert matches(reason, attempts[-1]["error"]), (attempts[-1]["error"], reason)
+    assert task_processes(rec["run_id"]) == []
+    assert healthz(spool)[0] == 200, healthz(spool)
+    drop(spool, "after.yaml", job("after", "echo fine"))
+    assert final_run(spool, "incoming/after.yaml")["state"] == "succeeded"
+    assert d.stop() == 0
+    d.messages.clear()
+    d.start()  # recovery reads the run folders as the tasks left them
+    wait_for("/healthz to answer 200 after the restart", lambda: healthz(spool)[0] == 200, 30)
+    assert load_json(run_dir / "run.json") == rec
+    assert d.stop() == 0
+
+
+def test_a_run_resumed_into_the_folder_its_task_broke_fails_and_the_daemon_stays_up(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    """kill -9 as the broken attempt's end is recorded: the restart resumes the run, the
+    stage starts again on what its task left (a FIFO for a log, a folder for its output),
+    and fails with the reason, where it used to take the daemon down at every start."""
+    crash = {"CHUTE_CRASH_AT": "loop.attempt_recorded"}
+    d = daemon_factory("kill_grace: 1s\n", env=crash).start()
+    drop(spool, "hostile.yaml", pipeline(stage(LOG + 'mkfifo "$L"; mkdir -p "$CHUTE_OUTPUT"')))
+    assert d.proc is not None
+    assert d.proc.wait(timeout=60) == -signal.SIGKILL
+    d.proc = None
+    d.env = {}
+    d.messages.clear()
+    d.start()
+    rec = final_run(spool, "incoming/hostile.yaml", timeout=60)
+    assert (rec["state"], rec["recoveries"]) == ("failed", 1)
+    folder = spool / "runs" / rec["run_id"] / "stages" / "bad"
+    assert rec["error"] == (
+        f"stage bad failed: log {folder}/log is a FIFO, not a regular file; remove it so the "
+        "stage's output can be logged there"
+    )
+    assert healthz(spool)[0] == 200, healthz(spool)
+    drop(spool, "after.yaml", job("after", "echo fine"))
+    assert final_run(spool, "incoming/after.yaml")["state"] == "succeeded"
+    assert d.stop() == 0
+
+
+def test_a_cache_entry_a_task_broke_is_a_miss_and_the_stage_runs(
+    spool: Path, tmp_path: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    """A task reaches cache/ through its run folder's parents: an entry made a FIFO must not
+    block the loop that reads it, a key folder made a file must not stop the one that writes
+    it."""
+    counter = tmp_path / "count"
+    cached = pipeline(stage(f"echo x >> {counter}", "cache: true", name="expensive"))
+    d = daemon_factory("kill_grace: 1s\n").start()
+    drop(spool, "c1.yaml", cached)
+    assert final_run(spool, "incoming/c1.yaml")["state"] == "succeeded"
+    [entry] = (spool / "cache").iterdir()
+    breaker = 'c="$CHUTE_RUN_DIR/../../cache"; for e in "$c"/*; do rm -rf "$e"; mkdir "$e"; '
+    breaker += 'mkfifo "$e/output.json"; done'
+    drop(spool, "break.yaml", job("breaker", breaker))
+    assert final_run(spool, "incoming/break.yaml")["state"] == "succeeded"
+    assert (entry / "output.json").is_fifo()
+    drop(spool, "c2.yaml", cached)
+    rec = final_run(spool, "incoming/c2.yaml")
+    assert rec["state"] == "succeeded"
+    [stage_rec] = load_json(spool / "runs" / rec["run_id"] / "manifest.json")["stages"]
+    assert stage_rec["cache"] == {"key": entry.name, "hit": False}
+    assert counter.read_text() == "x\nx\n"
+    # The key's folder made a file: the entry is not kept, and nothing else minds.
+    (entry / "output.json").unlink()
+    entry.rmdir()
+    entry.write_text("not a folder")
+    drop(spool, "c3.yaml", cached)
+    assert final_run(spool, "incoming/c3.yaml")["state"] == "succeeded"
+    assert counter.read_text() == "x\nx\nx\n"
+    assert healthz(spool)[0] == 200, healthz(spool)
+    log = d.log.read_text()
+    assert f"cache entry {entry.name} is unreadable (is a FIFO, not a regular file)" in log
+    assert f"cache entry {entry} not kept: File exists" in log
+    assert d.stop() == 0

@@ -2,6 +2,7 @@
 
 Owns: cache/ and the cache key. Not here: when the cache is consulted (chute.engine.loop).
 Crash safety: an entry is one file written atomically; a torn entry cannot exist.
+Diagnostics: an entry that cannot be read is the caller's to report (a miss, with a warning).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import orjson
 
+from chute import taskfiles
 from chute.spec.model import Stage
+
+ENTRY_LIMIT = 256 << 20  # bytes: an output (1 MiB at most) and the listing of its artifacts
 
 
 def cache_key(stage: Stage, upstream_hashes: Mapping[str, str]) -> str:
@@ -39,7 +43,10 @@ def entry_path(cache_dir: Path, key: str) -> Path:
 
 
 def lookup(cache_dir: Path, key: str) -> bytes | None:
+    """The entry's output.json, or None when there is none. Read as a task's file
+    (chute.taskfiles: a task reaches cache/ through its run folder's parents): OSError when
+    what is there is not a regular file of at most ENTRY_LIMIT bytes, or cannot be read."""
     try:
-        return entry_path(cache_dir, key).read_bytes()
+        return taskfiles.read_regular(str(entry_path(cache_dir, key)), ENTRY_LIMIT)
     except FileNotFoundError:
         return None

@@ -178,6 +178,7 @@ class RunGraph:
         self.pipeline = pipeline
         self.stages: dict[str, StageRun] = {}
         self.cancelled = False
+        self.aborted: str | None = None  # why the run failed as a whole (see abort)
         self.fail_fast_fired = False
         self._ready: deque[Unit] = deque()
         self._delayed: list[Unit] = []
@@ -227,6 +228,8 @@ class RunGraph:
         """The run state derived from its stages: running until every stage is final."""
         if not self.done:
             return "running"
+        if self.aborted is not None:
+            return "failed"
         if self.cancelled:
             return "cancelled"
         if any(s.state not in STAGE_OK for s in self.stages.values()):
@@ -324,7 +327,7 @@ class RunGraph:
             unit.state = "cancelled"
         elif (
             not unit.fallback
-            and not self.cancelled
+            and not self.stopping
             and not self.fail_fast_fired
             and should_retry(stage.spec.retries, len(unit.attempts), result.exit_code)
         ):
@@ -345,6 +348,18 @@ class RunGraph:
         """Cancel the run: nothing new starts; returns the running units to stop."""
         self.cancelled = True
         return self._stop_everything(wall)
+
+    def abort(self, reason: str, wall: float) -> list[Unit]:
+        """Fail the run as a whole for `reason` (its folder cannot be written): stop as a
+        cancel does, but the run ends `failed`; returns the running units to stop."""
+        if self.aborted is None:
+            self.aborted = reason
+        return self._stop_everything(wall)
+
+    @property
+    def stopping(self) -> bool:
+        """Cancelled or aborted: no retry, no fallback, nothing new starts."""
+        return self.cancelled or self.aborted is not None
 
     # -- internals -------------------------------------------------------------------------
 
@@ -388,11 +403,11 @@ class RunGraph:
             else:
                 stage.data = [u.data for u in stage.units]
             return self._finish_stage(stage, "succeeded", wall)
-        if "cancelled" in states and (self.cancelled or self.fail_fast_fired):
+        if "cancelled" in states and (self.stopping or self.fail_fast_fired):
             return self._finish_stage(stage, "cancelled", wall)
         outcome = "timed_out" if "timed_out" in states and "failed" not in states else "failed"
         spec_fb = stage.spec.fallback
-        if spec_fb is not None and not self.cancelled and not self.fail_fast_fired:
+        if spec_fb is not None and not self.stopping and not self.fail_fast_fired:
             stage.fallback_unit = Unit(self.run_id, stage.name, fallback=True)
             self._ready.append(stage.fallback_unit)
             return []

@@ -14,17 +14,24 @@ The manifest of a running run is rewritten at most every MANIFEST_INTERVAL secon
 once when a stage fails or the run ends; run.json turns `running` with the first of those
 (a run shorter than that is written queued, then final: two run.json writes, not three).
 A crash before it leaves the run `queued` with stage folders: recovery counts it started.
-Diagnostics: a task's own failure is recorded in the manifest; an OSError writing the run
-folder propagates (the caller logs the path and errno).
+Diagnostics: a task's own failure is recorded in the manifest. A run folder is hostile
+input (its tasks may remove or replace anything in it), so a write that fails is scoped by
+its errno (atomic.environment_wide): no room, a read-only or failing filesystem pauses
+every start until a probe write succeeds (one ERROR line); anything else is that run's
+problem. A task's own files that cannot be used (its log, CHUTE_INPUTS, its done-mark, its
+artifacts) fail its attempt with the reason; any other path of the run (its manifest, a
+stage folder) fails the run, whose run.json says which path and why, and a run whose end
+cannot be recorded at all is dropped with one ERROR line (_rewrite_final).
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import math
 import os
+import stat
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,19 +39,21 @@ from typing import Any, Protocol
 
 import orjson
 
-from chute import allocator, atomic
+from chute import allocator, atomic, runner
 from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.engine import cache
 from chute.engine.dag import STAGE_FINAL, STAGE_OK, RunGraph, StageRun, Unit
 from chute.executor import Context, Executor, Mark, Result, Task
+from chute.faults import crash_point
 from chute.outputs import data_hash, digest, document, scan_artifacts
-from chute.spec.model import Pipeline, Stage
+from chute.spec.model import Pipeline
 from chute.spool import Spool
 from chute.topology import Topology, format_cpulist
 
 log = logging.getLogger(__name__)
 
 MANIFEST_INTERVAL = 0.5
+CLOSE_LIMIT = 5.0  # seconds `close` waits for writes that keep failing (a full disk)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EMPTY_INPUTS = b'{"inputs":{},"upstream":{}}\n'
 
@@ -64,6 +73,7 @@ class ActiveRun:
     made: set[Path] = field(default_factory=set)  # stage folders known to exist
     dropped_at: float | None = None  # epoch s its file was dropped (intake latency), if known
     record_stale: bool = False  # `record` changed since run.json was last written
+    rewritten: bool = False  # its final run.json was written again after a failed write
 
     @property
     def state(self) -> str:
@@ -144,7 +154,14 @@ class Engine:
         self._synced: list[Path] = []  # in place already, to fsync with the next commit
         self._new_dirs: set[Path] = set()
         self._left_folders: dict[str, tuple[Path, ...]] = {}  # task key -> Task.folders
-        self._committer = atomic.Committer(syncfs=syncfs)
+        self._runs_parts = spool.runs.parts
+        # Filled by the writer thread: paths it could not write (on_unwritten), and runs
+        # whose final files were among them (the finishing callback).
+        self._unwritten: deque[atomic.Unwritten] = deque()
+        self._refinish: deque[tuple[ActiveRun, atomic.Unwritten]] = deque()
+        self._committer = atomic.Committer(
+            syncfs=syncfs, scope=self._run_of, on_unwritten=self._on_unwritten
+        )
         self._purge = False  # units in _waiting may have left the waiting state
         self.draining = False  # stopping: start nothing new, let running tasks end
         self.disk_error: OSError | None = None  # set while the spool cannot be written
@@ -212,6 +229,7 @@ class Engine:
         """
         now = self.clock.monotonic()
         wall = self.clock.time()
+        self._take_unwritten()
         # Only runs that changed (new, a result, a cancel) or whose retry delay is over can
         # have new ready units: with thousands of queued runs, looking at all of them on
         # every step would make a burst quadratic.
@@ -285,12 +303,18 @@ class Engine:
                 break
             self.handle(self.executor.poll(timeout))
         self._flush(self.clock.monotonic())
-        self._committer.flush()
+        while True:  # a final run.json that could not be written is written once more
+            self._committer.flush()
+            if not self._unwritten and not self._refinish:
+                break
+            self._take_unwritten()
+            self._flush(self.clock.monotonic())
 
     def interrupt(self) -> list[ActiveRun]:
         """Leave every started run `interrupted` (the daemon stopped under it): its manifest
         as it is, its run.json saying so; runs not started stay `queued`. A restart resumes
-        them. Call after the executor is closed: no task of these runs may still run."""
+        them. Call after the executor is closed (no task of these runs may still run), then
+        `close`, which writes it all."""
         left = list(self.runs.values())
         for run in left:
             if run.record["state"] == "queued":
@@ -310,13 +334,19 @@ class Engine:
         self._running.clear()
         self._left_folders.clear()
         self._flush(self.clock.monotonic())
-        self._committer.flush()
         return left
 
-    def close(self) -> None:
-        """Write what is pending and stop the writer thread."""
+    def close(self, timeout: float = CLOSE_LIMIT) -> bool:
+        """Write what is pending and stop the writer thread, giving up after `timeout`
+        seconds of failing writes (one ERROR line says what was not written; a run whose
+        final run.json is among it keeps its queue file, so it resumes at the next start).
+        False when something was given up."""
         self._flush(self.clock.monotonic())
-        self._committer.close()
+        landed = self._committer.close(timeout)
+        for u in self._unwritten:
+            log.error("cannot write %s: %s; not written", u.path, u.error.strerror)
+        self._unwritten.clear()
+        return landed
 
     # -- queue and start -------------------------------------------------------------------
 
@@ -344,18 +374,28 @@ class Engine:
         upstream = {d: run.graph.stages[d].output_hash or "" for d in stage.spec.depends_on}
         key = cache.cache_key(stage.spec, upstream)
         stage.cache = {"key": key, "hit": False}
-        blob = cache.lookup(self.spool.cache, key)
-        if blob is None:
-            return
         try:
+            blob = cache.lookup(self.spool.cache, key)
+            if blob is None:
+                return
             doc = orjson.loads(blob)
             data = doc["data"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            log.warning("%s cache entry %s is unreadable; running the stage", run.run_id, key)
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not an output.json"
+            log.warning(
+                "%s cache entry %s is unreadable (%s); running the stage", run.run_id, key, why
+            )
             return
-        sdir = self._stage_folder(run, stage.name, None)
-        atomic.write_volatile(sdir / "output.json", blob)  # a done-mark, as in _write_output
-        self._synced.append(sdir / "output.json")
+        try:
+            sdir = self._stage_folder(run, stage.name, None)
+        except OSError as exc:
+            if atomic.environment_wide(exc):  # the stage runs instead, once there is room
+                self._disk_trouble(exc, f"making the folder of {stage.name}")
+            else:
+                self._fail_run(run, f"cannot write {exc.filename}: {exc.strerror}")
+            return
+        if not self._put_mark(run, sdir / "output.json", blob):
+            return
         run.graph.cache_hit(stage.name, data, doc.get("_meta", {}).get("output_hash"), wall)
         self._check.add(run.run_id)  # its dependents may be ready now
         if self.events is not None:
@@ -419,13 +459,19 @@ class Engine:
             run.made.add(made[-1].parent)
 
     def _start(self, run: ActiveRun, unit: Unit, grant: allocator.Grant, wall: float) -> bool:
-        """Start `unit` on `grant`; False when its files could not be written (a full disk):
-        the unit stays waiting and nothing is charged."""
+        """Start `unit` on `grant`; False when its files could not be written for want of a
+        writable spool (a full disk): the unit stays waiting and nothing is charged. A run
+        folder that cannot be written for a reason of its own fails its run."""
+        if unit.state != "waiting":
+            return True  # its run failed earlier in this pass (_fail_run): drop it
         try:
             return self._try_start(run, unit, grant, wall)
         except OSError as exc:
-            self._disk_trouble(exc, f"preparing {unit.key}")
-            return False
+            if atomic.environment_wide(exc):
+                self._disk_trouble(exc, f"preparing {unit.key}")
+                return False
+            self._fail_run(run, f"cannot write {exc.filename or run.dir}: {exc.strerror}")
+            return True  # not started, and never will be: its run has failed
 
     def _try_start(self, run: ActiveRun, unit: Unit, grant: allocator.Grant, wall: float) -> bool:
         graph = run.graph
@@ -435,10 +481,17 @@ class Engine:
         # A first attempt that needs no file in its folder beforehand has the folder made by
         # the executor (the spawner thread, the call worker): two fewer file-system creates
         # on the loop per task, each ~0.2 ms here while the writer thread syncs.
+        problem: str | None = None  # why this attempt fails before it starts
         if attempt_no == 1 and not unit.fallback and not spec.depends_on:
             folder, made = _folders(run, spec.name, unit.shard)
         else:
-            folder, made = self._stage_folder(run, spec.name, unit.shard), ()
+            folder, made = _folders(run, spec.name, unit.shard)[0], ()
+            try:
+                self._stage_folder(run, spec.name, unit.shard)
+            except OSError as exc:  # the unit's own folders: a task replaced one (a FIFO)
+                if atomic.environment_wide(exc):
+                    raise
+                problem = f"cannot make folder {exc.filename}: {exc.strerror}"
         fb = spec.fallback if unit.fallback else None
         run_cmd = fb.run if fb is not None else spec.run
         call = fb.call if fb is not None else spec.call
@@ -446,12 +499,11 @@ class Engine:
 
         upstream = graph.upstream_data(spec)
         inputs: dict[str, Any] = {}
-        problem: str | None = None
         for kwarg, ref in spec.inputs.items():
             try:
                 inputs[kwarg] = resolve_input(ref, upstream)
             except KeyError as exc:
-                problem = f"inputs.{kwarg}: {exc.args[0]}"
+                problem = problem or f"inputs.{kwarg}: {exc.args[0]}"
         inputs_blob = (
             orjson.dumps({"inputs": inputs, "upstream": upstream}) if spec.depends_on else None
         )
@@ -460,7 +512,12 @@ class Engine:
             inputs_path = self._empty_inputs_file()
         else:
             inputs_path = folder / ".inputs.json"
-            inputs_path.write_bytes(inputs_blob)  # derived data, rebuilt on every attempt
+            try:  # derived data, rebuilt on every attempt; replaces whatever a task put there
+                atomic.write_volatile(inputs_path, inputs_blob)
+            except OSError as exc:
+                if atomic.environment_wide(exc):
+                    raise
+                problem = problem or f"cannot write CHUTE_INPUTS {inputs_path}: {exc.strerror}"
 
         count = spec.shards.count if spec.shards is not None else 1
         index = unit.shard if unit.shard is not None else 0
@@ -492,15 +549,10 @@ class Engine:
                 **chute_env,
             }
         )
-        log_path = (
-            folder / "log"
-            if not unit.fallback
-            else self._stage_folder(run, spec.name, None) / "log"
-        )
-        if attempt_no > 1 or unit.fallback:
+        log_path = folder / "log"  # a fallback's folder is its stage's
+        if (attempt_no > 1 or unit.fallback) and problem is None:
             what = "fallback" if unit.fallback else f"attempt {attempt_no}"
-            with open(log_path, "ab") as f:
-                f.write(f"--- chute: {what} at {rfc3339(wall)} ---\n".encode())
+            problem = _log_header(log_path, f"--- chute: {what} at {rfc3339(wall)} ---\n")
         graph.start(unit, grant.cores, wall)
         key = unit.key
         mark = None
@@ -625,11 +677,14 @@ class Engine:
         data: Any = None
         output_hash: str | None = None
         listing: list[dict[str, str]] = []
+        blob: bytes | None = result.done
+        graph = run.graph
+        stage = graph.stages[unit.stage]
+        folder = _folders(run, unit.stage, None if unit.fallback else unit.shard)[0]
         if result.ok and result.done is None:
-            folder = self._stage_folder(run, unit.stage, None if unit.fallback else unit.shard)
-            listing, escape = scan_artifacts(folder / "artifacts", folder, run.dir)
-            if escape is not None:
-                result = Result(key=result.key, exit_code=result.exit_code, error=escape)
+            listing, problem = scan_artifacts(folder / "artifacts", folder, run.dir)
+            if problem is not None:
+                result = Result(key=result.key, exit_code=result.exit_code, error=problem)
         if result.ok:
             try:
                 data = orjson.loads(result.output) if result.output else None
@@ -639,27 +694,46 @@ class Engine:
                 )
             else:
                 output_hash = result.output_hash or data_hash(data)
-        elif run.graph.stages[unit.stage].spec.call is not None and not unit.fallback:
+        if result.ok and result.done is None:
+            # Handover: this output.json is the unit's done-mark. It is in place before any
+            # dependent starts (a restart after the daemon dies never runs it again) and
+            # durable before the next manifest that names it (the committer syncs it
+            # first). Written before the attempt is recorded: a task that left something
+            # in its place (a folder) fails its own attempt.
+            blob = document(
+                stage=stage.spec.name,
+                version=stage.spec.version,
+                created_at=wall,
+                started_at=unit.started_at,
+                input_hash=unit.input_hash,
+                data=data,
+                artifacts=listing,
+                output_hash=output_hash,
+            )
+            error = self._write_mark(folder / "output.json", blob)
+            if error is not None:
+                error = f"cannot write the done-mark {folder / 'output.json'}: {error}"
+                result = Result(key=result.key, exit_code=result.exit_code, error=error)
+        elif not result.ok and stage.spec.call is not None and not unit.fallback:
             # A call stopped after its worker left the done-mark (Task.mark): not done.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(_folders(run, unit.stage, unit.shard)[0] / "output.json")
-        graph = run.graph
-        stage = graph.stages[unit.stage]
+            try:
+                os.unlink(folder / "output.json")
+            except OSError as exc:  # none, or a task's folder: the stage is not done either way
+                log.debug("%s: %s", folder / "output.json", exc.strerror)
         self._check.add(run.run_id)
         was_final = stage.state in STAGE_FINAL
         for other in graph.finish(unit, result, now, wall, data, output_hash):
             self.executor.cancel(other.key)
+        # Durable here: a succeeded unit's done-mark is in place (not yet synced); that the
+        # attempt ended is in memory only, so after a crash the unit runs again.
+        crash_point("loop.attempt_recorded")
         if graph.fail_fast_fired or stage.spec.shards is not None:
             self._purge = True
         self._log_unit(run, unit, result)
-        blob: bytes | None = None
-        if unit.state == "succeeded":
-            folder = self._stage_folder(run, unit.stage, None if unit.fallback else unit.shard)
-            if result.done is not None:  # in place (Task.mark): to be made durable
-                blob = result.done
-                self._synced.append(folder / "output.json")
-            else:
-                blob = self._write_output(folder, stage.spec, unit.data, unit, wall, listing)
+        if unit.state != "succeeded":
+            blob = None
+        elif result.done is not None:  # in place (Task.mark): to be made durable
+            self._synced.append(folder / "output.json")
         if stage.state in STAGE_FINAL:
             self._stage_finished(run, stage, wall, blob)
         if self.events is not None:
@@ -695,37 +769,29 @@ class Engine:
             f" error={a.error!r}" if a.error else "",
         )
 
-    def _write_output(
-        self,
-        folder: Path,
-        spec: Stage,
-        data: Any,
-        unit: Unit | None,
-        wall: float,
-        artifacts: list[dict[str, str]],
-    ) -> bytes:
-        blob = document(
-            stage=spec.name,
-            version=spec.version,
-            created_at=wall,
-            started_at=unit.started_at if unit is not None else None,
-            input_hash=unit.input_hash if unit is not None else None,
-            data=data,
-            artifacts=artifacts,
-            output_hash=unit.output_hash if unit is not None else None,
-        )
-        # Handover: this output.json is the stage's done-mark. It is in place before any
-        # dependent starts (a restart after the daemon dies never runs the stage again) and
-        # durable before the next manifest that names it (the committer syncs it first).
-        path = folder / "output.json"
+    def _write_mark(self, path: Path, blob: bytes) -> str | None:
+        """Put the done-mark `blob` in place at `path` (made durable with the next commit);
+        the errno text when `path` cannot take it for a reason of its own (the run's
+        problem: a folder there, its folder gone). For want of a writable spool the
+        committer holds the mark and retries until it lands."""
         try:
             atomic.write_volatile(path, blob)
-            self._synced.append(path)
         except OSError as exc:
-            # A full disk: the committer holds the mark and retries until it lands.
+            if not atomic.environment_wide(exc):
+                return exc.strerror or str(exc)
             self._disk_trouble(exc, f"writing {path}")
             self._writes.append((path, blob))
-        return blob
+            return None
+        self._synced.append(path)
+        return None
+
+    def _put_mark(self, run: ActiveRun, path: Path, blob: bytes) -> bool:
+        """_write_mark of a mark no attempt is left to fail for (a cache hit, a sharded
+        stage's): a path that cannot take it fails the run. False then."""
+        error = self._write_mark(path, blob)
+        if error is not None:
+            self._fail_run(run, f"cannot write {path}: {error}")
+        return error is None
 
     def _stage_finished(
         self, run: ActiveRun, stage: StageRun, wall: float, blob: bytes | None
@@ -735,14 +801,32 @@ class Engine:
         if stage.state != "succeeded":
             return
         if spec.shards is not None:
-            folder = self._stage_folder(run, spec.name, None)
-            blob = self._write_output(
-                folder, spec, stage.data, None, wall, _shard_artifacts(folder, run.dir)
+            try:
+                folder = self._stage_folder(run, spec.name, None)
+            except OSError as exc:
+                if not atomic.environment_wide(exc):
+                    self._fail_run(run, f"cannot write {exc.filename}: {exc.strerror}")
+                    return
+                folder = _folders(run, spec.name, None)[0]  # the mark waits for room
+            blob = document(
+                stage=spec.name,
+                version=spec.version,
+                created_at=wall,
+                started_at=None,
+                input_hash=None,
+                data=stage.data,
+                artifacts=_shard_artifacts(run.run_id, folder, run.dir),
             )
             stage.output_hash = data_hash(stage.data)
+            if not self._put_mark(run, folder / "output.json", blob):
+                return
         if spec.cache and stage.cache is not None and blob is not None:
             entry = cache.entry_path(self.spool.cache, stage.cache["key"])
-            entry.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a task can reach cache/; a cache entry is a nicety
+                log.warning("cache entry %s not kept: %s", entry.parent, exc.strerror)
+                return
             self._writes.append((entry, blob))
 
     # -- run records -----------------------------------------------------------------------
@@ -779,11 +863,88 @@ class Engine:
         del self.runs[run.run_id]
         self._flush(self.clock.monotonic(), on_done=self._finished_callback(run))
 
-    def _finished_callback(self, run: ActiveRun) -> Callable[[], None] | None:
+    def _finished_callback(self, run: ActiveRun) -> Callable[[], None]:
         hook = self.on_finished
-        if hook is None:
-            return None
-        return lambda: hook(run)
+
+        def finished() -> None:  # in the writer thread, after the run's final batch
+            lost = self._committer.unwritten_scopes.get(run.run_id)
+            if lost is not None:  # its end is not on disk: the loop decides (_rewrite_final)
+                self._refinish.append((run, lost))
+                self.executor.wake()
+            elif hook is not None:
+                hook(run)
+
+        return finished
+
+    # -- what could not be written -----------------------------------------------------------
+
+    def _run_of(self, path: Path) -> str | None:
+        """The run whose folder holds `path` (the committer's scope), None outside runs/."""
+        parts, base = path.parts, self._runs_parts
+        return parts[len(base)] if len(parts) > len(base) and parts[: len(base)] == base else None
+
+    def _on_unwritten(self, unwritten: list[atomic.Unwritten]) -> None:
+        """In the writer thread: hand what it could not write to the loop."""
+        self._unwritten.extend(unwritten)
+        self.executor.wake()
+
+    def _take_unwritten(self) -> None:
+        """Act on what the writer thread could not write, for a reason of the path's own: an
+        active run whose file it was fails; a finished one whose end is not on disk gets
+        its run.json written once more (_rewrite_final)."""
+        while self._unwritten:
+            u = self._unwritten.popleft()
+            run_id = self._run_of(u.path)
+            run = self.runs.get(run_id) if run_id is not None else None
+            if run is not None:
+                self._fail_run(run, f"cannot write {u.cause}: {u.error.strerror}")
+            elif run_id is None:  # a cache entry a task broke, or the spool's own folders
+                log.warning("cannot write %s: %s; not written", u.path, u.error.strerror)
+        while self._refinish:
+            self._rewrite_final(*self._refinish.popleft())
+
+    def _fail_run(self, run: ActiveRun, reason: str) -> None:
+        """Fail `run` as a whole for `reason`: a path of its folder cannot be written (gone,
+        or replaced: that run's problem; a full disk pauses everything instead). Its tasks
+        are stopped; its final run.json says why, if it can still be written."""
+        if run.run_id not in self.runs or run.graph.aborted is not None:
+            return
+        log.warning("%s failed: %s", run.run_id, reason)
+        for unit in run.graph.abort(reason, self.clock.time()):
+            self.executor.cancel(unit.key)
+        self._purge = True
+        self._check.add(run.run_id)  # the next step finishes it once its tasks are gone
+        self._dirty(run, urgent=True)
+
+    def _rewrite_final(self, run: ActiveRun, lost: atomic.Unwritten) -> None:
+        """A finished run whose final files did not all land (`lost` says which and why):
+        its run.json is written once more, alone, saying the run failed and why. If that
+        cannot be (run.json itself, or the run folder, is what failed), the run is dropped:
+        one ERROR line, and its queue file goes (on_finished), so no restart resumes it."""
+        reason = f"cannot write {lost.cause}: {lost.error.strerror}"
+        record = run.dir / "run.json"
+        try:
+            folder_ok = stat.S_ISDIR(os.lstat(run.dir).st_mode)
+        except OSError:
+            folder_ok = False
+        rec = run.record
+        if run.rewritten or lost.cause == record or not folder_ok:
+            log.error(
+                "%s dropped: %s; its end cannot be recorded in %s, and it is not resumed",
+                run.run_id,
+                reason,
+                run.dir,
+            )
+            rec["state"], rec["error"] = "failed", reason  # for its summary line and metric
+            if self.on_finished is not None:
+                self.on_finished(run)
+            return
+        run.rewritten = True
+        if rec["state"] != "failed":  # else it says why already (a stage, or _fail_run)
+            log.warning("%s failed: %s", run.run_id, reason)
+            rec["state"] = "failed"
+            rec["error"] = reason
+        self._committer.submit([(record, atomic.dumps(rec))], on_done=self._finished_callback(run))
 
     def _flush(self, now: float, on_done: Callable[[], None] | None = None) -> None:
         """Hand this step's writes to the committer (one group commit, in order)."""
@@ -803,6 +964,23 @@ class Engine:
         self._committer.submit(writes, folders, on_done, synced)
 
 
+def _log_header(path: Path, text: str) -> str | None:
+    """Append `text` to a stage's log; the attempt's error when the log cannot take it (a
+    task put a FIFO, a folder or a link in its place). OSError: for want of a writable
+    spool (the attempt waits, uncharged)."""
+    try:
+        fd = runner.open_log(str(path))
+    except runner.SpawnError as exc:
+        if exc.no_room is not None:
+            raise OSError(exc.no_room, os.strerror(exc.no_room), str(path)) from None
+        return str(exc)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    return None
+
+
 def _folders(run: ActiveRun, stage: str, shard: int | None) -> tuple[Path, tuple[Path, ...]]:
     """A unit's folder, and the folders to make for it, parents first."""
     base = run.dir / "stages" / stage
@@ -810,19 +988,39 @@ def _folders(run: ActiveRun, stage: str, shard: int | None) -> tuple[Path, tuple
     return folder, tuple(dict.fromkeys((base, folder, folder / "artifacts")))
 
 
-def _shard_artifacts(stage_folder: Path, run_dir: Path) -> list[dict[str, str]]:
+def _shard_artifacts(run_id: str, stage_folder: Path, run_dir: Path) -> list[dict[str, str]]:
     """A sharded stage's artifacts: every shard's, in shard order (each checked when its
-    shard ended)."""
+    shard ended). A shard's that can no longer be listed (another task of the run replaced
+    its folder, or put a FIFO in it since) is left out, with a warning: no attempt is left
+    to fail for it."""
+    try:
+        with os.scandir(stage_folder) as entries:
+            shards = sorted(
+                (e.name for e in entries if e.name.isdigit() and e.is_dir(follow_symlinks=False)),
+                key=int,
+            )
+    except OSError as exc:
+        log.warning("%s: cannot list the shards of %s: %s", run_id, stage_folder, exc.strerror)
+        return []
     out: list[dict[str, str]] = []
-    shards = sorted(
-        (p for p in stage_folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
-    )
     for shard in shards:
-        out.extend(scan_artifacts(shard / "artifacts", stage_folder, run_dir)[0])
+        listing, problem = scan_artifacts(stage_folder / shard / "artifacts", stage_folder, run_dir)
+        if problem is not None:
+            log.warning(
+                "%s stage %s shard %s: %s; its artifacts are left out of the stage's output.json",
+                run_id,
+                stage_folder.name,
+                shard,
+                problem,
+            )
+            continue
+        out.extend(listing)
     return out
 
 
 def _run_error(graph: RunGraph) -> str | None:
+    if graph.aborted is not None:
+        return graph.aborted
     if graph.cancelled:
         return "cancelled"
     for stage in graph.stages.values():

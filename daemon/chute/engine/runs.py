@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, names, rundir
+from chute import atomic, names, rundir, taskfiles
 from chute.clock import parse_rfc3339, rfc3339
 from chute.engine.dag import Reused, RunGraph
 from chute.engine.loop import ActiveRun
@@ -487,6 +487,12 @@ def cancel_stopped(spool: Spool, run_id: str, now: float) -> dict[str, Any]:
 # -- state on disk ---------------------------------------------------------------------------
 
 
+def _read(path: Path) -> bytes:
+    """A file of a run folder, read as a task's file (a task may have replaced it by a FIFO
+    or a folder: chute.taskfiles), within rundir.JSON_LIMIT."""
+    return taskfiles.read_regular(str(path), rundir.JSON_LIMIT)
+
+
 def started_on_disk(run_dir: Path) -> bool:
     """Whether a run that run.json still calls `queued` had started: run.json turns `running`
     only with the run's first manifest (up to MANIFEST_INTERVAL after its first task), so a
@@ -642,7 +648,7 @@ def resume_run(
     Unrecoverable when a file in it is not as chute writes it."""
     folder = spool.runs / run_id
     record = _run_record(folder)
-    raw = (folder / "spec.yaml").read_bytes()
+    raw = _read(folder / "spec.yaml")
     pipeline = load_bytes(
         raw, f"runs/{run_id}/spec.yaml", node_cpus=node_cpus, node_memory=node_memory
     )
@@ -659,9 +665,11 @@ def resume_run(
                 reused[s.name] = Reused(entry=entry, data=None, output_hash=None)
             continue  # else not finished (a sharded stage with some shards done runs whole)
         try:
-            doc = orjson.loads(out.read_bytes())
-        except orjson.JSONDecodeError:
-            continue  # torn by a power loss before its fsync: the stage runs again
+            doc = orjson.loads(_read(out))
+        except (OSError, orjson.JSONDecodeError):
+            # Torn by a power loss before its fsync, or a task put something else there
+            # (a FIFO, a folder): not a done-mark, so the stage runs again.
+            continue
         if not isinstance(doc, dict) or not isinstance(doc.get("_meta", {}), dict):
             raise Unrecoverable(f"runs/{run_id}/stages/{s.name}/output.json is not an output")
         meta = doc.get("_meta", {})
