@@ -673,7 +673,7 @@ def _damage(name: str, run: Path) -> None:
 
 EXPECTED_ERROR = {
     "spec-missing": "spec.yaml: No such file or directory",
-    "manifest-a-folder": "manifest.json: Is a directory",
+    "manifest-a-folder": "manifest.json: is a directory, not a regular file",
     "stage-folder-a-file": "stages/d is not a folder",
 }
 
