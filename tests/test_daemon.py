@@ -444,3 +444,44 @@ def test_a_crash_before_run_json_says_running_still_counts_the_run_started(
         assert ran.read_text() == "x\nx\n"  # its unfinished stage ran again, in place
     assert len(runs_of(spool, "incoming/once.yaml")) == 1
     assert d2.stop() == 0
+
+
+def test_a_stage_retried_a_hundred_times_keeps_a_small_manifest_that_counts_every_attempt(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
+) -> None:
+    d = daemon_factory("cpus: 2\n").start()
+    retries = "retries: {max: 100, delay: 1ms}"
+    drop(
+        spool,
+        "stubborn.yaml",
+        "apiVersion: chute/v1\nkind: Pipeline\nmetadata: {name: stubborn}\nspec:\n  stages:\n"
+        f"    - {{name: flaky, run: 'exit 3', {retries}}}\n"
+        f"    - {{name: fan, run: '[ $CHUTE_SHARD_INDEX = 1 ] || exit 3', shards: 2, {retries}}}\n",
+    )
+    rec = final_run(spool, "incoming/stubborn.yaml", timeout=120)
+    assert rec["state"] == "failed"
+    run_dir = spool / "runs" / rec["run_id"]
+    manifest = run_dir / "manifest.json"
+    stages = {s["name"]: s for s in load_json(manifest)["stages"]}
+    fan = stages["fan"]["shards"]
+    assert (fan[1]["state"], fan[1]["attempts_total"], fan[1]["attempts_omitted"]) == (
+        "succeeded",
+        1,
+        0,
+    )
+    for entry in [stages["flaky"], fan[0]]:
+        assert entry["state"] == "failed"
+        assert [a["attempt"] for a in entry["attempts"]] == [1, 2, 3, 99, 100, 101]
+        assert {a["exit_code"] for a in entry["attempts"]} == {3}
+        assert (entry["attempts_total"], entry["attempts_omitted"]) == (101, 95)
+    assert (stages["fan"]["attempts_total"], stages["fan"]["attempts"]) == (0, [])
+    assert manifest.stat().st_size < 12_000  # 203 attempts made, 13 listed
+    assert "stage flaky finished state=failed exit_code=3 attempt=101/101" in d.log.read_text()
+    tries = re.findall(
+        r"^--- chute: attempt (\d+) at ", (run_dir / "stages/flaky/log").read_text(), re.M
+    )
+    assert tries == [str(n) for n in range(2, 102)]
+    shown = chute("show", rec["run_id"])
+    assert re.search(r"^flaky\s+failed\s+101\s", shown.out, re.M), shown.out
+    assert re.search(r"^  \[0\]\s+failed\s+101\s", shown.out, re.M), shown.out
+    assert d.stop() == 0

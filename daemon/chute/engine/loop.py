@@ -431,7 +431,7 @@ class Engine:
         graph = run.graph
         stage = graph.stages[unit.stage]
         spec = stage.spec
-        attempt_no = len(unit.attempts) + 1
+        attempt_no = unit.attempts_total + 1
         # A first attempt that needs no file in its folder beforehand has the folder made by
         # the executor (the spawner thread, the call worker): two fewer file-system creates
         # on the loop per task, each ~0.2 ms here while the writer thread syncs.

@@ -192,6 +192,8 @@ def resume_run(
                 "finished_at": doc["_meta"].get("created_at"),
                 "duration_seconds": doc["_meta"].get("duration_seconds"),
                 "attempts": [],
+                "attempts_total": 0,
+                "attempts_omitted": 0,
                 "cache": None,
                 "output": f"stages/{s.name}/output.json",
                 "log": f"stages/{s.name}/log",
