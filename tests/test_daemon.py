@@ -446,6 +446,51 @@ def test_a_crash_before_run_json_says_running_still_counts_the_run_started(
     assert d2.stop() == 0
 
 
+def _gated(gate: Path, priority: int = 100) -> str:
+    """A Job that holds the node's one CPU until `gate` exists."""
+    return job(
+        "blocker", f"while [ ! -e {gate} ]; do sleep 0.02; done", f"  priority: {priority}\n"
+    )
+
+
+def test_waiting_tasks_start_by_priority_then_acceptance_then_stage_and_shard_across_runs(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    gate, order = tmp_path / "gate", tmp_path / "order"
+    d = daemon_factory("cpus: 1\n").start()
+    drop(spool, "blocker.yaml", _gated(gate))
+    wait_for("the blocker to run", lambda: any(r["state"] == "running" for r in runs_of(spool)))
+    note = f'echo "$CHUTE_STAGE $CHUTE_SHARD_INDEX" >> {order}'
+
+    def stage(name: str, extra: str = "") -> str:
+        return f"    - {{name: {name}, run: '{note}'{extra}}}\n"
+
+    def pipeline(name: str, priority: int, stages: str) -> str:
+        return (
+            f"apiVersion: chute/v1\nkind: Pipeline\nmetadata: {{name: {name}}}\n"
+            f"spec:\n  priority: {priority}\n  stages:\n{stages}"
+        )
+
+    drops = [
+        ("a", 0, stage("a1", ", shards: 3") + stage("a2") + stage("a3", ", dependsOn: [a1]")),
+        ("b", 5, stage("b1", ", shards: 2")),
+        ("c", 0, stage("c1", ", shards: 2")),
+        ("d", 5, stage("d1")),
+    ]
+    for n, (name, priority, stages) in enumerate(drops, start=2):
+        drop(spool, f"{name}.yaml", pipeline(name, priority, stages))
+        wait_for(f"{name} to be accepted", lambda n=n: len(runs_of(spool)) == n)
+    gate.touch()
+    for name, _, _ in drops:
+        assert final_run(spool, f"incoming/{name}.yaml")["state"] == "succeeded"
+    assert order.read_text().splitlines() == [
+        "b1 0", "b1 1", "d1 0",  # priority 5, in acceptance order
+        "a1 0", "a1 1", "a1 2", "a2 0", "a3 0",  # then priority 0: a's stages in order
+        "c1 0", "c1 1",
+    ]  # fmt: skip
+    assert d.stop() == 0
+
+
 def test_a_stage_retried_a_hundred_times_keeps_a_small_manifest_that_counts_every_attempt(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:
