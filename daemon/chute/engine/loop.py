@@ -11,8 +11,9 @@ before its final run.json. A stage's output.json is its idempotent "done" mark: 
 written once, after the task ended, so a crash leaves the stage done or not run (a call:
 task's worker writes its own, Task.mark, and the engine syncs it like one of its own; a
 first attempt's folders are made by the executor, Task.folders, and synced with it).
-The manifest of a running run is rewritten at most every MANIFEST_INTERVAL seconds, and at
-once when a stage fails or the run ends; run.json turns `running` with the first of those
+The manifest of a running run is rewritten at most every MANIFEST_INTERVAL seconds (longer
+for a manifest that takes long to make: MANIFEST_SHARE), and at once when a stage fails or
+the run ends; run.json turns `running` with the first of those
 (a run shorter than that is written queued, then final: two run.json writes, not three).
 A crash before it leaves the run `queued` with stage folders: recovery counts it started.
 Diagnostics: a task's own failure is recorded in the manifest; an OSError writing the run
@@ -25,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,10 @@ from chute.topology import Topology, format_cpulist
 log = logging.getLogger(__name__)
 
 MANIFEST_INTERVAL = 0.5
+MANIFEST_SHARE = 0.1
+"""A running run's manifest waits between rewrites at least MANIFEST_INTERVAL, and at least
+its last one's making time / MANIFEST_SHARE: a big run's manifest takes at most this share
+of the loop, however big it is."""
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EMPTY_INPUTS = b'{"inputs":{},"upstream":{}}\n'
 
@@ -65,6 +71,7 @@ class ActiveRun:
     made: set[Path] = field(default_factory=set)  # stage folders known to exist
     dropped_at: float | None = None  # epoch s its file was dropped (intake latency), if known
     record_stale: bool = False  # `record` changed since run.json was last written
+    manifest_cost: float = 0.0  # seconds its last manifest took to make (sets the next wait)
 
     @property
     def state(self) -> str:
@@ -737,14 +744,17 @@ class Engine:
 
     def _dirty(self, run: ActiveRun, urgent: bool = False) -> None:
         now = self.clock.monotonic()
-        due = now if urgent else now + MANIFEST_INTERVAL
+        due = now if urgent else now + max(MANIFEST_INTERVAL, run.manifest_cost / MANIFEST_SHARE)
         if due < self._due.get(run.run_id, math.inf):
             self._due[run.run_id] = due
 
     def _manifest(self, run: ActiveRun) -> bytes:
-        return atomic.dumps(
+        began = time.perf_counter()  # the loop's own time, whatever the Clock says
+        blob = atomic.dumps(
             {"run_id": run.run_id, "pipeline": run.pipeline.name, "stages": run.graph.manifest()}
         )
+        run.manifest_cost = time.perf_counter() - began
+        return blob
 
     def _maybe_finish(self, run: ActiveRun) -> None:
         graph = run.graph
