@@ -491,6 +491,34 @@ def test_waiting_tasks_start_by_priority_then_acceptance_then_stage_and_shard_ac
     assert d.stop() == 0
 
 
+def test_files_wait_in_incoming_while_the_daemon_holds_its_bound_of_tasks(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    from chute.daemon import MAX_ACTIVE_TASKS
+    from chute.spec.fields import MAX_RUN_TASKS
+
+    gate = tmp_path / "gate"
+    d = daemon_factory("cpus: 1\nrescan_interval: 1s\nstop_timeout: 1s\nkill_grace: 1s\n").start()
+    drop(spool, "blocker.yaml", _gated(gate))
+    wait_for("the blocker to run", lambda: any(r["state"] == "running" for r in runs_of(spool)))
+    held = -(-(MAX_ACTIVE_TASKS - 1) // MAX_RUN_TASKS)  # big runs taken until the bound is met
+    for i in range(held + 2):
+        drop(spool, f"big{i:02d}.yaml", job(f"big{i:02d}", "true", f"  shards: {MAX_RUN_TASKS}\n"))
+    queue = spool / "queue"
+    wait_for(f"{held} big runs accepted", lambda: len(list(queue.iterdir())) == 1 + held, 60)
+    deadline = time.monotonic() + 2.5  # two rescans: neither takes the two left
+    while time.monotonic() < deadline:
+        assert sorted(p.name for p in (spool / "incoming").iterdir()) == [
+            f"big{i:02d}.yaml" for i in range(held, held + 2)
+        ]
+        assert len(list(queue.iterdir())) == 1 + held
+        time.sleep(0.25)
+    status = load_json(spool / "state" / "status.json")
+    assert status["tasks"] == {"running": 1, "waiting": held * MAX_RUN_TASKS}
+    assert list((spool / "rejected").iterdir()) == []
+    assert d.stop() == 0
+
+
 def test_a_stage_retried_a_hundred_times_keeps_a_small_manifest_that_counts_every_attempt(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:

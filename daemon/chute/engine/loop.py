@@ -146,6 +146,7 @@ class Engine:
         self._retrying: set[str] = set()  # runs with a unit waiting out a retry delay
         self._due: dict[str, float] = {}  # run id -> when its manifest must be written
         self._waitlist: Waitlist[ActiveRun] = Waitlist()  # units waiting for CPUs
+        self.tasks_held = 0  # tasks of the active runs (Pipeline.tasks), for backpressure
         self._running: dict[str, tuple[ActiveRun, Unit, allocator.Grant]] = {}
         self._writes: list[tuple[Path, bytes]] = []
         self._synced: list[Path] = []  # in place already, to fsync with the next commit
@@ -161,6 +162,7 @@ class Engine:
 
     def add(self, run: ActiveRun) -> None:
         self.runs[run.run_id] = run
+        self.tasks_held += run.pipeline.tasks
         self._check.add(run.run_id)
         for i, s in enumerate(run.pipeline.stages):
             run.stage_index[s.name] = i
@@ -307,6 +309,7 @@ class Engine:
         self._check.clear()
         self._retrying.clear()
         self._waitlist.clear()
+        self.tasks_held = 0
         self._running.clear()
         self._left_folders.clear()
         self._flush(self.clock.monotonic())
@@ -775,6 +778,7 @@ class Engine:
         self._writes.append((run.dir / "run.json", atomic.dumps(rec)))
         self._due.pop(run.run_id, None)
         del self.runs[run.run_id]
+        self.tasks_held -= run.pipeline.tasks
         self._flush(self.clock.monotonic(), on_done=self._finished_callback(run))
 
     def _finished_callback(self, run: ActiveRun) -> Callable[[], None] | None:
