@@ -67,8 +67,8 @@ def add(w: Waitlist[Run], run: Run, position: int, unit: Unit, shape: Shape) -> 
     )
 
 
-def whole_queue(entries: list[tuple[Run, int, Unit, Shape]], seq: dict[str, int]) -> list[Request]:
-    """Every waiting unit as a request, sorted as DESIGN.md says (ties: the run queued first)."""
+def whole_queue(entries: list[tuple[Run, int, Unit, Shape]]) -> list[Request]:
+    """Every waiting unit as a request, sorted as DESIGN.md says (ties: by run id)."""
     requests = [
         (
             Request(
@@ -80,7 +80,7 @@ def whole_queue(entries: list[tuple[Run, int, Unit, Shape]], seq: dict[str, int]
                 position * ORDER_SPAN + (u.shard or 0),
                 shape.walltime,
             ),
-            seq[run.run_id],
+            run.run_id,
         )
         for run, position, u, shape in entries
     ]
@@ -138,10 +138,8 @@ def test_candidates_start_exactly_what_a_walk_of_the_whole_queue_starts(
     w: Waitlist[Run] = Waitlist()
     pending = [(run, p, u, shape) for run in runs for p, u, shape in units_of(run)]
     rng.shuffle(pending)  # units become ready in any order (dependencies, retries)
-    seq: dict[str, int] = {}
     waiting = []
     for run, p, u, shape in pending:
-        seq.setdefault(run.run_id, len(seq))
         add(w, run, p, u, shape)
         waiting.append((run, p, u, shape))
     for entry in rng.sample(waiting, len(waiting) // 3):  # some started or were cancelled
@@ -149,7 +147,7 @@ def test_candidates_start_exactly_what_a_walk_of_the_whole_queue_starts(
         assert w.remove(run.run_id, p, u)
         waiting.remove(entry)
     assert len(w) == len(waiting)
-    oracle = allocate(whole_queue(waiting, seq), running, topology, policy, now=0.0)
+    oracle = allocate(whole_queue(waiting), running, topology, policy, now=0.0)
     assert decide(w, running, topology, policy) == [(r.key, c) for r, c in oracle]
 
 

@@ -9,7 +9,7 @@ Pure: no I/O and no clock.
 Shape: a run's waiting units are kept per stage, in a *group* sorted by shard; every unit of
 a group asks for the same cpus, memory and walltime (its stage's). Runs are kept sorted by
 (priority desc, accepted); runs equal in both are merged unit by unit in topological order
-(ties: the run queued first). So adding or removing a unit costs O(log n) plus a move
+(ties: by run id, which sorts by creation). So adding or removing a unit costs O(log n) plus a move
 within its stage's group (at most MAX_SHARDS entries) and, when its run gets its first or
 loses its last waiting unit, within the list of runs; never O(all waiting units).
 Choosing: the allocator starts a request only if its cpus and memory fit in what is free
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -61,10 +60,10 @@ class _Group:
 
 @dataclass(slots=True, eq=False)
 class _Run(Generic[R]):
+    run_id: str  # breaks ties between runs equal in priority and accepted
     owner: R
     priority: int
     accepted: float
-    seq: int  # when it was queued: breaks ties between runs equal in priority and accepted
     groups: dict[int, _Group] = field(default_factory=dict)  # position -> group
 
     @property
@@ -77,9 +76,8 @@ class Waitlist(Generic[R]):
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run[R]] = {}
-        self._ranked: list[_Run[R]] = []  # runs with waiting units, by (rank, seq)
+        self._ranked: list[_Run[R]] = []  # runs with waiting units, by _run_order
         self._count = 0
-        self._seq = itertools.count()
 
     def __len__(self) -> int:
         return self._count
@@ -100,7 +98,7 @@ class Waitlist(Generic[R]):
         """Queue `unit`, of the stage at `position` in run `run_id`."""
         run = self._runs.get(run_id)
         if run is None:
-            run = _Run(owner, priority, accepted, next(self._seq))
+            run = _Run(run_id, owner, priority, accepted)
             self._runs[run_id] = run
             _insert(self._ranked, run, _run_order)
         group = run.groups.get(position)
@@ -202,15 +200,15 @@ class Waitlist(Generic[R]):
             # Runs tied in rank: unit by unit in topological order (ties: the run queued
             # first); a group leaves the merge at its first unit not taken.
             heap = [
-                (position * ORDER_SPAN + _shard(g.units[0]), run.seq, position, 0, run, g)
+                (position * ORDER_SPAN + _shard(g.units[0]), run.run_id, position, 0, run, g)
                 for run, position, g in groups
             ]
             heapq.heapify(heap)
             while heap and (backfill or cores > 0):
-                _, seq, position, k, run, group = heapq.heappop(heap)
+                _, run_id, position, k, run, group = heapq.heappop(heap)
                 if take(run, group, k, 1) and k + 1 < len(group.units):
                     order = position * ORDER_SPAN + _shard(group.units[k + 1])
-                    heapq.heappush(heap, (order, seq, position, k + 1, run, group))
+                    heapq.heappush(heap, (order, run_id, position, k + 1, run, group))
         return out
 
     # -- internals -------------------------------------------------------------------------
@@ -254,5 +252,5 @@ def _request(run: _Run[R], group: _Group, unit: Unit) -> allocator.Request:
     )
 
 
-def _run_order(run: _Run[R]) -> tuple[int, float, int]:
-    return (-run.priority, run.accepted, run.seq)
+def _run_order(run: _Run[R]) -> tuple[int, float, str]:
+    return (-run.priority, run.accepted, run.run_id)
