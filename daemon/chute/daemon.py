@@ -67,9 +67,9 @@ INTAKE_BATCH = 64  # files taken per loop pass: one group commit, then tasks get
 INTAKE_BYTES = 64 << 10  # and so many bytes of them: validating takes ~1-3 ms per KiB
 # Backpressure: past either bound new files wait, durable, in incoming/ until runs finish;
 # memory stays bounded whatever a flood drops at once. A run costs ~10 KB of memory besides
-# its tasks, a task ~0.3 KB waiting and ~1.5 KB once ended (its manifest entry) while its run
-# is active. Near MAX_ACTIVE_TASKS a batch takes no more files than runs of MAX_RUN_TASKS
-# would fill, so a batch overshoots it by one run's tasks at most.
+# its tasks, a task ~0.3 KB while its run waits and up to ~1.8 KB once it has started (its
+# manifest entry). Near MAX_ACTIVE_TASKS a batch takes no more files than runs of
+# MAX_RUN_TASKS would fill, so a batch overshoots it by one run's tasks at most.
 MAX_ACTIVE_RUNS = 5000
 MAX_ACTIVE_TASKS = 100_000
 SYNC_HERE = 4

@@ -9,9 +9,9 @@ Pure: no I/O and no clock.
 Shape: a run's waiting units are kept per stage, in a *group* sorted by shard; every unit of
 a group asks for the same cpus, memory and walltime (its stage's). Runs are kept sorted by
 (priority desc, accepted); runs equal in both are merged unit by unit in topological order
-(ties: by run id, which sorts by creation). So adding or removing a unit costs O(log n) plus a move
-within its stage's group (at most MAX_SHARDS entries) and, when its run gets its first or
-loses its last waiting unit, within the list of runs; never O(all waiting units).
+(ties: by run id, which sorts by creation). So adding or removing a unit costs O(log n) plus
+a move within its stage's group (at most MAX_SHARDS entries) and, when its run gets its
+first or loses its last waiting unit, within the list of runs; never O(all waiting units).
 Choosing: the allocator starts a request only if its cpus and memory fit in what is free
 (free only shrinks within a decision), so once one unit of a group does not fit, no later
 unit of it will: `candidates` walks groups in queue order, passes over the rest of such a
