@@ -719,3 +719,117 @@ def test_a_run_recovery_cannot_resume_ends_alone_and_the_daemon_starts(
     d3 = daemon_factory("cpus: 2\n").start()  # nothing left to fail again
     assert " recovery failed: " not in d3.log.read_text().split("daemon stopped")[-1]
     assert d3.stop() == 0
+
+
+def _gated(gate: Path, priority: int = 100) -> str:
+    """A Job that holds the node's one CPU until `gate` exists."""
+    return job(
+        "blocker", f"while [ ! -e {gate} ]; do sleep 0.02; done", f"  priority: {priority}\n"
+    )
+
+
+def test_waiting_tasks_start_by_priority_then_acceptance_then_stage_and_shard_across_runs(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    gate, order = tmp_path / "gate", tmp_path / "order"
+    d = daemon_factory("cpus: 1\n").start()
+    drop(spool, "blocker.yaml", _gated(gate))
+    wait_for("the blocker to run", lambda: any(r["state"] == "running" for r in runs_of(spool)))
+    note = f'echo "$CHUTE_STAGE $CHUTE_SHARD_INDEX" >> {order}'
+
+    def stage(name: str, extra: str = "") -> str:
+        return f"    - {{name: {name}, run: '{note}'{extra}}}\n"
+
+    def pipeline(name: str, priority: int, stages: str) -> str:
+        return (
+            f"apiVersion: chute/v1\nkind: Pipeline\nmetadata: {{name: {name}}}\n"
+            f"spec:\n  priority: {priority}\n  stages:\n{stages}"
+        )
+
+    drops = [
+        ("a", 0, stage("a1", ", shards: 3") + stage("a2") + stage("a3", ", dependsOn: [a1]")),
+        ("b", 5, stage("b1", ", shards: 2")),
+        ("c", 0, stage("c1", ", shards: 2")),
+        ("d", 5, stage("d1")),
+    ]
+    for n, (name, priority, stages) in enumerate(drops, start=2):
+        drop(spool, f"{name}.yaml", pipeline(name, priority, stages))
+        wait_for(f"{name} to be accepted", lambda n=n: len(runs_of(spool)) == n)
+    gate.touch()
+    for name, _, _ in drops:
+        assert final_run(spool, f"incoming/{name}.yaml")["state"] == "succeeded"
+    assert order.read_text().splitlines() == [
+        "b1 0", "b1 1", "d1 0",  # priority 5, in acceptance order
+        "a1 0", "a1 1", "a1 2", "a2 0", "a3 0",  # then priority 0: a's stages in order
+        "c1 0", "c1 1",
+    ]  # fmt: skip
+    assert d.stop() == 0
+
+
+def test_files_wait_in_incoming_while_the_daemon_holds_its_bound_of_tasks(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    from chute.daemon import MAX_ACTIVE_TASKS
+    from chute.spec.fields import MAX_RUN_TASKS
+
+    gate = tmp_path / "gate"
+    d = daemon_factory("cpus: 1\nrescan_interval: 1s\nstop_timeout: 1s\nkill_grace: 1s\n").start()
+    drop(spool, "blocker.yaml", _gated(gate))
+    wait_for("the blocker to run", lambda: any(r["state"] == "running" for r in runs_of(spool)))
+    held = -(-(MAX_ACTIVE_TASKS - 1) // MAX_RUN_TASKS)  # big runs taken until the bound is met
+    for i in range(held + 2):
+        drop(spool, f"big{i:02d}.yaml", job(f"big{i:02d}", "true", f"  shards: {MAX_RUN_TASKS}\n"))
+    queue = spool / "queue"
+    wait_for(f"{held} big runs accepted", lambda: len(list(queue.iterdir())) == 1 + held, 60)
+    deadline = time.monotonic() + 2.5  # two rescans: neither takes the two left
+    while time.monotonic() < deadline:
+        assert sorted(p.name for p in (spool / "incoming").iterdir()) == [
+            f"big{i:02d}.yaml" for i in range(held, held + 2)
+        ]
+        assert len(list(queue.iterdir())) == 1 + held
+        time.sleep(0.25)
+    status = load_json(spool / "state" / "status.json")
+    assert status["tasks"] == {"running": 1, "waiting": held * MAX_RUN_TASKS}
+    assert list((spool / "rejected").iterdir()) == []
+    assert d.stop() == 0
+
+
+def test_a_stage_retried_a_hundred_times_keeps_a_small_manifest_that_counts_every_attempt(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
+) -> None:
+    d = daemon_factory("cpus: 2\n").start()
+    retries = "retries: {max: 100, delay: 1ms}"
+    drop(
+        spool,
+        "stubborn.yaml",
+        "apiVersion: chute/v1\nkind: Pipeline\nmetadata: {name: stubborn}\nspec:\n  stages:\n"
+        f"    - {{name: flaky, run: 'exit 3', {retries}}}\n"
+        f"    - {{name: fan, run: '[ $CHUTE_SHARD_INDEX = 1 ] || exit 3', shards: 2, {retries}}}\n",
+    )
+    rec = final_run(spool, "incoming/stubborn.yaml", timeout=120)
+    assert rec["state"] == "failed"
+    run_dir = spool / "runs" / rec["run_id"]
+    manifest = run_dir / "manifest.json"
+    stages = {s["name"]: s for s in load_json(manifest)["stages"]}
+    fan = stages["fan"]["shards"]
+    assert (fan[1]["state"], fan[1]["attempts_total"], fan[1]["attempts_omitted"]) == (
+        "succeeded",
+        1,
+        0,
+    )
+    for entry in [stages["flaky"], fan[0]]:
+        assert entry["state"] == "failed"
+        assert [a["attempt"] for a in entry["attempts"]] == [1, 2, 3, 99, 100, 101]
+        assert {a["exit_code"] for a in entry["attempts"]} == {3}
+        assert (entry["attempts_total"], entry["attempts_omitted"]) == (101, 95)
+    assert (stages["fan"]["attempts_total"], stages["fan"]["attempts"]) == (0, [])
+    assert manifest.stat().st_size < 12_000  # 203 attempts made, 13 listed
+    assert "stage flaky finished state=failed exit_code=3 attempt=101/101" in d.log.read_text()
+    tries = re.findall(
+        r"^--- chute: attempt (\d+) at ", (run_dir / "stages/flaky/log").read_text(), re.M
+    )
+    assert tries == [str(n) for n in range(2, 102)]
+    shown = chute("show", rec["run_id"])
+    assert re.search(r"^flaky\s+failed\s+101\s", shown.out, re.M), shown.out
+    assert re.search(r"^  \[0\]\s+failed\s+101\s", shown.out, re.M), shown.out
+    assert d.stop() == 0

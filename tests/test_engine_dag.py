@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from chute.engine.dag import Reused, RunGraph, Unit
@@ -158,3 +160,66 @@ def test_reused_stages_count_as_done_and_keep_their_data() -> None:
     assert b.stage == "b"
     assert g.upstream_data(g.stages["b"].spec) == {"a": {"x": 1}}
     assert g.manifest()[0] == entry
+
+
+def fail_until_done(g: RunGraph, unit: Unit, times: int) -> Unit:
+    """Fail `unit` `times` times, each retry started as soon as it is due (delay 0)."""
+    for n in range(times):
+        g.finish(unit, fail(unit, 3), float(n), float(n))
+        ready = g.take_ready(float(n))
+        if not ready:
+            break
+        (unit,) = ready
+        g.start(unit, (0,), float(n))
+    return unit
+
+
+def test_a_unit_keeps_its_first_and_last_three_attempts_and_counts_them_all() -> None:
+    g = graph(Stage("a", retries=Retries(max=9, delay=0.0)))
+    (a,) = start_all(g)
+    fail_until_done(g, a, 10)
+    assert g.stages["a"].state == "failed", "the 10th attempt (9 retries) was the last"
+    assert [x.attempt for x in a.attempts] == [1, 2, 3, 8, 9, 10]
+    assert a.attempts_total == 10
+    entry = g.manifest()[0]
+    assert [x["attempt"] for x in entry["attempts"]] == [1, 2, 3, 8, 9, 10]
+    assert (entry["attempts_total"], entry["attempts_omitted"]) == (10, 4)
+
+
+def test_a_lost_attempt_past_the_kept_ones_is_taken_back_and_the_next_gets_its_number() -> None:
+    g = graph(Stage("a", retries=Retries(max=20, delay=0.0)))
+    (a,) = start_all(g)
+    a = fail_until_done(g, a, 7)  # attempt 8 is running
+    g.finish(a, Result(key=a.key, lost=True, error="pool broke"), 8.0, 8.0)
+    assert a.attempts_total == 7
+    (again,) = g.take_ready(8.0)
+    g.start(again, (0,), 8.0)
+    g.finish(again, ok(again), 9.0, 9.0)
+    assert [x.attempt for x in a.attempts] == [1, 2, 3, 6, 7, 8]
+    entry = g.manifest()[0]
+    assert (entry["state"], entry["attempts_total"], entry["attempts_omitted"]) == (
+        "succeeded",
+        8,
+        2,
+    )
+
+
+def test_a_shards_manifest_entry_follows_every_change_of_the_shard() -> None:
+    g = graph(Stage("s", shards=Shards(2), retries=Retries(max=1, delay=5.0)))
+    first, second = start_all(g)
+
+    def entry() -> dict[str, Any]:
+        shard: dict[str, Any] = g.manifest()[0]["shards"][0]
+        return shard
+
+    assert (entry()["state"], len(entry()["attempts"])) == ("running", 1)
+    g.finish(first, fail(first), 1.0, 1.0)
+    assert entry()["state"] == "pending"
+    assert entry()["attempts"] == [first.attempts[0].record()]
+    (again,) = g.take_ready(6.0)
+    g.start(again, (1,), 6.0)
+    assert (entry()["state"], entry()["cores"], entry()["attempts_total"]) == ("running", [1], 2)
+    g.finish(again, ok(again), 7.0, 7.0)
+    g.finish(second, ok(second), 7.0, 7.0)
+    assert entry()["state"] == "succeeded"
+    assert g.manifest()[0]["state"] == "succeeded"

@@ -307,6 +307,11 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
+def _attempts(entry: dict[str, Any]) -> int:
+    """Attempts a manifest entry made: the manifest lists only the first and last few."""
+    return int(entry.get("attempts_total", len(entry["attempts"])))
+
+
 def summary(run_dir: Path) -> str:
     """The execution summary of a run: one row per stage (and shard), then the tally."""
     rec = rundir.read_json(run_dir / "run.json")
@@ -330,7 +335,7 @@ def summary(run_dir: Path) -> str:
             [
                 s["name"],
                 s["state"],
-                str(len(s["attempts"])) if not s["shards"] else "-",
+                str(_attempts(s)) if not s["shards"] else "-",
                 dur(s["duration_seconds"]),
                 format_cpulist(s["cores"]) if s["cores"] else "-",
             ]
@@ -340,7 +345,7 @@ def summary(run_dir: Path) -> str:
                 [
                     f"  [{sh['index']}]",
                     sh["state"],
-                    str(len(sh["attempts"])),
+                    str(_attempts(sh)),
                     dur(sh["duration_seconds"]),
                     format_cpulist(sh["cores"]) if sh["cores"] else "-",
                 ]

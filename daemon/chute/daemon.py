@@ -58,6 +58,7 @@ from chute.metrics import Metrics, Snapshot
 from chute.notify import Notifier
 from chute.schedules import Fire, Schedules, overlap_decision
 from chute.spec import SpecError, load_bytes
+from chute.spec.fields import MAX_RUN_TASKS
 from chute.spec.model import Pipeline
 from chute.spool import Spool, sync_roots
 from chute.topology import Topology, read_topology
@@ -68,9 +69,14 @@ log = logging.getLogger(__name__)
 CONTROL_INTERVAL = 0.25
 POLL_INTERVAL = 1.0  # seconds between scans of incoming/ without inotify (`watch: poll`)
 INTAKE_BATCH = 64  # files taken per loop pass: one group commit, then tasks get their turn
-# Backpressure: past this many active runs (~10 KB each in memory) new files wait, durable,
-# in incoming/ until runs finish; memory stays bounded whatever a flood drops at once.
+INTAKE_BYTES = 64 << 10  # and so many bytes of them: validating takes ~1-3 ms per KiB
+# Backpressure: past either bound new files wait, durable, in incoming/ until runs finish;
+# memory stays bounded whatever a flood drops at once. A run costs ~10 KB of memory besides
+# its tasks, a task ~0.3 KB while its run waits and up to ~1.8 KB once it has started (its
+# manifest entry). Near MAX_ACTIVE_TASKS a batch takes no more files than runs of
+# MAX_RUN_TASKS would fill, so a batch overshoots it by one run's tasks at most.
 MAX_ACTIVE_RUNS = 5000
+MAX_ACTIVE_TASKS = 100_000
 SYNC_HERE = 4
 """Runs accepted in one batch that the loop syncs itself (~1 ms a run, as before the writer
 thread took them over) rather than queue them behind the writer's batch in progress, which
@@ -277,6 +283,7 @@ class Daemon:
         self._finished: deque[ActiveRun] = deque()  # filled by the writer thread
         self._handed: deque[Handover] = deque()  # accepted runs now durable: writer thread
         self._in_flight = 0  # runs accepted whose handover is not back from the writer yet
+        self._in_flight_tasks = 0  # their tasks (Pipeline.tasks)
         self._pending: dict[str, None] = {}  # names in incoming/ to take, in arrival order
         self._reports: deque[tuple[float, Path]] = deque()  # (finished, run dir): report due
         self._schedules: dict[str, _ScheduleState] = {}
@@ -520,7 +527,7 @@ class Daemon:
             timeout = self.engine.step()
             # Files are taken after the step: tasks that can start are on their cores first,
             # and run while the loop reads and validates the next batch.
-            if stop_deadline is None and self._pending and self._active_runs < MAX_ACTIVE_RUNS:
+            if stop_deadline is None and self._pending and self._intake_room():
                 self._take_batch()
             self._drain_finished()
             now = mono()
@@ -543,7 +550,7 @@ class Daemon:
                 waits.append(now + max(0.0, wake.timestamp() - self.clock.time()))
             until = min(waits) - now
             timeout = until if timeout is None else min(timeout, until)
-            if self._pending and stop_deadline is None and self._active_runs < MAX_ACTIVE_RUNS:
+            if self._pending and stop_deadline is None and self._intake_room():
                 timeout = 0.0  # more files to take: only collect what is ready, then go on
             elif self._reports_due(now):
                 self._write_reports(budget=0.02)
@@ -563,10 +570,17 @@ class Daemon:
         self._pending.update(dict.fromkeys(self.intake.incoming_names()))
 
     def _take_batch(self) -> None:
-        """Take at most INTAKE_BATCH pending names: one group commit for all of them, and the
-        loop gets back to starting tasks and collecting results between batches."""
-        room = MAX_ACTIVE_RUNS - self._active_runs
-        batch = list(itertools.islice(self._pending, min(INTAKE_BATCH, room)))
+        """Take at most INTAKE_BATCH pending names, and files of at most INTAKE_BYTES (one
+        file at least): one group commit for all of them, and the loop gets back to starting
+        tasks and collecting results between batches."""
+        batch: list[str] = []
+        size = 0
+        for name in itertools.islice(self._pending, self._intake_room()):
+            if batch and size >= INTAKE_BYTES:
+                break
+            batch.append(name)
+            with contextlib.suppress(OSError):  # gone, or not a file: intake says so
+                size += os.lstat(self.spool.incoming / name).st_size
         for name in batch:
             del self._pending[name]
         outcomes, handover = self.intake.take_deferred(batch)
@@ -576,6 +590,7 @@ class Daemon:
         if handover is None:
             return
         self._in_flight += len(handover.accepted)
+        self._in_flight_tasks += sum(a.pipeline.tasks for a in handover.accepted)
         if len(handover.accepted) <= SYNC_HERE:
             try:
                 handover.unsynced.sync()
@@ -586,9 +601,14 @@ class Daemon:
                 return
         self.engine.sync_then(handover.unsynced, lambda: self._on_durable(handover))
 
-    @property
-    def _active_runs(self) -> int:
-        return len(self.engine.runs) + self._in_flight
+    def _intake_room(self) -> int:
+        """How many files the next batch may take: 0 while the daemon holds MAX_ACTIVE_RUNS
+        runs or MAX_ACTIVE_TASKS tasks (accepted ones not handed over yet included)."""
+        runs = MAX_ACTIVE_RUNS - len(self.engine.runs) - self._in_flight
+        tasks = MAX_ACTIVE_TASKS - self.engine.tasks_held - self._in_flight_tasks
+        if runs <= 0 or tasks <= 0:
+            return 0
+        return min(INTAKE_BATCH, runs, max(1, tasks // MAX_RUN_TASKS))
 
     def _on_durable(self, handover: Handover) -> None:
         """In the writer thread: `handover`'s run folders and queue links are durable."""
@@ -599,6 +619,7 @@ class Daemon:
         while self._handed:
             handover = self._handed.popleft()
             self._in_flight -= len(handover.accepted)
+            self._in_flight_tasks -= sum(a.pipeline.tasks for a in handover.accepted)
             self.intake.release(handover)
             if start:
                 for accepted in handover.accepted:

@@ -12,8 +12,10 @@ the disk) is one WARNING line. The run's outcome never depends on it.
 Limits: the page fetches nothing (inline CSS, SVG and JS; no URL anywhere) and escapes every
 string from the spec or the run. Attempts do not record their own cores, so every attempt of
 a task is drawn on the task's final cores; an attempt with no finish yet ends at the latest
-time the files know. Stages a `chute retry` reused kept the old run's times: they are drawn
-as "reused" at the start, not on the old run's clock, and never join the critical path.
+time the files know. Attempts the manifest leaves out (a task's beyond its first and last
+three) are not drawn; the counts include them. Stages a `chute retry` reused kept the old
+run's times: they are drawn as "reused" at the start, not on the old run's clock, and never
+join the critical path.
 """
 
 from __future__ import annotations
@@ -146,8 +148,9 @@ def build_timeline(run: dict[str, Any], stages: Sequence[dict[str, Any]]) -> Tim
         start, end = rel(e.get("started_at")), rel(e.get("finished_at"))
         reused = start is not None and start < 0
         segs: list[Segment] = []
-        total = len(e["attempts"])
-        tries = sum(1 for a in e["attempts"] if not a.get("fallback"))
+        # The manifest lists a task's first and last few attempts; the count is of all.
+        total = int(e.get("attempts_total", len(e["attempts"])))
+        tries = total - sum(1 for a in e["attempts"] if a.get("fallback"))
         if not reused:
             for a in e["attempts"]:
                 a_start = rel(a["started_at"]) or 0.0

@@ -5,10 +5,20 @@ state derived from its stages. A *unit* is what runs once per attempt: a whole s
 shard of it, or its fallback.
 Pure: no I/O and no clock. `now` (monotonic seconds) decides retry delays; `wall` (epoch
 seconds) is only recorded. Not here: starting processes, cores and files (chute.engine.loop).
+Cost: an event (a start, a result, a retry falling due) costs O(1) or O(log n) whatever the
+number of shards: a stage counts its units not yet final instead of scanning them, retries
+wait in a heap, and a unit's manifest entry is remade only when the unit changed. Only
+once-per-stage steps walk a stage's units (it becomes ready, ends, is skipped or cancelled,
+or a shard fails for good).
+Attempts: a unit keeps its first ATTEMPTS_FIRST and last ATTEMPTS_LAST attempts, in memory
+and in the manifest; `attempts_total` counts them all (the attempt number and the retry
+decision use it), `attempts_omitted` says how many are not listed.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +32,8 @@ from chute.spec.model import Pipeline, Stage
 STAGE_OK = frozenset({"succeeded", "cached", "fallback"})
 STAGE_FINAL = STAGE_OK | {"failed", "timed_out", "cancelled", "skipped"}
 UNIT_FINAL = frozenset({"succeeded", "failed", "timed_out", "cancelled", "skipped", "cached"})
+ATTEMPTS_FIRST = 3  # attempts of a unit kept from its first ...
+ATTEMPTS_LAST = 3  # ... and from its last: at most 6 listed, however many it made
 
 
 def _time(wall: float | None) -> str | None:
@@ -63,7 +75,8 @@ class Unit:
     shard: int | None = None
     fallback: bool = False
     state: str = "pending"
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)  # the first and last few
+    attempts_total: int = 0  # attempts made (charged), listed or not
     not_before: float = 0.0
     cores: tuple[int, ...] = ()
     data: Any = None
@@ -71,6 +84,8 @@ class Unit:
     input_hash: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    _entry: dict[str, Any] | None = None  # its manifest entry, as of `_entry_of`
+    _entry_of: tuple[Any, ...] = ()
 
     @property
     def key(self) -> str:
@@ -80,21 +95,47 @@ class Unit:
             where += "/fallback"
         return f"{self.run_id}/{where}"
 
+    @property
+    def attempts_omitted(self) -> int:
+        return self.attempts_total - len(self.attempts)
+
+    def add_attempt(self, wall: float) -> Attempt:
+        """Charge and record the next attempt, started at `wall`; forget the oldest of the
+        last ones past ATTEMPTS_FIRST + ATTEMPTS_LAST."""
+        self.attempts_total += 1
+        attempt = Attempt(self.attempts_total, wall, fallback=self.fallback)
+        self.attempts.append(attempt)
+        if len(self.attempts) > ATTEMPTS_FIRST + ATTEMPTS_LAST:
+            del self.attempts[ATTEMPTS_FIRST]
+        return attempt
+
+    def drop_attempt(self) -> None:
+        """Take back the current attempt: it was lost through no fault of its own."""
+        self.attempts.pop()
+        self.attempts_total -= 1
+
     def record(self) -> dict[str, Any]:
-        """Manifest fields of one shard."""
-        return {
-            "index": self.shard,
-            "state": self.state,
-            "cores": list(self.cores),
-            "started_at": _time(self.started_at),
-            "finished_at": _time(self.finished_at),
-            "duration_seconds": _duration(self.started_at, self.finished_at),
-            "attempts": [a.record() for a in self.attempts],
-            "output": f"stages/{self.stage}/{self.shard}/output.json"
-            if self.state == "succeeded"
-            else None,
-            "log": f"stages/{self.stage}/{self.shard}/log",
-        }
+        """Manifest fields of one shard; made again only when the shard changed (every
+        change of an attempt comes with one of the unit's state, cores or times)."""
+        now_of = (self.state, self.attempts_total, self.cores, self.started_at, self.finished_at)
+        if self._entry is None or now_of != self._entry_of:
+            self._entry_of = now_of
+            self._entry = {
+                "index": self.shard,
+                "state": self.state,
+                "cores": list(self.cores),
+                "started_at": _time(self.started_at),
+                "finished_at": _time(self.finished_at),
+                "duration_seconds": _duration(self.started_at, self.finished_at),
+                "attempts": [a.record() for a in self.attempts],
+                "attempts_total": self.attempts_total,
+                "attempts_omitted": self.attempts_omitted,
+                "output": f"stages/{self.stage}/{self.shard}/output.json"
+                if self.state == "succeeded"
+                else None,
+                "log": f"stages/{self.stage}/{self.shard}/log",
+            }
+        return self._entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +161,21 @@ class StageRun:
     started_at: float | None = None
     finished_at: float | None = None
     reused: Reused | None = None
+    open_units: int = 0  # units (the fallback too) not in UNIT_FINAL
     _final_record: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.open_units = len(self.units)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def end(self, unit: Unit, state: str) -> None:
+        """Put `unit` of this stage in `state`, counting it off when it becomes final."""
+        if state in UNIT_FINAL and unit.state not in UNIT_FINAL:
+            self.open_units -= 1
+        unit.state = state
 
     def all_units(self) -> list[Unit]:
         return self.units if self.fallback_unit is None else [*self.units, self.fallback_unit]
@@ -145,11 +196,10 @@ class StageRun:
         sharded = s.shards is not None
         units = self.all_units()
         cores = sorted({c for u in units for c in u.cores})
-        attempts: list[dict[str, Any]] = []
-        if not sharded:
-            attempts = [a.record() for u in units for a in u.attempts]
-        elif self.fallback_unit is not None:
-            attempts = [a.record() for a in self.fallback_unit.attempts]
+        counted = (
+            units if not sharded else [] if self.fallback_unit is None else [self.fallback_unit]
+        )
+        attempts = [a.record() for u in counted for a in u.attempts]
         has_output = self.state in STAGE_OK
         return {
             "name": s.name,
@@ -161,6 +211,8 @@ class StageRun:
             "finished_at": _time(self.finished_at),
             "duration_seconds": _duration(self.started_at, self.finished_at),
             "attempts": attempts,
+            "attempts_total": sum(u.attempts_total for u in counted),
+            "attempts_omitted": sum(u.attempts_omitted for u in counted),
             "cache": self.cache,
             "output": f"stages/{s.name}/output.json" if has_output else None,
             "log": None if sharded and self.fallback_unit is None else f"stages/{s.name}/log",
@@ -181,7 +233,8 @@ class RunGraph:
         self.aborted: str | None = None  # why the run failed as a whole (see abort)
         self.fail_fast_fired = False
         self._ready: deque[Unit] = deque()
-        self._delayed: list[Unit] = []
+        self._delayed: list[tuple[float, int, Unit]] = []  # a heap: (not_before, n, unit)
+        self._delays = itertools.count()  # n: ties in the heap go in the order delayed
         self._open = len(pipeline.stages)  # stages not final yet
         reused = reused or {}
         for spec in pipeline.stages:
@@ -204,7 +257,7 @@ class RunGraph:
             stage.output_hash = old.output_hash
             self._open -= 1
             for u in stage.units:
-                u.state = "succeeded" if stage.state in STAGE_OK else stage.state
+                stage.end(u, "succeeded" if stage.state in STAGE_OK else stage.state)
             if stage.state not in STAGE_OK:
                 failed_before.append(stage)
         for stage in failed_before:
@@ -238,7 +291,9 @@ class RunGraph:
 
     def next_retry(self) -> float | None:
         """Monotonic time of the earliest delayed retry, if any."""
-        return min((u.not_before for u in self._delayed), default=None)
+        while self._delayed and self._delayed[0][2].state != "pending":
+            heapq.heappop(self._delayed)  # skipped or cancelled while it waited
+        return self._delayed[0][0] if self._delayed else None
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -259,11 +314,8 @@ class RunGraph:
 
         They are `waiting` (for CPUs) until `start`; the caller keeps them queued.
         """
-        if self._delayed:
-            due = [u for u in self._delayed if u.not_before <= now]
-            if due:
-                self._delayed = [u for u in self._delayed if u.not_before > now]
-                self._ready.extend(due)
+        while self._delayed and self._delayed[0][0] <= now:
+            self._ready.append(heapq.heappop(self._delayed)[2])
         out: list[Unit] = []
         while self._ready:
             u = self._ready.popleft()
@@ -278,7 +330,7 @@ class RunGraph:
     def start(self, unit: Unit, cores: tuple[int, ...], wall: float) -> None:
         unit.state = "running"
         unit.cores = cores
-        unit.attempts.append(Attempt(len(unit.attempts) + 1, wall, fallback=unit.fallback))
+        unit.add_attempt(wall)
         if unit.started_at is None:
             unit.started_at = wall
         stage = self.stages[unit.stage]
@@ -289,7 +341,7 @@ class RunGraph:
     def cache_hit(self, stage_name: str, data: Any, output_hash: str | None, wall: float) -> None:
         stage = self.stages[stage_name]
         for u in stage.units:
-            u.state = "cached"
+            stage.end(u, "cached")
         stage.data = data
         stage.output_hash = output_hash
         stage.started_at = stage.started_at or wall
@@ -309,7 +361,7 @@ class RunGraph:
         """Record how the current attempt of `unit` ended; returns running units to cancel."""
         if result.lost:
             # The executor lost the task through no fault of its own: run it again, uncharged.
-            unit.attempts.pop()
+            unit.drop_attempt()
             unit.state = "pending"
             self._ready.append(unit)
             return []
@@ -320,27 +372,27 @@ class RunGraph:
         attempt.error = result.error
         stage = self.stages[unit.stage]
         if result.ok:
-            unit.state = "succeeded"
             unit.data = data
             unit.output_hash = output_hash
+            stage.end(unit, "succeeded")
         elif result.cancelled:
-            unit.state = "cancelled"
+            stage.end(unit, "cancelled")
         elif (
             not unit.fallback
             and not self.stopping
             and not self.fail_fast_fired
-            and should_retry(stage.spec.retries, len(unit.attempts), result.exit_code)
+            and should_retry(stage.spec.retries, unit.attempts_total, result.exit_code)
         ):
             unit.state = "pending"
-            unit.not_before = now + retry_delay(stage.spec.retries, len(unit.attempts))
-            self._delayed.append(unit)
+            unit.not_before = now + retry_delay(stage.spec.retries, unit.attempts_total)
+            heapq.heappush(self._delayed, (unit.not_before, next(self._delays), unit))
             return []
         else:
-            unit.state = "timed_out" if result.timed_out else "failed"
+            stage.end(unit, "timed_out" if result.timed_out else "failed")
             # A shard that failed for good dooms its stage: its siblings not yet started never will.
             for sibling in stage.units:
                 if sibling.state in ("pending", "waiting"):
-                    sibling.state = "skipped"
+                    stage.end(sibling, "skipped")
         unit.finished_at = wall
         return self._settle(stage, wall)
 
@@ -376,8 +428,8 @@ class RunGraph:
                 continue
             for u in stage.all_units():
                 if u.state in ("pending", "waiting"):
-                    u.state = "cancelled"
                     u.finished_at = wall
+                    stage.end(u, "cancelled")
                 elif u.state == "running":
                     running.append(u)
             if not any(u.state == "running" for u in stage.all_units()):
@@ -385,8 +437,7 @@ class RunGraph:
         return running
 
     def _settle(self, stage: StageRun, wall: float) -> list[Unit]:
-        units = stage.all_units()
-        if any(u.state not in UNIT_FINAL for u in units):
+        if stage.open_units > 0:
             return []
         fb = stage.fallback_unit
         if fb is not None:
@@ -409,6 +460,7 @@ class RunGraph:
         spec_fb = stage.spec.fallback
         if spec_fb is not None and not self.stopping and not self.fail_fast_fired:
             stage.fallback_unit = Unit(self.run_id, stage.name, fallback=True)
+            stage.open_units += 1
             self._ready.append(stage.fallback_unit)
             return []
         return self._finish_stage(stage, outcome, wall)
@@ -442,5 +494,5 @@ class RunGraph:
             stage.state = "skipped"
             stage.finished_at = wall
             for u in stage.units:
-                u.state = "skipped"
+                stage.end(u, "skipped")
             todo.extend(stage.dependents)

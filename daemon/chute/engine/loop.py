@@ -1,17 +1,19 @@
 """The engine loop: ready units of every active run, through the allocator, to the executor.
 
-Owns: the queue of units waiting for CPUs, the cores each running task holds, turning a
-unit into a Task (folders, environment, inputs), turning a Result into output files, and
-when run.json and manifest.json are written. Not here: stage states (chute.engine.dag),
-processes (chute.local), which cores (chute.allocator).
+Owns: the cores each running task holds, turning a unit into a Task (folders,
+environment, inputs), turning a Result into output files, and when run.json and
+manifest.json are written. Not here: stage states (chute.engine.dag), the units waiting for
+CPUs and which of them the allocator sees (chute.engine.waitlist), processes (chute.local),
+which cores (chute.allocator).
 Crash safety: all writes of one loop step go out in one group commit (chute.atomic), a
 unit's output.json before the manifest that points at it, and a run's final manifest
 before its final run.json. A stage's output.json is its idempotent "done" mark: it is
 written once, after the task ended, so a crash leaves the stage done or not run (a call:
 task's worker writes its own, Task.mark, and the engine syncs it like one of its own; a
 first attempt's folders are made by the executor, Task.folders, and synced with it).
-The manifest of a running run is rewritten at most every MANIFEST_INTERVAL seconds, and at
-once when a stage fails or the run ends; run.json turns `running` with the first of those
+The manifest of a running run is rewritten at most every MANIFEST_INTERVAL seconds (longer
+for a manifest that takes long to make: MANIFEST_SHARE), and at once when a stage fails or
+the run ends; run.json turns `running` with the first of those
 (a run shorter than that is written queued, then final: two run.json writes, not three).
 A crash before it leaves the run `queued` with stage folders: recovery counts it started.
 Diagnostics: a task's own failure is recorded in the manifest. A run folder is hostile
@@ -26,11 +28,11 @@ cannot be recorded at all is dropped with one ERROR line (_rewrite_final).
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 import os
 import stat
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ from chute import allocator, atomic, runner
 from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.engine import cache
 from chute.engine.dag import STAGE_FINAL, STAGE_OK, RunGraph, StageRun, Unit
+from chute.engine.waitlist import Waitlist
 from chute.executor import Context, Executor, Mark, Result, Task
 from chute.faults import crash_point
 from chute.outputs import data_hash, digest, document, scan_artifacts
@@ -54,6 +57,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST_INTERVAL = 0.5
 CLOSE_LIMIT = 5.0  # seconds `close` waits for writes that keep failing (a full disk)
+MANIFEST_SHARE = 0.1
+"""A running run's manifest waits between rewrites at least MANIFEST_INTERVAL, and at least
+its last one's making time / MANIFEST_SHARE: a big run's manifest takes at most this share
+of the loop, however big it is."""
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EMPTY_INPUTS = b'{"inputs":{},"upstream":{}}\n'
 
@@ -74,6 +81,7 @@ class ActiveRun:
     dropped_at: float | None = None  # epoch s its file was dropped (intake latency), if known
     record_stale: bool = False  # `record` changed since run.json was last written
     rewritten: bool = False  # its final run.json was written again after a failed write
+    manifest_cost: float = 0.0  # seconds its last manifest took to make (sets the next wait)
 
     @property
     def state(self) -> str:
@@ -147,8 +155,8 @@ class Engine:
         self._check: set[str] = set()  # runs to look at in the next step
         self._retrying: set[str] = set()  # runs with a unit waiting out a retry delay
         self._due: dict[str, float] = {}  # run id -> when its manifest must be written
-        self._waiting: dict[str, tuple[ActiveRun, Unit, allocator.Request]] = {}
-        self._queue: list[allocator.Request] = []  # the waiting requests in allocation order
+        self._waitlist: Waitlist[ActiveRun] = Waitlist()  # units waiting for CPUs
+        self.tasks_held = 0  # tasks of the active runs (Pipeline.tasks), for backpressure
         self._running: dict[str, tuple[ActiveRun, Unit, allocator.Grant]] = {}
         self._writes: list[tuple[Path, bytes]] = []
         self._synced: list[Path] = []  # in place already, to fsync with the next commit
@@ -162,7 +170,6 @@ class Engine:
         self._committer = atomic.Committer(
             syncfs=syncfs, scope=self._run_of, on_unwritten=self._on_unwritten
         )
-        self._purge = False  # units in _waiting may have left the waiting state
         self.draining = False  # stopping: start nothing new, let running tasks end
         self.disk_error: OSError | None = None  # set while the spool cannot be written
         self._next_probe = 0.0
@@ -172,6 +179,7 @@ class Engine:
 
     def add(self, run: ActiveRun) -> None:
         self.runs[run.run_id] = run
+        self.tasks_held += run.pipeline.tasks
         self._check.add(run.run_id)
         for i, s in enumerate(run.pipeline.stages):
             run.stage_index[s.name] = i
@@ -182,7 +190,7 @@ class Engine:
             return False
         for unit in run.graph.cancel(self.clock.time()):
             self.executor.cancel(unit.key)
-        self._purge = True
+        self._waitlist.prune(run_id)
         self._check.add(run_id)
         self._dirty(run, urgent=True)
         self._maybe_finish(run)
@@ -206,12 +214,7 @@ class Engine:
 
     def waiting_beyond(self, topology: Topology) -> list[str]:
         """Keys of waiting tasks that ask for more cpus or memory than `topology` has."""
-        whole = len(topology.cpus)
-        return [
-            key
-            for key, (_, _, req) in self._waiting.items()
-            if req.cpus > whole or req.memory > topology.memory
-        ]
+        return self._waitlist.beyond(len(topology.cpus), topology.memory)
 
     @property
     def tasks_running(self) -> int:
@@ -219,7 +222,7 @@ class Engine:
 
     @property
     def tasks_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waitlist)
 
     def step(self) -> float | None:
         """Queue what became ready, start what fits, write what changed.
@@ -252,7 +255,7 @@ class Engine:
                 self._enqueue(run, unit, wall)
             self._maybe_finish(run)
         paused = self._disk_paused(now)  # probes even when nothing waits, to clear the error
-        if self._waiting and not self.draining and not paused:
+        if len(self._waitlist) and not self.draining and not paused:
             self._start_ready(now, wall)
         self._flush(now)
         if self._check:
@@ -274,7 +277,7 @@ class Engine:
         self._committer.submit((), unsynced.folders, on_done, unsynced.files)
 
     def handle(self, results: list[Result]) -> None:
-        if all(r.ok for r in results) and self._waiting and not self.draining:
+        if all(r.ok for r in results) and len(self._waitlist) and not self.draining:
             # Free these tasks' cores and start what waits for them first: its spawn then
             # overlaps the recording of these results (output.json, log line, manifest),
             # where it followed it. Only when all went well: a failure may cancel (failFast)
@@ -329,8 +332,8 @@ class Engine:
         self._due.clear()
         self._check.clear()
         self._retrying.clear()
-        self._waiting.clear()
-        self._queue.clear()
+        self._waitlist.clear()
+        self.tasks_held = 0
         self._running.clear()
         self._left_folders.clear()
         self._flush(self.clock.monotonic())
@@ -357,18 +360,17 @@ class Engine:
         if unit.state != "waiting":
             return
         spec = stage.spec
-        order = run.stage_index[spec.name] * 100_000 + (unit.shard or 0)
-        req = allocator.Request(
-            key=unit.key,
-            cpus=spec.cpus,
-            memory=spec.memory,
+        self._waitlist.add(
+            run.run_id,
+            run,
             priority=run.pipeline.priority,
             accepted=run.accepted,
-            order=order,
+            position=run.stage_index[spec.name],
+            unit=unit,
+            cpus=spec.cpus,
+            memory=spec.memory,
             walltime=spec.timeout,
         )
-        self._waiting[unit.key] = (run, unit, req)
-        bisect.insort(self._queue, req, key=allocator.queue_key)
 
     def _consult_cache(self, run: ActiveRun, stage: StageRun, wall: float) -> None:
         upstream = {d: run.graph.stages[d].output_hash or "" for d in stage.spec.depends_on}
@@ -404,38 +406,34 @@ class Engine:
         self._dirty(run)
 
     def _start_ready(self, now: float, wall: float) -> None:
-        if self._purge:
-            # A cancel or failFast left units of its run in the queue: drop them.
-            self._purge = False
-            for key in [k for k, (_, u, _) in self._waiting.items() if u.state != "waiting"]:
-                del self._waiting[key]
-            self._queue = [r for r in self._queue if r.key in self._waiting]
         grants = [g for _, _, g in self._running.values()]
-        free = len(self.topology.cpus) - sum(len(g.cores) for g in grants)
-        offset = 0
-        started: set[str] = set()
-        while free > 0 and offset < len(self._queue):
-            # The queue is kept in allocation order, so first-fit and best-fit walking it in
-            # consecutive chunks start exactly what one walk of it all would, without an
-            # O(queue) pass per start; backfill's reservation needs the whole queue.
-            size = len(self._queue) if self.policy == "backfill" else 4 * free + 16
-            chunk = self._queue[offset : offset + size]
-            offset += len(chunk)
-            for req, cores in allocator.allocate(chunk, grants, self.topology, self.policy, now):
-                run, unit, _ = self._waiting[req.key]
-                grant = allocator.Grant(
-                    key=req.key, cores=cores, memory=req.memory, started=now, walltime=req.walltime
-                )
-                if not self._start(run, unit, grant, wall):
-                    break  # the spool cannot be written: start nothing more for now
-                del self._waiting[req.key]
-                grants.append(grant)
-                free -= len(cores)
-                started.add(req.key)
-            if self.policy == "backfill" or self.disk_error is not None:
-                break
-        if started:  # all of them within the first `offset` entries
-            self._queue[:offset] = [r for r in self._queue[:offset] if r.key not in started]
+        busy = {core for g in grants for core in g.cores}
+        free = sum(1 for core in self.topology.cpus if core not in busy)
+        if free == 0:
+            return
+        # Only the few units the allocator could start are handed to it (chute.engine.
+        # waitlist): it then starts exactly what one walk of the whole queue would.
+        picked = self._waitlist.candidates(
+            free,
+            self.topology.memory - sum(g.memory for g in grants),
+            len(self.topology.cpus),
+            self.topology.memory,
+            self.policy,
+        )
+        if not picked:
+            return
+        units = {req.key: (run, unit) for run, unit, req in picked}
+        requests = [req for _, _, req in picked]
+        for req, cores in allocator.allocate(requests, grants, self.topology, self.policy, now):
+            run, unit = units[req.key]
+            if unit.state != "waiting":
+                continue  # a start before it failed and ended its stage or run (failFast)
+            grant = allocator.Grant(
+                key=req.key, cores=cores, memory=req.memory, started=now, walltime=req.walltime
+            )
+            if not self._start(run, unit, grant, wall):
+                break  # the spool cannot be written: start nothing more for now
+            self._waitlist.remove(run.run_id, run.stage_index[unit.stage], unit)
 
     def _stage_folder(self, run: ActiveRun, stage: str, shard: int | None) -> Path:
         """The unit's folder, made (with its artifacts/) if it was not yet."""
@@ -477,7 +475,7 @@ class Engine:
         graph = run.graph
         stage = graph.stages[unit.stage]
         spec = stage.spec
-        attempt_no = len(unit.attempts) + 1
+        attempt_no = unit.attempts_total + 1
         # A first attempt that needs no file in its folder beforehand has the folder made by
         # the executor (the spawner thread, the call worker): two fewer file-system creates
         # on the loop per task, each ~0.2 ms here while the writer thread syncs.
@@ -727,8 +725,8 @@ class Engine:
         # Durable here: a succeeded unit's done-mark is in place (not yet synced); that the
         # attempt ended is in memory only, so after a crash the unit runs again.
         crash_point("loop.attempt_recorded")
-        if graph.fail_fast_fired or stage.spec.shards is not None:
-            self._purge = True
+        if unit.state in ("failed", "timed_out"):  # failFast, or a shard's siblings skipped
+            self._waitlist.prune(run.run_id)
         self._log_unit(run, unit, result)
         if unit.state != "succeeded":
             blob = None
@@ -833,14 +831,17 @@ class Engine:
 
     def _dirty(self, run: ActiveRun, urgent: bool = False) -> None:
         now = self.clock.monotonic()
-        due = now if urgent else now + MANIFEST_INTERVAL
+        due = now if urgent else now + max(MANIFEST_INTERVAL, run.manifest_cost / MANIFEST_SHARE)
         if due < self._due.get(run.run_id, math.inf):
             self._due[run.run_id] = due
 
     def _manifest(self, run: ActiveRun) -> bytes:
-        return atomic.dumps(
+        began = time.perf_counter()  # the loop's own time, whatever the Clock says
+        blob = atomic.dumps(
             {"run_id": run.run_id, "pipeline": run.pipeline.name, "stages": run.graph.manifest()}
         )
+        run.manifest_cost = time.perf_counter() - began
+        return blob
 
     def _maybe_finish(self, run: ActiveRun) -> None:
         graph = run.graph
@@ -861,6 +862,7 @@ class Engine:
         self._writes.append((run.dir / "run.json", atomic.dumps(rec)))
         self._due.pop(run.run_id, None)
         del self.runs[run.run_id]
+        self.tasks_held -= run.pipeline.tasks
         self._flush(self.clock.monotonic(), on_done=self._finished_callback(run))
 
     def _finished_callback(self, run: ActiveRun) -> Callable[[], None]:
@@ -912,7 +914,7 @@ class Engine:
         log.warning("%s failed: %s", run.run_id, reason)
         for unit in run.graph.abort(reason, self.clock.time()):
             self.executor.cancel(unit.key)
-        self._purge = True
+        self._waitlist.prune(run.run_id)
         self._check.add(run.run_id)  # the next step finishes it once its tasks are gone
         self._dirty(run, urgent=True)
 

@@ -686,6 +686,8 @@ def resume_run(
                 "finished_at": meta.get("created_at"),
                 "duration_seconds": meta.get("duration_seconds"),
                 "attempts": [],
+                "attempts_total": 0,
+                "attempts_omitted": 0,
                 "cache": None,
                 "output": f"stages/{s.name}/output.json",
                 "log": f"stages/{s.name}/log",

@@ -9,7 +9,10 @@ Crash safety: pure functions; no I/O.
 Diagnostics: a wrong value adds an Issue `<path>: <what was found>; <the rule or choices>`;
 check() then returns INVALID and the caller carries on, so a file's problems come all at once.
 Limits: a few rules have no JSON Schema form (a duration > 0, a cron field's range, a known
-time zone, YAML 1.1 booleans in env); the schema accepts those and only the validator refuses.
+time zone, YAML 1.1 booleans in env, MAX_RUN_TASKS summed over the stages); the schema
+accepts those and only the validator refuses. The size limits (MAX_SHARDS, MAX_STAGES,
+MAX_RUN_TASKS, MAX_RETRIES) keep one run's memory, manifest and loop work bounded: the
+README gives the figures they were chosen by.
 """
 
 from __future__ import annotations
@@ -52,6 +55,15 @@ ENV_NAME_PATTERN = IDENT_PATTERN
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
 INPUT_REF_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 RFC3339_PATTERN = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+MAX_SHARDS = 10_000
+"""Shards of one stage. A shard is a task the daemon tracks (0.3-1.8 KB of memory while its
+run is active) and a manifest entry (~0.7 KB, rewritten while the run runs)."""
+MAX_RUN_TASKS = 10_000
+"""Tasks of one run: each stage counts 1, a sharded stage its shards (fallbacks aside)."""
+MAX_STAGES = 1_000
+"""Stages of one pipeline."""
+MAX_RETRIES = 100
+"""`retries.max`: 101 attempts at most (a manifest lists the first and last few of them)."""
 CRON_FIELDS = {  # APScheduler's name -> the name a crontab user knows
     "minute": "minute",
     "hour": "hour",
@@ -215,9 +227,12 @@ class Text(Type):
 
 
 class Int(Type):
-    def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
+    def __init__(
+        self, minimum: int | None = None, maximum: int | None = None, advice: str = ""
+    ) -> None:
         self.minimum = minimum
         self.maximum = maximum
+        self.advice = advice  # what to do instead of going past `maximum`
         if minimum is not None and maximum is not None:
             self.hint = f"an integer from {minimum} to {maximum}"
         elif minimum is not None:
@@ -232,7 +247,10 @@ class Int(Type):
         if (self.minimum is not None and v < self.minimum) or (
             self.maximum is not None and v > self.maximum
         ):
-            return cx.report(node.line, path, f"{v} is out of range; expected {self.hint}")
+            message = f"{v} is out of range; expected {self.hint}"
+            if self.advice and self.maximum is not None and v > self.maximum:
+                message += f" — {self.advice}"
+            return cx.report(node.line, path, message)
         return v
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
@@ -453,16 +471,34 @@ class Later(Type):
 
 
 class ListOf(Type):
-    def __init__(self, item: Type, min_items: int = 1, hint: str | None = None) -> None:
+    def __init__(
+        self,
+        item: Type,
+        min_items: int = 1,
+        hint: str | None = None,
+        *,
+        max_items: int | None = None,
+        noun: str = "items",
+        advice: str = "",
+    ) -> None:
         self.item = item
         self.min_items = min_items
         self.hint = hint or f"a list of {item.hint}"
+        self.max_items = max_items
+        self.noun = noun  # what the items are, for the message past max_items
+        self.advice = advice  # what to do instead of going past max_items
 
     def check(self, node: Node, path: str, cx: Context) -> Any:
         if not node.is_list:
             return self.wrong(node, path, cx)
         if len(node.value) < self.min_items:
             return cx.report(node.line, path, f"is an empty list; expected {self.hint}")
+        if self.max_items is not None and len(node.value) > self.max_items:
+            # Refused before its items are checked: a list this long is the mistake.
+            message = f"has {len(node.value)} {self.noun}; at most {self.max_items}"
+            return cx.report(
+                node.line, path, message + (f" — {self.advice}" if self.advice else "")
+            )
         # INVALID items stay in place, so cross-field rules still see the valid ones by index
         return [self.item.check(child, f"{path}[{i}]", cx) for i, child in enumerate(node.value)]
 
@@ -470,6 +506,8 @@ class ListOf(Type):
         s: dict[str, Any] = {"type": "array", "items": self.item.schema(defs)}
         if self.min_items:
             s["minItems"] = self.min_items
+        if self.max_items is not None:
+            s["maxItems"] = self.max_items
         return s
 
 
@@ -671,11 +709,20 @@ _ENV = MapOf(
     "a mapping of variable names to strings",
 )
 
+_RETRIES_ADVICE = (
+    "for a dependency that is down for long, wait longer between tries (a longer delay, "
+    "backoff: exponential)"
+)
+_SHARDS_ADVICE = "give each shard a batch of items, or split the work over several runs"
 RETRIES = Struct(
     "retries",
     "How a failed stage is retried.",
     [
-        Field("max", Int(0), "Retries after the first attempt (0: none)."),
+        Field(
+            "max",
+            Int(0, MAX_RETRIES, advice=_RETRIES_ADVICE),
+            f"Retries after the first attempt (0: none; at most {MAX_RETRIES}).",
+        ),
         Field(
             "backoff",
             Enum("fixed", "exponential"),
@@ -692,16 +739,22 @@ RETRIES = Struct(
 )
 
 SHARDS = Either(
-    "an integer ≥ 1 or {over: [items]}",
-    scalar=Int(1),
+    f"an integer from 1 to {MAX_SHARDS} or {{over: [items]}}",
+    scalar=Int(1, MAX_SHARDS, advice=_SHARDS_ADVICE),
     map_=Struct(
         "shardsOver",
         "One shard per item.",
         [
             Field(
                 "over",
-                ListOf(JSONValue(), hint="a non-empty list of items"),
-                "The items; each shard gets one as CHUTE_SHARD_ITEM.",
+                ListOf(
+                    JSONValue(),
+                    hint="a non-empty list of items",
+                    max_items=MAX_SHARDS,
+                    noun="items (one shard each)",
+                    advice=_SHARDS_ADVICE,
+                ),
+                f"The items (at most {MAX_SHARDS}); each shard gets one as CHUTE_SHARD_ITEM.",
                 required=True,
             )
         ],
@@ -786,7 +839,12 @@ _CPUS = Field("cpus", Int(1), "CPU cores the task is pinned to (default 1).")
 _MEMORY = Field("memory", Size(), "Memory the task needs, like 4GiB.")
 _TIMEOUT = Field("timeout", Duration(positive=True), "Wall-time limit per attempt, like 20m.")
 _RETRIES = Field("retries", RETRIES, "How a failed stage is retried.")
-_SHARDS = Field("shards", SHARDS, "Run N copies, or one per item of {over: [...]}.")
+_SHARDS = Field(
+    "shards",
+    SHARDS,
+    f"Run N copies, or one per item of {{over: [...]}} (at most {MAX_SHARDS}; and at most "
+    f"{MAX_RUN_TASKS} tasks per run, a stage counting its shards).",
+)
 _CACHE = Field("cache", Bool(), "Skip the stage when its cache key is unchanged.")
 _VERSION = Field("version", Text(), "Part of the cache key; bump it to invalidate.")
 _FALLBACK = Field("fallback", FALLBACK, "Runs when the stage fails for good.")
@@ -828,7 +886,16 @@ PIPELINE_SPEC = Struct(
     [
         *PIPELINE_FIELDS,
         Field(
-            "stages", ListOf(STAGE, hint="a non-empty list of stages"), "The stages.", required=True
+            "stages",
+            ListOf(
+                STAGE,
+                hint="a non-empty list of stages",
+                max_items=MAX_STAGES,
+                noun="stages",
+                advice="split the pipeline into several files",
+            ),
+            f"The stages (at most {MAX_STAGES}).",
+            required=True,
         ),
     ],
 )

@@ -86,6 +86,12 @@ class Pipeline:
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
 
+    @property
+    def tasks(self) -> int:
+        """The tasks one run of it makes: each stage 1, a sharded stage its shards (a
+        stage's fallback, which runs only after it failed, is not counted)."""
+        return sum(1 if s.shards is None else s.shards.count for s in self.stages)
+
     def stage(self, name: str) -> Stage:
         for s in self.stages:
             if s.name == name:

@@ -7,6 +7,8 @@ fields (chute.spec.fields), reading YAML (chute.spec.load).
 Crash safety: pure; no I/O.
 Diagnostics: every problem of a file is collected; the model is built only when there are
 none, so a SpecError always lists them all.
+Size: at most MAX_RUN_TASKS tasks per run, summed over the stages here (fields checks each
+stage's shards and the number of stages).
 Limits: `inputs: {k: a.b.c}` names the longest prefix that is a stage (stage names may hold
 dots), so with stages `a` and `a.b` it means stage `a.b`, field `c`. A cycle is written in run
 order, from its first stage in the file: `a -> b -> a` means b runs after a and a after b.
@@ -57,6 +59,8 @@ def validate(
     defaults: dict[str, Any] = spec.get("defaults", {})
 
     order = _check_graph(spec_node, stage_nodes, stage_dicts, paths, cx) if kind != "Job" else [0]
+    if kind != "Job":
+        _check_run_tasks(spec_node, stage_dicts, cx)
     _check_node_limits(spec_node, stage_nodes, stage_dicts, paths, cx, node_cpus, node_memory)
     if cx.issues:
         raise SpecError(cx.issues)
@@ -231,6 +235,29 @@ def _cycles(edges: dict[int, list[int]], stages: list[Any]) -> list[list[str]]:
                 stack.pop()
                 path.pop()
     return found
+
+
+def _tasks(stage: Any) -> int:
+    """The tasks a stage makes: its shards, else 1."""
+    shards = stage.get("shards") if isinstance(stage, dict) else None
+    if isinstance(shards, int):
+        return shards
+    if isinstance(shards, dict) and isinstance(shards.get("over"), list):
+        return len(shards["over"])
+    return 1
+
+
+def _check_run_tasks(spec_node: Node, stages: list[Any], cx: F.Context) -> None:
+    """MAX_RUN_TASKS over all stages (each one's shards are checked on their own)."""
+    total = sum(_tasks(st) for st in stages)
+    if total > F.MAX_RUN_TASKS:
+        cx.report(
+            spec_node.key_lines.get("stages", spec_node.line),
+            "spec.stages",
+            f"{total} tasks in all (a stage counts 1, a sharded stage its shards); at most "
+            f"{F.MAX_RUN_TASKS} per run — give each shard a batch of items, or split the work "
+            "over several runs",
+        )
 
 
 def _check_node_limits(
