@@ -21,6 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "spool" / "examples"
 sys.path.insert(0, str(REPO / "daemon"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# multiprocessing's forkserver (the call: pool of in-process executors) does not inherit
+# sys.path: without this its workers would import chute from wherever it is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO / "daemon"), os.environ.get("PYTHONPATH")) if p
+)
 
 
 @contextmanager
