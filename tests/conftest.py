@@ -132,6 +132,40 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def spool_cgroups(folder: Path) -> list[Path]:
+    """The cgroups chute would make for spools at `folder` or one level below it (this
+    process's group is where a daemon or `chute run` started by a test makes them)."""
+    from chute import cgroups
+
+    base = cgroups.base(leaf=False)
+    if base is None:
+        return []
+    candidates = [folder, *(p for p in folder.iterdir() if p.is_dir())]
+    return [base / cgroups.spool_group(p) for p in candidates if (p / "state").is_dir()]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_cgroups(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a cgroup of one of its spools behind (after killing what is
+    in it and removing it, so the next test starts clean)."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    from chute import cgroups
+
+    tmp: Path = request.getfixturevalue("tmp_path")
+    yield
+    deadline = time.monotonic() + 5
+    while left := [g for g in spool_cgroups(tmp) if g.exists()]:
+        if time.monotonic() > deadline:
+            for group in left:
+                cgroups.kill(group)
+                cgroups.wait_empty([group], time.monotonic() + 5)
+                cgroups.remove_tree(group)
+            pytest.fail(f"test left cgroups behind: {left}")
+        time.sleep(0.05)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fail a test that leaves child processes or threads behind (watchdog's model)."""
