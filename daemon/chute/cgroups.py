@@ -42,10 +42,14 @@ records its group's path (chute.owners) before making it, so a restart finds it.
 Diagnostics: where no group can be made (no cgroup2 mount, no write access: under
 systemd, Delegate=yes) `setup` returns the reason, which the daemon logs once at start;
 tasks are then fenced as before (process groups, the subreaper, the task cookie).
+Leftovers: `owner_groups` lists a spool's owner groups; chute.owners decides which owner
+is dead and ends them (`signal_members`, `kill`, `wait_empty`, `remove_tree`).
 Limits: call: tasks share their owner's pool group (a worker runs many calls): nothing
-per call: task. The controllers here are cgroup v1 (memory, pids at /sys/fs/cgroup/<name>):
-limits per task there need groups of their own in those hierarchies, named like these.
-Without cgroup.kill, killing a group waits (at most EMPTY_WAIT) on the caller's thread.
+per call: task. A limit per task (memory, pids) goes into the group between
+OwnerGroup.task() and the spawn (both in the spawner thread, chute.local); the controllers
+here are cgroup v1 (memory, pids at /sys/fs/cgroup/<name>), which need groups of their own
+in those hierarchies, named like these. Without cgroup.kill, killing a group waits (at
+most EMPTY_WAIT) on the caller's thread.
 """
 
 from __future__ import annotations
@@ -177,6 +181,24 @@ def base(*, leaf: bool) -> Path | None:
     if own is not None and leaf and own.name == DAEMON and own != hier.mount:
         own = own.parent
     return own
+
+
+def owner_groups(spool_root: Path, *, leaf: bool) -> dict[str, Path]:
+    """The owner groups of a spool under this process's base (see `base`), by owner name:
+    what a restart looks at for leftovers (chute.owners decides whose owner is dead)."""
+    here = base(leaf=leaf)
+    if here is None:
+        return {}
+    try:
+        with os.scandir(here / spool_group(spool_root)) as listing:
+            entries = list(listing)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {
+        e.name: Path(e.path)
+        for e in entries
+        if e.is_dir(follow_symlinks=False) and _OWNER_NAME.fullmatch(e.name)
+    }
 
 
 # -- one group --------------------------------------------------------------------------

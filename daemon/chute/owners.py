@@ -59,6 +59,7 @@ import orjson
 
 from chute import atomic, cgroups, rundir
 from chute.clock import rfc3339
+from chute.faults import crash_point
 from chute.runner import TASK_KEY_VAR, read_proc
 from chute.spool import Spool
 
@@ -450,12 +451,6 @@ def _task_processes(spool: Spool) -> list[tuple[int, str, str]]:
     return found
 
 
-def _spool_groups(spool: Spool) -> Path | None:
-    """This process's view of the spool's group (where its owners' groups are made)."""
-    here = cgroups.base(leaf=True)
-    return None if here is None else here / cgroups.spool_group(spool.root)
-
-
 def end_leftovers(spool: Spool, grace: float) -> None:
     """At daemon start, with state/lock held and nothing started yet: end what the previous
     daemon left (its record, its group, the cookies of this spool's runs) and what dead
@@ -473,19 +468,12 @@ def end_leftovers(spool: Spool, grace: float) -> None:
         previous.add_recorded(pid, started, leader, live)
     by_run = {d.run_id: d.left for d in dead}
     _add_records(dead, live)
-    here = _spool_groups(spool)
-    entries: list[os.DirEntry[str]] = []
-    if here is not None and here.is_dir():
-        with os.scandir(here) as listing:
-            entries = list(listing)
-    for entry in entries:
-        run_id = entry.name.removeprefix(cgroups.FOREGROUND_PREFIX)
-        if not entry.is_dir(follow_symlinks=False):
-            continue
-        if entry.name == cgroups.DAEMON:
-            previous.add_group(Path(entry.path))
-        elif run_id != entry.name and not live(run_id):
-            by_run.get(run_id, previous).add_group(Path(entry.path))
+    for name, path in cgroups.owner_groups(spool.root, leaf=True).items():
+        run_id = name.removeprefix(cgroups.FOREGROUND_PREFIX)
+        if name == cgroups.DAEMON:
+            previous.add_group(path)
+        elif not live(run_id):
+            by_run.get(run_id, previous).add_group(path)
     for pid, run_dir, run_id in _task_processes(spool):
         if not live(run_id):
             by_run.get(run_id, previous).add_task(pid, run_dir, live)
@@ -514,6 +502,7 @@ def end_dead_foreground(spool: Spool, grace: float) -> list[str]:
         if run_id in by_run:
             by_run[run_id].add_task(pid, run_dir, live)
     _end([d.left for d in dead], grace)
+    crash_point("owners.ended")  # nothing new is durable: the next sweep does it all again
     return [d.run_id for d in dead if _settle(spool, d)]
 
 
@@ -531,6 +520,7 @@ def _settle(spool: Spool, d: _Dead) -> bool:
     when it marked the run."""
     try:
         marked = _interrupt(spool, d.run_id, d.recorded.owner)
+        crash_point("owners.interrupted")  # run.json final (durable), the lock file still there
         ended = len(d.left.found)
         if marked or ended:
             log.warning(

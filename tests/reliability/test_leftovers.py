@@ -221,6 +221,40 @@ def test_a_chute_run_killed_9_has_its_tasks_ended_and_its_run_interrupted(
         assert load_json(spool / "runs" / run_id / "run.json")["state"] == "interrupted"
 
 
+@pytest.mark.parametrize("point", ["owners.ended", "owners.interrupted"])
+def test_a_chute_gc_killed_while_it_ends_a_dead_chute_run_leaves_the_rest_to_the_next(
+    spool: Path,
+    chute: Chute,
+    tmp_path: Path,
+    write_spec: Callable[[str, str], Path],
+    point: str,
+) -> None:
+    pidfile = tmp_path / "pid"
+    spec = write_spec("fg.yaml", job("fg", f"echo $$ > {pidfile}; sleep 300"))
+    run = start_chute_run(spool, spec, [])
+    try:
+        task = read_pid(pidfile)
+        wait_for("the run to be running", lambda: runs_of(spool)[0]["state"] == "running")
+    finally:
+        run.kill()
+        run.communicate()
+    run_id = runs_of(spool)[0]["run_id"]
+    crashed = chute("gc", env={"CHUTE_CRASH_AT": point})
+    assert crashed.code == -signal.SIGKILL, crashed.err
+    assert not pid_alive(task)
+    assert (spool / "state" / "foreground" / run_id).exists()
+    marked = point == "owners.interrupted"
+    assert (load_json(spool / "runs" / run_id / "run.json")["state"] == "interrupted") == marked
+    done = chute("gc")
+    assert done.code == 0, done.err
+    said = f"{run_id} interrupted: the `chute run` that ran it is gone\n"
+    assert (said in done.out) == (not marked)
+    rec = load_json(spool / "runs" / run_id / "run.json")
+    assert rec["state"] == "interrupted"
+    assert f"(pid {run.pid})" in rec["error"]
+    assert not (spool / "state" / "foreground" / run_id).exists()
+
+
 @pytest.mark.slow
 def test_a_running_daemon_ends_a_chute_run_killed_9_beside_it(
     spool: Path,
