@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from chute import cgroups, runner
 from chute.executor import Task
 from chute.local import LocalExecutor
 from chute.owners import Owner, Record
-from conftest import pid_alive, wait_for
+from conftest import chute_env, pid_alive, wait_for
 
 PATH = "/usr/local/bin:/usr/bin:/bin"
 RUN_ID = "20261201_120000_abcdef"
@@ -248,3 +249,34 @@ def test_killing_a_group_ends_members_that_left_their_process_group_and_environm
     wait_for("the escapee to be reaped by init", lambda: not pid_alive(escapee))
     owner.cgroup.close()
     assert not owner.cgroup.path.exists()
+
+
+def test_a_daemon_outside_the_root_group_moves_itself_into_a_leaf_first(
+    spool: Path, tmp_path: Path
+) -> None:
+    base = cgroups.base(leaf=False)
+    assert base is not None
+    service = base / f"service-{os.getpid()}"  # stands for systemd's chute.service
+    service.mkdir()
+    code = (
+        "import sys; from pathlib import Path; from chute import cgroups\n"
+        "group = cgroups.setup(Path(sys.argv[1]), 'daemon', leaf=True, note=print)\n"
+        "print(cgroups.cgroup_name())\n"
+        "group.close()\n"
+    )
+    try:
+        done = subprocess.run(
+            cgroups.join_argv(service, (sys.executable, "-c", code, str(spool))),
+            env=chute_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [
+            str(service / cgroups.spool_group(spool) / "daemon"),  # noted before it is made
+            f"/{(service / 'daemon').relative_to(MOUNT)}",  # the daemon's own leaf
+        ]
+        assert [p.name for p in service.iterdir() if p.is_dir()] == ["daemon"]
+    finally:
+        cgroups.remove_tree(service)

@@ -112,7 +112,7 @@ def test_a_call_stage_has_its_side_effect_once_per_attempt_across_a_kill_9(
     spec = (
         "apiVersion: chute/v1\nkind: Job\nmetadata: {name: ledger}\nspec:\n"
         f"  workdir: {calls}\n  call: ledgermod:slow\n"
-        f"  with: {{ledger: {ledger}, pids: {pids}, seconds: 3}}\n"
+        f"  with: {{ledger: {ledger}, pids: {pids}, seconds: 2}}\n"
     )
     d = daemon_factory(CONFIG, prefix=fence).start()
     drop(spool, "ledger.yaml", spec)
