@@ -929,7 +929,7 @@ class Daemon:
             )
 
     def _retention(self) -> None:
-        owners.end_dead_foreground(self.spool, min(self.config.kill_grace, owners.SWEEP_GRACE))
+        owners.end_dead_foreground(self.spool, self.config.kill_grace, budget=owners.SWEEP_GRACE)
         removed = rundir.gc(
             self.spool,
             keep_runs=self.config.keep_runs,

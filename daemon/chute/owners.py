@@ -70,8 +70,8 @@ START_SLACK = 1.0  # seconds between a recorded start and the process's start ti
 FOREGROUND = "foreground"  # state/foreground/<run_id>
 RUN_DIR_VAR = "CHUTE_RUN_DIR"
 SWEEP_GRACE = 1.0
-"""The most the daemon's periodic sweep gives a dead `chute run`'s tasks between SIGTERM
-and SIGKILL: it waits on the daemon's loop."""
+"""The most the daemon's periodic sweep waits between SIGTERM and SIGKILL to a dead `chute
+run`'s tasks, and again after SIGKILL: it waits on the daemon's loop."""
 _RUN_ID = re.compile(r"\d{8}_\d{6}_[0-9a-f]{6}")
 _WAIT_STEP = 0.02
 
@@ -353,9 +353,9 @@ class _Leftovers:
         self.pidfds.clear()
 
 
-def _end(parts: list[_Leftovers], grace: float) -> None:
-    """SIGTERM to everything, up to `grace` for it to end, SIGKILL to the rest; then remove
-    the groups."""
+def _end(parts: list[_Leftovers], grace: float, settle: float = cgroups.EMPTY_WAIT) -> None:
+    """SIGTERM to everything, up to `grace` for it to end, SIGKILL to the rest and up to
+    `settle` for that; then remove the groups (one still busy is kept for the next time)."""
     for part in parts:
         part.signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -364,7 +364,7 @@ def _end(parts: list[_Leftovers], grace: float) -> None:
     for part in parts:
         if part.alive():
             part.signal(signal.SIGKILL)
-    deadline = time.monotonic() + cgroups.EMPTY_WAIT
+    deadline = time.monotonic() + settle
     while any(p.alive() for p in parts) and time.monotonic() < deadline:
         time.sleep(_WAIT_STEP)
     for part in parts:
@@ -488,10 +488,11 @@ def end_leftovers(spool: Spool, grace: float) -> None:
         _settle(spool, d)
 
 
-def end_dead_foreground(spool: Spool, grace: float) -> list[str]:
+def end_dead_foreground(spool: Spool, grace: float, *, budget: float | None = None) -> list[str]:
     """End what foreground runs whose owner died left, mark their runs interrupted; returns
     the ids of the runs it marked. Safe beside a live daemon and live foreground runs
-    (`chute gc`, and the daemon's retention pass)."""
+    (`chute gc`, and the daemon's retention pass, which gives a `budget` of SWEEP_GRACE:
+    the most it waits before SIGKILL, and again after it)."""
     names, dead = _foreground_owners(spool)
     if not dead:
         return []
@@ -501,7 +502,8 @@ def end_dead_foreground(spool: Spool, grace: float) -> list[str]:
     for pid, run_dir, run_id in _task_processes(spool):
         if run_id in by_run:
             by_run[run_id].add_task(pid, run_dir, live)
-    _end([d.left for d in dead], grace)
+    settle = cgroups.EMPTY_WAIT if budget is None else min(budget, cgroups.EMPTY_WAIT)
+    _end([d.left for d in dead], grace if budget is None else min(grace, budget), settle)
     crash_point("owners.ended")  # nothing new is durable: the next sweep does it all again
     return [d.run_id for d in dead if _settle(spool, d)]
 
