@@ -23,7 +23,7 @@ for a string command (one line: the script's line numbers do not move) and `/bin
 `sh -c true` task on the 2-core machine, where a burst pays for the daemon's CPU: the
 group's mkdir and rmdir cost ~0.05 ms of it (26 + 24 µs), the shell's write ~0.03 ms of
 the task's own; an argv command pays one more exec of /bin/sh (~0.5 ms of the task's CPU,
-none of the daemon's). A `preexec_fn` instead cost 0.4–0.5 ms more of the daemon's CPU
+none of the daemon's). A `preexec_fn` instead cost 0.3–0.5 ms more of the daemon's CPU
 (Popen must fork instead of vfork) and runs Python in the forked child of a threaded
 process; writing the pid from the parent after Popen is as cheap as the shell, but leaves
 a window in which the task may fork outside its group. A call: worker joins its owner's

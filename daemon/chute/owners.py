@@ -29,7 +29,8 @@ are ended.
 When: the daemon, before it starts anything, ends what the previous daemon and dead
 foreground runs left (end_leftovers); while it runs (with retention) and in `chute gc`,
 end_dead_foreground ends dead foreground runs again.
-Crash safety: a dead foreground run is marked interrupted (run.json, atomic) before its
+Crash safety: the daemon's record is started afresh only once what the previous one lists
+is ended. A dead foreground run is marked interrupted (run.json, atomic) before its
 lock file goes, and the lock file goes only once nothing of the run is left, so a sweeper
 that crashes leaves the work to the next one; run.json already final is left as it is.
 Two sweepers at once: the one that takes the lock does the work, the other sees it held
@@ -39,6 +40,8 @@ interrupted; one ERROR when a group will not empty after SIGKILL.
 Limits: without cgroups, a process that both left its process group and cleared its
 environment (`setsid env -i …`) cannot be told from anyone else's once its owner died:
 it survives (the live daemon's subreaper sweep still ends it with its task).
+state/tasks.log gains a line per task for the daemon's whole life, and a start reads it
+all (a /proc read per line).
 """
 
 from __future__ import annotations
