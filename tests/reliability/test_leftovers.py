@@ -78,7 +78,7 @@ def start_chute_run(spool: Path, spec: Path, fence: list[str]) -> subprocess.Pop
 
 
 def read_pid(path: Path) -> int:
-    wait_for(f"a pid in {path.name}", lambda: path.exists() and path.read_text().endswith("\n"))
+    wait_for(f"a pid in {path.name}", lambda: path.exists() and path.read_text().endswith("\n"), 30)
     return int(path.read_text().split()[0])
 
 
@@ -186,7 +186,7 @@ def test_a_chute_run_killed_9_has_its_tasks_ended_and_its_run_interrupted(
     run = start_chute_run(spool, spec, fence)
     try:
         task, escapee = read_pid(pidfile), read_pid(childfile)
-        wait_for("the run to be running", lambda: runs_of(spool)[0]["state"] == "running")
+        wait_for("the run to be running", lambda: runs_of(spool)[0]["state"] == "running", 30)
     finally:
         run.kill()
         run.communicate()
@@ -234,7 +234,7 @@ def test_a_chute_gc_killed_while_it_ends_a_dead_chute_run_leaves_the_rest_to_the
     run = start_chute_run(spool, spec, [])
     try:
         task = read_pid(pidfile)
-        wait_for("the run to be running", lambda: runs_of(spool)[0]["state"] == "running")
+        wait_for("the run to be running", lambda: runs_of(spool)[0]["state"] == "running", 30)
     finally:
         run.kill()
         run.communicate()
