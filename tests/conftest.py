@@ -21,10 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "spool" / "examples"
 sys.path.insert(0, str(REPO / "daemon"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# What this process starts with its own environment must import this repository's chute
-# too: the call: pool's forkserver (Python 3.11 ignores the parent's sys.path there) would
-# otherwise import whichever chute is installed.
-os.environ["PYTHONPATH"] = str(REPO / "daemon") + os.pathsep + os.environ.get("PYTHONPATH", "")
+# multiprocessing's forkserver (the call: pool of in-process executors) does not inherit
+# sys.path: without this its workers would import chute from wherever it is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(REPO / "daemon"), os.environ.get("PYTHONPATH")) if p
+)
 
 
 @contextmanager
@@ -129,6 +130,40 @@ def pid_alive(pid: int) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def spool_cgroups(folder: Path) -> list[Path]:
+    """The cgroups chute would make for spools at `folder` or one level below it (this
+    process's group is where a daemon or `chute run` started by a test makes them)."""
+    from chute import cgroups
+
+    base = cgroups.base(leaf=False)
+    if base is None:
+        return []
+    candidates = [folder, *(p for p in folder.iterdir() if p.is_dir())]
+    return [base / cgroups.spool_group(p) for p in candidates if (p / "state").is_dir()]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_cgroups(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a cgroup of one of its spools behind (after killing what is
+    in it and removing it, so the next test starts clean)."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    from chute import cgroups
+
+    tmp: Path = request.getfixturevalue("tmp_path")
+    yield
+    deadline = time.monotonic() + 5
+    while left := [g for g in spool_cgroups(tmp) if g.exists()]:
+        if time.monotonic() > deadline:
+            for group in left:
+                cgroups.kill(group)
+                cgroups.wait_empty([group], time.monotonic() + 5)
+                cgroups.remove_tree(group)
+            pytest.fail(f"test left cgroups behind: {left}")
+        time.sleep(0.05)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,16 @@ from conftest import chute_env, load_json, wait_for
 class Daemon:
     """`chute daemon` on a spool, with a notify socket to know when it is ready."""
 
-    def __init__(self, spool: Path, tmp: Path, config: str = "", env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        spool: Path,
+        tmp: Path,
+        config: str = "",
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ):
         self.spool = spool
+        self.prefix = list(prefix)  # a command that runs it (it must exec, keeping the pid)
         self.tmp = tmp
         self.config = tmp / "chute.yaml"
         if "http:" not in config:  # a free port: test daemons run side by side
@@ -43,6 +51,7 @@ class Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     sys.executable,
                     "-m",
                     "chute",
@@ -86,9 +95,15 @@ class Daemon:
         return code
 
     def close(self) -> None:
+        """Stop a daemon the test left running as an operator would (SIGTERM, so it ends
+        its tasks and removes their cgroups), with SIGKILL if that hangs."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.sock.close()
 
 
@@ -96,8 +111,10 @@ class Daemon:
 def daemon_factory(spool: Path, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     made: list[Daemon] = []
 
-    def make(config: str = "", env: dict[str, str] | None = None) -> Daemon:
-        d = Daemon(spool, tmp_path, config, env)
+    def make(
+        config: str = "", env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> Daemon:
+        d = Daemon(spool, tmp_path, config, env, prefix)
         made.append(d)
         return d
 

@@ -105,7 +105,8 @@ def test_unit_runs_as_chute_stops_gracefully_and_survives_a_task_oom() -> None:
     assert unit["Type"] == ["notify"]
     assert unit["KillMode"] == ["mixed"], "control-group would SIGTERM every task at once"
     assert unit["OOMPolicy"] == ["continue"], "stop would end every run for one OOM kill"
-    assert "Delegate" not in unit
+    assert unit["Delegate"] == ["yes"], "a cgroup per task needs the service's subtree"
+    assert "ProtectControlGroups" not in unit, "it would make the delegated subtree read-only"
     assert unit["ReadWritePaths"] == ["/var/spool/chute"]
     assert unit["ExecStart"] == ["/usr/local/bin/chute daemon --config /etc/chute/chute.yaml"]
 

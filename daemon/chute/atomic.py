@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import threading
@@ -104,6 +105,31 @@ def drop(path: Path, data: bytes) -> None:
         fsync_dir(path.parent)
     except PermissionError:
         pass
+
+
+def create_locked(path: Path, data: bytes) -> int:
+    """Create `path` with `data`, durably, holding an exclusive flock on it before its name
+    appears: returns the descriptor (append-only), which keeps the lock until it is closed.
+    So a reader that finds the name and can take the lock knows its holder is gone.
+    FileExistsError when `path` exists."""
+    if path.exists():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+    tmp = _tmp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return fd
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, control, logs, names, report, rundir
+from chute import atomic, control, logs, names, owners, report, rundir
 from chute.clock import Clock
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -189,8 +189,15 @@ class Progress:
             sys.stdout.flush()
 
 
-def _foreground(spool: Spool, config: Config, topo: Topology, make: Callable[[], ActiveRun]) -> int:
-    """Run one run to its end in this process; Ctrl-C or SIGTERM cancels it."""
+def _foreground(
+    spool: Spool, config: Config, topo: Topology, make: Callable[[str], ActiveRun]
+) -> int:
+    """Run one run to its end in this process; Ctrl-C or SIGTERM cancels it.
+
+    `make(run_id)` makes the run. This process owns it (chute.owners): its lock is held
+    from before the run folder exists until the run's processes are gone, so a daemon
+    starting on the spool leaves its tasks alone, and after a kill -9 of this process
+    the next daemon start or `chute gc` ends them and marks the run interrupted."""
     spool.ensure()
     stop = False
 
@@ -199,34 +206,42 @@ def _foreground(spool: Spool, config: Config, topo: Topology, make: Callable[[],
         stop = True
         executor.wake()
 
-    executor = LocalExecutor(
-        kill_grace=config.kill_grace, log_limit=config.log_limit, max_workers=len(topo.cpus)
-    )
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    progress = Progress(sys.stdout.isatty())
+    run_id = rundir.new_run_id(Clock().now())
+    owner = owners.start_foreground(spool, run_id)
     try:
-        engine = Engine(
-            spool=spool,
-            executor=executor,
-            topology=topo,
-            policy=config.policy,
-            syncfs=sync_roots(config, spool),
+        executor = LocalExecutor(
+            kill_grace=config.kill_grace,
+            log_limit=config.log_limit,
+            max_workers=len(topo.cpus),
+            owner=owner,
         )
-        run = make()
-        engine.add(run)
-        log.info("%s run started pipeline=%s", run.run_id, run.pipeline.name)
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        progress = Progress(sys.stdout.isatty())
+        try:
+            engine = Engine(
+                spool=spool,
+                executor=executor,
+                topology=topo,
+                policy=config.policy,
+                syncfs=sync_roots(config, spool),
+            )
+            run = make(run_id)
+            engine.add(run)
+            log.info("%s run started pipeline=%s", run.run_id, run.pipeline.name)
 
-        def should_stop() -> bool:
-            progress.update(run)
-            return stop
+            def should_stop() -> bool:
+                progress.update(run)
+                return stop
 
-        engine.run_until_done(should_stop)
-        progress.update(run, force=True)
+            engine.run_until_done(should_stop)
+            progress.update(run, force=True)
+        finally:
+            progress.close()
+            executor.close()
+            for s, h in old.items():
+                signal.signal(s, h)
     finally:
-        progress.close()
-        executor.close()
-        for s, h in old.items():
-            signal.signal(s, h)
+        owner.release()
     report.write_report_or_log(run.dir)  # never changes the exit code
     print(summary(run.dir))
     return EXIT_OK if run.record["state"] == "succeeded" else EXIT_FAILED
@@ -244,13 +259,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     clock = Clock()
 
-    def make() -> ActiveRun:
+    def make(run_id: str) -> ActiveRun:
         return runs.create_run(
             spool,
             pipeline,
             raw,
             trigger={"type": "run", "source": str(Path(args.file).absolute())},
             now=clock.now(),
+            run_id=run_id,
         )
 
     return _foreground(spool, config, topo, make)
@@ -284,8 +300,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return _follow_run(spool, new_id)
     clock = Clock()
 
-    def make() -> ActiveRun:
-        run = runs.make_retry(spool, plan, now=clock.now())
+    def make(run_id: str) -> ActiveRun:
+        run = runs.make_retry(spool, plan, now=clock.now(), new_id=run_id)
         assert run is not None  # a new run id: nothing made before
         log.info(
             "%s retry of %s keeps %d stage(s): %s",
@@ -813,6 +829,8 @@ def cmd_unschedule(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
+    for run_id in owners.end_dead_foreground(spool, config.kill_grace):
+        print(f"{run_id} interrupted: the `chute run` that ran it is gone")
     active = {p.stem for p in spool.queue.glob("*.yaml")}
     removed = rundir.gc(
         spool, keep_runs=config.keep_runs, max_age=config.max_age, now=time.time(), active=active

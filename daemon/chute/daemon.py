@@ -1,10 +1,10 @@
 """The daemon: one loop that takes dropped files, fires schedules and drives runs.
 
 Owns: the spool lock (state/lock), start-up recovery, the main loop, signals, carrying out
-control requests, state/status.json, state/tasks.log and retention. Not here: taking a
+control requests, state/status.json and retention. Not here: taking a
 file (chute.intake), reading and checking a request (chute.control), fire times
 (chute.schedules), a run's stages and what recovery decides for one run (chute.engine),
-processes (chute.local).
+processes (chute.local), what a dead daemon or `chute run` left running (chute.owners).
 Crash safety: an accepted run is known by its queue/<run_id>.yaml, which is removed only
 after the run's final run.json is durable (the committer's callback), or when no run.json
 can be written or read in its folder any more (the run is dropped, with an ERROR line:
@@ -18,10 +18,10 @@ but not queued is queued then, never removed). A control request's effect is dur
 before its file is removed (chute.control), so a replay after a crash is a no-op or
 finishes the work. Recovery contains a failure to the run, schedule or claim it concerns:
 that one is failed or set aside with one line, the daemon starts.
-Process groups a dead daemon left are found in state/tasks.log (pgid and process start
-time, so a recycled pid is never hit) and by the CHUTE_TASK_KEY cookie of this spool's
-runs (for tasks that left their group), and killed before anything starts. tasks.log is
-appended without fsync: it only matters while the machine stays up.
+What a dead daemon left running (its cgroups, the process groups and workers it recorded,
+processes carrying the cookie of this spool's runs) is killed before anything starts, and
+so is what dead `chute run`s left (chute.owners.start_daemon); a live `chute run`'s tasks
+are left alone.
 Diagnostics: environment trouble (a second daemon, inotify limits, an unwritable spool) is
 one ERROR line with the knob; user mistakes go to rejected/ (chute.intake, chute.control).
 Limits: signals only set flags and wake the loop; everything else happens in the loop.
@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from chute import __version__, atomic, control, logs, report, rundir
+from chute import __version__, atomic, control, logs, owners, report, rundir
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -180,88 +180,6 @@ def lock_if_free(spool: Spool) -> int | None:
     return fd
 
 
-TICKS = os.sysconf("SC_CLK_TCK")
-START_SLACK = 1.0  # seconds between a task's recorded spawn and its start time in /proc
-
-
-def _proc_start_time(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat: start time in clock ticks since boot."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            text = f.read().decode()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()[19]
-
-
-def _kill_tree_leftovers(spool: Spool, grace: float) -> int:
-    """End process groups a dead daemon of this spool left: recorded pgids whose start time
-    still matches, and any process carrying the task cookie of one of this spool's runs."""
-    targets: set[int] = set()
-    log_file = spool.state / "tasks.log"
-    try:
-        lines = log_file.read_text().splitlines()
-    except FileNotFoundError:
-        lines = []
-    for line in lines:
-        parts = line.split(" ", 2)
-        if len(parts) != 3 or not parts[0].isdigit():
-            continue
-        started = _proc_start_time(int(parts[0]))
-        try:
-            recorded = float(parts[1])
-        except ValueError:
-            continue
-        if started is not None and abs(int(started) / TICKS - recorded) <= START_SLACK:
-            targets.add(int(parts[0]))
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                env = f.read()
-        except OSError:
-            continue
-        i = env.find(b"CHUTE_TASK_KEY=")
-        if i < 0:
-            continue
-        key = env[i + 15 :].split(b"\0", 1)[0].decode(errors="replace")
-        run_id = key.split("/", 1)[0]
-        if run_id and (spool.runs / run_id / "run.json").exists():
-            targets.add(int(entry.name))
-    if not targets:
-        return 0
-    log.warning(
-        "killing %d process(es) left by a previous daemon: %s", len(targets), sorted(targets)
-    )
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in targets:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, sig) if _is_group_leader(pid) else os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while sig == signal.SIGTERM and time.monotonic() < deadline:
-            if not any(_alive(p) for p in targets):
-                break
-            time.sleep(0.05)
-    return len(targets)
-
-
-def _is_group_leader(pid: int) -> bool:
-    try:
-        return os.getpgid(pid) == pid
-    except ProcessLookupError:
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return b") Z " not in f.read()
-    except OSError:
-        return False
-
-
 @dataclass(slots=True)
 class _ScheduleState:
     pipeline: Pipeline
@@ -287,7 +205,7 @@ class Daemon:
         self._pending: dict[str, None] = {}  # names in incoming/ to take, in arrival order
         self._reports: deque[tuple[float, Path]] = deque()  # (finished, run dir): report due
         self._schedules: dict[str, _ScheduleState] = {}
-        self._tasks_log: int | None = None
+        self._owner: owners.Owner | None = None
         self._watch_event = threading.Event()
         self._watch_drained = threading.Event()
         self._watch_stop_r, self._watch_stop_w = os.pipe2(os.O_CLOEXEC)
@@ -336,18 +254,13 @@ class Daemon:
         except HttpError as exc:
             log.error("%s", exc)
             return 1
-        _kill_tree_leftovers(self.spool, cfg.kill_grace)
-        self._tasks_log = os.open(
-            self.spool.state / "tasks.log",
-            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC,
-            0o644,
-        )
+        self._owner = owners.start_daemon(self.spool, cfg.kill_grace)
         self.executor = LocalExecutor(
             kill_grace=cfg.kill_grace,
             log_limit=cfg.log_limit,
             max_workers=len(self.topology.cpus),
             clock=self.clock,
-            on_spawn=self._record_spawn,
+            owner=self._owner,
         )
         self._syncfs = sync_roots(cfg, self.spool)
         self.engine = Engine(
@@ -396,6 +309,7 @@ class Daemon:
                 "syncfs" if self._syncfs else "fsync",
                 self.http.address,
             )
+            log.info("%s", self._owner.fence)
             self.http.start()
             self.notifier.ready(self._status_text())
             logs.hold()  # the loop's lines go out once per turn (chute.logs)
@@ -425,8 +339,8 @@ class Daemon:
                     len(left),
                     ", ".join(r.run_id for r in left[:10]),
                 )
-            if self._tasks_log is not None:
-                os.close(self._tasks_log)
+            if self._owner is not None:
+                self._owner.release()
             for fd in (self._watch_stop_r, self._watch_stop_w):
                 os.close(fd)
         log.info("daemon stopped")
@@ -973,14 +887,6 @@ class Daemon:
         else:
             log.exception("%s recovery failed (a chute bug): %s; %s", run_id, reason, outcome)
 
-    def _record_spawn(self, key: str, pgid: int) -> None:
-        # The boot-clock time of the spawn, not /proc/<pid>/stat of the new child (reading
-        # that while it execs cost as much as the spawn): recovery matches the process start
-        # time against it within START_SLACK, which a recycled pid cannot meet.
-        if self._tasks_log is not None:
-            now = time.clock_gettime(time.CLOCK_BOOTTIME)
-            os.write(self._tasks_log, f"{pgid} {now:.3f} {key}\n".encode())
-
     # -- control, status, config, retention ------------------------------------------------
 
     def _control(self) -> None:
@@ -1216,6 +1122,7 @@ class Daemon:
             )
 
     def _retention(self) -> None:
+        owners.end_dead_foreground(self.spool, self.config.kill_grace, budget=owners.SWEEP_GRACE)
         removed = rundir.gc(
             self.spool,
             keep_runs=self.config.keep_runs,

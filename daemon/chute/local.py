@@ -30,13 +30,18 @@ blocking and the pipe closed (chute.runner.LogPipe caps the log at `log_limit`).
 Reaping is by pid only (Popen.poll for main processes, waitpid(pid) for orphans), never
 waitpid(-1), which would steal the children of Popen and multiprocessing.
 
-Cgroups are future work: cgroup v2 is mounted here at /sys/fs/cgroup/unified but a task
-must join its cgroup before exec to be fenced by `cgroup.kill`, which needs a delegated
-subtree (systemd Delegate=yes) and a clone3(CLONE_INTO_CGROUP) spawn Python lacks. Until
-then the subreaper and the cookie hold: an escapee can only hide by both clearing its
-environment and moving into the daemon's process group, and it still dies at close().
-Crash safety: nothing durable is written here; if the daemon dies, its children are
-reparented to init (or systemd), and recovery after a restart is the engine's business.
+Cgroups, when the owner has them (chute.cgroups: a writable cgroup v2 group): each run:
+task runs in a group of its own, which it joins before its command runs, and the call:
+workers in the owner's pool group. A task's SIGKILL also goes to its whole group
+(cgroup.kill), and its Result is given once its group is empty and removed: what is left
+in it that the sweep did not see gets SIGKILL then (the Result waits at most DRAIN_LIMIT).
+Without cgroups the subreaper and the cookie hold: an escapee can only hide by both
+clearing its environment and moving into the daemon's process group, and it still dies at
+close(); after a crash, one that cleared its environment and left its group survives.
+Crash safety: nothing durable is written here. Each task's process group and each worker
+is appended to the owner's record as it starts (chute.owners), and the groups are made
+under the owner's recorded group: if the owner dies, its children are reparented to init
+(or systemd), and the next daemon start (or `chute gc`) ends them from that record.
 Diagnostics: task failures are Results; an orphan that survives SIGKILL is one ERROR line
 with its pid; a chute bug raises out of poll().
 Spawning: run: tasks are started by spawner threads, one per core set and pinned to it
@@ -72,9 +77,10 @@ from dataclasses import dataclass
 
 import psutil
 
-from chute import runner
+from chute import cgroups, runner
 from chute.clock import Clock
 from chute.executor import Result, Task
+from chute.owners import Owner
 from chute.pool import Pool
 from chute.runner import RunProcess
 from chute.topology import format_cpulist
@@ -181,16 +187,19 @@ class LocalExecutor:
         kill_grace: float = 10.0,
         max_workers: int,
         clock: Clock | None = None,
-        on_spawn: Callable[[str, int], None] | None = None,
+        owner: Owner | None = None,
         log_limit: int = runner.DEFAULT_LOG_LIMIT,
     ):
-        """`on_spawn(key, pgid)` is called after each run: task starts, from the spawner
-        thread that started it, before anything else happens there (the daemon records
-        pgids so that a restart can end what a crashed daemon left). A task's log keeps at
-        most `log_limit` bytes of its output, then a note that the rest was discarded."""
+        """`owner`: who starts these tasks (chute.owners): each run: task gets a cgroup of
+        its own under the owner's, and the call: workers join its pool group, when the
+        owner has one; each task's process group and each worker is recorded as it starts
+        (the spawner thread records a task before anything else happens there), so that a
+        restart can end what a crashed owner left. A task's log keeps at most `log_limit`
+        bytes of its output, then a note that the rest was discarded."""
         self._log_limit = _checked_log_limit(log_limit)
         become_subreaper()
-        self._on_spawn = on_spawn
+        self._owner = owner
+        self._groups = owner.cgroup if owner is not None else None
         self._grace = kill_grace
         self._clock = clock or Clock()
         self._selector = selectors.DefaultSelector()
@@ -209,6 +218,7 @@ class LocalExecutor:
         self._spared: set[int] = set()  # our children that are not tasks' (forkserver, …)
         self._swept_at = 0.0
         self._leader_ended = False  # a task's leader ended since the last sweep
+        self._emptying: set[str] = set()  # ended tasks whose cgroup was killed to empty it
         self._pool = Pool(
             max_workers=max_workers,
             kill_grace=kill_grace,
@@ -216,6 +226,8 @@ class LocalExecutor:
             selector=self._selector,
             emit=self._results.append,
             log_limit=log_limit,
+            cgroup=self._groups.pool if self._groups is not None else None,
+            on_worker=owner.record.worker if owner is not None else None,
         )
         # run: tasks are spawned by threads of their own, one per core set (see _Spawner).
         self._spawners: dict[tuple[int, ...], _Spawner] = {}  # least recently used first
@@ -305,6 +317,8 @@ class LocalExecutor:
             os.close(o.pidfd)
         for proc in self._runs.values():
             self._end_output(proc)
+        if self._groups is not None:
+            self._groups.close()  # what is left of the tasks is killed, the groups removed
         self._selector.close()
         for fd in (self._wake_r, self._wake_w, self._spawned_r, self._spawned_w):
             os.close(fd)
@@ -329,6 +343,13 @@ class LocalExecutor:
 
     def _spawn(self, task: Task) -> RunProcess | Result:
         """In a spawner's thread: start `task`, or the Result saying why it could not."""
+        group = None
+        if self._groups is not None:
+            try:
+                group = self._groups.task(task.key)
+            except OSError as exc:
+                error = f"cannot make its cgroup {exc.filename}: {exc.strerror}"
+                return Result(key=task.key, error=error)
         try:
             proc = runner.spawn(
                 task,
@@ -336,15 +357,19 @@ class LocalExecutor:
                 now=self._clock.monotonic(),
                 grace=self._grace,
                 log_limit=self._log_limit,
+                cgroup=group,
             )
-        except runner.SpawnError as exc:
-            return exc.result(task.key)
-        except Exception as exc:  # a chute bug: the task fails, the daemon goes on
-            log.exception("spawning task %s failed", task.key)
+        except Exception as exc:
+            if group is not None:
+                with contextlib.suppress(OSError):
+                    cgroups.remove(group)
+            if isinstance(exc, runner.SpawnError):
+                return exc.result(task.key)
+            log.exception("spawning task %s failed", task.key)  # a chute bug: the task fails
             return Result(key=task.key, error=f"chute error starting the task: {exc}")
-        if self._on_spawn is not None:
+        if self._owner is not None:
             try:
-                self._on_spawn(task.key, proc.pgid)
+                self._owner.record.task(task.key, proc.pgid)
             except Exception:  # the task runs all the same; only its record is missing
                 log.exception("recording the spawn of task %s failed", task.key)
         return proc
@@ -426,6 +451,8 @@ class LocalExecutor:
         for proc in self._runs.values():
             if not proc.running and proc.kill_at is not None:
                 times.append(proc.kill_at + DRAIN_LIMIT)
+        if self._emptying:
+            times.append(self._clock.monotonic() + cgroups.POLL)
         pool_time = self._pool.next_time()
         if pool_time is not None:
             times.append(pool_time)
@@ -484,11 +511,44 @@ class LocalExecutor:
                     key,
                     self._orphans_of.get(key, 0) + self._orphans_of.get(None, 0),
                 )
+            if proc.cgroup is not None and not self._group_removed(proc, now):
+                continue
             del self._runs[key]
             self._pgids.pop(proc.pgid, None)
             self._end_output(proc)
             self._results.append(proc.result(key in self._orphans_sigkilled))
             self._orphans_sigkilled.discard(key)
+
+    def _group_removed(self, proc: RunProcess, now: float) -> bool:
+        """Remove an ended task's cgroup: at once when nothing is left in it (the sweep saw
+        all of the task's processes end); else what is left, which the sweep could not see,
+        gets SIGKILL and the Result waits for it (at most DRAIN_LIMIT)."""
+        assert proc.cgroup is not None
+        try:  # a plain rmdir, else the tree (a `chute run` started by the task made groups)
+            if cgroups.remove(proc.cgroup) or cgroups.remove_tree(proc.cgroup):
+                self._emptying.discard(proc.key)
+                return True
+        except OSError as exc:
+            log.error("cannot remove cgroup %s: %s", proc.cgroup, exc.strerror)
+            return True
+        if proc.cgroup_killed_at is None:
+            proc.cgroup_killed_at = now
+            self._emptying.add(proc.key)
+            log.debug(
+                "task %s ended with processes left in %s; killing them", proc.key, proc.cgroup
+            )
+            cgroups.kill(proc.cgroup)
+            return False
+        if now < proc.cgroup_killed_at + DRAIN_LIMIT:
+            return False
+        self._emptying.discard(proc.key)
+        log.error(
+            "task %s ended but its cgroup %s still holds processes after SIGKILL; giving its "
+            "result",
+            proc.key,
+            proc.cgroup,
+        )
+        return True
 
     # --- orphans -----------------------------------------------------------------------
 

@@ -19,6 +19,11 @@ Crash safety: a succeeded call's done-mark (Task.mark) is put in place here, ato
 not synced (the engine's group commit syncs it); a call's log is appended to (O_APPEND),
 opened as a task's file (chute.taskfiles: a FIFO or link there fails the call, never
 blocks the worker).
+A call must not go on after a crash of the daemon while the resumed run starts it again:
+a worker dies with its parent, the forkserver, which ends when the daemon does
+(PR_SET_PDEATHSIG), joins its owner's pool cgroup before it runs anything, and is recorded
+by its owner as it starts (chute.owners ends both after a crash); a call's own
+subprocesses carry the task cookie (CHUTE_TASK_KEY is in os.environ during the call).
 Diagnostics: the user's mistakes (import errors, exceptions, bad return values) are the
 Result's one-line error, with tracebacks in the task's log, never in the daemon's.
 A chute bug inside the worker is a Result error starting `chute worker error:` and a
@@ -40,6 +45,7 @@ ends (and stays, if the worker is killed: a stopped or dead worker's call is not
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import inspect
 import logging
@@ -88,8 +94,14 @@ Message = tuple[int, str | None, bytes | None, int | None, bytes | None, str | N
 # --- inside a worker ---------------------------------------------------------------------
 
 
-def _worker_main(conn: Connection) -> None:
-    """A worker's loop: one (task, grace, log_limit) in, one Reply out, until the pipe closes."""
+def _worker_main(conn: Connection, cgroup: str | None = None) -> None:
+    """A worker's loop: one (task, grace, log_limit) in, one Reply out, until the pipe closes.
+
+    First the worker dies with its parent, the forkserver, which ends when the daemon does
+    (a call must not go on after a crash while the resumed run starts it again), and joins
+    its owner's pool cgroup, before anything it runs can fork."""
+    _die_with_parent()
+    refused = _join(cgroup)
     while True:
         try:
             message = conn.recv()
@@ -99,6 +111,9 @@ def _worker_main(conn: Connection) -> None:
             return
         task, grace, log_limit = message
         out: Message
+        if refused is not None:  # never unfenced: each call fails, saying why
+            conn.send((1, refused, None, None, None, None))
+            continue
         try:
             exit_code, error, output = run_call(task, grace, log_limit)
             done = output_hash = None
@@ -111,6 +126,32 @@ def _worker_main(conn: Connection) -> None:
             traceback.print_exc()
             out = (1, f"chute worker error: {type(exc).__name__}: {exc}", None, None, None, None)
         conn.send(out)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # prctl fails only for a bad signal number (EINVAL): nothing to report.
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _join(cgroup: str | None) -> str | None:
+    """Move this worker into `cgroup`; None when done (or there is none), else why not."""
+    if cgroup is None:
+        return None
+    try:
+        fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return (
+            f"the worker could not join its cgroup {cgroup} ({exc.strerror}), "
+            "so the call did not run"
+        )
+    return None
 
 
 def leave_mark(mark: Mark, output: bytes | None) -> tuple[str | None, bytes | None, str | None]:
@@ -418,8 +459,14 @@ class Pool:
         max_idle: int | None = None,
         idle_timeout: float = 300.0,
         log_limit: int = DEFAULT_LOG_LIMIT,
+        cgroup: Path | None = None,
+        on_worker: Callable[[int], None] | None = None,
     ):
+        """`cgroup`: the group every worker joins (chute.cgroups); `on_worker(pid)` is called
+        as each worker starts (the owner records it: chute.owners)."""
         self._max_workers = _checked_max_workers(max_workers)
+        self._cgroup = cgroup
+        self._on_worker = on_worker
         self._idle_cap = max_idle  # None: as many as max_workers
         self._idle_timeout = idle_timeout
         self._grace = kill_grace
@@ -537,12 +584,15 @@ class Pool:
 
     def _new_worker(self) -> _Worker:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
+        cgroup = None if self._cgroup is None else str(self._cgroup)
         process = self._ctx.Process(
-            target=_worker_main, args=(child_end,), name="chute-worker", daemon=True
+            target=_worker_main, args=(child_end, cgroup), name="chute-worker", daemon=True
         )
         process.start()
         child_end.close()
         w = _Worker(process, parent_end)
+        if self._on_worker is not None:
+            self._on_worker(w.pid)
         self._workers[w.pid] = w
         self._selector.register(parent_end, selectors.EVENT_READ, lambda: self._on_reply(w))
         self._selector.register(w.sentinel, selectors.EVENT_READ, lambda: self._on_exit(w))

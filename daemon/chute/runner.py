@@ -1,7 +1,9 @@
 """One `run:` task as a process group: spawn it pinned, watch its deadline, end it.
 
 Owns: one task's folders (Task.folders), its main process (a Popen in its own process
-group) and its pidfd, the task's deadline and its SIGTERM → grace → SIGKILL escalation,
+group, and in its own cgroup when it has one: a shell joins it before the command runs,
+chute.cgroups.join_argv) and its pidfd, the task's deadline and its SIGTERM → grace →
+SIGKILL escalation (the SIGKILL to its process group and its cgroup),
 the task's output pipe and the copy of it into the log up to the log limit (LogPipe), and
 turning the exit into a Result (CHUTE_OUTPUT read, checked and removed). Also the small
 /proc readers the orphan sweep uses (our children, a process's state and group, its
@@ -45,14 +47,16 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import orjson
 
-from chute import atomic, taskfiles
+from chute import atomic, cgroups, taskfiles
 from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Result, Task
 from chute.units import format_size
 
@@ -345,9 +349,17 @@ class RunProcess:
     """One started `run:` task: its process group, deadline, and (once reaped) its Result."""
 
     def __init__(
-        self, task: Task, popen: subprocess.Popen[bytes], log: LogPipe, now: float, grace: float
+        self,
+        task: Task,
+        popen: subprocess.Popen[bytes],
+        log: LogPipe,
+        now: float,
+        grace: float,
+        cgroup: Path | None = None,
     ):
         self.task = task
+        self.cgroup = cgroup  # the task's own cgroup (chute.cgroups), when it has one
+        self.cgroup_killed_at: float | None = None  # SIGKILL for what was left in it
         self.log = log
         self.key = task.key
         self.popen = popen
@@ -383,6 +395,8 @@ class RunProcess:
         elif self.kill_at is not None and now >= self.kill_at and not self.sigkilled:
             self.sigkilled = True
             killpg(self.pgid, signal.SIGKILL)
+            if self.cgroup is not None:
+                cgroups.kill(self.cgroup)  # and whatever of the task left the group
 
     def stop(self, reason: StopReason, now: float) -> None:
         """SIGTERM to the whole group now; `on_time` sends SIGKILL after the grace."""
@@ -408,6 +422,15 @@ class RunProcess:
         self.output, self.output_error = read_output(self.task.output_path)
         return True
 
+    def _join_failed(self) -> bool:
+        """Whether the log ends with the note of the shell that could not join the cgroup."""
+        try:
+            with open(self.task.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 512))
+                return cgroups.JOIN_NOTE.encode() in f.read()
+        except OSError:
+            return False
+
     def result(self, orphans_sigkilled: bool) -> Result:
         rc = self.returncode
         assert rc is not None
@@ -417,6 +440,8 @@ class RunProcess:
             error: str | None = stop_message(
                 self.reason, self.task.timeout, self.grace, self.sigkilled or orphans_sigkilled
             )
+        elif rc == cgroups.JOIN_FAILED and self.cgroup is not None and self._join_failed():
+            error = f"could not join its cgroup {self.cgroup}, so it did not run (see its log)"
         elif rc != 0:
             error = describe_end(rc)
         else:
@@ -433,15 +458,27 @@ class RunProcess:
 
 
 def spawn(
-    task: Task, *, stdin: int, now: float, grace: float, log_limit: int = DEFAULT_LOG_LIMIT
+    task: Task,
+    *,
+    stdin: int,
+    now: float,
+    grace: float,
+    log_limit: int = DEFAULT_LOG_LIMIT,
+    cgroup: Path | None = None,
 ) -> RunProcess:
-    """Start `task` in its own process group, pinned to `task.cores`, its output into a
-    LogPipe; SpawnError says why not."""
+    """Start `task` in its own process group (and in `cgroup`, which it joins before its
+    command runs: chute.cgroups), pinned to `task.cores`, its output into a LogPipe;
+    SpawnError says why not."""
     assert task.command is not None, f"run: task {task.key} has no command"
     cmd = task.command
-    argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
     env = dict(task.env)
     env[TASK_KEY_VAR] = task.key
+    if cgroup is None:
+        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+    else:
+        if not isinstance(cmd, str):
+            _check_program(cmd[0], env.get("PATH", os.defpath), task.cwd)
+        argv = cgroups.join_argv(cgroup, cmd, env.get("PWD"))
     make_folders(task)
     out = LogPipe(task.key, task.log_path, log_limit)
     try:
@@ -473,8 +510,7 @@ def spawn(
                 raise SpawnError(f"cannot change to cwd {task.cwd}: {exc.strerror}") from None
             if exc.errno == errno.E2BIG:
                 raise SpawnError(too_big_to_exec(argv, env)) from None
-            path = env.get("PATH", "")
-            raise SpawnError(f"cannot start {argv[0]}: {exc.strerror} (PATH={path})") from None
+            raise _cannot_start(argv[0], exc.errno or errno.ENOENT, env) from None
         finally:
             if saved is not None:
                 os.sched_setaffinity(0, saved)
@@ -483,12 +519,31 @@ def spawn(
         raise
     out.child_started()
     try:
-        return RunProcess(task, popen, out, now, grace)
+        return RunProcess(task, popen, out, now, grace, cgroup)
     except OSError:
         popen.kill()
         popen.wait()
         out.close()
         raise
+
+
+def _cannot_start(program: str, errno_: int, env: dict[str, str]) -> SpawnError:
+    return SpawnError(f"cannot start {program}: {os.strerror(errno_)} (PATH={env.get('PATH', '')})")
+
+
+def _check_program(program: str, path: str, cwd: str | None) -> None:
+    """SpawnError, as Popen would give it, for an argv program that cannot be run: behind the
+    shell that joins the cgroup, the exec fails only in the child."""
+    if "/" in program:
+        where = os.path.join(cwd or ".", program)
+        if not os.path.exists(where):
+            raise _cannot_start(program, errno.ENOENT, {"PATH": path})
+        if not os.access(where, os.X_OK):
+            raise _cannot_start(program, errno.EACCES, {"PATH": path})
+    else:
+        dirs = [os.path.join(cwd or ".", d) for d in path.split(os.pathsep)]
+        if shutil.which(program, path=os.pathsep.join(dirs)) is None:
+            raise _cannot_start(program, errno.ENOENT, {"PATH": path})
 
 
 # --- /proc readers for the orphan sweep -------------------------------------------------
