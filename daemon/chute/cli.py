@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, control, logs, names, report, rundir
+from chute import control, logs, names, report, rundir, submission
 from chute.clock import Clock
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -508,6 +508,9 @@ def _raise_if_rejected(spool: Spool, request: Path) -> None:
     raise UsageError(f"the daemon refused the request: {messages} ({report})")
 
 
+SUBMIT_WAIT = 30.0  # seconds `chute submit` without --wait waits for the daemon to take a file
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
@@ -528,80 +531,59 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except UsageError as exc:  # a drop box needs no more than write access: submit anyway
         log.warning("%s; cannot tell whether a daemon runs", exc)
         pid = -1
-    if pid is None:
-        if args.wait:
-            raise UsageError(f"no chute daemon runs on {spool.root}; start one, or use chute run")
-        log.warning("no chute daemon runs on %s; the files wait in incoming/", spool.root)
-    spool.incoming.mkdir(parents=True, exist_ok=True)
-    since = time.time()
-    placed: list[tuple[str, Pipeline]] = []
-    for path, raw, pipeline in loaded:
-        name = path.name.lstrip(".")  # the daemon ignores dot-names: never place one
-        if Path(name).suffix not in (".yaml", ".yml"):
-            name = f"{name or 'job'}.yaml"
-        stem, suffix = name.rsplit(".", 1)
-        n = 1
-        while (spool.incoming / name).exists():
-            name = f"{stem}.{n}.{suffix}"
-            n += 1
-        # Handover: a dot-temp name the daemon ignores, then one rename into view.
-        atomic.drop(spool.incoming / name, raw)
-        placed.append((name, pipeline))
-        print(f"submitted {path} as incoming/{name}")
-    if not args.wait:
-        return EXIT_OK
-    status = EXIT_OK
-    for name, pipeline in placed:
-        outcome = _wait_intake(spool, name, since, scheduled=pipeline.schedule is not None)
-        if outcome is None:
-            print(f"incoming/{name}: scheduled as {pipeline.name}")
-            continue
-        if outcome.startswith("rejected:"):
-            print(f"incoming/{name}: {outcome}", file=sys.stderr)
-            status = EXIT_FAILED
-            continue
-        code = _follow_run(spool, outcome)
-        status = max(status, code)
-    return status
-
-
-def _wait_intake(spool: Spool, name: str, since: float, *, scheduled: bool) -> str | None:
-    """The run id the daemon made of incoming/<name>, "rejected: …", or None (scheduled)."""
-    source = f"incoming/{name}"
-    prefix = time.strftime("%Y%m%d_%H%M%S", time.gmtime(int(since)))
-    seen: set[str] = set()
-    while True:
-        if scheduled and not (spool.incoming / name).exists():
-            if (spool.rejected / name).exists():
-                return _rejection(spool, name)
-            return None
-        for run_id in reversed(rundir.run_ids(spool)):
-            if run_id < prefix:
-                break
-            if run_id in seen:
-                continue
-            try:
-                rec = rundir.read_json(spool.runs / run_id / "run.json")
-            except (OSError, orjson.JSONDecodeError):
-                continue
-            seen.add(run_id)
-            if rec.get("trigger", {}).get("source") == source:
-                return run_id
-        if (
-            not (spool.incoming / name).exists()
-            and (spool.rejected / f"{name}.error.json").exists()
-        ):
-            return _rejection(spool, name)
-        time.sleep(0.05)
-
-
-def _rejection(spool: Spool, name: str) -> str:
+    if pid is None and args.wait:
+        raise UsageError(f"no chute daemon runs on {spool.root}; start one, or use chute run")
+    placed: list[submission.Placed] = []
     try:
-        doc = rundir.read_json(spool.rejected / f"{name}.error.json")
-    except (OSError, orjson.JSONDecodeError):
-        return "rejected"
-    errs = "; ".join(e.get("message", "") for e in doc.get("errors", [])[:3])
-    return f"rejected: {doc.get('reason')}: {errs}"
+        for path, raw, pipeline in loaded:
+            schedule = pipeline.name if pipeline.schedule is not None else None
+            placed.append(submission.place(spool, path, raw, schedule=schedule))
+            print(f"submitted {path} as incoming/{placed[-1].name}")
+        if pid is None:
+            files = "the file waits" if len(placed) == 1 else "the files wait"
+            print(f"no chute daemon runs on {spool.root}: {files} in incoming/ until one starts")
+            return EXIT_OK
+        if pid == -1 and not args.wait:
+            return EXIT_OK
+        deadline = None if args.wait else time.monotonic() + SUBMIT_WAIT
+        status = EXIT_OK
+        for one in placed:
+            verdict = submission.verdict(spool, one, deadline=deadline)
+            one.close()
+            status = max(status, _tell(one, verdict))
+            if args.wait and verdict.kind == "run":
+                status = max(status, _follow_run(spool, verdict.detail))
+        return status
+    finally:
+        for one in placed:
+            one.close()
+
+
+def _tell(placed: submission.Placed, verdict: submission.Verdict) -> int:
+    """Print what the daemon made of a submitted file; the exit code it means."""
+    where = f"incoming/{placed.name}"
+    if verdict.kind == "run":
+        print(f"{where} accepted as run {verdict.detail}")
+    elif verdict.kind == "schedule":
+        print(f"{where} scheduled as {verdict.detail}")
+    elif verdict.kind == "waiting":
+        print(
+            f"{where} not taken by the daemon within {SUBMIT_WAIT:.0f}s: it waits there, and "
+            "`chute runs` lists its run once taken"
+        )
+    elif verdict.kind == "unreadable":
+        print(f"{where}: its run id cannot be learned: {verdict.detail}: not readable by you")
+    elif verdict.kind == "rejected":
+        print(f"{where} rejected: {verdict.detail}", file=sys.stderr)
+        return EXIT_FAILED
+    else:
+        print(
+            f"{where} was removed before the daemon took it: no run, schedule or rejection "
+            "carries it",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _follow_run(spool: Spool, run_id: str) -> int:
