@@ -273,14 +273,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
         new_id = rundir.new_run_id(Clock().now())
         request = _control(spool, control.Retry(plan.old_id, args.from_stage, new_id))
         print(f"retry of {plan.old_id} submitted as {new_id}")
-        if not args.wait:
-            return EXIT_OK
         deadline = time.monotonic() + 30
-        while not (spool.runs / new_id / "run.json").exists():
+        while not (spool.runs / new_id / "run.json").exists():  # made, or refused
             _raise_if_rejected(spool, request)
             if time.monotonic() > deadline:
                 raise UsageError(f"{new_id}: the daemon did not start the retry (see its log)")
             time.sleep(0.05)
+        if not args.wait:
+            return EXIT_OK
         return _follow_run(spool, new_id)
     clock = Clock()
 

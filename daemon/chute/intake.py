@@ -55,7 +55,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import grp
 import hashlib
 import logging
 import os
@@ -127,8 +126,9 @@ class Rejected:
 
     `file` is the name in rejected/ (`x.yaml`, or `x.yaml.1` when that was taken); the
     error.json's "file" is the name as dropped. `reason` is one word for metrics: invalid,
-    too_large, not_regular, symlink, world_writable, not_submitter, unreadable (or
-    unknown: a rejection whose report a crash lost, that passes the checks now).
+    too_large, not_regular, symlink, world_writable, not_submitter, not_owner (a schedule
+    of the same name is someone else's), unreadable (or unknown: a rejection whose report a
+    crash lost, that passes the checks now).
     """
 
     file: str
@@ -525,36 +525,8 @@ class Intake:
                 f"is world-writable (mode {stat.S_IMODE(st.st_mode):04o}); anyone could change "
                 "it after it was checked — chmod o-w it, then drop it again"
             )
-        return self._not_submitter(st.st_uid)
-
-    def _not_submitter(self, uid: int) -> tuple[str, str] | None:
-        users, groups = self.config.submitters_users, self.config.submitters_groups
-        if not users and not groups:
-            return None
-        try:
-            pw: pwd.struct_passwd | None = pwd.getpwuid(uid)
-        except KeyError:
-            pw = None
-        if pw is not None:
-            if pw.pw_name in users:
-                return None
-            gids = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
-            for group in groups:
-                try:
-                    if grp.getgrnam(group).gr_gid in gids:
-                        return None
-                except KeyError:
-                    continue
-        owner = f"{pw.pw_name} (uid {uid})" if pw is not None else f"uid {uid} (no such user)"
-        listed = "; ".join(
-            f"{what}: {', '.join(names)}"
-            for what, names in (("users", users), ("groups", groups))
-            if names
-        )
-        return "not_submitter", (
-            f"is owned by {owner}, who is not among the submitters ({listed}); drop it as one "
-            "of them, or ask an operator to add the user or a group to submitters in the config"
-        )
+        problem = owners.submitter_refusal(st.st_uid, self.config)
+        return None if problem is None else ("not_submitter", problem)
 
     # -- decide and hand over ----------------------------------------------------------
 
@@ -617,11 +589,29 @@ class Intake:
         accepted = Accepted(run_id, pipeline, look.data, source, by, now, dropped_at, record)
         return _Accept(record, look.data, claim, accepted)
 
-    def _schedule(self, claim: Path, name: str, pipeline: Pipeline, look: _Look) -> Scheduled:
+    def _schedule(
+        self, claim: Path, name: str, pipeline: Pipeline, look: _Look
+    ) -> Scheduled | Rejected:
         now = self.clock.now()
         data = look.data
         path = self.spool.schedules / f"{pipeline.name}.yaml"
         replaced = os.path.lexists(path)
+        if replaced:  # replacing a schedule ends it: the same rule as unscheduling it
+            record = owners.schedule_record(self.spool, pipeline.name)
+            problem = owners.refusal(
+                look.st.st_uid,
+                record.get("submitted_by") if record is not None else None,
+                self.config,
+                f"replace schedule {pipeline.name}",
+            )
+            if problem is not None:
+                issue = Issue(
+                    f"incoming/{name}",
+                    0,
+                    "metadata.name",
+                    f"{problem} (or give this file another metadata.name)",
+                )
+                return self._reject(claim, name, "not_owner", [issue], look.st)
         # Who submitted it, before the schedule file: a crash in between redoes both.
         owners.record_schedule(
             self.spool,
