@@ -36,7 +36,7 @@ from chute.local import LocalExecutor
 from chute.spec import SpecError, json_schema, load_file
 from chute.spec.model import Pipeline
 from chute.spool import Spool, resolve_spool, sync_roots
-from chute.topology import Topology, format_cpulist, read_topology
+from chute.topology import Topology, format_cpulist, parse_cpulist, read_topology
 from chute.units import format_duration
 
 log = logging.getLogger("chute")
@@ -233,10 +233,28 @@ def _foreground(spool: Spool, config: Config, topo: Topology, make: Callable[[],
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Beside a daemon on the spool, the daemon runs the file (its cores are its own: a second
+    allocator in this process could not know what the daemon gives out next) and this
+    process follows it; `--here` runs it in this process on cores the daemon does not use."""
     config = _config(args)
     spool = _spool(args, config)
     topo = _topology(config)
+    pid = _daemon_pid(spool)
+    if pid is not None and args.here:
+        topo = _cores_left(spool, config, topo, pid)
     pipeline, raw = _load(args.file, config, topo)
+    if pid is not None and not args.here:
+        if pipeline.schedule is not None:
+            raise UsageError(
+                f"{args.file}: has a schedule, and a chute daemon (pid {pid}) runs on "
+                f"{spool.root}: handed to it, the file would be scheduled; use `chute submit` "
+                "to schedule it, or `chute run --here` to run it once now in this process"
+            )
+        print(
+            f"a chute daemon (pid {pid}) runs on {spool.root}: it runs {args.file} on its cores "
+            "and this command follows the run (--here runs it in this process instead)"
+        )
+        return _hand_over(spool, Path(args.file), raw)
     if pipeline.schedule is not None:
         log.warning(
             "%s: has a schedule; `chute run` runs it once now (the daemon would schedule it)",
@@ -254,6 +272,83 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
 
     return _foreground(spool, config, topo, make)
+
+
+def _cores_left(spool: Spool, config: Config, topo: Topology, pid: int) -> Topology:
+    """`topo` less the cores of the daemon `pid` (as its state/status.json lists them), for
+    `chute run --here`; UsageError when none is left."""
+    theirs: set[int] | None = None
+    deadline = time.monotonic() + 5  # a daemon just started writes it within a second
+    while theirs is None:
+        try:
+            status = rundir.read_json(spool.state / "status.json")
+            if status.get("pid") == pid:
+                theirs = {c for node in status["cpus"] for c in parse_cpulist(node["cores"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if theirs is None:
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"cannot tell which cores the chute daemon (pid {pid}) uses: "
+                    f"{spool.state / 'status.json'} does not say; run without --here to hand "
+                    "the run to it"
+                )
+            time.sleep(0.05)
+    left = sorted(set(topo.cpus) - theirs)
+    if not left:
+        raise UsageError(
+            f"--here: every core chute may use here ({format_cpulist(topo.cpus)}) is the "
+            f"daemon's (pid {pid}); run without --here to hand the run to the daemon, or leave "
+            "cores out of its cpus: (or reserve_cpus) in its config"
+        )
+    log.info("--here: running on cores %s, which the daemon does not use", format_cpulist(left))
+    try:
+        return read_topology(cpus=format_cpulist(left), memory=config.memory)
+    except ValueError as exc:
+        raise UsageError(f"config: {exc}") from None
+
+
+def _hand_over(spool: Spool, source: Path, raw: bytes) -> int:
+    """`chute run` beside a daemon: submit the file and follow its run, like `chute submit
+    --wait`; the first Ctrl-C or SIGTERM cancels the run (a second stops following it)."""
+    signals = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            raise _StopFollowing
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    placed = submission.place(spool, source, raw, schedule=None)
+    run_id: str | None = None
+    try:
+        print(f"submitted {source} as incoming/{placed.name}")
+        verdict = submission.verdict(spool, placed, deadline=None)
+        placed.close()
+        status = _tell(placed, verdict)
+        if verdict.kind != "run":
+            return status
+        run_id = verdict.detail
+        return _follow_run(spool, run_id, cancel=lambda: signals > 0)
+    except _StopFollowing:
+        if run_id is None:
+            print(
+                f"stopped waiting: incoming/{placed.name} is still submitted (`chute runs` "
+                "lists its run once the daemon takes it; `chute cancel` it then)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"stopped following {run_id}; its cancel is requested", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        placed.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _StopFollowing(Exception):
+    """A second Ctrl-C while `chute run` follows a run it asked the daemon to cancel."""
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -586,12 +681,18 @@ def _tell(placed: submission.Placed, verdict: submission.Verdict) -> int:
     return EXIT_OK
 
 
-def _follow_run(spool: Spool, run_id: str) -> int:
-    """Follow a run the daemon drives: live progress on a terminal, the summary at the end."""
+def _follow_run(spool: Spool, run_id: str, cancel: Callable[[], bool] | None = None) -> int:
+    """Follow a run the daemon drives: live progress on a terminal, the summary at the end.
+    Once `cancel` says so, ask the daemon to cancel it (and follow it to its end)."""
     folder = spool.runs / run_id
     tty = sys.stdout.isatty()
     last = ""
+    cancelling = False
     while True:
+        if cancel is not None and not cancelling and cancel():
+            cancelling = True
+            _control(spool, control.Cancel(run_id))
+            print(f"{run_id}: cancelling", file=sys.stderr)
         rec = rundir.read_json(folder / "run.json")
         if tty:
             try:
@@ -872,10 +973,17 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "run",
         cmd_run,
-        "chute run FILE: run a job or pipeline once, in the foreground",
+        "chute run FILE [--here]: run a job or pipeline once and follow it (by the daemon "
+        "when one runs on the spool)",
         "chute run spool/examples/etl.yaml",
     )
     p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "--here",
+        action="store_true",
+        help="with a daemon on the spool: run in this process on cores it does not use, "
+        "instead of handing the run to it",
+    )
 
     p = add(
         "show",

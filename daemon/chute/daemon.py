@@ -1108,8 +1108,13 @@ class Daemon:
             "updated_at": rfc3339(self.clock.time()),
             "spool": str(self.spool.root),
             "policy": self.config.policy,
-            "cpus": [
-                {"numa_node": i, "total": len(cores), "allocated": allocated.get(i, 0)}
+            "cpus": [  # cores: what `chute run --here` leaves alone
+                {
+                    "numa_node": i,
+                    "total": len(cores),
+                    "allocated": allocated.get(i, 0),
+                    "cores": self.topology.cpulist(cores),
+                }
                 for i, cores in enumerate(self.topology.nodes)
             ],
             "runs": {"queued": queued, "running": len(self.engine.runs) - queued},
