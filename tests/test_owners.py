@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Done, chute_env, load_json, wait_for
-from daemon_proc import Daemon, job
+from daemon_proc import Daemon, job, runs_of
 
 TOOLS = ("useradd", "userdel", "groupadd", "groupdel", "setpriv")
 pytestmark = pytest.mark.skipif(
@@ -232,3 +232,19 @@ def test_a_schedule_is_unscheduled_or_replaced_only_by_its_submitter(
     wait_for("the owner record to go", lambda: not (site.spool / "state/owners/tick.json").exists())
     taken = site.chute(bob, "submit", his)  # the name is free again: now his
     assert taken.out.endswith("incoming/mine.yaml scheduled as tick\n"), taken.err
+
+
+def test_the_runs_a_schedule_fires_are_its_submitters_to_cancel(people: People, site: Site) -> None:
+    alice, bob = people.alice, people.bob
+    spec = site.write("often.yaml", job("often", "sleep 60", "  schedule: {every: 1s}\n"))
+    assert site.chute(alice, "submit", spec).code == 0
+    fired = wait_for(
+        "a fire to run",
+        lambda: [r for r in runs_of(site.spool) if r["state"] == "running"],
+        30,
+    )[0]
+    assert fired["submitted_by"] == {"uid": alice.pw_uid, "user": alice.pw_name}
+    assert _refusal(site, site.chute(bob, "cancel", fired["run_id"]))["reason"] == "not_owner"
+    done = site.chute(alice, "cancel", fired["run_id"])
+    assert (done.code, done.out) == (0, f"{fired['run_id']} cancelled\n"), done.err
+    assert site.chute(alice, "unschedule", "often").code == 0

@@ -224,8 +224,7 @@ def authorize(spool: Spool, request: Request, requester: int, config: Config) ->
     if isinstance(request, Unschedule):
         if not os.path.lexists(spool.schedules / f"{request.name}.yaml"):
             return
-        record = owners.schedule_record(spool, request.name)
-        owner = record.get("submitted_by") if record is not None else None
+        owner = owners.schedule_submitter(spool, request.name)
         action, field = f"unschedule {request.name}", "name"
     else:
         try:

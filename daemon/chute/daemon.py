@@ -42,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from chute import __version__, atomic, control, logs, report, rundir
+from chute import __version__, atomic, control, logs, owners, report, rundir
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -812,6 +812,8 @@ class Daemon:
                 "fire_time": rfc3339(fire.fire_time),
             },
             now=self.clock.now(),
+            # The schedule's submitter's run, so they may cancel it (unknown: the daemon's).
+            submitted_by=owners.schedule_submitter(self.spool, fire.name),
             run_date=fire.run_date,
             run_id=run_id,
         )

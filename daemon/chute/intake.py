@@ -597,10 +597,9 @@ class Intake:
         path = self.spool.schedules / f"{pipeline.name}.yaml"
         replaced = os.path.lexists(path)
         if replaced:  # replacing a schedule ends it: the same rule as unscheduling it
-            record = owners.schedule_record(self.spool, pipeline.name)
             problem = owners.refusal(
                 look.st.st_uid,
-                record.get("submitted_by") if record is not None else None,
+                owners.schedule_submitter(self.spool, pipeline.name),
                 self.config,
                 f"replace schedule {pipeline.name}",
             )

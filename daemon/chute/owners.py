@@ -66,6 +66,13 @@ def schedule_record(spool: Spool, name: str) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def schedule_submitter(spool: Spool, name: str) -> dict[str, Any] | None:
+    """submitted_by of schedule `name` ({uid, user}), or None when it is not known."""
+    record = schedule_record(spool, name)
+    by = record.get("submitted_by") if record is not None else None
+    return by if isinstance(by, dict) else None
+
+
 def forget_schedule(spool: Spool, name: str) -> None:
     """Remove the record of a schedule whose file is gone (not synced: a record back after a
     power loss is stale, see the module's crash safety)."""
