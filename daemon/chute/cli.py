@@ -1,7 +1,7 @@
 """The `chute` command: one subcommand per verb, exit codes 0 ok, 1 failed, 2 usage or input.
 
 Owns: argument parsing, what each command prints, and exit codes. Not here: what the
-commands do (chute.engine, chute.rundir, chute.spec).
+commands do (chute.engine, chute.rundir, chute.spec, chute.submission).
 Diagnostics: user mistakes print one line per problem to stderr and exit 2; a failed run
 exits 1; a chute bug prints a traceback.
 """
@@ -319,8 +319,8 @@ def _hand_over(spool: Spool, source: Path, raw: bytes) -> int:
         if signals > 1:
             raise _StopFollowing
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     placed = submission.place(spool, source, raw, schedule=None)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     run_id: str | None = None
     try:
         print(f"submitted {source} as incoming/{placed.name}")
@@ -1029,7 +1029,8 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "submit",
         cmd_submit,
-        "chute submit FILE... [--wait]: validate files and drop them into incoming/",
+        "chute submit FILE... [--wait]: validate files, drop them into incoming/ and print "
+        "the run each became",
         "chute submit spool/examples/etl.yaml --wait",
     )
     p.add_argument("files", nargs="+", metavar="FILE")

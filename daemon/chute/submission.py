@@ -45,20 +45,22 @@ from chute.spool import Spool
 POLL = 0.05  # seconds between looks at runs/ and rejected/
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Placed:
     """A file placed into incoming/, held open (close() once its outcome is known)."""
 
     source: Path  # the file as given on the command line
     name: str  # its name in incoming/
     file_id: str
-    fd: int  # read-only: pins the inode, so the identity stays ours
+    fd: int  # read-only: pins the inode, so the identity stays ours; -1 once closed
     runs_before: frozenset[str] | None  # run folders before it was visible; None: unreadable
     schedule: str | None  # metadata.name, for a file with a schedule
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
+        """Let go of the file (once; the descriptor's number may be another file's after)."""
+        if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
 
 
 @dataclass(frozen=True, slots=True)
