@@ -43,6 +43,25 @@ def test_replace_symlink_goes_past_a_temp_link_a_crash_left(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
 
 
+def test_a_placed_file_never_replaces_one_already_there_and_keeps_its_identity(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "job.yaml").write_bytes(b"theirs")
+    tmp, fd = atomic.write_unplaced(tmp_path / "job.yaml", b"mine")
+    try:
+        assert tmp.name.startswith(".")  # ignored by every reader until placed
+        with pytest.raises(FileExistsError):
+            atomic.place(tmp, tmp_path / "job.yaml")
+        assert (tmp_path / "job.yaml").read_bytes() == b"theirs"
+        atomic.place(tmp, tmp_path / "job.1.yaml")
+        placed = os.stat(tmp_path / "job.1.yaml")
+        assert (placed.st_dev, placed.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+        assert os.read(fd, 10) == b"mine"
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.1.yaml", "job.yaml"]
+
+
 def test_remove_temp_leftovers_deletes_only_temps(tmp_path: Path) -> None:
     (tmp_path / ".tmp-run.json.123").write_bytes(b"half")
     (tmp_path / "run.json").write_bytes(b"{}")

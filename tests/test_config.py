@@ -25,6 +25,7 @@ def test_durations_sizes_and_sections_are_parsed() -> None:
             "retention": {"keep_runs": 10, "max_age": "2d"},
             "http": {"listen": "0.0.0.0:9000", "token_file": "/etc/chute/token"},
             "submitters": {"users": ["alice"], "groups": ["data"]},
+            "admins": {"users": ["root"], "groups": ["ops"]},
             "policy": "backfill",
         }
     )
@@ -38,6 +39,7 @@ def test_durations_sizes_and_sections_are_parsed() -> None:
     assert c.http_token_file == Path("/etc/chute/token")
     assert c.submitters_users == ("alice",)
     assert c.submitters_groups == ("data",)
+    assert (c.admins_users, c.admins_groups) == (("root",), ("ops",))
     assert c.policy == "backfill"
 
 
@@ -51,8 +53,20 @@ def test_durations_sizes_and_sections_are_parsed() -> None:
         ({"http": {"port": 1}}, "http.port: unknown key"),
         ({"executor": {"backend": "dask"}}, "executor.backend: dask is not available"),
         ({"reserve_cpus": -1}, "reserve_cpus: -1 is not a whole number >= 0"),
+        ({"admins": {"user": ["x"]}}, "admins.user: unknown key (valid keys: groups, users)"),
+        ({"admins": {"groups": "ops"}}, "admins.groups: expected a list of names"),
     ],
-    ids=["unknown", "suggestion", "choice", "duration", "section", "dask", "negative"],
+    ids=[
+        "unknown",
+        "suggestion",
+        "choice",
+        "duration",
+        "section",
+        "dask",
+        "negative",
+        "admins-key",
+        "admins-not-a-list",
+    ],
 )
 def test_bad_values_are_refused_with_the_key_and_the_rule(
     data: dict[str, object], message: str

@@ -26,10 +26,10 @@ import orjson
 import pytest
 import watchdog.observers.inotify_c  # noqa: F401  (imported before fds run out in one test)
 
-from chute import atomic, rundir
+from chute import access, atomic, rundir
 from chute.clock import Clock
 from chute.config import Config
-from chute.intake import Accepted, Intake, Rejected, Scheduled, Watcher, is_candidate
+from chute.intake import Accepted, Intake, Rejected, Scheduled, Watcher, file_id, is_candidate
 from chute.spool import Spool
 from conftest import load_json, wait_for
 
@@ -151,7 +151,11 @@ def names(folder: Path) -> list[str]:
 
 
 def error_json(root: Spool, file: str) -> Any:
-    return load_json(root.rejected / f"{file}.error.json")
+    """rejected/<file>.error.json, less its file_id, which must be the rejected file's."""
+    doc = load_json(root.rejected / f"{file}.error.json")
+    if isinstance(doc, dict) and "reason" in doc:
+        assert doc.pop("file_id") == file_id(os.lstat(root.rejected / file))
+    return doc
 
 
 def file_issue(name: str, reason: str, message: str) -> dict[str, Any]:
@@ -218,6 +222,7 @@ def test_one_shot_file_becomes_a_queued_run_and_leaves_incoming(
 ) -> None:
     path = drop("job.yaml")
     dropped = os.stat(path).st_ctime
+    identity = file_id(os.stat(path))
 
     out = intake.take("job.yaml")
 
@@ -231,7 +236,7 @@ def test_one_shot_file_becomes_a_queued_run_and_leaves_incoming(
     assert out.run_id.startswith("20261122_101500_")
     run = load_json(root.runs / out.run_id / "run.json")
     assert run["state"] == "queued"
-    assert run["trigger"] == {"type": "drop", "source": "incoming/job.yaml"}
+    assert run["trigger"] == {"type": "drop", "source": "incoming/job.yaml", "file_id": identity}
     assert run["submitted_by"] == out.submitted_by
     assert run["created_at"] == NOW_TEXT
     assert run["run_date"] == NOW.astimezone().date().isoformat()
@@ -257,7 +262,7 @@ def test_recurring_file_goes_to_schedules_and_one_of_the_same_name_replaces_it(
     assert first.accepted_at == NOW
 
     second_bytes = EVERY_HOUR.replace(b"every: 1h", b"every: 2h")
-    drop("hourly-v2.yml", second_bytes)
+    identity = file_id(os.stat(drop("hourly-v2.yml", second_bytes)))
     second = intake.take("hourly-v2.yml")
 
     assert isinstance(second, Scheduled)
@@ -266,6 +271,13 @@ def test_recurring_file_goes_to_schedules_and_one_of_the_same_name_replaces_it(
     assert second.pipeline.schedule.every == 7200.0
     assert names(root.schedules) == ["every-hour.yaml"]
     assert (root.schedules / "every-hour.yaml").read_bytes() == second_bytes
+    assert access.schedule_record(root, "every-hour") == {  # who dropped the one in force
+        "schedule": "every-hour",
+        "submitted_by": {"uid": os.getuid(), "user": pwd.getpwuid(os.getuid()).pw_name},
+        "source": "incoming/hourly-v2.yml",
+        "file_id": identity,
+        "accepted_at": NOW_TEXT,
+    }
     assert names(root.incoming) == names(root.state / "intake") == names(root.queue) == []
     assert rundir.run_ids(root) == []
 

@@ -15,7 +15,11 @@ from typing import Any
 import jsonschema
 import pytest
 
+from chute.topology import format_cpulist
 from conftest import EXAMPLES, REPO, Chute, chute_env, load_json, pid_alive, wait_for
+from daemon_proc import Daemon, daemon_factory, drop, runs_of
+
+__all__ = ["daemon_factory"]  # a fixture, used by name
 
 SCHEMAS = REPO / "daemon" / "chute" / "schemas"
 Spec = Callable[[str, str], Path]
@@ -654,3 +658,129 @@ def test_gc_keeps_each_pipelines_latest_run(
     shown = chute("show", "alpha/latest")
     assert shown.code == 0, shown.err
     assert "alpha" in shown.out
+
+
+# -- chute run beside a daemon: the daemon's cores stay the daemon's -----------------------------
+
+
+def _holder(gate: Path, cpus: int) -> str:
+    """A job that holds `cpus` cores until `gate` exists."""
+    return (
+        "apiVersion: chute/v1\nkind: Job\nmetadata: {name: holder}\n"
+        f"spec:\n  cpus: {cpus}\n  run: 'while ! test -e {gate}; do sleep 0.05; done'\n"
+    )
+
+
+def _running(spool: Path, source: str) -> dict[str, Any] | None:
+    recs = [r for r in runs_of(spool, source) if r["state"] == "running"]
+    return recs[0] if recs else None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_run_beside_a_daemon_hands_the_run_to_it_and_waits_for_its_cores(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """The daemon's two cores are held: `chute run` queues behind the holder instead of
+    starting at once on core 0, then prints what `chute submit --wait` prints."""
+    gate = tmp_path / "go"
+    d = daemon_factory("cpus: 2\n").start()
+    drop(spool, "holder.yaml", _holder(gate, 2))
+    wait_for("the holder to run", lambda: _running(spool, "incoming/holder.yaml"), 30)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chute", "run", str(EXAMPLES / "hello.yaml"), "--spool", str(spool)],
+        env=chute_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        queued = wait_for("hello's run", lambda: runs_of(spool, "incoming/hello.yaml"), 30)
+        assert queued[0]["state"] == "queued"  # no core is free: it waits its turn
+        assert proc.poll() is None
+        gate.touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out + err
+    run_id = queued[0]["run_id"]
+    assert out.splitlines()[:3] == [
+        f"a chute daemon (pid {d.proc.pid}) runs on {spool}: it runs {EXAMPLES / 'hello.yaml'} "  # type: ignore[union-attr]
+        "on its cores and this command follows the run (--here runs it in this process instead)",
+        f"submitted {EXAMPLES / 'hello.yaml'} as incoming/hello.yaml",
+        f"incoming/hello.yaml accepted as run {run_id}",
+    ]
+    assert f"run {run_id}  pipeline hello  state succeeded  trigger drop" in out
+    assert d.stop() == 0
+
+
+def test_ctrl_c_of_a_run_handed_to_the_daemon_cancels_the_run(
+    spool: Path, daemon_factory: Callable[..., Daemon], write_spec: Spec
+) -> None:
+    d = daemon_factory("kill_grace: 1s\n").start()
+    spec = write_spec("long.yaml", "apiVersion: chute/v1\nkind: Job\nmetadata: {name: long}\n"
+                      "spec:\n  run: 'sleep 300'\n")  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chute", "run", str(spec), "--spool", str(spool), "-q"],
+        env=chute_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run = wait_for("the run to start", lambda: _running(spool, "incoming/long.yaml"), 30)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out + err
+    assert err == f"{run['run_id']}: cancelling\n"
+    assert f"run {run['run_id']}  pipeline long  state cancelled  trigger drop" in out
+    assert load_json(spool / "runs" / run["run_id"] / "run.json")["state"] == "cancelled"
+    assert d.stop() == 0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_run_here_beside_a_daemon_runs_in_this_process_on_a_core_the_daemon_does_not_use(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
+) -> None:
+    gate = tmp_path / "go"
+    mask = sorted(os.sched_getaffinity(0))
+    d = daemon_factory("cpus: 1\n").start()  # the first core of the mask: the daemon's
+    drop(spool, "holder.yaml", _holder(gate, 1))
+    wait_for("the holder to run", lambda: _running(spool, "incoming/holder.yaml"), 30)
+    done = chute("run", "--here", str(EXAMPLES / "hello.yaml"))
+    assert done.code == 0, done.err
+    run_dir = latest(spool)
+    assert load_json(run_dir / "run.json")["trigger"]["type"] == "run"
+    assert stages(run_dir)["hello"]["cores"] == [mask[1]]
+    assert f"--here: running on cores {mask[1]}" in done.err
+    assert _running(spool, "incoming/holder.yaml")  # it never waited for the daemon
+    gate.touch()
+    assert d.stop() == 0
+
+
+def test_run_here_refuses_when_the_daemon_has_every_core_and_a_schedule_is_not_handed_over(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, write_spec: Spec
+) -> None:
+    d = daemon_factory().start()
+    cores = format_cpulist(os.sched_getaffinity(0))
+    here = chute("run", "--here", str(EXAMPLES / "hello.yaml"))
+    assert (here.code, here.err) == (
+        2,
+        f"--here: every core chute may use here ({cores}) is the daemon's (pid "
+        f"{d.proc.pid}); run without --here to hand the run to the daemon, or leave cores out "  # type: ignore[union-attr]
+        "of its cpus: (or reserve_cpus) in its config\n",
+    )
+    spec = write_spec("tick.yaml", "apiVersion: chute/v1\nkind: Job\nmetadata: {name: tick}\n"
+                      "spec:\n  schedule: {every: 1h}\n  run: 'true'\n")  # fmt: skip
+    scheduled = chute("run", str(spec))
+    assert scheduled.code == 2
+    assert scheduled.err.startswith(f"{spec}: has a schedule, and a chute daemon (pid ")
+    assert "use `chute submit` to schedule it, or `chute run --here`" in scheduled.err
+    assert not os.listdir(spool / "schedules")
+    assert runs_of(spool) == []
+    assert d.stop() == 0

@@ -150,7 +150,7 @@ def test_example_config_comments_every_key() -> None:
         for line in (SYSTEMD / "chute.yaml").read_text().splitlines()
         if re.match(r"\s*[a-z_]+:", line)
     ]
-    sections = ("submitters:", "http:", "retention:", "executor:")
+    sections = ("submitters:", "admins:", "http:", "retention:", "executor:")
     uncommented = [line for line in keys if "#" not in line and line not in sections]
     assert uncommented == []
 

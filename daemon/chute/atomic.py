@@ -132,6 +132,65 @@ def create_locked(path: Path, data: bytes) -> int:
     return fd
 
 
+def write_unplaced(path: Path, data: bytes) -> tuple[Path, int]:
+    """The first half of a drop whose writer must know the file before anyone sees it: write
+    and fsync `data` under a temp name beside `path` (ignored by every reader), and return
+    that name with a read-only descriptor of the file (its identity, for as long as it is
+    held). No descriptor for writing is left open: the daemon takes a file only once nobody
+    writes to it (its read lease)."""
+    tmp = _tmp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        reader = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(reader)
+            raise
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp, reader
+
+
+def place(tmp: Path, path: Path) -> None:
+    """The second half: rename `tmp` to `path`, never over a file already there
+    (FileExistsError: pick another name), then sync the folder where we may read it (in a
+    drop box the daemon syncs it when it takes the file, as with drop())."""
+    rename_noreplace(tmp, path)
+    try:
+        fsync_dir(path.parent)
+    except PermissionError:
+        pass
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that fails with FileExistsError when `dst` exists (renameat2 with
+    RENAME_NOREPLACE), so two writers choosing the same free name cannot replace each other's
+    file. Where the filesystem or libc lacks it (NFS: EINVAL), it checks, then renames: two
+    writers may still meet there in the instant between."""
+    func = getattr(_libc, "renameat2", None)
+    if func is not None:
+        if func(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
 def write_json(path: Path, obj: object) -> None:
     write_bytes(path, dumps(obj))
 

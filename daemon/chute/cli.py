@@ -1,7 +1,7 @@
 """The `chute` command: one subcommand per verb, exit codes 0 ok, 1 failed, 2 usage or input.
 
 Owns: argument parsing, what each command prints, and exit codes. Not here: what the
-commands do (chute.engine, chute.rundir, chute.spec).
+commands do (chute.engine, chute.rundir, chute.spec, chute.submission).
 Diagnostics: user mistakes print one line per problem to stderr and exit 2; a failed run
 exits 1; a chute bug prints a traceback.
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, control, logs, names, owners, report, rundir
+from chute import control, logs, names, owners, report, rundir, submission
 from chute.clock import Clock
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -36,7 +36,7 @@ from chute.local import LocalExecutor
 from chute.spec import SpecError, json_schema, load_file
 from chute.spec.model import Pipeline
 from chute.spool import Spool, resolve_spool, sync_roots
-from chute.topology import Topology, format_cpulist, read_topology
+from chute.topology import Topology, format_cpulist, parse_cpulist, read_topology
 from chute.units import format_duration
 
 log = logging.getLogger("chute")
@@ -248,10 +248,28 @@ def _foreground(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Beside a daemon on the spool, the daemon runs the file (its cores are its own: a second
+    allocator in this process could not know what the daemon gives out next) and this
+    process follows it; `--here` runs it in this process on cores the daemon does not use."""
     config = _config(args)
     spool = _spool(args, config)
     topo = _topology(config)
+    pid = _daemon_pid(spool)
+    if pid is not None and args.here:
+        topo = _cores_left(spool, config, topo, pid)
     pipeline, raw = _load(args.file, config, topo)
+    if pid is not None and not args.here:
+        if pipeline.schedule is not None:
+            raise UsageError(
+                f"{args.file}: has a schedule, and a chute daemon (pid {pid}) runs on "
+                f"{spool.root}: handed to it, the file would be scheduled; use `chute submit` "
+                "to schedule it, or `chute run --here` to run it once now in this process"
+            )
+        print(
+            f"a chute daemon (pid {pid}) runs on {spool.root}: it runs {args.file} on its cores "
+            "and this command follows the run (--here runs it in this process instead)"
+        )
+        return _hand_over(spool, Path(args.file), raw)
     if pipeline.schedule is not None:
         log.warning(
             "%s: has a schedule; `chute run` runs it once now (the daemon would schedule it)",
@@ -272,6 +290,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _foreground(spool, config, topo, make)
 
 
+def _cores_left(spool: Spool, config: Config, topo: Topology, pid: int) -> Topology:
+    """`topo` less the cores of the daemon `pid` (as its state/status.json lists them), for
+    `chute run --here`; UsageError when none is left."""
+    theirs: set[int] | None = None
+    deadline = time.monotonic() + 5  # a daemon just started writes it within a second
+    while theirs is None:
+        try:
+            status = rundir.read_json(spool.state / "status.json")
+            if status.get("pid") == pid:
+                theirs = {c for node in status["cpus"] for c in parse_cpulist(node["cores"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if theirs is None:
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"cannot tell which cores the chute daemon (pid {pid}) uses: "
+                    f"{spool.state / 'status.json'} does not say; run without --here to hand "
+                    "the run to it"
+                )
+            time.sleep(0.05)
+    left = sorted(set(topo.cpus) - theirs)
+    if not left:
+        raise UsageError(
+            f"--here: every core chute may use here ({format_cpulist(topo.cpus)}) is the "
+            f"daemon's (pid {pid}); run without --here to hand the run to the daemon, or leave "
+            "cores out of its cpus: (or reserve_cpus) in its config"
+        )
+    log.info("--here: running on cores %s, which the daemon does not use", format_cpulist(left))
+    try:
+        return read_topology(cpus=format_cpulist(left), memory=config.memory)
+    except ValueError as exc:
+        raise UsageError(f"config: {exc}") from None
+
+
+def _hand_over(spool: Spool, source: Path, raw: bytes) -> int:
+    """`chute run` beside a daemon: submit the file and follow its run, like `chute submit
+    --wait`; the first Ctrl-C or SIGTERM cancels the run (a second stops following it)."""
+    signals = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            raise _StopFollowing
+
+    placed = submission.place(spool, source, raw, schedule=None)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    run_id: str | None = None
+    try:
+        print(f"submitted {source} as incoming/{placed.name}")
+        verdict = submission.verdict(spool, placed, deadline=None)
+        placed.close()
+        status = _tell(placed, verdict)
+        if verdict.kind != "run":
+            return status
+        run_id = verdict.detail
+        return _follow_run(spool, run_id, cancel=lambda: signals > 0)
+    except _StopFollowing:
+        if run_id is None:
+            print(
+                f"stopped waiting: incoming/{placed.name} is still submitted (`chute runs` "
+                "lists its run once the daemon takes it; `chute cancel` it then)",
+                file=sys.stderr,
+            )
+        else:
+            print(f"stopped following {run_id}; its cancel is requested", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        placed.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _StopFollowing(Exception):
+    """A second Ctrl-C while `chute run` follows a run it asked the daemon to cancel."""
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
@@ -289,14 +384,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
         new_id = rundir.new_run_id(Clock().now())
         request = _control(spool, control.Retry(plan.old_id, args.from_stage, new_id))
         print(f"retry of {plan.old_id} submitted as {new_id}")
-        if not args.wait:
-            return EXIT_OK
         deadline = time.monotonic() + 30
-        while not (spool.runs / new_id / "run.json").exists():
+        while not (spool.runs / new_id / "run.json").exists():  # made, or refused
             _raise_if_rejected(spool, request)
             if time.monotonic() > deadline:
                 raise UsageError(f"{new_id}: the daemon did not start the retry (see its log)")
             time.sleep(0.05)
+        if not args.wait:
+            return EXIT_OK
         return _follow_run(spool, new_id)
     clock = Clock()
 
@@ -529,6 +624,9 @@ def _raise_if_rejected(spool: Spool, request: Path) -> None:
     raise UsageError(f"the daemon refused the request: {messages} ({report})")
 
 
+SUBMIT_WAIT = 30.0  # seconds `chute submit` without --wait waits for the daemon to take a file
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
@@ -549,88 +647,73 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except UsageError as exc:  # a drop box needs no more than write access: submit anyway
         log.warning("%s; cannot tell whether a daemon runs", exc)
         pid = -1
-    if pid is None:
-        if args.wait:
-            raise UsageError(f"no chute daemon runs on {spool.root}; start one, or use chute run")
-        log.warning("no chute daemon runs on %s; the files wait in incoming/", spool.root)
-    spool.incoming.mkdir(parents=True, exist_ok=True)
-    since = time.time()
-    placed: list[tuple[str, Pipeline]] = []
-    for path, raw, pipeline in loaded:
-        name = path.name.lstrip(".")  # the daemon ignores dot-names: never place one
-        if Path(name).suffix not in (".yaml", ".yml"):
-            name = f"{name or 'job'}.yaml"
-        stem, suffix = name.rsplit(".", 1)
-        n = 1
-        while (spool.incoming / name).exists():
-            name = f"{stem}.{n}.{suffix}"
-            n += 1
-        # Handover: a dot-temp name the daemon ignores, then one rename into view.
-        atomic.drop(spool.incoming / name, raw)
-        placed.append((name, pipeline))
-        print(f"submitted {path} as incoming/{name}")
-    if not args.wait:
-        return EXIT_OK
-    status = EXIT_OK
-    for name, pipeline in placed:
-        outcome = _wait_intake(spool, name, since, scheduled=pipeline.schedule is not None)
-        if outcome is None:
-            print(f"incoming/{name}: scheduled as {pipeline.name}")
-            continue
-        if outcome.startswith("rejected:"):
-            print(f"incoming/{name}: {outcome}", file=sys.stderr)
-            status = EXIT_FAILED
-            continue
-        code = _follow_run(spool, outcome)
-        status = max(status, code)
-    return status
-
-
-def _wait_intake(spool: Spool, name: str, since: float, *, scheduled: bool) -> str | None:
-    """The run id the daemon made of incoming/<name>, "rejected: …", or None (scheduled)."""
-    source = f"incoming/{name}"
-    prefix = time.strftime("%Y%m%d_%H%M%S", time.gmtime(int(since)))
-    seen: set[str] = set()
-    while True:
-        if scheduled and not (spool.incoming / name).exists():
-            if (spool.rejected / name).exists():
-                return _rejection(spool, name)
-            return None
-        for run_id in reversed(rundir.run_ids(spool)):
-            if run_id < prefix:
-                break
-            if run_id in seen:
-                continue
-            try:
-                rec = rundir.read_json(spool.runs / run_id / "run.json")
-            except (OSError, orjson.JSONDecodeError):
-                continue
-            seen.add(run_id)
-            if rec.get("trigger", {}).get("source") == source:
-                return run_id
-        if (
-            not (spool.incoming / name).exists()
-            and (spool.rejected / f"{name}.error.json").exists()
-        ):
-            return _rejection(spool, name)
-        time.sleep(0.05)
-
-
-def _rejection(spool: Spool, name: str) -> str:
+    if pid is None and args.wait:
+        raise UsageError(f"no chute daemon runs on {spool.root}; start one, or use chute run")
+    placed: list[submission.Placed] = []
     try:
-        doc = rundir.read_json(spool.rejected / f"{name}.error.json")
-    except (OSError, orjson.JSONDecodeError):
-        return "rejected"
-    errs = "; ".join(e.get("message", "") for e in doc.get("errors", [])[:3])
-    return f"rejected: {doc.get('reason')}: {errs}"
+        for path, raw, pipeline in loaded:
+            schedule = pipeline.name if pipeline.schedule is not None else None
+            placed.append(submission.place(spool, path, raw, schedule=schedule))
+            print(f"submitted {path} as incoming/{placed[-1].name}")
+        if pid is None:
+            files = "the file waits" if len(placed) == 1 else "the files wait"
+            print(f"no chute daemon runs on {spool.root}: {files} in incoming/ until one starts")
+            return EXIT_OK
+        if pid == -1 and not args.wait:
+            return EXIT_OK
+        deadline = None if args.wait else time.monotonic() + SUBMIT_WAIT
+        status = EXIT_OK
+        for one in placed:
+            verdict = submission.verdict(spool, one, deadline=deadline)
+            one.close()
+            status = max(status, _tell(one, verdict))
+            if args.wait and verdict.kind == "run":
+                status = max(status, _follow_run(spool, verdict.detail))
+        return status
+    finally:
+        for one in placed:
+            one.close()
 
 
-def _follow_run(spool: Spool, run_id: str) -> int:
-    """Follow a run the daemon drives: live progress on a terminal, the summary at the end."""
+def _tell(placed: submission.Placed, verdict: submission.Verdict) -> int:
+    """Print what the daemon made of a submitted file; the exit code it means."""
+    where = f"incoming/{placed.name}"
+    if verdict.kind == "run":
+        print(f"{where} accepted as run {verdict.detail}")
+    elif verdict.kind == "schedule":
+        print(f"{where} scheduled as {verdict.detail}")
+    elif verdict.kind == "waiting":
+        print(
+            f"{where} not taken by the daemon within {SUBMIT_WAIT:.0f}s: it waits there, and "
+            "`chute runs` lists its run once taken"
+        )
+    elif verdict.kind == "unreadable":
+        print(f"{where}: its run id cannot be learned: {verdict.detail}: not readable by you")
+    elif verdict.kind == "rejected":
+        print(f"{where} rejected: {verdict.detail}", file=sys.stderr)
+        return EXIT_FAILED
+    else:
+        print(
+            f"{where} was removed before the daemon took it: no run, schedule or rejection "
+            "carries it",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _follow_run(spool: Spool, run_id: str, cancel: Callable[[], bool] | None = None) -> int:
+    """Follow a run the daemon drives: live progress on a terminal, the summary at the end.
+    Once `cancel` says so, ask the daemon to cancel it (and follow it to its end)."""
     folder = spool.runs / run_id
     tty = sys.stdout.isatty()
     last = ""
+    cancelling = False
     while True:
+        if cancel is not None and not cancelling and cancel():
+            cancelling = True
+            _control(spool, control.Cancel(run_id))
+            print(f"{run_id}: cancelling", file=sys.stderr)
         rec = rundir.read_json(folder / "run.json")
         if tty:
             try:
@@ -913,10 +996,17 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "run",
         cmd_run,
-        "chute run FILE: run a job or pipeline once, in the foreground",
+        "chute run FILE [--here]: run a job or pipeline once and follow it (by the daemon "
+        "when one runs on the spool)",
         "chute run spool/examples/etl.yaml",
     )
     p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "--here",
+        action="store_true",
+        help="with a daemon on the spool: run in this process on cores it does not use, "
+        "instead of handing the run to it",
+    )
 
     p = add(
         "show",
@@ -962,7 +1052,8 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "submit",
         cmd_submit,
-        "chute submit FILE... [--wait]: validate files and drop them into incoming/",
+        "chute submit FILE... [--wait]: validate files, drop them into incoming/ and print "
+        "the run each became",
         "chute submit spool/examples/etl.yaml --wait",
     )
     p.add_argument("files", nargs="+", metavar="FILE")

@@ -44,6 +44,8 @@ class Config:
     log_limit: int = 64 << 20
     submitters_users: tuple[str, ...] = ()
     submitters_groups: tuple[str, ...] = ()
+    admins_users: tuple[str, ...] = ()
+    admins_groups: tuple[str, ...] = ()
     http_listen: str = "127.0.0.1:9842"
     http_token_file: Path | None = None
     keep_runs: int = 1000
@@ -70,6 +72,7 @@ _KEYS = {
     "max_file_size",
     "log_limit",
     "submitters",
+    "admins",
     "http",
     "retention",
     "executor",
@@ -169,6 +172,11 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         values["submitters_users"] = _strings("submitters.users", m.get("users"))
         values["submitters_groups"] = _strings("submitters.groups", m.get("groups"))
 
+    def admins() -> None:
+        m = _mapping("admins", data["admins"], {"users", "groups"})
+        values["admins_users"] = _strings("admins.users", m.get("users"))
+        values["admins_groups"] = _strings("admins.groups", m.get("groups"))
+
     def http() -> None:
         m = _mapping("http", data["http"], {"listen", "token_file"})
         if "listen" in m:
@@ -236,6 +244,7 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
         "log_limit", lambda: values.__setitem__("log_limit", _size("log_limit", data["log_limit"]))
     )
     take("submitters", submitters)
+    take("admins", admins)
     take("http", http)
     take("retention", retention)
     take("executor", executor)

@@ -11,10 +11,16 @@ before). A crash before the removal replays the request, and each handler finds 
 work done or half done and finishes it; a crash after it finds the effect on disk. A bad
 request is renamed into rejected/, then its error.json is written; `repair` (at start)
 writes an error.json a crash left out.
+Who may: the requester is the uid owning the request file (fstat of the descriptor it is
+read through; a file with other names, or writable by anyone, is refused, as intake refuses
+such drops); `authorize` applies chute.owners' rules: the submitter of the run or schedule,
+root, the daemon's user or an admin. The CLI knows its request's name, so it finds a refusal
+at rejected/<name>.error.json and prints its reason.
 Diagnostics: a bad request (not JSON, not an object, an unknown action, missing, unknown or
-mistyped fields, a name not of its kind's form, over MAX_SIZE, a symlink, FIFO or folder)
-goes to rejected/<name> beside <name>.error.json (reason bad_request, too_large,
-not_regular or symlink) with one WARNING line. Dot-names and names not ending in .json are
+mistyped fields, a name not of its kind's form, over MAX_SIZE, a symlink, FIFO, folder or
+hard link, world-writable, or from someone who may not) goes to rejected/<name> beside
+<name>.error.json (reason bad_request, too_large, not_regular, symlink, world_writable or
+not_owner) with one WARNING line. Dot-names and names not ending in .json are
 left alone, as intake leaves them in incoming/.
 """
 
@@ -33,7 +39,8 @@ from typing import Any, ClassVar
 
 import orjson
 
-from chute import atomic, names
+from chute import access, atomic, names, rundir
+from chute.config import Config
 from chute.faults import crash_point
 from chute.intake import ERROR_SUFFIX, rejected_path, write_report
 from chute.spec.load import Issue, read_upto
@@ -111,14 +118,15 @@ def pending(spool: Spool) -> list[str]:
     return sorted(n for n in entries if not n.startswith(".") and n.endswith(SUFFIX))
 
 
-def read(spool: Spool, name: str) -> Request:
-    """The request in control/<name>, read without following a link or blocking on a FIFO.
-    BadRequest says why it is refused; FileNotFoundError: gone; another OSError: the
+def read(spool: Spool, name: str) -> tuple[Request, int]:
+    """The request in control/<name> and its requester (the uid owning the file, from fstat
+    of the descriptor it is read through), read without following a link or blocking on a
+    FIFO. BadRequest says why it is refused; FileNotFoundError: gone; another OSError: the
     environment (EACCES on the spool)."""
     return _read(spool.control / name)
 
 
-def _read(path: Path) -> Request:
+def _read(path: Path) -> tuple[Request, int]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -131,6 +139,22 @@ def _read(path: Path) -> Request:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise BadRequest("not_regular", "", f"is {_kind(st.st_mode)}, not a regular file")
+        # Its owner is the requester: it must be that user's own file, which nobody else
+        # could have written (as intake's rules for a dropped file).
+        if st.st_nlink > 1:
+            raise BadRequest(
+                "not_regular",
+                "",
+                f"has {st.st_nlink} hard links; a request must be a file of its own, written "
+                "by its requester",
+            )
+        if st.st_mode & stat.S_IWOTH:
+            raise BadRequest(
+                "world_writable",
+                "",
+                f"is world-writable (mode {stat.S_IMODE(st.st_mode):04o}); anyone could have "
+                "written it — chmod o-w it, or make the request with the chute CLI",
+            )
         data = read_upto(fd, MAX_SIZE + 1)
     finally:
         os.close(fd)
@@ -138,7 +162,7 @@ def _read(path: Path) -> Request:
         raise BadRequest(
             "too_large", "", f"is over {MAX_SIZE} bytes; a request is one small JSON object"
         )
-    return parse(data)
+    return parse(data), st.st_uid
 
 
 def parse(data: bytes) -> Request:
@@ -191,6 +215,31 @@ def parse(data: bytes) -> Request:
     return Unschedule(get("name", names.name, "schedule name"))
 
 
+def authorize(spool: Spool, request: Request, requester: int, config: Config) -> None:
+    """BadRequest (reason not_owner) unless `requester` may make `request` (chute.owners): a
+    cancel or retry by the run's submitter (run.json's submitted_by.uid), an unschedule by
+    the schedule's (state/owners/), or by root, the daemon's user or an admin. A request
+    about a run or schedule that does not exist changes nothing and is let through (a retry
+    of one is refused by the retry itself)."""
+    if isinstance(request, Unschedule):
+        if not os.path.lexists(spool.schedules / f"{request.name}.yaml"):
+            return
+        owner = access.schedule_submitter(spool, request.name)
+        action, field = f"unschedule {request.name}", "name"
+    else:
+        try:
+            run = rundir.read_json(spool.runs / request.run / "run.json")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):  # unreadable: its submitter is not known
+            run = None
+        owner = run.get("submitted_by") if isinstance(run, dict) else None
+        action, field = f"{request.action} run {request.run}", "run"
+    problem = access.refusal(requester, owner if isinstance(owner, dict) else None, config, action)
+    if problem is not None:
+        raise BadRequest("not_owner", field, problem)
+
+
 def reject(spool: Spool, name: str, exc: BadRequest, now: datetime) -> None:
     """Move control/<name> to rejected/ and write its error.json; one WARNING line."""
     target = rejected_path(spool.rejected, name)
@@ -236,7 +285,7 @@ def repair(spool: Spool, now: datetime) -> int:
             continue  # not a request (intake repairs its own)
         exc: BadRequest
         try:
-            request = _read(spool.rejected / entry)
+            request, _ = _read(spool.rejected / entry)
         except BadRequest as bad:
             exc = bad
         except OSError:
@@ -255,12 +304,14 @@ def repair(spool: Spool, now: datetime) -> int:
 
 def unschedule_file(spool: Spool, name: str) -> bool:
     """Remove schedules/<name>.yaml (`name` checked by chute.names) and sync the folder, so
-    the removal survives a power loss; False when there was no such file."""
+    the removal survives a power loss, then its owner record; False when there was no such
+    file."""
     try:
         os.unlink(spool.schedules / f"{names.name(name, 'schedule name')}.yaml")
     except FileNotFoundError:
         return False
     atomic.fsync_dir(spool.schedules)
+    access.forget_schedule(spool, name)
     return True
 
 

@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from chute import __version__, atomic, control, logs, owners, report, rundir
+from chute import __version__, access, atomic, control, logs, owners, report, rundir
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -749,6 +749,8 @@ class Daemon:
                 "fire_time": rfc3339(fire.fire_time),
             },
             now=self.clock.now(),
+            # The schedule's submitter's run, so they may cancel it (unknown: the daemon's).
+            submitted_by=access.schedule_submitter(self.spool, fire.name),
             run_date=fire.run_date,
             run_id=run_id,
         )
@@ -891,8 +893,9 @@ class Daemon:
 
     def _control(self) -> None:
         """Carry out the requests in control/ (chute.control): each request's effect is
-        durable before its file goes; a bad one goes to rejected/; one that cannot be
-        carried out yet (a full disk, a run not handed to the engine yet) waits."""
+        durable before its file goes; a bad one, or one whose requester may not make it
+        (control.authorize), goes to rejected/; one that cannot be carried out yet (a full
+        disk, a run not handed to the engine yet) waits."""
         pending = control.pending(self.spool)
         for name in set(self._control_trouble) - set(pending):
             del self._control_trouble[name]
@@ -900,7 +903,7 @@ class Daemon:
             if name in self._control_held:
                 continue
             try:
-                request = control.read(self.spool, name)
+                request, requester = control.read(self.spool, name)
             except control.BadRequest as exc:
                 self._reject_request(name, exc)
                 continue
@@ -910,7 +913,8 @@ class Daemon:
                 self._control_failed(name, exc)
                 continue
             try:
-                done = self._carry_out(request)
+                control.authorize(self.spool, request, requester, self.config)
+                done = self._carry_out(request, requester)
             except control.BadRequest as exc:
                 self._reject_request(name, exc)
                 continue
@@ -951,12 +955,12 @@ class Daemon:
             return
         self.metrics.file_rejected(exc.reason)
 
-    def _carry_out(self, request: control.Request) -> bool:
+    def _carry_out(self, request: control.Request, requester: int) -> bool:
         """Do what `request` asks, durably; False when it must wait for a later pass."""
         if isinstance(request, control.Cancel):
             return self._cancel(request.run)
         if isinstance(request, control.Retry):
-            self._retry(request)
+            self._retry(request, requester)
             return True
         if control.unschedule_file(self.spool, request.name):
             log.info("schedule %s unscheduled by request", request.name)
@@ -977,7 +981,7 @@ class Daemon:
         log.info("%s cancel requested but the run is not active", run_id)
         return True
 
-    def _retry(self, request: control.Retry) -> None:
+    def _retry(self, request: control.Retry, requester: int) -> None:
         try:
             plan = runs.plan_retry(
                 self.spool.runs / request.run,
@@ -985,8 +989,13 @@ class Daemon:
                 node_cpus=len(self.topology.cpus),
                 node_memory=self.topology.memory,
             )
-            run = runs.make_retry(
-                self.spool, plan, now=self.clock.now(), new_id=request.new_run_id, queue=True
+            run = runs.make_retry(  # the retry is its requester's run, as `chute run` is
+                self.spool,
+                plan,
+                now=self.clock.now(),
+                new_id=request.new_run_id,
+                queue=True,
+                submitted_by=runs.submitter(requester),
             )
         except runs.RetryRefused as exc:
             if runs.abandon_retry(
@@ -1030,8 +1039,13 @@ class Daemon:
             "updated_at": rfc3339(self.clock.time()),
             "spool": str(self.spool.root),
             "policy": self.config.policy,
-            "cpus": [
-                {"numa_node": i, "total": len(cores), "allocated": allocated.get(i, 0)}
+            "cpus": [  # cores: what `chute run --here` leaves alone
+                {
+                    "numa_node": i,
+                    "total": len(cores),
+                    "allocated": allocated.get(i, 0),
+                    "cores": self.topology.cpulist(cores),
+                }
                 for i, cores in enumerate(self.topology.nodes)
             ],
             "runs": {"queued": queued, "running": len(self.engine.runs) - queued},

@@ -1,7 +1,9 @@
 """Taking dropped files exactly once: incoming/ → state/intake/ → a run, a schedule or rejected/.
 
 Owns: incoming/, state/intake/ (claims), writing queue/<run_id>.yaml, schedules/<name>.yaml
-and rejected/ with its <file>.error.json; the inotify watch on incoming/ and schedules/.
+(with its owner record) and rejected/ with its <file>.error.json; the identity of a dropped
+file (file_id: run.json's trigger.file_id, error.json's file_id), by which `chute submit`
+finds what became of its file; the inotify watch on incoming/ and schedules/.
 Not here: parsing and validating a spec (chute.spec), a run folder's files (chute.rundir),
 starting runs and reading schedules/ (the daemon, chute.engine), when to rescan (the daemon).
 Crash safety: every transition is a rename on one filesystem, and a file is in exactly one
@@ -26,9 +28,10 @@ made before instead of making a second run. Crash points, and what start-up (rec
      leaves the same state; the next scan finishes it and reports the run as Accepted.
      A claim whose handover is still in the writer thread is not touched by a scan.)
   4. queue file written, claim not yet unlinked: as 3, nothing to write.
-  5. recurring: schedules/<name>.yaml written, claim not unlinked: redo writes the same
-     bytes again (the claim's unlink is fsynced, so an older claim never overwrites a
-     newer schedule).
+  5. recurring: state/owners/<name>.json (who dropped it, chute.owners), then
+     schedules/<name>.yaml written, claim not unlinked: redo writes the same record and bytes
+     again (the claim's unlink is fsynced, so an older claim never overwrites a newer
+     schedule).
   6. rejected: renamed to rejected/<x> but no <x>.error.json: re-validate it and write it.
   7. any atomic write interrupted: `.tmp-*` leftovers in queue/, schedules/, rejected/ and
      state/intake/ are removed.
@@ -52,7 +55,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import grp
 import hashlib
 import logging
 import os
@@ -68,7 +70,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from chute import atomic, rundir
+from chute import access, atomic, rundir
 from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.config import Config
 from chute.engine.runs import submitter
@@ -124,8 +126,9 @@ class Rejected:
 
     `file` is the name in rejected/ (`x.yaml`, or `x.yaml.1` when that was taken); the
     error.json's "file" is the name as dropped. `reason` is one word for metrics: invalid,
-    too_large, not_regular, symlink, world_writable, not_submitter, unreadable (or
-    unknown: a rejection whose report a crash lost, that passes the checks now).
+    too_large, not_regular, symlink, world_writable, not_submitter, not_owner (a schedule
+    of the same name is someone else's), unreadable (or unknown: a rejection whose report a
+    crash lost, that passes the checks now).
     """
 
     file: str
@@ -385,7 +388,13 @@ class Intake:
         like every run accepted before the crash, each has queue/<run_id>.yaml by now, and
         the daemon starts queued runs from queue/ (returning them too would start them twice).
         """
-        for folder in (self.spool.queue, self.spool.schedules, self.spool.rejected, self.claims):
+        for folder in (
+            self.spool.queue,
+            self.spool.schedules,
+            self.spool.rejected,
+            self.claims,
+            self.spool.state / access.FOLDER,
+        ):
             removed = atomic.remove_temp_leftovers(folder)
             if removed:
                 log.info("%s: removed %d temp file(s) an interrupted write left", folder, removed)
@@ -516,36 +525,8 @@ class Intake:
                 f"is world-writable (mode {stat.S_IMODE(st.st_mode):04o}); anyone could change "
                 "it after it was checked — chmod o-w it, then drop it again"
             )
-        return self._not_submitter(st.st_uid)
-
-    def _not_submitter(self, uid: int) -> tuple[str, str] | None:
-        users, groups = self.config.submitters_users, self.config.submitters_groups
-        if not users and not groups:
-            return None
-        try:
-            pw: pwd.struct_passwd | None = pwd.getpwuid(uid)
-        except KeyError:
-            pw = None
-        if pw is not None:
-            if pw.pw_name in users:
-                return None
-            gids = set(os.getgrouplist(pw.pw_name, pw.pw_gid))
-            for group in groups:
-                try:
-                    if grp.getgrnam(group).gr_gid in gids:
-                        return None
-                except KeyError:
-                    continue
-        owner = f"{pw.pw_name} (uid {uid})" if pw is not None else f"uid {uid} (no such user)"
-        listed = "; ".join(
-            f"{what}: {', '.join(names)}"
-            for what, names in (("users", users), ("groups", groups))
-            if names
-        )
-        return "not_submitter", (
-            f"is owned by {owner}, who is not among the submitters ({listed}); drop it as one "
-            "of them, or ask an operator to add the user or a group to submitters in the config"
-        )
+        problem = access.submitter_refusal(st.st_uid, self.config)
+        return None if problem is None else ("not_submitter", problem)
 
     # -- decide and hand over ----------------------------------------------------------
 
@@ -573,9 +554,9 @@ class Intake:
             except SpecError as exc:
                 reason, issues = "invalid", exc.issues
         if pipeline is None or reason is not None:
-            return self._reject(claim, name, reason or "invalid", issues)
+            return self._reject(claim, name, reason or "invalid", issues, look.st)
         if pipeline.schedule is not None:
-            return self._schedule(claim, name, pipeline, look.data)
+            return self._schedule(claim, name, pipeline, look)
         accept = self._prepare_accept(run_id, claim, name, pipeline, look, dropped_at)
         if accepts is not None:
             accepts.append(accept)
@@ -599,7 +580,7 @@ class Intake:
             run_id=run_id,
             pipeline=pipeline.name,
             kind=pipeline.kind,
-            trigger={"type": "drop", "source": source},
+            trigger={"type": "drop", "source": source, "file_id": file_id(look.st)},
             submitted_by=by,
             spec_sha256=hashlib.sha256(look.data).hexdigest(),
             created_at=now,
@@ -608,10 +589,40 @@ class Intake:
         accepted = Accepted(run_id, pipeline, look.data, source, by, now, dropped_at, record)
         return _Accept(record, look.data, claim, accepted)
 
-    def _schedule(self, claim: Path, name: str, pipeline: Pipeline, data: bytes) -> Scheduled:
+    def _schedule(
+        self, claim: Path, name: str, pipeline: Pipeline, look: _Look
+    ) -> Scheduled | Rejected:
         now = self.clock.now()
+        data = look.data
         path = self.spool.schedules / f"{pipeline.name}.yaml"
         replaced = os.path.lexists(path)
+        if replaced:  # replacing a schedule ends it: the same rule as unscheduling it
+            problem = access.refusal(
+                look.st.st_uid,
+                access.schedule_submitter(self.spool, pipeline.name),
+                self.config,
+                f"replace schedule {pipeline.name}",
+            )
+            if problem is not None:
+                issue = Issue(
+                    f"incoming/{name}",
+                    0,
+                    "metadata.name",
+                    f"{problem} (or give this file another metadata.name)",
+                )
+                return self._reject(claim, name, "not_owner", [issue], look.st)
+        # Who submitted it, before the schedule file: a crash in between redoes both.
+        access.record_schedule(
+            self.spool,
+            pipeline.name,
+            {
+                "schedule": pipeline.name,
+                "submitted_by": submitter(look.st.st_uid),
+                "source": f"incoming/{_json_safe(name)}",
+                "file_id": file_id(look.st),
+                "accepted_at": rfc3339(now),
+            },
+        )
         # Handover: the schedule file is the recurring definition from now on.
         atomic.write_bytes(path, data)
         os.unlink(claim)
@@ -624,16 +635,20 @@ class Intake:
         )
         return Scheduled(pipeline.name, pipeline, data, path, now, replaced)
 
-    def _reject(self, claim: Path, name: str, reason: str, issues: list[Issue]) -> Rejected:
+    def _reject(
+        self, claim: Path, name: str, reason: str, issues: list[Issue], st: os.stat_result
+    ) -> Rejected:
         target = self._rejected_path(name)
         os.rename(claim, target)
-        rejected = self._report(target, name, reason, issues)
+        rejected = self._report(target, name, reason, issues, st)
         atomic.fsync_dir(self.claims)  # the claim's removal, so it is never rejected twice
         return rejected
 
-    def _report(self, target: Path, name: str, reason: str, issues: list[Issue]) -> Rejected:
+    def _report(
+        self, target: Path, name: str, reason: str, issues: list[Issue], st: os.stat_result
+    ) -> Rejected:
         # Handover: error.json completes the rejection (crash point 6 rewrites it).
-        errors = write_report(target, name, reason, issues, self.clock.now())
+        errors = write_report(target, name, reason, issues, self.clock.now(), file_id(st))
         first = str(issues[0]) if issues else "(no details)"
         more = (
             f" (and {len(issues) - 1} more in rejected/{target.name}{ERROR_SUFFIX})"
@@ -781,7 +796,7 @@ class Intake:
                 except SpecError as exc:
                     reason, issues = "invalid", exc.issues
             try:
-                out.append(self._report(path, name, reason, issues))
+                out.append(self._report(path, name, reason, issues, look.st))
             except OSError as exc:
                 self._environment(exc, str(path))
         return out
@@ -891,16 +906,35 @@ def rejected_path(folder: Path, name: str) -> Path:
 
 
 def write_report(
-    target: Path, name: str, reason: str, issues: list[Issue], now: datetime
+    target: Path,
+    name: str,
+    reason: str,
+    issues: list[Issue],
+    now: datetime,
+    dropped: str | None = None,
 ) -> list[dict[str, Any]]:
     """Write rejected/<target>.error.json for a file dropped as `name`: {file, reason, errors:
-    [{path, line, message}], rejected_at}; returns the errors."""
+    [{path, line, message}], rejected_at}, and `file_id` (see file_id) when `dropped` gives
+    it; returns the errors."""
     errors = [i.as_dict() for i in issues]
-    atomic.write_json(
-        target.with_name(target.name + ERROR_SUFFIX),
-        {"file": _json_safe(name), "reason": reason, "errors": errors, "rejected_at": rfc3339(now)},
-    )
+    doc: dict[str, Any] = {
+        "file": _json_safe(name),
+        "reason": reason,
+        "errors": errors,
+        "rejected_at": rfc3339(now),
+    }
+    if dropped is not None:
+        doc["file_id"] = dropped
+    atomic.write_json(target.with_name(target.name + ERROR_SUFFIX), doc)
     return errors
+
+
+def file_id(st: os.stat_result) -> str:
+    """`<st_dev>:<st_ino>`: which file was dropped, as run.json's trigger.file_id, an
+    error.json's file_id and a schedule's owner record carry it. `chute submit` knows it of
+    the file it placed (a rename keeps the inode), and holds the file open until it has found
+    its outcome, so no other file can have that identity meanwhile (chute.submission)."""
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def _inotify_error(err: int, call: str, folder: Path | None) -> OSError:

@@ -10,7 +10,7 @@ immutable value the loop publishes once a second (Daemon._write_status), so a sc
 iterates a dict the loop is changing. Every metric lives in the daemon process: no
 prometheus_client multiprocess mode (it leaves files behind and drops features).
 Labels: bounded by construction. `reason` is one of the rejection words (intake's, and
-bad_request for a control request), `state` one of the final run states, `numa_node` a
+bad_request or not_owner for a control request), `state` one of the final run states, `numa_node` a
 node id of this machine. No run id, file name or pipeline label (a pipeline label would
 grow with every name users invent).
 """
@@ -33,6 +33,7 @@ REJECT_REASONS = (
     "symlink",
     "world_writable",
     "not_submitter",
+    "not_owner",
     "unreadable",
     "unknown",
     "bad_request",

@@ -210,6 +210,8 @@ CONTROL = {
     ),
     "oversized.json": (b" " * 5000 + b"{}", "too_large", "is over 4096 bytes"),
     "link.json": ("symlink", "symlink", "is a symbolic link, not the request"),
+    "hard-link.json": ("hardlink", "not_regular", "has 2 hard links; a request must be a file"),
+    "world-writable.json": ("open", "world_writable", "is world-writable (mode 0666)"),
     "fifo.json": ("fifo", "not_regular", "is a FIFO, not a regular file"),
     "folder.json": ("folder", "not_regular", "is a directory, not a regular file"),
 }
@@ -263,6 +265,15 @@ def test_bad_control_files_are_rejected_with_a_reason_and_the_daemon_goes_on(
             os.mkfifo(control / name)
         elif what == "folder":
             (control / name).mkdir()
+        elif what in ("hardlink", "open"):  # a cancel of the waiting run: whose is it?
+            tmp = control / f".{name}.tmp"
+            tmp.write_bytes(filled('{"action": "cancel", "run": "{waiting}"}').encode())
+            if what == "open":
+                tmp.chmod(0o666)
+                os.rename(tmp, control / name)
+            else:
+                os.link(tmp, canary / "other-name")
+                os.rename(tmp, control / name)
         else:
             assert isinstance(what, bytes)
             tmp = control / f".{name}.tmp"
@@ -286,7 +297,7 @@ def test_bad_control_files_are_rejected_with_a_reason_and_the_daemon_goes_on(
     assert {p.name: p.read_bytes() for p in (spool / "queue").iterdir()} == before
     assert sorted(p.name for p in (spool / "runs").iterdir()) == runs_before  # no new run
     assert (spool / "runs" / taken / "run.json").read_bytes() == taken_json
-    assert sorted(os.listdir(canary)) == ["keep.yaml"]
+    assert sorted(os.listdir(canary)) == ["keep.yaml", "other-name"]
     assert (canary / "keep.yaml").read_text() == "keep\n"
     text = d.log.read_text()
     assert "Traceback" not in text

@@ -369,9 +369,11 @@ def make_retry(
     now: datetime,
     new_id: str | None = None,
     queue: bool = False,
+    submitted_by: dict[str, Any] | None = None,
 ) -> ActiveRun | None:
     """The new run of `plan`: its folder (state queued, trigger retry of plan.old_id), the
-    kept stages copied in, and with `queue` its queue/<id>.yaml (the daemon's runs).
+    kept stages copied in, and with `queue` its queue/<id>.yaml (the daemon's runs);
+    `submitted_by` is whose run it is (default: this process's user).
 
     Replayed with the same `new_id` after a crash, it finds the run it made and finishes
     it; None when nothing is left to do (queued already: recovery has it, or it ran).
@@ -391,6 +393,7 @@ def make_retry(
             run_id=new_id,
             resumed_from=plan.old_id,
             reused=plan.reused,
+            submitted_by=submitted_by,
         )
     else:
         if record.get("trigger") != trigger:
