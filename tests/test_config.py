@@ -100,3 +100,31 @@ def test_null_paths_mean_the_default() -> None:
     c = parse_config({"spool": None, "runs_dir": None})
     assert c.spool is None
     assert c.runs_dir is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stop_timeout: 30\n", "stop_timeout: 30 has no unit; expected a duration like 500ms, "
+         "30s, 20m, 1h or 2d (30s for seconds)"),
+        ('stop_timeout: "30"\n', "stop_timeout: '30' has no unit; expected a duration like "
+         "500ms, 30s, 20m, 1h or 2d (30s for seconds)"),
+        ("memory: 4096\n", "memory: 4096 has no unit; expected a size like 512MiB or 4GiB "
+         "(4096B for bytes)"),
+        ('max_file_size: "4096"\n', "max_file_size: '4096' has no unit; expected a size like "
+         "512MiB or 4GiB (4096B for bytes)"),
+        ("watch: off\n", "watch: 'off' is not one of auto, poll"),
+        ("policy: &p best-fit\n", ":1: aliases and anchors are not supported; write the value out"),
+        ("sync: fsync\nsync: syncfs\n", ":2: sync: appears twice in one mapping (first at line 1); "
+         "YAML would silently keep the last — keep one"),
+    ],
+    ids=["duration", "quoted-duration", "size", "quoted-size", "yaml-1.2-off", "anchor",
+         "key-twice"],
+)  # fmt: skip
+def test_config_file_is_read_as_specs_are(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "chute.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    where = f"{path}" if message.startswith(":") else f"{path}: "  # a YAML issue has its line
+    assert str(info.value) == where + message

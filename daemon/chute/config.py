@@ -1,6 +1,9 @@
 """The daemon's configuration: one YAML file, every key optional, unknown keys refused.
 
 Owns: reading `--config`, `$CHUTE_CONFIG` or /etc/chute/chute.yaml into a frozen Config.
+The file is read as spec files are (chute.spec.load: YAML 1.2, so `yes` is a string; no
+aliases; a key written twice is an error), and durations and sizes need their unit (`30s`,
+`4096B`), as in specs (chute.units).
 Not here: the spool layout (chute.spool), the node's CPUs (chute.topology).
 Diagnostics: a bad file raises ConfigError naming the file, the key and the valid choices;
 the CLI prints it and exits 2.
@@ -15,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from chute.units import parse_duration, parse_size
+from chute.spec.load import SpecError, load_plain
+from chute.units import no_unit, parse_duration, parse_size
 
 SYSTEM_CONFIG = Path("/etc/chute/chute.yaml")
 POLICIES = ("fifo-first-fit", "best-fit", "backfill")
@@ -106,7 +108,7 @@ def _mapping(key: str, value: object, valid: set[str]) -> Mapping[str, Any]:
 
 def _duration(key: str, value: object) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        raise ValueError(f"{key}: {no_unit(str(value), str(value), 'duration')}")
     try:
         return parse_duration(str(value))
     except ValueError as exc:
@@ -114,8 +116,8 @@ def _duration(key: str, value: object) -> float:
 
 
 def _size(key: str, value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f"{key}: {no_unit(str(value), str(value), 'size')}")
     try:
         return parse_size(str(value))
     except ValueError as exc:
@@ -281,9 +283,9 @@ def load_config(path: Path | str | None = None) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text) if text.strip() else {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = load_plain(text, str(path))
+    except SpecError as exc:
+        raise ConfigError("\n".join(str(issue) for issue in exc.issues)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

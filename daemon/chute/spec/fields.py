@@ -8,11 +8,21 @@ chute.spec.model); reading YAML (chute.spec.load).
 Crash safety: pure functions; no I/O.
 Diagnostics: a wrong value adds an Issue `<path>: <what was found>; <the rule or choices>`;
 check() then returns INVALID and the caller carries on, so a file's problems come all at once.
-Limits: a few rules have no JSON Schema form (a duration > 0, a cron field's range, a known
-time zone, YAML 1.1 booleans in env, MAX_RUN_TASKS summed over the stages); the schema
-accepts those and only the validator refuses. The size limits (MAX_SHARDS, MAX_STAGES,
-MAX_RUN_TASKS, MAX_RETRIES) keep one run's memory, manifest and loop work bounded: the
-README gives the figures they were chosen by.
+Schema and validator agree: every rule the JSON Schema can state is in it (types, enums,
+integer ranges, list lengths, patterns for names, durations and sizes with their unit and
+bounds, cron's five fields and their values, RFC 3339 instants), and patterns are ECMA-262
+as editors run them (ASCII classes; Python searches them as ECMA does, see ecma()). An
+integer field takes 2.0 as 2, as JSON Schema does.
+Limits: rules with no JSON Schema form are the validator's alone: a cron range that runs
+backwards or a step wider than its field, a known time zone, a real calendar date, byte
+(not character) sizes of arguments and `NAME=value`, MAX_RUN_TASKS summed over the stages,
+non-finite numbers in `with` and `shards.over`, and values YAML 1.1 and YAML 1.2 read
+differently (chute.spec.load): an unquoted yes/no/on/off in env, with or shards.over, and
+1_000, 0b1010, 1:30 or 017 where a number or a name is expected (a JSON Schema sees the
+value one reader made, never how it was written). The schema accepts those and only the
+validator refuses. The size limits (MAX_SHARDS, MAX_STAGES, MAX_RUN_TASKS, MAX_RETRIES)
+keep one run's memory, manifest and loop work bounded: the README gives the figures they
+were chosen by.
 """
 
 from __future__ import annotations
@@ -22,19 +32,25 @@ import difflib
 import math
 import re
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Final
 
 from chute import names
-from chute.spec.load import Issue, Node
-from chute.units import (
-    _DURATION,  # the parser's own pattern, so the schema cannot drift from it
-    _SIZE,
+from chute.spec.load import BOOLEAN_WORDS, Issue, Node, yaml11_reading
+from chute.units import (  # the parser's own patterns, so the schema cannot drift from it
     DURATION_HINT,
+    NUMBER,
     SIZE_HINT,
-    parse_duration,
+    SIZE_PATTERN,
+    decimal_at_least,
+    decimal_at_most,
+    duration_pattern,
+    duration_seconds,
+    no_unit,
     parse_size,
 )
 
@@ -54,7 +70,10 @@ IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ENV_NAME_PATTERN = IDENT_PATTERN
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
 INPUT_REF_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
-RFC3339_PATTERN = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+RFC3339_PATTERN = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]"
+    r":[0-5][0-9](\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
 MAX_SHARDS = 10_000
 """Shards of one stage. A shard is a task the daemon tracks (0.3-1.8 KB of memory while its
 run is active) and a manifest entry (~0.7 KB, rewritten while the run runs)."""
@@ -64,6 +83,9 @@ MAX_STAGES = 1_000
 """Stages of one pipeline."""
 MAX_RETRIES = 100
 """`retries.max`: 101 attempts at most (a manifest lists the first and last few of them)."""
+MAX_DURATION_DAYS = 36_500
+"""Any duration in a spec: 100 years, far past any real timeout or interval, so that fire
+times and deadlines stay within what datetime and the clocks can hold."""
 CRON_FIELDS = {  # APScheduler's name -> the name a crontab user knows
     "minute": "minute",
     "hour": "hour",
@@ -83,6 +105,12 @@ class Context:
     def report(self, line: int, path: str, message: str) -> _Invalid:
         self.issues.append(Issue(self.file, line, path, message))
         return INVALID
+
+
+def _check(kind: Type, node: Node, path: str, cx: Context) -> Any:
+    """`kind.check`, but a value that could not be read (chute.spec.load reported it) is
+    not reported again as being of the wrong type."""
+    return INVALID if node.unread else kind.check(node, path, cx)
 
 
 def found(node: Node) -> str:
@@ -106,6 +134,15 @@ def found(node: Node) -> str:
     if isinstance(v, date):
         return f"{shown} is a date"
     return f"{shown!r} is a string"
+
+
+def ecma(pattern: str) -> re.Pattern[str]:
+    """`pattern` as a JSON Schema validator runs it (ECMA-262, searched anywhere in the text),
+    for `.search`: a final `$` becomes `\\Z`, since Python's `$` also matches before a
+    trailing newline and ECMA's does not."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + "\\Z"
+    return re.compile(pattern)
 
 
 def _join(path: str, key: str) -> str:
@@ -141,28 +178,46 @@ class Type(abc.ABC):
 
     def wrong(self, node: Node, path: str, cx: Context) -> _Invalid:
         if node.is_scalar and isinstance(node.value, bool) and isinstance(self, Str | Text):
-            return cx.report(node.line, path, _quote_bool(node))
+            return cx.report(node.line, path, f'{node.text} is a boolean; quote it ("{node.text}")')
         return cx.report(node.line, path, f"{found(node)}; expected {self.hint}")
 
 
-def _quote_bool(node: Node) -> str:
-    return (
-        f'{node.text} is a boolean; quote it ("{node.text}") — YAML reads yes/no/on/off as booleans'
-    )
+def _two_readings(node: Node, old: Any) -> str:
+    """`yes is a string in YAML 1.2 but a boolean in YAML 1.1` (old: YAML 1.1's value)."""
+    if isinstance(old, bool):
+        return f"{node.text} is a string in YAML 1.2 but a boolean in YAML 1.1"
+    if isinstance(node.value, str):
+        return f"{node.text} is a string in YAML 1.2 but the number {old} in YAML 1.1"
+    # both numbers: only a leading 0 does that (octal in YAML 1.1, decimal in YAML 1.2)
+    return f"{node.text} is {node.value} in YAML 1.2 but {old} (octal) in YAML 1.1"
+
+
+def _number_advice(node: Node, old: Any) -> str:
+    """What to write for a number the two YAML versions read differently."""
+    if isinstance(node.value, str):
+        return f"write {old}"
+    return f"write {node.value}, or {old} for the octal value"
+
+
+def _quote(node: Node) -> str:
+    return f'quote it ("{node.text}")'
 
 
 class Str(Type):
     def __init__(self, hint: str = "a string", pattern: str | None = None) -> None:
         self.hint = hint
         self.pattern = pattern
-        self.regex = re.compile(pattern) if pattern else None
+        self.regex = ecma(pattern) if pattern else None
 
     def check(self, node: Node, path: str, cx: Context) -> Any:
         if not node.is_scalar or not isinstance(node.value, str):
             return self.wrong(node, path, cx)
+        old = yaml11_reading(node)
+        if old is not None and not isinstance(old, bool):  # 1_000: a number to YAML 1.1
+            return cx.report(node.line, path, f"{_two_readings(node, old)}; {_quote(node)}")
         if node.value == "":
             return cx.report(node.line, path, f"is empty; expected {self.hint}")
-        if self.regex and not self.regex.match(node.value):
+        if self.regex and not self.regex.search(node.value):
             return cx.report(node.line, path, f"{node.value!r} is not {self.hint}")
         return node.value
 
@@ -197,6 +252,9 @@ class Text(Type):
         if not node.is_scalar or isinstance(v, bool) or v is None:
             return self.wrong(node, path, cx)
         assert node.text is not None
+        if self.exec_arg == "variable" and node.plain and node.text.lower() in BOOLEAN_WORDS:
+            # A task reads its environment as text: `DEBUG: no` must mean one thing to all.
+            return cx.report(node.line, path, f"{_two_readings(node, True)}; {_quote(node)}")
         if isinstance(v, int | float):
             return node.text
         if not isinstance(v, str):  # a date: its text; a spec never means a date object here
@@ -242,6 +300,12 @@ class Int(Type):
 
     def check(self, node: Node, path: str, cx: Context) -> Any:
         v = node.value
+        old = yaml11_reading(node)
+        if old is not None and not isinstance(old, bool):  # 1_000, 0b1010, 017
+            message = f"{_two_readings(node, old)}; {_number_advice(node, old)}"
+            return cx.report(node.line, path, message)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # JSON has one number type: a JSON Schema integer is 2 or 2.0
         if not node.is_scalar or type(v) is not int:
             return self.wrong(node, path, cx)
         if (self.minimum is not None and v < self.minimum) or (
@@ -266,6 +330,10 @@ class Bool(Type):
     hint = "true or false"
 
     def check(self, node: Node, path: str, cx: Context) -> Any:
+        old = yaml11_reading(node)
+        if isinstance(old, bool):
+            message = f"{_two_readings(node, old)}; write {str(old).lower()}"
+            return cx.report(node.line, path, message)
         if not node.is_scalar or not isinstance(node.value, bool):
             return self.wrong(node, path, cx)
         return node.value
@@ -297,8 +365,21 @@ class Enum(Type):
         return {"enum": list(self.choices)}
 
 
+def _number_text(node: Node) -> str:
+    """A number as NUMBER writes it (1e3 -> 1000.0), for `(30s for seconds)`."""
+    text = node.text or ""
+    if re.fullmatch(NUMBER, text):
+        return text
+    v = node.value
+    return format(Decimal(repr(v)), "f") if isinstance(v, float) and math.isfinite(v) else text
+
+
 class Duration(Type):
-    def __init__(self, positive: bool = False, minimum: float | None = None) -> None:
+    """A span of time, in seconds (float). At most MAX_DURATION_DAYS; `positive`: more than
+    0; `minimum`: at least that many seconds. Bounds are checked exactly, as the schema's
+    patterns do."""
+
+    def __init__(self, positive: bool = False, minimum: int | None = None) -> None:
         self.positive = positive
         self.minimum = minimum
         self.hint = DURATION_HINT
@@ -307,26 +388,49 @@ class Duration(Type):
         v = node.value
         if node.is_scalar and isinstance(v, int | float) and not isinstance(v, bool):
             return cx.report(
-                node.line, path, f"{node.text} has no unit; expected {self.hint} ({v}s for seconds)"
+                node.line, path, no_unit(str(node.text), _number_text(node), "duration")
             )
         if not node.is_scalar or not isinstance(v, str):
             return self.wrong(node, path, cx)
         try:
-            seconds = parse_duration(v)
+            seconds = duration_seconds(v)
         except ValueError as e:
             return cx.report(node.line, path, str(e))
+        shown = repr(v) if len(v) <= 40 else repr(v[:37] + "...")
         if self.positive and seconds <= 0:
-            return cx.report(node.line, path, f"{v!r} is zero; expected a duration more than 0")
+            return cx.report(node.line, path, f"{shown} is zero; expected a duration more than 0")
         if self.minimum is not None and seconds < self.minimum:
             return cx.report(
                 node.line,
                 path,
-                f"{v!r} is under {self.minimum:g}s; the shortest is {self.minimum:g}s",
+                f"{shown} is under {self.minimum}s; the shortest is {self.minimum}s",
             )
-        return seconds
+        if seconds > MAX_DURATION_DAYS * 86400:
+            return cx.report(
+                node.line,
+                path,
+                f"{shown} is over {MAX_DURATION_DAYS}d (100 years), the longest a duration may be",
+            )
+        return float(seconds)
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "string", "pattern": _DURATION.pattern}
+        longest = Fraction(MAX_DURATION_DAYS * 86400)
+
+        def at_most(unit: Fraction) -> str:
+            return decimal_at_most(int(longest / unit))
+
+        patterns = [duration_pattern(at_most)]
+        low: Callable[[Fraction], str] | None = None
+        if self.minimum is not None:
+            minimum = Fraction(self.minimum)
+            low = lambda unit: decimal_at_least(minimum / unit)  # noqa: E731
+        elif self.positive:
+            low = lambda unit: decimal_at_least(Fraction(0), strict=True)  # noqa: E731
+        if low is not None:
+            patterns.append(duration_pattern(low))
+        if len(patterns) == 1:
+            return {"type": "string", "pattern": patterns[0]}
+        return {"type": "string", "allOf": [{"pattern": p} for p in patterns]}
 
 
 class Size(Type):
@@ -335,9 +439,7 @@ class Size(Type):
     def check(self, node: Node, path: str, cx: Context) -> Any:
         v = node.value
         if node.is_scalar and isinstance(v, int | float) and not isinstance(v, bool):
-            return cx.report(
-                node.line, path, f"{node.text} has no unit; expected {self.hint} ({v}B for bytes)"
-            )
+            return cx.report(node.line, path, no_unit(str(node.text), _number_text(node), "size"))
         if not node.is_scalar or not isinstance(v, str):
             return self.wrong(node, path, cx)
         try:
@@ -346,7 +448,7 @@ class Size(Type):
             return cx.report(node.line, path, str(e))
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "string", "pattern": _SIZE.pattern}
+        return {"type": "string", "pattern": SIZE_PATTERN}
 
 
 class AbsPath(Str):
@@ -358,28 +460,85 @@ class DateTime(Type):
     """An instant in RFC 3339 with its UTC offset; YAML may hand us a datetime already."""
 
     hint = "a date and time with its UTC offset, like 2026-12-01T02:00:00+08:00"
-    regex = re.compile(RFC3339_PATTERN)
+    regex = ecma(RFC3339_PATTERN)
 
     def check(self, node: Node, path: str, cx: Context) -> Any:
         if not node.is_scalar or isinstance(node.value, bool | int | float) or node.value is None:
             return self.wrong(node, path, cx)
         text = node.text or ""
-        if not self.regex.match(text):
-            if re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?$", text):
-                return cx.report(
-                    node.line, path, f"{text} has no UTC offset; add one, like {text}+00:00"
-                )
-            return cx.report(node.line, path, f"{found(node)}; expected {self.hint}")
-        try:
-            return datetime.fromisoformat(text)
-        except ValueError as e:
-            return cx.report(node.line, path, f"{text} is not a real date and time ({e})")
+        # fromisoformat (3.11) takes Z but not RFC 3339's lower-case z
+        iso = text[:-1] + "Z" if text.endswith("z") else text
+        if self.regex.search(text):
+            try:
+                return datetime.fromisoformat(iso)
+            except ValueError as e:  # 2026-02-30
+                return cx.report(node.line, path, f"{text} is not a real date and time ({e})")
+        shape = re.fullmatch(
+            r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?(.*)", text
+        )
+        if shape and not shape.group(3):
+            return cx.report(
+                node.line, path, f"{text} has no UTC offset; add one, like {text}+00:00"
+            )
+        if shape:
+            try:
+                datetime.fromisoformat(iso)
+            except ValueError as e:  # 2026-13-01
+                return cx.report(node.line, path, f"{text} is not a real date and time ({e})")
+        return cx.report(node.line, path, f"{found(node)}; expected {self.hint}")
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
         return {"type": "string", "pattern": RFC3339_PATTERN}
 
 
+def _any_case(word: str) -> str:
+    return "".join(f"[{c}{c.upper()}]" for c in word)
+
+
+def _cron_field(
+    number: str, names: Sequence[str] = (), *, named_steps: bool = True, word: str = ""
+) -> str:
+    """A pattern for one cron field: items `*`, `a`, `a-b`, each with an optional `/step`,
+    joined by commas; `a` a number in the field's range or (any case) one of `names`; `word`
+    an item of its own (`last`)."""
+    numbered = f"(?:\\*|{number}(?:-{number})?)(?:/[0-9]+)?"
+    items = [numbered]
+    if names:
+        named = f"(?:{'|'.join(_any_case(n) for n in names)})"
+        step = "(?:/[0-9]+)?" if named_steps else ""  # APScheduler drops a step after a month
+        items.append(f"{named}(?:-{named})?{step}")
+    if word:
+        items.append(_any_case(word))
+    item = f"(?:{'|'.join(items)})"
+    return f"{item}(?:,{item})*"
+
+
+_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+CRON_FIELD_PATTERNS = {  # leading zeros are allowed, as cron and APScheduler allow them
+    "minute": _cron_field("0*[1-5]?[0-9]"),
+    "hour": _cron_field("0*(?:1?[0-9]|2[0-3])"),
+    "day": _cron_field("0*(?:[1-9]|[12][0-9]|3[01])", word="last"),
+    "month": _cron_field("0*(?:[1-9]|1[0-2])", _MONTH_NAMES, named_steps=False),
+    "day_of_week": _cron_field("0*[0-7]", _DAY_NAMES),
+}
+CRON_FIELD_HINTS = {
+    "minute": "0-59",
+    "hour": "0-23",
+    "day": "1-31 or last",
+    "month": "1-12 or jan-dec (a step only with numbers)",
+    "day_of_week": "0-7 (0 and 7 are Sunday) or sun-sat",
+}
+CRON_PATTERN = (
+    "^[ \\t]*" + "[ \\t]+".join(f"(?:{p})" for p in CRON_FIELD_PATTERNS.values()) + "[ \\t]*$"
+)
+
+
 class Cron(Type):
+    """Five crontab fields. The schema's pattern holds each field's values; APScheduler (and
+    chute.schedules for weekdays) also checks what a pattern cannot: a range's order and a
+    step wider than the field."""
+
     hint = "5 fields: minute hour day month weekday, like '0 2 * * *'"
 
     def check(self, node: Node, path: str, cx: Context) -> Any:
@@ -387,7 +546,8 @@ class Cron(Type):
             return self.wrong(node, path, cx)
         from apscheduler.triggers.cron import CronTrigger  # slow import; only for cron specs
 
-        parts = node.value.split()
+        stripped = node.value.strip(" \t")
+        parts = re.split(r"[ \t]+", stripped) if stripped else []
         if len(parts) != 5:
             return cx.report(
                 node.line, path, f"{node.value!r} has {len(parts)} fields; expected {self.hint}"
@@ -402,12 +562,19 @@ class Cron(Type):
             except (ValueError, TypeError) as e:
                 reason = re.sub(r"^Error validating expression '.*?': ", "", str(e))
                 bad.append(f"{label} field {part!r}: {reason}")
+                continue
+            if not re.fullmatch(CRON_FIELD_PATTERNS[name], part):  # `jan5`, `last/2`, `٣`
+                hint = CRON_FIELD_HINTS[name]
+                bad.append(
+                    f"{label} field {part!r}: expected {hint}, *, a range a-b, a step /n "
+                    "or a list of them"
+                )
         if bad:
             return cx.report(node.line, path, f"{node.value!r}: " + "; ".join(bad))
         return " ".join(parts)
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "string", "pattern": r"^\s*\S+(\s+\S+){4}\s*$"}
+        return {"type": "string", "pattern": CRON_PATTERN}
 
 
 class TimeZone(Type):
@@ -448,6 +615,17 @@ class JSONValue(Type):
         if node.is_list:
             return [self.check(child, f"{path}[{i}]", cx) for i, child in enumerate(node.value)]
         v = node.value
+        old = yaml11_reading(node)
+        if old is not None:  # yes, 1_000: what a callable or a shard gets must not depend on
+            # the YAML reader
+            if isinstance(old, bool):
+                advice = f"write {str(old).lower()} for the boolean"
+            elif isinstance(v, str):
+                advice = f"write {old} for the number"
+            else:
+                advice = _number_advice(node, old)
+            message = f"{_two_readings(node, old)}; {advice}, or {_quote(node)} for the string"
+            return cx.report(node.line, path, message)
         if isinstance(v, float) and not math.isfinite(v):
             return cx.report(node.line, path, f"{node.text} is not a finite number; quote it")
         if isinstance(v, date):
@@ -500,7 +678,7 @@ class ListOf(Type):
                 node.line, path, message + (f" — {self.advice}" if self.advice else "")
             )
         # INVALID items stay in place, so cross-field rules still see the valid ones by index
-        return [self.item.check(child, f"{path}[{i}]", cx) for i, child in enumerate(node.value)]
+        return [_check(self.item, child, f"{path}[{i}]", cx) for i, child in enumerate(node.value)]
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
         s: dict[str, Any] = {"type": "array", "items": self.item.schema(defs)}
@@ -517,7 +695,7 @@ class MapOf(Type):
     def __init__(self, value: Type, key_pattern: str, key_hint: str, hint: str) -> None:
         self.value = value
         self.key_pattern = key_pattern
-        self.key_regex = re.compile(key_pattern)
+        self.key_regex = ecma(key_pattern)
         self.key_hint = key_hint
         self.hint = hint
 
@@ -528,11 +706,11 @@ class MapOf(Type):
         ok = True
         for key, child in node.value.items():
             key_path = _join(path, key)
-            if not self.key_regex.match(key):
+            if not self.key_regex.search(key):
                 cx.report(node.key_lines[key], key_path, f"{key!r} is not {self.key_hint}")
                 ok = False
                 continue
-            v = self.value.check(child, key_path, cx)
+            v = _check(self.value, child, key_path, cx)
             if v is INVALID:
                 ok = False
             else:
@@ -566,7 +744,7 @@ class Either(Type):
         t = self.map_ if node.is_map else self.list_ if node.is_list else self.scalar
         if t is None:
             return self.wrong(node, path, cx)
-        return t.check(node, path, cx)
+        return _check(t, node, path, cx)
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
         return {"anyOf": [t.schema(defs) for t in (self.scalar, self.list_, self.map_) if t]}
@@ -634,7 +812,7 @@ class Struct(Type):
                     else f"unknown field; fields here: {listing}",
                 )
                 continue
-            value = f.type.check(child, key_path, cx)
+            value = _check(f.type, child, key_path, cx)
             if value is not INVALID:
                 out[key] = value
         for f in self.fields.values():
@@ -792,7 +970,7 @@ SCHEDULE = Struct(
         Field("at", DateTime(), "One instant, RFC 3339 with offset: 2026-12-01T02:00:00+08:00."),
         Field(
             "every",
-            Duration(positive=True, minimum=1.0),
+            Duration(minimum=1),
             "A fixed interval of at least 1s, like 15m; the first fire "
             "is one interval after the file is accepted.",
         ),

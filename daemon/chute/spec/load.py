@@ -9,6 +9,12 @@ values mean (chute.spec.fields, chute.spec.validate), the model (chute.spec.mode
 Crash safety: reads only; nothing is written.
 Diagnostics: every problem is an Issue in a SpecError, never a traceback. An Issue about the
 file as a whole (not found, FIFO, too big) has line 0 and path "".
+YAML 1.2: plain scalars are resolved by the YAML 1.2 core schema, as editors and
+check-jsonschema read them, not by PyYAML's YAML 1.1 rules: only true/false (True, TRUE, ...)
+are booleans; yes/no/on/off, 1_000, 0b1010, 1:30 and dates are strings; 017 is 17, 0o17 is 15,
+1e3 is a number. Each Node says whether it was written plain (unquoted, untagged), and
+yaml11_reading() says what YAML 1.1 made of it when that differs, so the fields can refuse a
+value the two readings disagree on where it matters (chute.spec.fields).
 Limits: mapping keys are taken as the text written (`on:` is the key "on", not True); a key
 written twice is an error. The time between fstat and read is not a race: both use one fd.
 Cost: hostile files are refused in milliseconds; a valid file at the 1 MiB limit with ~56k keys
@@ -18,7 +24,9 @@ takes ~1.2 s (pre-scan 0.2, compose 0.4, walk and checks 0.6), so validate off t
 from __future__ import annotations
 
 import errno
+import math
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +46,35 @@ MAX_DEPTH = 64
 """Deepest nesting of lists and mappings a spec may have; a real one needs about 6."""
 
 _TAG = "tag:yaml.org,2002:"
-_SCALAR_TAGS = {_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp")}
+_STR, _INT, _FLOAT, _BOOL, _NULL = (_TAG + t for t in ("str", "int", "float", "bool", "null"))
+
+# The YAML 1.2 core schema (yaml.org/spec/1.2.2, 10.3.2): what a plain scalar is.
+_CORE_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)\Z")
+_CORE_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z")
+_CORE_FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z"
+)
+_CORE_NULL = re.compile(r"^(?:~|null|Null|NULL|)\Z")
+
+
+class _CoreLoader(_Loader):  # type: ignore[misc]
+    """libyaml's parser, with plain scalars resolved by the YAML 1.2 core schema."""
+
+    yaml_implicit_resolvers: dict[Any, Any] = {}  # noqa: RUF012 (PyYAML's class-level table)
+
+
+for _resolved, _regex, _first in (
+    (_BOOL, _CORE_BOOL, "tTfF"),
+    (_INT, _CORE_INT, "-+0123456789"),  # before float: 12 is an int
+    (_FLOAT, _CORE_FLOAT, "-+0123456789."),
+    (_NULL, _CORE_NULL, ["~", "n", "N", ""]),
+):
+    _CoreLoader.add_implicit_resolver(_resolved, _regex, list(_first))
+
+BOOLEAN_WORDS = frozenset({"yes", "no", "on", "off"})
+"""Booleans in YAML 1.1 (in any case here), plain strings in YAML 1.2."""
+_YAML11 = SafeConstructor()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +116,18 @@ class Node:
     """A YAML value with the line it starts on (1-based).
 
     `value` is a dict[str, Node] for a mapping, a list[Node] for a list, else the scalar
-    (str, int, float, bool, None, date or datetime). `text` is the scalar as written
-    (None for collections); `key_lines` holds each mapping key's line.
+    (str, int, float, bool or None, as YAML 1.2 reads it). `text` is the scalar as written
+    (None for collections); `plain` is True for a scalar written without quotes or a tag;
+    `unread` for one whose tag or text could not be read (already an Issue: `value` is the
+    text); `key_lines` holds each mapping key's line.
     """
 
     line: int
     value: Any
     text: str | None = None
     key_lines: dict[str, int] = field(default_factory=dict)
+    plain: bool = False
+    unread: bool = False
 
     @property
     def is_map(self) -> bool:
@@ -228,16 +268,21 @@ def _syntax_issue(e: yaml.YAMLError, text: str, name: str) -> Issue:
     return Issue(name, max(_mark_line(e, text), 1), "", message)
 
 
-def prescan(text: str, name: str) -> None:
+def prescan(text: str, name: str) -> set[tuple[int, int]]:
     """Refuse what must not reach the composer: aliases, anchors, deep nesting, extra documents.
 
     Walks parser events only, so it stops at the first offence without building anything.
+    Returns where scalars with an explicit tag (`!!str yes`) start, as (line, column): a
+    composed node no longer says whether its tag was written or resolved.
     """
     depth = 0
     documents = 0
+    tagged: set[tuple[int, int]] = set()
     try:
         for event in yaml.parse(text, Loader=_Loader):
             line = event.start_mark.line + 1 if event.start_mark else 0
+            if isinstance(event, yaml.ScalarEvent) and event.tag is not None and event.start_mark:
+                tagged.add((event.start_mark.line, event.start_mark.column))
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 raise SpecError(
                     [
@@ -276,6 +321,7 @@ def prescan(text: str, name: str) -> None:
             mark = getattr(e, "problem_mark", None)
             raise SpecError([_too_deep(name, mark.line + 1 if mark else 0)]) from None
         raise SpecError([_syntax_issue(e, text, name)]) from None
+    return tagged
 
 
 def _too_deep(name: str, line: int) -> Issue:
@@ -289,10 +335,10 @@ def _tag(tag: str) -> str:
 class _Walker:
     """Turns composed yaml nodes into Nodes, collecting issues (tags, keys, duplicates)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, tagged: set[tuple[int, int]]) -> None:
         self.name = name
+        self.tagged = tagged
         self.issues: list[Issue] = []
-        self.constructor = SafeConstructor()
 
     def issue(self, line: int, path: str, message: str) -> None:
         self.issues.append(Issue(self.name, line, path, message))
@@ -333,18 +379,69 @@ class _Walker:
 
     def scalar(self, node: yaml.ScalarNode, line: int, path: str) -> Node:
         text = str(node.value)
-        if node.tag not in _SCALAR_TAGS:
-            self.issue(line, path, f"tag {_tag(node.tag)} is not supported; write a plain value")
-            return Node(line, text, text)
-        construct = self.constructor.yaml_constructors[node.tag]
+        mark = node.start_mark
+        plain = not node.style and (mark.line, mark.column) not in self.tagged
         try:
-            value = construct(self.constructor, node)
-        except (ValueError, OverflowError, yaml.YAMLError) as e:
-            if node.tag == _TAG + "timestamp":  # 2026-13-45 looks like a date; keep the text
-                return Node(line, text, text)
-            self.issue(line, path, f"cannot read {text!r} as {_tag(node.tag)}: {e}")
-            return Node(line, text, text)
-        return Node(line, value, text)
+            value = core_value(node.tag, text)
+        except KeyError:
+            self.issue(line, path, f"tag {_tag(node.tag)} is not supported; write a plain value")
+            return Node(line, text, text, unread=True)
+        except ValueError as e:
+            self.issue(line, path, f"cannot read {_short(text)!r} as {_tag(node.tag)}: {e}")
+            return Node(line, text, text, unread=True)
+        return Node(line, value, text, plain=plain)
+
+
+def core_value(tag: str, text: str) -> Any:
+    """The value of a scalar by the YAML 1.2 core schema; KeyError for a tag it does not
+    have (!!timestamp, !!binary, ...), ValueError for text that is not of its tag."""
+    if tag == _STR:
+        return text
+    regex = {_BOOL: _CORE_BOOL, _INT: _CORE_INT, _FLOAT: _CORE_FLOAT, _NULL: _CORE_NULL}[tag]
+    if not regex.match(text):
+        raise ValueError(f"not a YAML 1.2 {tag.removeprefix(_TAG)}")
+    if tag == _NULL:
+        return None
+    if tag == _BOOL:
+        return text.lower() == "true"
+    if tag == _INT:
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text, 10)  # 017 is 17: YAML 1.2 has no leading-zero octal
+    special = text.lstrip("+-").lower()
+    if special in (".inf", ".nan"):
+        value = math.inf if special == ".inf" else math.nan
+        return -value if text.startswith("-") else value
+    return float(text)
+
+
+def yaml11_reading(node: Node) -> Any:
+    """What YAML 1.1 (PyYAML, and chute before it read YAML 1.2) makes of a plain scalar,
+    when that is a boolean or a number other than `node.value`; else None.
+
+    `yes` (any case) -> True, `1_000` -> 1000, `0b1010` -> 10, `1:30` -> 90, `017` -> 15.
+    """
+    if not node.plain or node.text is None:
+        return None
+    text = node.text
+    if text.lower() in BOOLEAN_WORDS:
+        return text.lower() in ("yes", "on")
+    for tag, regex in yaml.SafeLoader.yaml_implicit_resolvers.get(text[:1], []):
+        if regex.match(text):
+            if tag not in (_INT, _FLOAT):
+                return None
+            try:
+                old = _YAML11.construct_object(yaml.ScalarNode(tag, text))
+            except (ValueError, OverflowError, yaml.YAMLError):
+                return None
+            new = node.value
+            same = type(old) is type(new) and (old == new or (math.isnan(old) and math.isnan(new)))
+            return None if same else old
+    return None
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse(data: bytes, name: str) -> tuple[Node, list[Issue]]:
@@ -353,22 +450,47 @@ def parse(data: bytes, name: str) -> tuple[Node, list[Issue]]:
     Raises SpecError when there is no usable document at all. Lesser issues (a duplicate key,
     an unsupported tag) are returned so that validation can report them with the rest.
     """
-    text = decode(data, name)
-    prescan(text, name)
-    try:
-        root = yaml.compose(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise SpecError([_syntax_issue(e, text, name)]) from None
+    root, tagged = _compose(data, name)
     hint = "a spec is a mapping that starts with apiVersion: chute/v1"
-    if root is None or (
-        isinstance(root, yaml.ScalarNode) and root.tag == _TAG + "null" and not root.value
-    ):
+    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == _NULL and not root.value):
         raise SpecError([Issue(name, 0 if root is None else 1, "", f"the file is empty; {hint}")])
     if not isinstance(root, yaml.MappingNode):
         what = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
         raise SpecError(
             [Issue(name, root.start_mark.line + 1, "", f"the top level is {what}; {hint}")]
         )
-    walker = _Walker(name)
+    walker = _Walker(name, tagged)
     top = walker.walk(root)
     return top, walker.issues
+
+
+def _compose(data: bytes, name: str) -> tuple[yaml.Node | None, set[tuple[int, int]]]:
+    text = decode(data, name)
+    tagged = prescan(text, name)
+    try:
+        return yaml.compose(text, Loader=_CoreLoader), tagged
+    except yaml.YAMLError as e:
+        raise SpecError([_syntax_issue(e, text, name)]) from None
+
+
+def load_plain(data: bytes, name: str) -> Any:
+    """The YAML document in `data` as plain Python values (dict, list, str, int, float, bool,
+    None), read as a spec is (YAML 1.2, no aliases, no duplicate keys, bounded depth); None
+    for an empty document. SpecError lists what is wrong. For files other than specs (the
+    config), which give their values their own meaning."""
+    root, tagged = _compose(data, name)
+    if root is None:
+        return None
+    walker = _Walker(name, tagged)
+    top = walker.walk(root)
+    if walker.issues:
+        raise SpecError(walker.issues)
+    return _plain(top)
+
+
+def _plain(node: Node) -> Any:
+    if node.is_map:
+        return {k: _plain(v) for k, v in node.value.items()}
+    if node.is_list:
+        return [_plain(v) for v in node.value]
+    return node.value
