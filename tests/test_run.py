@@ -784,3 +784,18 @@ def test_run_here_refuses_when_the_daemon_has_every_core_and_a_schedule_is_not_h
     assert not os.listdir(spool / "schedules")
     assert runs_of(spool) == []
     assert d.stop() == 0
+
+
+def test_a_timeout_of_thirty_days_is_a_deadline_not_a_crash(
+    chute: Chute, write_spec: Callable[[str, str], Path]
+) -> None:
+    """epoll takes its wait in int milliseconds (about 24.8 days at most): a wait as long
+    as a stage's whole timeout overflowed it."""
+    path = write_spec(
+        "long.yaml",
+        "apiVersion: chute/v1\nkind: Job\nmetadata: {name: long}\nspec:\n"
+        "  run: 'sleep 0.2'\n  timeout: 30d\n",
+    )
+    done = chute("run", str(path))
+    assert done.code == 0, done.err
+    assert "Traceback" not in done.err

@@ -90,6 +90,7 @@ log = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36
 DRAIN_LIMIT = 5.0  # seconds after SIGKILL we wait for a task's leftovers before giving up
 SWEEP_EVERY = 0.1  # seconds between sweeps while only tasks' output wakes the loop
+MAX_WAIT = 3600.0  # seconds one wait may last: a 30-day timeout overflows epoll's int ms
 MAX_SPAWNERS = 128  # spawner threads kept (one per core set); the least recently used goes
 
 _subreaper_done = False
@@ -429,7 +430,8 @@ class LocalExecutor:
             due = self._next_time() if timers else None
             if due is not None:
                 wait = max(0.0, due - now) if wait is None else min(wait, max(0.0, due - now))
-        events = self._selector.select(wait)
+        # A deadline days away is past what epoll takes (int milliseconds): wake up sooner.
+        events = self._selector.select(None if wait is None else min(wait, MAX_WAIT))
         for key, _ in events:
             callback: Callable[[], None] = key.data
             callback()

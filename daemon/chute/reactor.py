@@ -32,6 +32,7 @@ class HasFileno(Protocol):
 
 FileLike = int | HasFileno
 Callback = Callable[[], None]
+MAX_WAIT = 3600.0  # seconds one wait may last; the caller loops
 
 
 class Reactor:
@@ -71,6 +72,8 @@ class Reactor:
         if self._posted:
             timeout = 0.0  # posted before this wait: run them without sleeping
         current = self._selector.get_map()
+        if timeout is not None:
+            timeout = min(timeout, MAX_WAIT)  # epoll takes int milliseconds: ~24.8 days
         for key, _ in self._selector.select(timeout):
             if current.get(key.fd) is not key:
                 continue  # unregistered by an earlier callback of this same wait
