@@ -12,7 +12,10 @@ once-per-stage steps walk a stage's units (it becomes ready, ends, is skipped or
 or a shard fails for good).
 Attempts: a unit keeps its first ATTEMPTS_FIRST and last ATTEMPTS_LAST attempts, in memory
 and in the manifest; `attempts_total` counts them all (the attempt number and the retry
-decision use it), `attempts_omitted` says how many are not listed.
+decision use it), `attempts_omitted` says how many are not listed. Each attempt records the
+cores it ran on; an entry's `cores` are those of its last listed attempt (a stage's: its
+fallback's once that ran; a sharded stage's own entry lists only its fallback's attempts,
+so its shards carry theirs).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Attempt:
     signal: int | None = None
     error: str | None = None
     fallback: bool = False
+    cores: tuple[int, ...] = ()
 
     def record(self) -> dict[str, Any]:
         rec: dict[str, Any] = {
@@ -62,6 +66,7 @@ class Attempt:
             "exit_code": self.exit_code,
             "signal": self.signal,
             "error": self.error,
+            "cores": list(self.cores),
         }
         if self.fallback:
             rec["fallback"] = True
@@ -99,11 +104,11 @@ class Unit:
     def attempts_omitted(self) -> int:
         return self.attempts_total - len(self.attempts)
 
-    def add_attempt(self, wall: float) -> Attempt:
-        """Charge and record the next attempt, started at `wall`; forget the oldest of the
-        last ones past ATTEMPTS_FIRST + ATTEMPTS_LAST."""
+    def add_attempt(self, wall: float, cores: tuple[int, ...] = ()) -> Attempt:
+        """Charge and record the next attempt, started at `wall` on `cores`; forget the
+        oldest of the last ones past ATTEMPTS_FIRST + ATTEMPTS_LAST."""
         self.attempts_total += 1
-        attempt = Attempt(self.attempts_total, wall, fallback=self.fallback)
+        attempt = Attempt(self.attempts_total, wall, fallback=self.fallback, cores=cores)
         self.attempts.append(attempt)
         if len(self.attempts) > ATTEMPTS_FIRST + ATTEMPTS_LAST:
             del self.attempts[ATTEMPTS_FIRST]
@@ -123,7 +128,7 @@ class Unit:
             self._entry = {
                 "index": self.shard,
                 "state": self.state,
-                "cores": list(self.cores),
+                "cores": list(self.attempts[-1].cores) if self.attempts else [],
                 "started_at": _time(self.started_at),
                 "finished_at": _time(self.finished_at),
                 "duration_seconds": _duration(self.started_at, self.finished_at),
@@ -194,10 +199,12 @@ class StageRun:
             return dict(self.reused.entry)
         s = self.spec
         sharded = s.shards is not None
-        units = self.all_units()
-        cores = sorted({c for u in units for c in u.cores})
         counted = (
-            units if not sharded else [] if self.fallback_unit is None else [self.fallback_unit]
+            self.all_units()
+            if not sharded
+            else []
+            if self.fallback_unit is None
+            else [self.fallback_unit]
         )
         attempts = [a.record() for u in counted for a in u.attempts]
         has_output = self.state in STAGE_OK
@@ -206,7 +213,7 @@ class StageRun:
             "state": self.state,
             "dependsOn": list(s.depends_on),
             "cpus": s.cpus,
-            "cores": cores,
+            "cores": attempts[-1]["cores"] if attempts else [],
             "started_at": _time(self.started_at),
             "finished_at": _time(self.finished_at),
             "duration_seconds": _duration(self.started_at, self.finished_at),
@@ -330,7 +337,7 @@ class RunGraph:
     def start(self, unit: Unit, cores: tuple[int, ...], wall: float) -> None:
         unit.state = "running"
         unit.cores = cores
-        unit.add_attempt(wall)
+        unit.add_attempt(wall, cores)
         if unit.started_at is None:
             unit.started_at = wall
         stage = self.stages[unit.stage]
