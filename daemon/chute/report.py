@@ -325,6 +325,7 @@ IDLE_BAR_W = 28.0  # a stage that never started: a hatched stub where it was dec
 RUN_STATE_CLASS = {
     "queued": "pending",
     "running": "running",
+    "stopped": "pending",
     "succeeded": "succeeded",
     "failed": "failed",
     "cancelled": "cancelled",

@@ -16,6 +16,8 @@ decision use it), `attempts_omitted` says how many are not listed. Each attempt 
 cores it ran on; an entry's `cores` are those of its last listed attempt (a stage's: its
 fallback's once that ran; a sharded stage's own entry lists only its fallback's attempts,
 so its shards carry theirs).
+Ends: a run over (final) has no unit left pending, waiting or running and no attempt
+without `finished_at`: `halt` ends what a stopped daemon left open.
 """
 
 from __future__ import annotations
@@ -414,6 +416,35 @@ class RunGraph:
         if self.aborted is None:
             self.aborted = reason
         return self._stop_everything(wall)
+
+    def halt(self, reason: str, wall: float, *, resumes: bool) -> None:
+        """The daemon stopped under the run, its tasks stopped with it: every attempt still
+        open ends at `wall` with `reason`. `resumes`: the stages not finished go back to
+        `pending` (they run when the run resumes); else they end `cancelled` with every unit
+        not final, and the run is over (the caller records it `interrupted`)."""
+        self._ready.clear()
+        self._delayed = []
+        for stage in self.stages.values():
+            if stage.state in STAGE_FINAL:
+                continue
+            for u in stage.all_units():
+                if u.state == "running" and u.attempts and u.attempts[-1].finished_at is None:
+                    attempt = u.attempts[-1]
+                    attempt.finished_at = wall
+                    attempt.error = attempt.error or reason
+                if u.state in UNIT_FINAL:
+                    continue
+                if resumes:
+                    u.state = "pending"
+                else:
+                    u.finished_at = wall
+                    stage.end(u, "cancelled")
+            if resumes:
+                stage.state = "pending"
+            else:
+                self._open -= 1
+                stage.state = "cancelled"
+                stage.finished_at = wall
 
     @property
     def stopping(self) -> bool:

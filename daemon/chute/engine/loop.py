@@ -16,6 +16,9 @@ for a manifest that takes long to make: MANIFEST_SHARE), and at once when a stag
 the run ends; run.json turns `running` with the first of those
 (a run shorter than that is written queued, then final: two run.json writes, not three).
 A crash before it leaves the run `queued` with stage folders: recovery counts it started.
+A stopping daemon
+(`interrupt`) ends the open attempts of the runs it leaves, so their manifests never say
+a task runs that does not.
 Diagnostics: a task's own failure is recorded in the manifest. A run folder is hostile
 input (its tasks may remove or replace anything in it), so a write that fails is scoped by
 its errno (atomic.environment_wide): no room, a read-only or failing filesystem pauses
@@ -313,21 +316,38 @@ class Engine:
             self._take_unwritten()
             self._flush(self.clock.monotonic())
 
-    def interrupt(self) -> list[ActiveRun]:
-        """Leave every started run `interrupted` (the daemon stopped under it): its manifest
-        as it is, its run.json saying so; runs not started stay `queued`. A restart resumes
-        them. Call after the executor is closed (no task of these runs may still run), then
-        `close`, which writes it all."""
-        left = list(self.runs.values())
+    def interrupt(self, *, resumes: bool = True) -> list[ActiveRun]:
+        """End the engine's work under a stopping daemon. Call after the executor is closed
+        (no task of these runs may still run), then `close`, which writes it all. Runs not
+        started stay `queued` (they start afresh). A started run's open attempts end
+        (RunGraph.halt); with `resumes` it is left `stopped`, its unfinished stages
+        `pending`, and the next start resumes it (or, with `on_restart: fail` then, ends it
+        `interrupted`); else it ends `interrupted` here, a final state like any other (its
+        unfinished stages `cancelled`; its queue file goes once run.json is durable, through
+        `on_finished`). Returns the started runs."""
+        left = [run for run in self.runs.values() if run.record["state"] != "queued"]
+        wall = self.clock.time()
+        self._due.clear()  # each started run's manifest is written below, once
         for run in left:
-            if run.record["state"] == "queued":
-                continue  # never started: it stays queued and starts afresh
-            run.record["state"] = "interrupted"
-            run.record["error"] = (
-                "the daemon stopped before the run ended; it resumes at next start"
-            )
+            rec = run.record
+            if resumes:
+                reason = "stopped with the daemon; runs again when the run resumes"
+                rec["state"] = "stopped"
+                rec["error"] = "the daemon stopped before the run ended; it resumes at next start"
+            else:
+                reason = "stopped with the daemon (on_restart: fail)"
+                rec["state"] = "interrupted"
+                rec["error"] = "the daemon stopped during the run (on_restart: fail)"
+                rec["finished_at"] = rfc3339(wall)
+                started = rec.get("started_at") or rec.get("created_at")
+                if started:
+                    rec["duration_seconds"] = round(wall - parse_rfc3339(started).timestamp(), 6)
+            run.graph.halt(reason, wall, resumes=resumes)
+            # Handover: the manifest says no task runs, then run.json says why.
             self._writes.append((run.dir / "manifest.json", self._manifest(run)))
-            self._writes.append((run.dir / "run.json", atomic.dumps(run.record)))
+            self._writes.append((run.dir / "run.json", atomic.dumps(rec)))
+            if not resumes:
+                self._flush(self.clock.monotonic(), on_done=self._finished_callback(run))
         self.runs.clear()
         self._due.clear()
         self._check.clear()

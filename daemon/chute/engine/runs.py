@@ -13,7 +13,10 @@ not at all; then queue/<new id>.yaml is written. A retry replayed after a crash 
 run id) finds that run, copies what is missing and writes the queue file; once the queue
 file exists, recovery resumes the run and a replay changes nothing. No error path removes
 a run folder. A cancel is durable as runs/<id>/cancel.json before the daemon acts on it;
-recovery ends such a run cancelled instead of resuming it.
+recovery ends such a run cancelled instead of resuming it. A run that ends outside the
+engine (on_restart: fail, a failed recovery, a cancel without a daemon) gets its manifest
+settled (settle_manifest: nothing left running, every attempt ended) before its final
+run.json.
 Diagnostics: RetryRefused and Unrecoverable carry one line that says what is wrong; what
 a retry's copy skips (a FIFO, a link out of the run) is one WARNING line.
 """
@@ -38,7 +41,7 @@ import orjson
 
 from chute import atomic, names, rundir, taskfiles
 from chute.clock import parse_rfc3339, rfc3339
-from chute.engine.dag import Reused, RunGraph
+from chute.engine.dag import STAGE_FINAL, UNIT_FINAL, Reused, RunGraph
 from chute.engine.loop import ActiveRun
 from chute.faults import crash_point
 from chute.spec import SpecError, load_bytes
@@ -345,8 +348,8 @@ def plan_retry(
         raise RetryRefused(f"{old_id}: cannot read its run.json: {_why(exc)}") from None
     if not isinstance(old, dict):
         raise RetryRefused(f"{old_id}: its run.json is not a JSON object")
-    if old.get("state") in ("queued", "running"):
-        raise RetryRefused(f"{old_id}: still {old['state']}; retry it once it has ended")
+    if old.get("state") not in rundir.FINAL_RUN_STATES:  # queued, running, or stopped
+        raise RetryRefused(f"{old_id}: still {old.get('state')}; retry it once it has ended")
     display = f"runs/{old_id}/spec.yaml"
     try:
         raw = (old_dir / "spec.yaml").read_bytes()
@@ -475,6 +478,7 @@ def cancel_stopped(spool: Spool, run_id: str, now: float) -> dict[str, Any]:
     folder = spool.runs / names.run_id(run_id)
     record = rundir.read_json(folder / "run.json")
     record.update(state="cancelled", error="cancelled", finished_at=rfc3339(now))
+    settle_manifest(folder, "cancelled", now)  # a stopped run's, before run.json says over
     # Handover: run.json says the run is over; the queue file may go (recovery drops it).
     atomic.write_json(folder / "run.json", record)
     try:
@@ -519,6 +523,47 @@ def finished_on_disk(run_dir: Path) -> bool:
         return False
 
 
+def settle_manifest(run_dir: Path, reason: str, now: float) -> bool:
+    """Make the manifest of a run that ends outside the engine (recovery, a cancel without
+    a daemon) agree with the final run.json that follows: every attempt left open ends at
+    `now` with `reason`, and every stage and shard not final ends `cancelled` (a stage
+    that had not ended did not end on its own). Durable before it returns; a missing
+    manifest, or one not as chute writes it, is left alone. True when it was rewritten."""
+    try:
+        manifest = rundir.read_json(run_dir / "manifest.json")
+    except (OSError, ValueError):  # none yet, or a task put something else in its place
+        return False
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    if not isinstance(stages, list):
+        return False
+    when = rfc3339(now)
+    changed = False
+
+    def settle(entry: dict[str, Any], final: frozenset[str]) -> None:
+        nonlocal changed
+        for attempt in entry.get("attempts") or []:
+            if isinstance(attempt, dict) and attempt.get("finished_at") is None:
+                attempt["finished_at"] = when
+                attempt["error"] = attempt.get("error") or reason
+                changed = True
+        if entry.get("state") not in final:
+            entry["state"] = "cancelled"
+            entry["finished_at"] = entry.get("finished_at") or when
+            entry["output"] = None
+            changed = True
+
+    for entry in stages:
+        if not isinstance(entry, dict):
+            continue
+        settle(entry, STAGE_FINAL)
+        for shard in entry.get("shards") or []:
+            if isinstance(shard, dict):
+                settle(shard, UNIT_FINAL)
+    if changed:
+        atomic.write_json(run_dir / "manifest.json", manifest)
+    return changed
+
+
 # -- recovery --------------------------------------------------------------------------------
 
 
@@ -531,8 +576,9 @@ class Recovery:
     """What start-up does with one run of queue/.
 
     `run` None: nothing to drive (it had finished, or on_restart: fail ended it
-    `interrupted`, as `state` says); else the run to hand to the engine, `started` when it
-    had started (a resume, counted in `recoveries`), `cancel` when a cancel was recorded
+    `interrupted`, its manifest settled, as `state` says); else the run to hand to the
+    engine, `started` when it had started (running or stopped: a resume, counted in
+    `recoveries`), `cancel` when a cancel was recorded
     for it (the engine ends it cancelled instead of running it)."""
 
     state: str
@@ -559,14 +605,20 @@ def recover(
     queued = spool.queue / f"{run_id}.yaml"
     rec = _run_record(folder)
     state = rec["state"]
-    if state in ("succeeded", "failed", "cancelled"):
+    # An `interrupted` run with its queue file and no finished_at was stopped by a chute
+    # before `stopped` existed: it resumes like one.
+    if state in ("succeeded", "failed", "cancelled") or (
+        state == "interrupted" and rec.get("finished_at")
+    ):
         queued.unlink()  # finished before the crash; only the queue copy was left
         return Recovery(state)
     cancel = cancel_marked(folder)
     started = state != "queued" or started_on_disk(folder)
     if started and on_restart == "fail" and not cancel:
+        reason = "the daemon stopped during the run (on_restart: fail)"
+        settle_manifest(folder, reason, now)
         rec["state"] = "interrupted"
-        rec["error"] = "the daemon stopped during the run (on_restart: fail)"
+        rec["error"] = reason
         rec["finished_at"] = rfc3339(now)
         atomic.write_json(folder / "run.json", rec)
         queued.unlink()
@@ -598,6 +650,10 @@ def recovery_failed(spool: Spool, run_id: str, reason: str, now: float) -> bool:
         else:
             rec.update(state="failed", error=f"recovery failed: {reason}")
         rec["finished_at"] = rfc3339(now)
+        try:
+            settle_manifest(folder, str(rec["error"]), now)
+        except OSError as exc:  # the manifest may be what recovery could not use
+            log.warning("%s: manifest not settled: %s", run_id, _why(exc))
         atomic.write_json(folder / "run.json", rec)
     except (Unrecoverable, OSError):
         os.rename(queued, queued.with_name(queued.name + UNRECOVERABLE_SUFFIX))
