@@ -8,10 +8,12 @@ loop (chute.engine.loop), control requests (chute.control).
 Crash safety: the run folder with spec.yaml and run.json exists durably before the run is
 handed to the engine (chute.rundir.create). A retry's run records what it retries
 (trigger {"type": "retry", "source": <old id>}); each kept stage is copied to
-stages/.copy-<name>, synced, then renamed into place, so a stage folder is there whole or
-not at all; then queue/<new id>.yaml is written. A retry replayed after a crash (same new
-run id) finds that run, copies what is missing and writes the queue file; once the queue
-file exists, recovery resumes the run and a replay changes nothing. No error path removes
+stages/.copy-<name>, the paths its output.json names in the old run moved to the new one
+(chute.outputs.relocate: the new run never needs the old folder), synced, then renamed
+into place, so a stage folder is there whole or not at all; then queue/<new id>.yaml is
+written. A retry replayed after a crash (same new run id) finds that run, copies what is
+missing and writes the queue file; once the queue file exists, recovery resumes the run and
+a replay changes nothing. No error path removes
 a run folder. A cancel is durable as runs/<id>/cancel.json before the daemon acts on it;
 recovery ends such a run cancelled instead of resuming it. A run that ends outside the
 engine (on_restart: fail, a failed recovery, a cancel without a daemon) gets its manifest
@@ -44,6 +46,7 @@ from chute.clock import parse_rfc3339, rfc3339
 from chute.engine.dag import STAGE_FINAL, UNIT_FINAL, Reused, RunGraph
 from chute.engine.loop import ActiveRun
 from chute.faults import crash_point
+from chute.outputs import relocate
 from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
 from chute.spool import Spool
@@ -222,6 +225,7 @@ def copy_reused(old_dir: Path, new_dir: Path, names: list[str], *, run_id: str =
                 _copy_tree(src, tmp, f"stages/{name}", skipped)
             finally:
                 os.close(src)
+            _relocate_outputs(tmp, old_dir, new_dir)
         atomic.fsync_dir(tmp)
         # Handover: the stage folder appears whole, under its own name.
         os.rename(tmp, dest)
@@ -239,6 +243,35 @@ def copy_reused(old_dir: Path, new_dir: Path, names: list[str], *, run_id: str =
             )
         # Crash point: this stage is copied whole; the rest and the queue file are not.
         crash_point("retry.copied")
+
+
+def origins(run_dir: Path) -> tuple[str, ...]:
+    """The spellings of a run folder a task may have written into its output: as chute gave
+    it (CHUTE_RUN_DIR, CHUTE_ARTIFACTS) and its real path."""
+    return tuple(dict.fromkeys((str(run_dir), os.path.realpath(run_dir))))
+
+
+def _relocate_outputs(folder: Path, old_dir: Path, new_dir: Path) -> None:
+    """Rewrite the copied output.json of a kept stage (and of its shards) so that its data
+    names files of the new run, not of the old one (outputs.relocate); `_meta`, and so the
+    output_hash its dependents' cache keys use, stays as it was."""
+    marks = [folder / "output.json"]
+    with os.scandir(folder) as entries:
+        marks += [
+            Path(e.path) / "output.json"
+            for e in entries
+            if e.name.isdigit() and e.is_dir(follow_symlinks=False)
+        ]
+    for mark in marks:
+        try:
+            doc = orjson.loads(_read(mark))
+        except (OSError, orjson.JSONDecodeError):
+            continue  # none (a shard that did not succeed), or not one chute wrote
+        if not isinstance(doc, dict) or "data" not in doc:
+            continue
+        data = relocate(doc["data"], origins(old_dir), str(new_dir))
+        if data != doc["data"]:
+            atomic.write_bytes(mark, atomic.dumps({**doc, "data": data}))
 
 
 def _copy_tree(src_fd: int, dest: Path, rel: str, skipped: list[str]) -> None:
@@ -382,6 +415,12 @@ def make_retry(
     new_id = new_id or rundir.new_run_id(now)
     folder = spool.runs / names.run_id(new_id)
     trigger = {"type": "retry", "source": plan.old_id}
+    # The kept stages' data names files of the new run, where they are copied: the new run
+    # never needs the old one's folder (retention may remove it).
+    kept = {
+        name: Reused(r.entry, relocate(r.data, origins(plan.old_dir), str(folder)), r.output_hash)
+        for name, r in plan.reused.items()
+    }
     record = _record_if_made(folder)
     if record is None:
         run = create_run(
@@ -393,7 +432,7 @@ def make_retry(
             run_date=plan.old.get("run_date"),
             run_id=new_id,
             resumed_from=plan.old_id,
-            reused=plan.reused,
+            reused=kept,
         )
     else:
         if record.get("trigger") != trigger:
@@ -404,7 +443,7 @@ def make_retry(
         run = ActiveRun(
             run_id=new_id,
             pipeline=plan.pipeline,
-            graph=RunGraph(new_id, plan.pipeline, plan.reused),
+            graph=RunGraph(new_id, plan.pipeline, kept),
             dir=folder,
             record=record,
             accepted=_accepted(record),
