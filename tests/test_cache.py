@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from chute.outputs import relocate
 from conftest import Chute, load_json
 from daemon_proc import Daemon, assert_settled, daemon_factory, drop, final_run
 
@@ -166,3 +167,26 @@ def test_a_retried_run_names_its_own_copies_and_outlives_the_run_it_retried(
     assert set(_own_files(third).values()) == {"pixels\n", "tile 0\n", "tile 1\n"}
     assert (tmp_path / "count").read_text() == "render\n"
     assert d.stop() == 0
+
+
+def test_relocate_moves_each_path_inside_the_old_run_folder_and_nothing_else() -> None:
+    old, real, new = (
+        "/s/runs/20261122_101500_a1b2c3",
+        "/real/runs/20261122_101500_a1b2c3",
+        "/s/runs/N",
+    )
+    data = {
+        "pic": f"{old}/stages/a/artifacts/p.png",
+        "real": f"{real}/stages/a/x",
+        "cmd": f"cat {old}/stages/a/x {old}x",  # a path inside a string; a longer name is not
+        "folder": old,
+        f"{old}/k": [old + "/", 3, None, {"n": "/s/runs/other/x"}],
+    }
+    assert relocate(data, (old, real), new) == {
+        "pic": f"{new}/stages/a/artifacts/p.png",
+        "real": f"{new}/stages/a/x",
+        "cmd": f"cat {new}/stages/a/x {old}x",
+        "folder": new,
+        f"{new}/k": [new + "/", 3, None, {"n": "/s/runs/other/x"}],
+    }
+    assert relocate(data, (new,), new) is data
