@@ -121,6 +121,26 @@ def test_sigterm_leaves_a_run_stopped_with_no_stage_running_and_the_next_start_r
     assert d2.stop() == 0
 
 
+def test_a_stopped_run_cancelled_without_a_daemon_ends_with_its_stages_cancelled(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
+) -> None:
+    d = daemon_factory(CONFIG).start()
+    drop(spool, "wide.yaml", _wide(tmp_path / "go"))
+    run_id = wait_for("shard 1 running, on disk", lambda: _shard_running_on_disk(spool))
+    assert d.stop() == 0
+    assert load_json(spool / "runs" / run_id / "run.json")["state"] == "stopped"
+    done = chute("cancel", run_id)
+    assert (done.code, done.out) == (0, f"{run_id} cancelled\n"), done.err
+    assert assert_settled(spool / "runs" / run_id)["state"] == "cancelled"
+    stages = _manifest(spool, run_id)
+    assert [stages[n]["state"] for n in ("first", "wide", "after")] == [
+        "succeeded",
+        "cancelled",
+        "cancelled",
+    ]
+    assert not (spool / "queue" / f"{run_id}.yaml").exists()
+
+
 def test_sigterm_with_on_restart_fail_ends_the_run_interrupted_at_once_and_for_good(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
