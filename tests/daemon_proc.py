@@ -155,13 +155,37 @@ def runs_of(spool: Path, source: str | None = None) -> list[dict[str, Any]]:
     return out
 
 
+FINAL_RUN_STATES = ("succeeded", "failed", "cancelled", "interrupted")
+OPEN_STATES = ("queued", "pending", "waiting", "running")
+
+
+def assert_settled(run_dir: Path) -> dict[str, Any]:
+    """The records of a run that is over agree with each other: run.json is final with its
+    end time, and manifest.json (if the run got one) has no stage or shard left open, every
+    attempt has ended (`finished_at`) and says why unless it succeeded, and each entry's
+    `cores` are its last attempt's, as many as the stage's `cpus`. Returns run.json."""
+    rec: dict[str, Any] = load_json(run_dir / "run.json")
+    assert rec["state"] in FINAL_RUN_STATES, rec
+    assert rec["finished_at"] is not None, rec
+    if not (run_dir / "manifest.json").exists():
+        return rec
+    for stage in load_json(run_dir / "manifest.json")["stages"]:
+        for entry in [stage, *stage["shards"]]:
+            where = stage["name"] if entry is stage else f"{stage['name']}[{entry['index']}]"
+            assert entry["state"] not in OPEN_STATES, (where, entry)
+            for a in entry["attempts"]:
+                assert a["finished_at"] is not None, (where, a)
+                ok = a["exit_code"] == 0 and a["signal"] is None
+                assert a["error"] is not None or ok, (where, a)
+                assert len(a["cores"]) == stage["cpus"], (where, a)
+            last = entry["attempts"][-1]["cores"] if entry["attempts"] else []
+            assert entry["cores"] == last, (where, entry)
+    return rec
+
+
 def final_run(spool: Path, source: str, timeout: float = 30) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
-        recs = [
-            r
-            for r in runs_of(spool, source)
-            if r["state"] in ("succeeded", "failed", "cancelled", "interrupted")
-        ]
+        recs = [r for r in runs_of(spool, source) if r["state"] in FINAL_RUN_STATES]
         return recs[0] if recs else None
 
     result: dict[str, Any] = wait_for(f"a final run of {source}", done, timeout)

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from conftest import EXAMPLES, Chute, Done, chute_env, load_json, pid_alive, wait_for
-from daemon_proc import Daemon, daemon_factory, drop, final_run, job, runs_of
+from daemon_proc import Daemon, assert_settled, daemon_factory, drop, final_run, job, runs_of
 
 __all__ = ["daemon_factory"]  # a fixture, used by name
 
@@ -208,6 +208,7 @@ def test_kill_9_then_restart_resumes_in_place_without_rerunning_finished_stages(
     assert rec["run_id"] == run_id
     assert rec["state"] == "succeeded"
     assert rec["recoveries"] == 1
+    assert_settled(spool / "runs" / run_id)
     assert counter.read_text().count("x") == 1
     assert not pid_alive(leftover)
     assert len(runs_of(spool, "incoming/resumable.yaml")) == 1
@@ -228,12 +229,13 @@ def test_sigterm_interrupts_what_outlives_stop_timeout_and_the_next_start_resume
     )
     assert d.stop() == 0
     slow = runs_of(spool, "incoming/slow.yaml")[0]
-    assert slow["state"] == "interrupted"
+    assert slow["state"] == "stopped"  # resumes: not final (`interrupted` is)
     gate.touch()
     d2 = daemon_factory("stop_timeout: 500ms\nkill_grace: 500ms\n").start()
     rec = final_run(spool, "incoming/slow.yaml")
     assert rec["state"] == "succeeded"
     assert rec["recoveries"] == 1
+    assert_settled(spool / "runs" / rec["run_id"])
     assert final_run(spool, "incoming/quick.yaml")["state"] == "succeeded"
     assert d2.stop() == 0
 
@@ -437,6 +439,7 @@ def test_a_crash_before_run_json_says_running_still_counts_the_run_started(
     d2 = daemon_factory(config).start()
     rec = final_run(spool, "incoming/once.yaml")
     assert rec["run_id"] == run_id
+    assert_settled(spool / "runs" / run_id)
     assert rec["recoveries"] == (1 if on_restart == "resume" else 0)
     if on_restart == "fail":
         assert rec["state"] == "interrupted"

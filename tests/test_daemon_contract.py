@@ -73,7 +73,8 @@ def test_cancel_without_a_daemon_cancels_a_queued_run_and_a_restart_never_runs_i
     assert d.stop() == 0
     run_json = spool / "runs" / run_id / "run.json"
     assert load_json(run_json)["state"] == "queued"  # waited for the one cpu, never started
-    assert runs_of(spool, "incoming/first.yaml")[0]["state"] == "interrupted"
+    # DESIGN.md says `interrupted`; a run that resumes is `stopped` (README, Behaviour).
+    assert runs_of(spool, "incoming/first.yaml")[0]["state"] == "stopped"
 
     done = chute("cancel", run_id)
     assert done.code == 0, done.err

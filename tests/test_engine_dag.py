@@ -223,3 +223,33 @@ def test_a_shards_manifest_entry_follows_every_change_of_the_shard() -> None:
     g.finish(second, ok(second), 7.0, 7.0)
     assert entry()["state"] == "succeeded"
     assert g.manifest()[0]["state"] == "succeeded"
+
+
+@pytest.mark.parametrize("resumes", [True, False], ids=["stopped", "interrupted"])
+def test_halt_ends_every_open_attempt_and_leaves_nothing_running(resumes: bool) -> None:
+    g = graph(
+        Stage("a"),
+        Stage("wide", depends_on=("a",), shards=Shards(count=3)),
+        Stage("after", depends_on=("wide",)),
+    )
+    (a,) = start_all(g)
+    g.finish(a, ok(a), 1.0, 1.0)
+    first, second, _waiting = g.take_ready(1.0)
+    g.start(first, (0,), 1.0)
+    g.start(second, (1,), 1.0)  # the third waits for a core
+    g.finish(first, ok(first), 2.0, 2.0)
+    g.halt("stopped with the daemon", 3.0, resumes=resumes)
+    entries = {e["name"]: e for e in g.manifest()}
+    [attempt] = entries["wide"]["shards"][1]["attempts"]
+    assert attempt["finished_at"] is not None
+    assert attempt["error"] == "stopped with the daemon"
+    assert attempt["cores"] == [1]
+    left = "pending" if resumes else "cancelled"
+    assert [s["state"] for s in entries["wide"]["shards"]] == ["succeeded", left, left]
+    assert (entries["a"]["state"], entries["wide"]["state"], entries["after"]["state"]) == (
+        "succeeded",
+        left,
+        left,
+    )
+    assert g.done is not resumes
+    assert g.take_ready(10.0) == []

@@ -154,6 +154,7 @@ def test_runs_filter_by_state_pipeline_and_limit(served: tuple[Daemon, str, Path
     assert [r["pipeline"] for r in runs("pipeline=one")] == ["one"]
     assert [r["pipeline"] for r in runs("limit=1")] == ["two"]
     assert runs("state=succeeded&pipeline=two") == []
+    assert runs("state=stopped") == []  # a run the next start resumes: none here
     status, _, body = get(address, "/api/v1/runs?limit=0", TOKEN)
     assert (status, orjson.loads(body)) == (
         400,
@@ -161,7 +162,10 @@ def test_runs_filter_by_state_pipeline_and_limit(served: tuple[Daemon, str, Path
     )
     status, _, body = get(address, "/api/v1/runs?state=done", TOKEN)
     assert status == 400
-    assert orjson.loads(body)["error"].startswith("state: 'done' is not one of queued, running")
+    assert orjson.loads(body)["error"] == (
+        "state: 'done' is not one of queued, running, stopped, succeeded, failed, cancelled, "
+        "interrupted"
+    )
     assert d.stop() == 0
 
 

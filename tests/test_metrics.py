@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from chute import rundir
 from chute.metrics import Metrics, Snapshot
 from conftest import REPO, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job
@@ -76,6 +77,13 @@ def test_every_metric_exists_before_anything_happens() -> None:
     assert value(snap, "chute_build_info", version="9.9.9", python=_python()) == 1
     assert value(snap, "chute_start_time_seconds") == 1234.5
     assert value(snap, "chute_files_rejected_total", reason="world_writable") == 0
+
+
+def test_runs_finished_has_a_series_for_each_final_run_state_and_none_for_stopped() -> None:
+    snap = samples(generate_latest(Metrics(version="0", start_time=0).registry).decode())
+    states = {dict(labels)["state"] for name, labels in snap if name == "chute_runs_finished_total"}
+    assert states == set(rundir.FINAL_RUN_STATES)
+    assert "stopped" in rundir.RUN_STATES  # a run the next start resumes has not finished
 
 
 def test_engine_gauges_come_from_the_published_snapshot() -> None:

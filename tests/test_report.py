@@ -251,6 +251,51 @@ def test_show_prints_the_timeline_and_points_at_the_report(runs: Runs) -> None:
     assert bar.index("x") < bar.index("#")
 
 
+MOVES = """\
+apiVersion: chute/v1
+kind: Pipeline
+metadata: {name: moves}
+spec:
+  stages:
+    - {name: hold, run: "sleep 0.3"}
+    - name: main
+      run: 'until test -e "$CHUTE_RUN_DIR/stages/hold/output.json"; do sleep 0.02; done; exit 1'
+      fallback: {run: "true"}
+"""
+
+
+def test_a_fallback_on_another_core_is_recorded_shown_and_drawn_on_its_own_core(
+    tmp_path: Path,
+) -> None:
+    """hold takes core 0 and main core 1; main fails once hold has ended, so its fallback
+    gets core 0: each attempt keeps its own cores, and the stage's are its last attempt's."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (tmp_path / "moves.yaml").write_text(MOVES)
+    (tmp_path / "chute.yaml").write_text('cpus: "0-1"\n')
+    done = _chute(
+        spool, "run", str(tmp_path / "moves.yaml"), "--config", str(tmp_path / "chute.yaml")
+    )
+    assert done.code == 0, done.err
+    run_dir = _latest(spool)
+    main = {s["name"]: s for s in load_json(run_dir / "manifest.json")["stages"]}["main"]
+    assert main["state"] == "fallback"
+    assert main["cpus"] == 1
+    assert [(a.get("fallback", False), a["cores"]) for a in main["attempts"]] == [
+        (False, [1]),
+        (True, [0]),
+    ]
+    assert main["cores"] == [0]
+    row = next(line.split() for line in done.out.splitlines() if line.startswith("main "))
+    assert row[:2] == ["main", "fallback"]
+    assert row[-1] == "0"  # the CORES column
+    on_cores = page(run_dir).stage_bars("main", chart="timeline by core")
+    assert [(state_of(b), b["data-tip"].splitlines()[-1]) for b in on_cores] == [
+        ("fallback", "cores 0"),
+        ("failed", "cores 1"),
+    ]
+
+
 # -- hand-made runs: the pure parts and the odd shapes -----------------------------------------
 
 

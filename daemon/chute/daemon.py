@@ -9,9 +9,9 @@ Crash safety: an accepted run is known by its queue/<run_id>.yaml, which is remo
 after the run's final run.json is durable (the committer's callback), or when no run.json
 can be written or read in its folder any more (the run is dropped, with an ERROR line:
 chute.engine.loop, and recovery here). So after any crash, queue/ lists exactly the runs
-to resume: queued ones start, running ones resume in place from their finished stages
-(output.json done-marks) or become interrupted (`on_restart: fail`), finished ones just
-lose their queue file. A scheduled fire makes
+to resume: queued ones start, running and stopped ones (a SIGTERM under `on_restart:
+resume`) resume in place from their finished stages (output.json done-marks) or become
+interrupted (`on_restart: fail`), finished ones just lose their queue file. A scheduled fire makes
 its run under an id derived from (schedule, fire time) before the fire is recorded, so a
 crash in between makes the same run id again, which exists: no second run (a run made
 but not queued is queued then, never removed). A control request's effect is durable
@@ -328,16 +328,20 @@ class Daemon:
             if watcher is not None:
                 watcher.close()
             self.executor.close()
-            left = self.engine.interrupt()
+            resumes = self.config.on_restart == "resume"
+            left = self.engine.interrupt(resumes=resumes)
             self.engine.close()
             self._drain_finished()
             self._drain_handed(start=False)  # durable now; they wait in queue/ for next start
             self._write_reports(budget=10.0)
             if left:
                 log.warning(
-                    "stopped with %d run(s) unfinished: %s; they resume at next start",
+                    "stopped with %d run(s) unfinished: %s; %s",
                     len(left),
                     ", ".join(r.run_id for r in left[:10]),
+                    "they resume at next start (stopped)"
+                    if resumes
+                    else "they are over (interrupted; on_restart: fail)",
                 )
             if self._owner is not None:
                 self._owner.release()

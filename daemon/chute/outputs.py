@@ -1,7 +1,8 @@
 """A stage's output.json: what it holds, the hash of its data, the listing of its artifacts.
 
 Owns: the document DESIGN.md gives output.json (`_meta`, `data`, `artifacts`), the data
-hash, and the walk of an artifacts folder, a task's own and so hostile input: no artifact
+hash, moving an output's paths to the run that uses it (relocate), and the walk of an
+artifacts folder, a task's own and so hostile input: no artifact
 may link out of the run or be a FIFO, socket or device, and a folder that cannot be listed
 fails the attempt rather than anything else. Used by the engine, and by a call: worker
 that writes its own task's output.json (Task.mark) so the engine's loop creates no file
@@ -15,6 +16,7 @@ import errno
 import hashlib
 import mimetypes
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,37 @@ def document(
             "artifacts": artifacts,
         }
     )
+
+
+def relocate(data: Any, origins: Sequence[str], run_dir: str) -> Any:
+    """`data` with each path inside a run folder that made it (`origins`: the spellings of
+    that folder, as its tasks saw it and its real path) made the same path inside `run_dir`,
+    the run that uses it (a cache hit, a retry's kept stage): in every string and key, where
+    a spelling is followed by `/` or ends the string. So an output names files of the run
+    that uses it, never of another run, which retention may remove. Whatever names no such
+    path is returned as it is."""
+    spellings = [o for o in origins if o and o != run_dir]
+    if not spellings:
+        return data
+
+    def text(s: str) -> str:
+        for old in spellings:
+            if old in s:
+                s = s.replace(old + "/", run_dir + "/")
+                if s.endswith(old):
+                    s = s[: -len(old)] + run_dir
+        return s
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return text(value)
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            return {text(k) if isinstance(k, str) else k: walk(v) for k, v in value.items()}
+        return value
+
+    return walk(data)
 
 
 def scan_artifacts(

@@ -10,12 +10,12 @@ Diagnostics: a page that cannot be built would be a chute bug: `write_report_or_
 it with a traceback; one whose files cannot be read or written (a run folder a task broke,
 the disk) is one WARNING line. The run's outcome never depends on it.
 Limits: the page fetches nothing (inline CSS, SVG and JS; no URL anywhere) and escapes every
-string from the spec or the run. Attempts do not record their own cores, so every attempt of
-a task is drawn on the task's final cores; an attempt with no finish yet ends at the latest
-time the files know. Attempts the manifest leaves out (a task's beyond its first and last
-three) are not drawn; the counts include them. Stages a `chute retry` reused kept the old
-run's times: they are drawn as "reused" at the start, not on the old run's clock, and never
-join the critical path.
+string from the spec or the run. Each attempt is drawn on the cores it ran on (an older
+manifest's attempts, which do not say, on their task's); an attempt with no finish yet ends
+at the latest time the files know. Attempts the manifest leaves out (a task's beyond its
+first and last three) are not drawn; the counts include them. Stages a `chute retry` reused
+kept the old run's times: they are drawn as "reused" at the start, not on the old run's
+clock, and never join the critical path.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class Segment:
     exit_code: int | None
     signal: int | None
     error: str | None
+    cores: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +167,7 @@ def build_timeline(run: dict[str, Any], stages: Sequence[dict[str, Any]]) -> Tim
                         exit_code=a.get("exit_code"),
                         signal=a.get("signal"),
                         error=a.get("error"),
+                        cores=tuple(a.get("cores", e["cores"])),
                     )
                 )
             if not segs and start is not None:
@@ -180,6 +182,7 @@ def build_timeline(run: dict[str, Any], stages: Sequence[dict[str, Any]]) -> Tim
                         exit_code=None,
                         signal=None,
                         error=None,
+                        cores=tuple(e["cores"]),
                     )
                 )
         return Task(
@@ -322,6 +325,7 @@ IDLE_BAR_W = 28.0  # a stage that never started: a hatched stub where it was dec
 RUN_STATE_CLASS = {
     "queued": "pending",
     "running": "running",
+    "stopped": "pending",
     "succeeded": "succeeded",
     "failed": "failed",
     "cancelled": "cancelled",
@@ -497,7 +501,8 @@ def _tip(task: Task, seg: Segment | None, run_state: str) -> str:
             lines.append(f"exit code {code}  signal {sig}")
         if seg.error:
             lines.append(f"error {seg.error}")
-    lines.append(f"cores {format_cpulist(task.cores) or '-'}")
+    cores = task.cores if seg is None else seg.cores
+    lines.append(f"cores {format_cpulist(cores) or '-'}")
     return "\n".join(lines)
 
 
@@ -616,8 +621,8 @@ def _stage_chart(tl: Timeline, run_state: str) -> str:
 
 
 def _core_chart(tl: Timeline, run_state: str) -> str:
-    workers = [t for t in tl.tasks if not t.sharded and t.cores and t.segments]
-    cores = sorted({c for t in workers for c in t.cores})
+    workers = [t for t in tl.tasks if not t.sharded and t.segments]
+    cores = sorted({c for t in workers for seg in t.segments for c in seg.cores})
     if not cores:
         return '<p class="empty">No task has run on a core in this run.</p>'
     labels = [f"cpu {c}" for c in cores]
@@ -640,10 +645,10 @@ def _core_chart(tl: Timeline, run_state: str) -> str:
             f' text-anchor="end">{_esc(label)}</text>'
         )
         for t in workers:
-            if core not in t.cores:
-                continue
             crit_cls = "crit" if t.stage in crit else ""
             for seg in t.segments:
+                if core not in seg.cores:
+                    continue
                 x0, x1 = scale.x(seg.start), scale.x(seg.end)
                 out.append(
                     _seg_rect(x0, x1, by, BAR_H, crit_cls, _tip(t, seg, run_state), seg.state)

@@ -36,8 +36,10 @@ from chute.clock import rfc3339
 from chute.faults import crash_point
 from chute.spool import Spool
 
-RUN_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+RUN_STATES = ("queued", "running", "stopped", "succeeded", "failed", "cancelled", "interrupted")
 FINAL_RUN_STATES = ("succeeded", "failed", "cancelled", "interrupted")
+"""`stopped` is not final: the daemon stopped under the run, which resumes at its next start
+(or ends `interrupted` then, under `on_restart: fail`). `interrupted` is final: never resumed."""
 
 
 class UnknownRun(LookupError):

@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from conftest import wait_for
-from daemon_proc import Daemon, daemon_factory, drop
+from daemon_proc import Daemon, assert_settled, daemon_factory, drop
 
 __all__ = ["daemon_factory"]
 
@@ -81,6 +81,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_runs_nothing_twice(
             continue
         rec = orjson.loads((folder / "run.json").read_bytes())  # every run.json parses
         orjson.loads((folder / "manifest.json").read_bytes())
+        assert_settled(folder)
         runs.setdefault(str(rec["trigger"]["source"]), []).append(rec)
     rejected = {p.name[: -len(".error.json")] for p in (spool / "rejected").glob("*.error.json")}
     for i in range(FILES):

@@ -23,7 +23,7 @@ import pytest
 
 from chute import cgroups
 from conftest import Chute, chute_env, load_json, pid_alive, wait_for
-from daemon_proc import Daemon, daemon_factory, drop, final_run, job, runs_of
+from daemon_proc import Daemon, assert_settled, daemon_factory, drop, final_run, job, runs_of
 
 __all__ = ["daemon_factory"]
 
@@ -70,8 +70,11 @@ def assert_fence(d: Daemon, fence: list[str]) -> None:
         assert "tasks run in cgroups under" in text, text
 
 
-def start_chute_run(spool: Path, spec: Path, fence: list[str]) -> subprocess.Popen[str]:
+def start_chute_run(
+    spool: Path, spec: Path, fence: list[str], *options: str
+) -> subprocess.Popen[str]:
     cmd = [*fence, sys.executable, "-m", "chute", "run", str(spec), "--spool", str(spool)]
+    cmd += options
     return subprocess.Popen(
         cmd, env=chute_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -214,6 +217,7 @@ def test_a_chute_run_killed_9_has_its_tasks_ended_and_its_run_interrupted(
         f"foreground run is not resumed (`chute retry {run_id}` makes a new run from it)"
     )
     assert rec["finished_at"] is not None
+    assert_settled(spool / "runs" / run_id)  # its manifest leaves nothing running
     assert not (spool / "state" / "foreground" / run_id).exists()
     assert not (spool / "queue" / f"{run_id}.yaml").exists()  # nothing resumes it
     if sweeper == "daemon start":
@@ -264,8 +268,10 @@ def test_a_running_daemon_ends_a_chute_run_killed_9_beside_it(
 ) -> None:
     pidfile = tmp_path / "pid"
     spec = write_spec("fg.yaml", job("fg", f"echo $$ > {pidfile}; sleep 300"))
-    d = daemon_factory(CONFIG).start()
-    run = start_chute_run(spool, spec, [])
+    # A foreground run beside a daemon: `--here`, on the core the daemon does not use.
+    d = daemon_factory(CONFIG + "cpus: '0'\n").start()
+    wait_for("the daemon's status", (spool / "state" / "status.json").exists)
+    run = start_chute_run(spool, spec, [], "--here")
     try:
         task = read_pid(pidfile)
     finally:

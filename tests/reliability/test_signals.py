@@ -17,7 +17,7 @@ from chute.clock import Clock
 from chute.executor import Task
 from chute.local import LocalExecutor
 from conftest import wait_for
-from daemon_proc import Daemon, daemon_factory, drop, final_run, job, runs_of
+from daemon_proc import Daemon, assert_settled, daemon_factory, drop, final_run, job, runs_of
 
 __all__ = ["daemon_factory"]
 
@@ -35,13 +35,14 @@ def test_sigterm_with_eight_runs_in_flight_interrupts_them_and_a_restart_finishe
     wait_for("all eight accepted", lambda: len(runs_of(spool)) == 8)
     assert d.stop() == 0
     states = sorted(r["state"] for r in runs_of(spool))
-    assert states == ["interrupted"] * 2 + ["queued"] * 6
+    assert states == ["queued"] * 6 + ["stopped"] * 2
     assert len(list((spool / "queue").iterdir())) == 8
     gate.touch()
     d2 = daemon_factory(config).start()
     for i in range(8):
         rec = final_run(spool, f"incoming/t{i}.yaml")
         assert rec["state"] == "succeeded"
+        assert_settled(spool / "runs" / rec["run_id"])
     resumed = sorted(r.get("recoveries", 0) for r in runs_of(spool))
     assert resumed == [0] * 6 + [1] * 2
     assert d2.stop() == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -570,7 +571,7 @@ def test_a_cache_entry_a_task_broke_is_a_miss_and_the_stage_runs(
 ) -> None:
     """A task reaches cache/ through its run folder's parents: an entry made a FIFO must not
     block the loop that reads it, a key folder made a file must not stop the one that writes
-    it."""
+    it (what is there is removed and the entry made whole)."""
     counter = tmp_path / "count"
     cached = pipeline(stage(f"echo x >> {counter}", "cache: true", name="expensive"))
     d = daemon_factory("kill_grace: 1s\n").start()
@@ -578,25 +579,29 @@ def test_a_cache_entry_a_task_broke_is_a_miss_and_the_stage_runs(
     assert final_run(spool, "incoming/c1.yaml")["state"] == "succeeded"
     [entry] = (spool / "cache").iterdir()
     breaker = 'c="$CHUTE_RUN_DIR/../../cache"; for e in "$c"/*; do rm -rf "$e"; mkdir "$e"; '
-    breaker += 'mkfifo "$e/output.json"; done'
+    breaker += 'mkfifo "$e/entry.json"; done'
     drop(spool, "break.yaml", job("breaker", breaker))
     assert final_run(spool, "incoming/break.yaml")["state"] == "succeeded"
-    assert (entry / "output.json").is_fifo()
+    assert (entry / "entry.json").is_fifo()
     drop(spool, "c2.yaml", cached)
     rec = final_run(spool, "incoming/c2.yaml")
     assert rec["state"] == "succeeded"
     [stage_rec] = load_json(spool / "runs" / rec["run_id"] / "manifest.json")["stages"]
     assert stage_rec["cache"] == {"key": entry.name, "hit": False}
     assert counter.read_text() == "x\nx\n"
-    # The key's folder made a file: the entry is not kept, and nothing else minds.
-    (entry / "output.json").unlink()
-    entry.rmdir()
+    # The entry was made again over the FIFO; now the key's folder is made a file.
+    assert (entry / "entry.json").is_file()
+    shutil.rmtree(entry)
     entry.write_text("not a folder")
     drop(spool, "c3.yaml", cached)
     assert final_run(spool, "incoming/c3.yaml")["state"] == "succeeded"
     assert counter.read_text() == "x\nx\nx\n"
+    assert (entry / "entry.json").is_file()  # made again, before its run ended
+    drop(spool, "c4.yaml", cached)
+    assert final_run(spool, "incoming/c4.yaml")["state"] == "succeeded"
+    assert counter.read_text() == "x\nx\nx\n"  # a hit
     assert healthz(spool)[0] == 200, healthz(spool)
     log = d.log.read_text()
     assert f"cache entry {entry.name} is unreadable (is a FIFO, not a regular file)" in log
-    assert f"cache entry {entry} not kept: File exists" in log
+    assert f"cache entry {entry.name} is unreadable (Not a directory)" in log
     assert d.stop() == 0

@@ -12,7 +12,12 @@ once-per-stage steps walk a stage's units (it becomes ready, ends, is skipped or
 or a shard fails for good).
 Attempts: a unit keeps its first ATTEMPTS_FIRST and last ATTEMPTS_LAST attempts, in memory
 and in the manifest; `attempts_total` counts them all (the attempt number and the retry
-decision use it), `attempts_omitted` says how many are not listed.
+decision use it), `attempts_omitted` says how many are not listed. Each attempt records the
+cores it ran on; an entry's `cores` are those of its last listed attempt (a stage's: its
+fallback's once that ran; a sharded stage's own entry lists only its fallback's attempts,
+so its shards carry theirs).
+Ends: a run over (final) has no unit left pending, waiting or running and no attempt
+without `finished_at`: `halt` ends what a stopped daemon left open.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Attempt:
     signal: int | None = None
     error: str | None = None
     fallback: bool = False
+    cores: tuple[int, ...] = ()
 
     def record(self) -> dict[str, Any]:
         rec: dict[str, Any] = {
@@ -62,6 +68,7 @@ class Attempt:
             "exit_code": self.exit_code,
             "signal": self.signal,
             "error": self.error,
+            "cores": list(self.cores),
         }
         if self.fallback:
             rec["fallback"] = True
@@ -99,11 +106,11 @@ class Unit:
     def attempts_omitted(self) -> int:
         return self.attempts_total - len(self.attempts)
 
-    def add_attempt(self, wall: float) -> Attempt:
-        """Charge and record the next attempt, started at `wall`; forget the oldest of the
-        last ones past ATTEMPTS_FIRST + ATTEMPTS_LAST."""
+    def add_attempt(self, wall: float, cores: tuple[int, ...] = ()) -> Attempt:
+        """Charge and record the next attempt, started at `wall` on `cores`; forget the
+        oldest of the last ones past ATTEMPTS_FIRST + ATTEMPTS_LAST."""
         self.attempts_total += 1
-        attempt = Attempt(self.attempts_total, wall, fallback=self.fallback)
+        attempt = Attempt(self.attempts_total, wall, fallback=self.fallback, cores=cores)
         self.attempts.append(attempt)
         if len(self.attempts) > ATTEMPTS_FIRST + ATTEMPTS_LAST:
             del self.attempts[ATTEMPTS_FIRST]
@@ -123,7 +130,7 @@ class Unit:
             self._entry = {
                 "index": self.shard,
                 "state": self.state,
-                "cores": list(self.cores),
+                "cores": list(self.attempts[-1].cores) if self.attempts else [],
                 "started_at": _time(self.started_at),
                 "finished_at": _time(self.finished_at),
                 "duration_seconds": _duration(self.started_at, self.finished_at),
@@ -194,10 +201,12 @@ class StageRun:
             return dict(self.reused.entry)
         s = self.spec
         sharded = s.shards is not None
-        units = self.all_units()
-        cores = sorted({c for u in units for c in u.cores})
         counted = (
-            units if not sharded else [] if self.fallback_unit is None else [self.fallback_unit]
+            self.all_units()
+            if not sharded
+            else []
+            if self.fallback_unit is None
+            else [self.fallback_unit]
         )
         attempts = [a.record() for u in counted for a in u.attempts]
         has_output = self.state in STAGE_OK
@@ -206,7 +215,7 @@ class StageRun:
             "state": self.state,
             "dependsOn": list(s.depends_on),
             "cpus": s.cpus,
-            "cores": cores,
+            "cores": attempts[-1]["cores"] if attempts else [],
             "started_at": _time(self.started_at),
             "finished_at": _time(self.finished_at),
             "duration_seconds": _duration(self.started_at, self.finished_at),
@@ -330,7 +339,7 @@ class RunGraph:
     def start(self, unit: Unit, cores: tuple[int, ...], wall: float) -> None:
         unit.state = "running"
         unit.cores = cores
-        unit.add_attempt(wall)
+        unit.add_attempt(wall, cores)
         if unit.started_at is None:
             unit.started_at = wall
         stage = self.stages[unit.stage]
@@ -407,6 +416,35 @@ class RunGraph:
         if self.aborted is None:
             self.aborted = reason
         return self._stop_everything(wall)
+
+    def halt(self, reason: str, wall: float, *, resumes: bool) -> None:
+        """The daemon stopped under the run, its tasks stopped with it: every attempt still
+        open ends at `wall` with `reason`. `resumes`: the stages not finished go back to
+        `pending` (they run when the run resumes); else they end `cancelled` with every unit
+        not final, and the run is over (the caller records it `interrupted`)."""
+        self._ready.clear()
+        self._delayed = []
+        for stage in self.stages.values():
+            if stage.state in STAGE_FINAL:
+                continue
+            for u in stage.all_units():
+                if u.state == "running" and u.attempts and u.attempts[-1].finished_at is None:
+                    attempt = u.attempts[-1]
+                    attempt.finished_at = wall
+                    attempt.error = attempt.error or reason
+                if u.state in UNIT_FINAL:
+                    continue
+                if resumes:
+                    u.state = "pending"
+                else:
+                    u.finished_at = wall
+                    stage.end(u, "cancelled")
+            if resumes:
+                stage.state = "pending"
+            else:
+                self._open -= 1
+                stage.state = "cancelled"
+                stage.finished_at = wall
 
     @property
     def stopping(self) -> bool:

@@ -16,6 +16,10 @@ for a manifest that takes long to make: MANIFEST_SHARE), and at once when a stag
 the run ends; run.json turns `running` with the first of those
 (a run shorter than that is written queued, then final: two run.json writes, not three).
 A crash before it leaves the run `queued` with stage folders: recovery counts it started.
+A cache entry (chute.engine.cache) lands in the same group commit as its stage's done-mark,
+its files first and its entry.json last, before the run's final run.json. A stopping daemon
+(`interrupt`) ends the open attempts of the runs it leaves, so their manifests never say
+a task runs that does not.
 Diagnostics: a task's own failure is recorded in the manifest. A run folder is hostile
 input (its tasks may remove or replace anything in it), so a write that fails is scoped by
 its errno (atomic.environment_wide): no room, a read-only or failing filesystem pauses
@@ -48,7 +52,7 @@ from chute.engine.dag import STAGE_FINAL, STAGE_OK, RunGraph, StageRun, Unit
 from chute.engine.waitlist import Waitlist
 from chute.executor import Context, Executor, Mark, Result, Task
 from chute.faults import crash_point
-from chute.outputs import data_hash, digest, document, scan_artifacts
+from chute.outputs import data_hash, digest, document, relocate, scan_artifacts
 from chute.spec.model import Pipeline
 from chute.spool import Spool
 from chute.topology import Topology, format_cpulist
@@ -313,21 +317,38 @@ class Engine:
             self._take_unwritten()
             self._flush(self.clock.monotonic())
 
-    def interrupt(self) -> list[ActiveRun]:
-        """Leave every started run `interrupted` (the daemon stopped under it): its manifest
-        as it is, its run.json saying so; runs not started stay `queued`. A restart resumes
-        them. Call after the executor is closed (no task of these runs may still run), then
-        `close`, which writes it all."""
-        left = list(self.runs.values())
+    def interrupt(self, *, resumes: bool = True) -> list[ActiveRun]:
+        """End the engine's work under a stopping daemon. Call after the executor is closed
+        (no task of these runs may still run), then `close`, which writes it all. Runs not
+        started stay `queued` (they start afresh). A started run's open attempts end
+        (RunGraph.halt); with `resumes` it is left `stopped`, its unfinished stages
+        `pending`, and the next start resumes it (or, with `on_restart: fail` then, ends it
+        `interrupted`); else it ends `interrupted` here, a final state like any other (its
+        unfinished stages `cancelled`; its queue file goes once run.json is durable, through
+        `on_finished`). Returns the started runs."""
+        left = [run for run in self.runs.values() if run.record["state"] != "queued"]
+        wall = self.clock.time()
+        self._due.clear()  # each started run's manifest is written below, once
         for run in left:
-            if run.record["state"] == "queued":
-                continue  # never started: it stays queued and starts afresh
-            run.record["state"] = "interrupted"
-            run.record["error"] = (
-                "the daemon stopped before the run ended; it resumes at next start"
-            )
+            rec = run.record
+            if resumes:
+                reason = "stopped with the daemon; runs again when the run resumes"
+                rec["state"] = "stopped"
+                rec["error"] = "the daemon stopped before the run ended; it resumes at next start"
+            else:
+                reason = "stopped with the daemon (on_restart: fail)"
+                rec["state"] = "interrupted"
+                rec["error"] = "the daemon stopped during the run (on_restart: fail)"
+                rec["finished_at"] = rfc3339(wall)
+                started = rec.get("started_at") or rec.get("created_at")
+                if started:
+                    rec["duration_seconds"] = round(wall - parse_rfc3339(started).timestamp(), 6)
+            run.graph.halt(reason, wall, resumes=resumes)
+            # Handover: the manifest says no task runs, then run.json says why.
             self._writes.append((run.dir / "manifest.json", self._manifest(run)))
-            self._writes.append((run.dir / "run.json", atomic.dumps(run.record)))
+            self._writes.append((run.dir / "run.json", atomic.dumps(rec)))
+            if not resumes:
+                self._flush(self.clock.monotonic(), on_done=self._finished_callback(run))
         self.runs.clear()
         self._due.clear()
         self._check.clear()
@@ -373,32 +394,42 @@ class Engine:
         )
 
     def _consult_cache(self, run: ActiveRun, stage: StageRun, wall: float) -> None:
+        """A hit puts the entry's files in the stage's folder and its output, paths moved
+        to this run (outputs.relocate), as the stage's done-mark: the run then needs no
+        other run's folder. An entry that cannot be used is a miss: the stage runs."""
         upstream = {d: run.graph.stages[d].output_hash or "" for d in stage.spec.depends_on}
         key = cache.cache_key(stage.spec, upstream)
         stage.cache = {"key": key, "hit": False}
         try:
-            blob = cache.lookup(self.spool.cache, key)
-            if blob is None:
-                return
-            doc = orjson.loads(blob)
-            data = doc["data"]
-        except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else "not an output.json"
-            log.warning(
-                "%s cache entry %s is unreadable (%s); running the stage", run.run_id, key, why
-            )
+            entry = cache.lookup(self.spool.cache, key)
+        except cache.Unusable as why:
+            log.warning("%s cache entry %s %s; running the stage", run.run_id, key, why)
+            return
+        if entry is None:
             return
         try:
             sdir = self._stage_folder(run, stage.name, None)
+            self._new_dirs.update(cache.place(entry, sdir))
         except OSError as exc:
             if atomic.environment_wide(exc):  # the stage runs instead, once there is room
                 self._disk_trouble(exc, f"making the folder of {stage.name}")
+            elif exc.filename is not None and str(exc.filename).startswith(str(entry.folder)):
+                log.warning(
+                    "%s cache entry %s cannot be used (%s: %s); running the stage",
+                    run.run_id,
+                    key,
+                    exc.filename,
+                    exc.strerror,
+                )
             else:
                 self._fail_run(run, f"cannot write {exc.filename}: {exc.strerror}")
             return
-        if not self._put_mark(run, sdir / "output.json", blob):
+        data = relocate(entry.doc["data"], entry.origins, str(run.dir))
+        if not self._put_mark(run, sdir / "output.json", atomic.dumps({**entry.doc, "data": data})):
             return
-        run.graph.cache_hit(stage.name, data, doc.get("_meta", {}).get("output_hash"), wall)
+        # The hit keeps the entry's output_hash (what its dependents' cache keys are made
+        # of), though its paths now name this run's files.
+        run.graph.cache_hit(stage.name, data, entry.output_hash, wall)
         self._check.add(run.run_id)  # its dependents may be ready now
         if self.events is not None:
             self.events.cache_hit()
@@ -819,13 +850,24 @@ class Engine:
             if not self._put_mark(run, folder / "output.json", blob):
                 return
         if spec.cache and stage.cache is not None and blob is not None:
-            entry = cache.entry_path(self.spool.cache, stage.cache["key"])
-            try:
-                entry.parent.mkdir(parents=True, exist_ok=True)
+            key = stage.cache["key"]
+            try:  # the entry owns the stage's files: no later run needs this run's folder
+                folder = _folders(run, spec.name, None)[0]
+                kept = cache.keep(self.spool.cache, key, blob, folder, run.dir)
             except OSError as exc:  # a task can reach cache/; a cache entry is a nicety
-                log.warning("cache entry %s not kept: %s", entry.parent, exc.strerror)
+                log.warning(
+                    "cache entry %s not kept: %s%s",
+                    self.spool.cache / key,
+                    f"{exc.filename}: " if exc.filename else "",
+                    exc.strerror,
+                )
                 return
-            self._writes.append((entry, blob))
+            # Handover: its files' contents and names are synced in the group commit before
+            # entry.json, the entry's commit point, which lands before the run's final
+            # run.json: a run dropped once this one has ended finds the entry.
+            self._synced.extend(kept.links)
+            self._new_dirs.update(kept.folders)
+            self._writes.append(kept.write)
 
     # -- run records -----------------------------------------------------------------------
 

@@ -8,12 +8,17 @@ loop (chute.engine.loop), control requests (chute.control).
 Crash safety: the run folder with spec.yaml and run.json exists durably before the run is
 handed to the engine (chute.rundir.create). A retry's run records what it retries
 (trigger {"type": "retry", "source": <old id>}); each kept stage is copied to
-stages/.copy-<name>, synced, then renamed into place, so a stage folder is there whole or
-not at all; then queue/<new id>.yaml is written. A retry replayed after a crash (same new
-run id) finds that run, copies what is missing and writes the queue file; once the queue
-file exists, recovery resumes the run and a replay changes nothing. No error path removes
+stages/.copy-<name>, the paths its output.json names in the old run moved to the new one
+(chute.outputs.relocate: the new run never needs the old folder), synced, then renamed
+into place, so a stage folder is there whole or not at all; then queue/<new id>.yaml is
+written. A retry replayed after a crash (same new run id) finds that run, copies what is
+missing and writes the queue file; once the queue file exists, recovery resumes the run and
+a replay changes nothing. No error path removes
 a run folder. A cancel is durable as runs/<id>/cancel.json before the daemon acts on it;
-recovery ends such a run cancelled instead of resuming it.
+recovery ends such a run cancelled instead of resuming it. A run that ends outside the
+engine (on_restart: fail, a failed recovery, a cancel without a daemon) gets its manifest
+settled (settle_manifest: nothing left running, every attempt ended) before its final
+run.json.
 Diagnostics: RetryRefused and Unrecoverable carry one line that says what is wrong; what
 a retry's copy skips (a FIFO, a link out of the run) is one WARNING line.
 """
@@ -38,9 +43,10 @@ import orjson
 
 from chute import atomic, names, rundir, taskfiles
 from chute.clock import parse_rfc3339, rfc3339
-from chute.engine.dag import Reused, RunGraph
+from chute.engine.dag import STAGE_FINAL, UNIT_FINAL, Reused, RunGraph
 from chute.engine.loop import ActiveRun
 from chute.faults import crash_point
+from chute.outputs import relocate
 from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
 from chute.spool import Spool
@@ -219,6 +225,7 @@ def copy_reused(old_dir: Path, new_dir: Path, names: list[str], *, run_id: str =
                 _copy_tree(src, tmp, f"stages/{name}", skipped)
             finally:
                 os.close(src)
+            _relocate_outputs(tmp, old_dir, new_dir)
         atomic.fsync_dir(tmp)
         # Handover: the stage folder appears whole, under its own name.
         os.rename(tmp, dest)
@@ -236,6 +243,35 @@ def copy_reused(old_dir: Path, new_dir: Path, names: list[str], *, run_id: str =
             )
         # Crash point: this stage is copied whole; the rest and the queue file are not.
         crash_point("retry.copied")
+
+
+def origins(run_dir: Path) -> tuple[str, ...]:
+    """The spellings of a run folder a task may have written into its output: as chute gave
+    it (CHUTE_RUN_DIR, CHUTE_ARTIFACTS) and its real path."""
+    return tuple(dict.fromkeys((str(run_dir), os.path.realpath(run_dir))))
+
+
+def _relocate_outputs(folder: Path, old_dir: Path, new_dir: Path) -> None:
+    """Rewrite the copied output.json of a kept stage (and of its shards) so that its data
+    names files of the new run, not of the old one (outputs.relocate); `_meta`, and so the
+    output_hash its dependents' cache keys use, stays as it was."""
+    marks = [folder / "output.json"]
+    with os.scandir(folder) as entries:
+        marks += [
+            Path(e.path) / "output.json"
+            for e in entries
+            if e.name.isdigit() and e.is_dir(follow_symlinks=False)
+        ]
+    for mark in marks:
+        try:
+            doc = orjson.loads(_read(mark))
+        except (OSError, orjson.JSONDecodeError):
+            continue  # none (a shard that did not succeed), or not one chute wrote
+        if not isinstance(doc, dict) or "data" not in doc:
+            continue
+        data = relocate(doc["data"], origins(old_dir), str(new_dir))
+        if data != doc["data"]:
+            atomic.write_bytes(mark, atomic.dumps({**doc, "data": data}))
 
 
 def _copy_tree(src_fd: int, dest: Path, rel: str, skipped: list[str]) -> None:
@@ -345,8 +381,8 @@ def plan_retry(
         raise RetryRefused(f"{old_id}: cannot read its run.json: {_why(exc)}") from None
     if not isinstance(old, dict):
         raise RetryRefused(f"{old_id}: its run.json is not a JSON object")
-    if old.get("state") in ("queued", "running"):
-        raise RetryRefused(f"{old_id}: still {old['state']}; retry it once it has ended")
+    if old.get("state") not in rundir.FINAL_RUN_STATES:  # queued, running, or stopped
+        raise RetryRefused(f"{old_id}: still {old.get('state')}; retry it once it has ended")
     display = f"runs/{old_id}/spec.yaml"
     try:
         raw = (old_dir / "spec.yaml").read_bytes()
@@ -381,6 +417,12 @@ def make_retry(
     new_id = new_id or rundir.new_run_id(now)
     folder = spool.runs / names.run_id(new_id)
     trigger = {"type": "retry", "source": plan.old_id}
+    # The kept stages' data names files of the new run, where they are copied: the new run
+    # never needs the old one's folder (retention may remove it).
+    kept = {
+        name: Reused(r.entry, relocate(r.data, origins(plan.old_dir), str(folder)), r.output_hash)
+        for name, r in plan.reused.items()
+    }
     record = _record_if_made(folder)
     if record is None:
         run = create_run(
@@ -392,7 +434,7 @@ def make_retry(
             run_date=plan.old.get("run_date"),
             run_id=new_id,
             resumed_from=plan.old_id,
-            reused=plan.reused,
+            reused=kept,
             submitted_by=submitted_by,
         )
     else:
@@ -404,7 +446,7 @@ def make_retry(
         run = ActiveRun(
             run_id=new_id,
             pipeline=plan.pipeline,
-            graph=RunGraph(new_id, plan.pipeline, plan.reused),
+            graph=RunGraph(new_id, plan.pipeline, kept),
             dir=folder,
             record=record,
             accepted=_accepted(record),
@@ -478,6 +520,7 @@ def cancel_stopped(spool: Spool, run_id: str, now: float) -> dict[str, Any]:
     folder = spool.runs / names.run_id(run_id)
     record = rundir.read_json(folder / "run.json")
     record.update(state="cancelled", error="cancelled", finished_at=rfc3339(now))
+    settle_manifest(folder, "cancelled", now)  # a stopped run's, before run.json says over
     # Handover: run.json says the run is over; the queue file may go (recovery drops it).
     atomic.write_json(folder / "run.json", record)
     try:
@@ -522,6 +565,47 @@ def finished_on_disk(run_dir: Path) -> bool:
         return False
 
 
+def settle_manifest(run_dir: Path, reason: str, now: float) -> bool:
+    """Make the manifest of a run that ends outside the engine (recovery, a cancel without
+    a daemon) agree with the final run.json that follows: every attempt left open ends at
+    `now` with `reason`, and every stage and shard not final ends `cancelled` (a stage
+    that had not ended did not end on its own). Durable before it returns; a missing
+    manifest, or one not as chute writes it, is left alone. True when it was rewritten."""
+    try:
+        manifest = rundir.read_json(run_dir / "manifest.json")
+    except (OSError, ValueError):  # none yet, or a task put something else in its place
+        return False
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    if not isinstance(stages, list):
+        return False
+    when = rfc3339(now)
+    changed = False
+
+    def settle(entry: dict[str, Any], final: frozenset[str]) -> None:
+        nonlocal changed
+        for attempt in entry.get("attempts") or []:
+            if isinstance(attempt, dict) and attempt.get("finished_at") is None:
+                attempt["finished_at"] = when
+                attempt["error"] = attempt.get("error") or reason
+                changed = True
+        if entry.get("state") not in final:
+            entry["state"] = "cancelled"
+            entry["finished_at"] = entry.get("finished_at") or when
+            entry["output"] = None
+            changed = True
+
+    for entry in stages:
+        if not isinstance(entry, dict):
+            continue
+        settle(entry, STAGE_FINAL)
+        for shard in entry.get("shards") or []:
+            if isinstance(shard, dict):
+                settle(shard, UNIT_FINAL)
+    if changed:
+        atomic.write_json(run_dir / "manifest.json", manifest)
+    return changed
+
+
 # -- recovery --------------------------------------------------------------------------------
 
 
@@ -534,8 +618,9 @@ class Recovery:
     """What start-up does with one run of queue/.
 
     `run` None: nothing to drive (it had finished, or on_restart: fail ended it
-    `interrupted`, as `state` says); else the run to hand to the engine, `started` when it
-    had started (a resume, counted in `recoveries`), `cancel` when a cancel was recorded
+    `interrupted`, its manifest settled, as `state` says); else the run to hand to the
+    engine, `started` when it had started (running or stopped: a resume, counted in
+    `recoveries`), `cancel` when a cancel was recorded
     for it (the engine ends it cancelled instead of running it)."""
 
     state: str
@@ -562,14 +647,20 @@ def recover(
     queued = spool.queue / f"{run_id}.yaml"
     rec = _run_record(folder)
     state = rec["state"]
-    if state in ("succeeded", "failed", "cancelled"):
+    # An `interrupted` run with its queue file and no finished_at was stopped by a chute
+    # before `stopped` existed: it resumes like one.
+    if state in ("succeeded", "failed", "cancelled") or (
+        state == "interrupted" and rec.get("finished_at")
+    ):
         queued.unlink()  # finished before the crash; only the queue copy was left
         return Recovery(state)
     cancel = cancel_marked(folder)
     started = state != "queued" or started_on_disk(folder)
     if started and on_restart == "fail" and not cancel:
+        reason = "the daemon stopped during the run (on_restart: fail)"
+        settle_manifest(folder, reason, now)
         rec["state"] = "interrupted"
-        rec["error"] = "the daemon stopped during the run (on_restart: fail)"
+        rec["error"] = reason
         rec["finished_at"] = rfc3339(now)
         atomic.write_json(folder / "run.json", rec)
         queued.unlink()
@@ -601,6 +692,10 @@ def recovery_failed(spool: Spool, run_id: str, reason: str, now: float) -> bool:
         else:
             rec.update(state="failed", error=f"recovery failed: {reason}")
         rec["finished_at"] = rfc3339(now)
+        try:
+            settle_manifest(folder, str(rec["error"]), now)
+        except OSError as exc:  # the manifest may be what recovery could not use
+            log.warning("%s: manifest not settled: %s", run_id, _why(exc))
         atomic.write_json(folder / "run.json", rec)
     except (Unrecoverable, OSError):
         os.rename(queued, queued.with_name(queued.name + UNRECOVERABLE_SUFFIX))
