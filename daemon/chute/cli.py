@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, control, logs, names, owners, report, rundir
+from chute import atomic, control, logs, names, owners, report, retention, rundir
 from chute.clock import Clock
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -37,7 +37,7 @@ from chute.spec import SpecError, json_schema, load_file
 from chute.spec.model import Pipeline
 from chute.spool import Spool, resolve_spool, sync_roots
 from chute.topology import Topology, format_cpulist, read_topology
-from chute.units import format_duration
+from chute.units import format_duration, format_size
 
 log = logging.getLogger("chute")
 
@@ -831,13 +831,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
     spool = _spool(args, config)
     for run_id in owners.end_dead_foreground(spool, config.kill_grace):
         print(f"{run_id} interrupted: the `chute run` that ran it is gone")
-    active = {p.stem for p in spool.queue.glob("*.yaml")}
-    removed = rundir.gc(
-        spool, keep_runs=config.keep_runs, max_age=config.max_age, now=time.time(), active=active
+    rules = retention.Rules.of(config)
+    removed = retention.gc(spool, rules, now=time.time(), sweep=True)
+    size = "no bound" if rules.cache_max_size is None else format_size(rules.cache_max_size)
+    print(
+        f"removed {len(removed.runs)} run(s) (keep_runs {rules.keep_runs}, "
+        f"max_age {format_duration(rules.max_age)})"
+    )
+    print(f"removed {len(removed.links)} pipeline latest link(s) to removed runs")
+    print(
+        f"removed {len(removed.rejected)} rejected file(s) "
+        f"(rejected_max_age {format_duration(rules.rejected_max_age)})"
     )
     print(
-        f"removed {len(removed)} run(s) (keep_runs {config.keep_runs}, "
-        f"max_age {format_duration(config.max_age)})"
+        f"removed {len(removed.cache)} cache entr{'y' if len(removed.cache) == 1 else 'ies'} "
+        f"(cache_max_age {format_duration(rules.cache_max_age)}, cache_max_size {size})"
     )
     return EXIT_OK
 

@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from chute import __version__, atomic, control, logs, owners, report, rundir
+from chute import __version__, atomic, control, logs, owners, report, retention
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
 from chute.engine import runs
@@ -85,7 +85,8 @@ big batches still sync beside the loop."""
 REPORT_DELAY = 5.0  # while runs are active, a report.html waits up to this long (seconds)
 STATUS_INTERVAL = 1.0
 GC_INTERVAL = 60.0
-GC_BATCH = 50  # run folders removed per retention pass: deleting thousands at once stalls runs
+GC_BATCH = 50  # folders and files removed per retention pass: deleting thousands stalls runs
+GC_AGAIN = 5.0  # seconds to the next pass when GC_BATCH cut one short: a backlog drains
 RESTART_KEYS = ("spool", "runs_dir", "http_listen", "watch")
 
 
@@ -217,6 +218,8 @@ class Daemon:
         self._write_error: OSError | None = None  # the committer failure counted last
         self._control_held: set[str] = set()  # requests a chute bug left: tried at next start
         self._control_trouble: dict[str, int | None] = {}  # request -> errno logged for it
+        self._swept = False  # retention's first pass sweeps pipelines/ (chute.retention)
+        self._retention_changed = False  # a reload changed it: a pass at once
 
     # -- life ------------------------------------------------------------------------------
 
@@ -451,9 +454,8 @@ class Daemon:
             if now >= next_status:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
-            if now >= next_gc and stop_deadline is None:
-                self._retention()
-                next_gc = now + GC_INTERVAL
+            if (now >= next_gc or self._retention_changed) and stop_deadline is None:
+                next_gc = now + (GC_AGAIN if self._retention() else GC_INTERVAL)
             waits = [next_status, next_control if stop_deadline is None else next_status]
             if ping_every is not None:
                 waits.append(next_ping)
@@ -1083,6 +1085,7 @@ class Daemon:
         )
         if new.log_format != self.config.log_format:
             logs.setup(logging.getLogger().level, new.log_format)
+        self._retention_changed |= retention.Rules.of(new) != retention.Rules.of(self.config)
         self.config = new
         self.engine.policy = new.policy
         self.intake.config = new
@@ -1121,18 +1124,33 @@ class Daemon:
                 ", ".join(too_big[:10]),
             )
 
-    def _retention(self) -> None:
+    def _retention(self) -> bool:
+        """One retention pass (chute.retention), at most GC_BATCH removals; True when there
+        is more to remove. The first pass of a daemon also sweeps pipelines/ for links to
+        runs removed by hand or by an older chute."""
         owners.end_dead_foreground(self.spool, self.config.kill_grace, budget=owners.SWEEP_GRACE)
-        removed = rundir.gc(
+        removed = retention.gc(
             self.spool,
-            keep_runs=self.config.keep_runs,
-            max_age=self.config.max_age,
+            retention.Rules.of(self.config),
             now=self.clock.time(),
             limit=GC_BATCH,
-            active=set(self.engine.runs),
+            active=self.engine.runs.keys(),
+            sweep=not self._swept,
         )
-        if removed:
-            log.info("retention removed %d run folder(s)", len(removed))
+        self._swept = True
+        self._retention_changed = False
+        if removed or removed.links:
+            log.info(
+                "retention removed %d run folder(s), %d pipeline link(s), %d rejected file(s), "
+                "%d cache entr%s%s",
+                len(removed.runs),
+                len(removed.links),
+                len(removed.rejected),
+                len(removed.cache),
+                "y" if len(removed.cache) == 1 else "ies",
+                "; more to remove" if removed.more else "",
+            )
+        return removed.more
 
 
 def _topology(config: Config) -> Topology:

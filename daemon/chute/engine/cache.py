@@ -1,13 +1,17 @@
 """The stage cache: cache/<key>/output.json, keyed by what a stage's result depends on.
 
-Owns: cache/ and the cache key. Not here: when the cache is consulted (chute.engine.loop).
+Owns: cache/ and the cache key. Not here: when the cache is consulted (chute.engine.loop),
+removing old entries (chute.retention, which sees an entry as a folder cache/<key>/ whose
+mtime says when it was last stored or used: `touch`).
 Crash safety: an entry is one file written atomically; a torn entry cannot exist.
 Diagnostics: an entry that cannot be read is the caller's to report (a miss, with a warning).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -50,3 +54,10 @@ def lookup(cache_dir: Path, key: str) -> bytes | None:
         return taskfiles.read_regular(str(entry_path(cache_dir, key)), ENTRY_LIMIT)
     except FileNotFoundError:
         return None
+
+
+def touch(cache_dir: Path, key: str) -> None:
+    """Mark the entry used now (its folder's mtime): retention (chute.retention) removes the
+    least recently used first, and never one used within its grace. No entry: nothing."""
+    with contextlib.suppress(OSError):
+        os.utime(cache_dir / key, follow_symlinks=False)

@@ -376,6 +376,7 @@ class Engine:
         upstream = {d: run.graph.stages[d].output_hash or "" for d in stage.spec.depends_on}
         key = cache.cache_key(stage.spec, upstream)
         stage.cache = {"key": key, "hit": False}
+        cache.touch(self.spool.cache, key)  # before the read: retention leaves it alone now
         try:
             blob = cache.lookup(self.spool.cache, key)
             if blob is None:
@@ -825,6 +826,7 @@ class Engine:
             except OSError as exc:  # a task can reach cache/; a cache entry is a nicety
                 log.warning("cache entry %s not kept: %s", entry.parent, exc.strerror)
                 return
+            cache.touch(self.spool.cache, stage.cache["key"])  # kept while the write waits
             self._writes.append((entry, blob))
 
     # -- run records -----------------------------------------------------------------------
