@@ -273,6 +273,25 @@ def test_cache_beyond_its_size_loses_the_least_recently_used_entries_first(
     assert sorted(os.listdir(spool / "cache")) == sorted(keys[f] for f in "cd")
 
 
+def test_a_cache_entry_written_again_is_measured_again(spool: Path) -> None:
+    """The daemon keeps each idle entry's size between passes, until its folder changes."""
+    cache = spool / "cache"
+    for key in ("a" * 64, "b" * 64):
+        (cache / key).mkdir(parents=True)
+        (cache / key / "output.json").write_bytes(b"x" * 100_000)
+        age(cache / key, 3 * HOUR)
+    s = Spool(spool, spool / "runs")
+    sizes: dict[str, tuple[int, int]] = {}
+    bound = rules(cache_max_size=400_000)
+    assert retention.gc(s, bound, now=time.time(), sizes=sizes).cache == []
+    assert sorted(sizes) == ["a" * 64, "b" * 64]
+    (cache / ("b" * 64) / "more").write_bytes(b"y" * 400_000)
+    age(cache / ("b" * 64), 2 * HOUR)  # written again (an hour after a), then idle
+    assert retention.gc(s, bound, now=time.time(), sizes=sizes).cache == ["a" * 64, "b" * 64]
+    assert sizes == {}
+    assert os.listdir(cache) == []
+
+
 def test_a_cache_hit_keeps_an_old_entry_from_its_max_age(
     spool: Path, chute: Chute, write_spec: Callable[[str, str], Path], tmp_path: Path
 ) -> None:

@@ -220,6 +220,7 @@ class Daemon:
         self._control_trouble: dict[str, int | None] = {}  # request -> errno logged for it
         self._swept = False  # retention's first pass sweeps pipelines/ (chute.retention)
         self._retention_changed = False  # a reload changed it: a pass at once
+        self._cache_sizes: dict[str, tuple[int, int]] = {}  # retention's measures of cache/
 
     # -- life ------------------------------------------------------------------------------
 
@@ -1136,6 +1137,7 @@ class Daemon:
             limit=GC_BATCH,
             active=self.engine.runs.keys(),
             sweep=not self._swept,
+            sizes=self._cache_sizes,
         )
         self._swept = True
         self._retention_changed = False
