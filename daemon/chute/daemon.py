@@ -47,7 +47,7 @@ from types import FrameType
 from chute import __version__, atomic, control, logs, owners, report, retention
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
-from chute.engine import runs
+from chute.engine import reasons, runs
 from chute.engine.dag import RunGraph
 from chute.engine.loop import ActiveRun, Engine
 from chute.faults import crash_point
@@ -84,6 +84,7 @@ holds other runs' final writes: a single drop starts without that wait, while a 
 big batches still sync beside the loop."""
 REPORT_DELAY = 5.0  # while runs are active, a report.html waits up to this long (seconds)
 STATUS_INTERVAL = 1.0
+STATUS_WAITING = 200  # runs status.json details, in queue order (the API knows them all)
 GC_INTERVAL = 60.0
 GC_BATCH = 50  # folders and files removed per retention pass: deleting thousands stalls runs
 GC_AGAIN = 5.0  # seconds to the next pass when GC_BATCH cut one short: a backlog drains
@@ -1027,6 +1028,22 @@ class Daemon:
     def _write_status(self) -> None:
         allocated = self.engine.cores_by_node()
         queued = sum(1 for r in self.engine.runs.values() if r.record["state"] == "queued")
+        waiting = self.engine.waiting()
+        now = self.clock.now()
+        held = []
+        for name, st in sorted(self._schedules.items()):
+            fire = self.schedules.held(name)
+            if fire is not None:
+                held.append(
+                    {
+                        "schedule": name,
+                        "for": reasons.HELD,
+                        "fire_time": rfc3339(fire.fire_time),
+                        "run_id": fire.run_id(),
+                        "behind": sorted(st.active),
+                    }
+                )
+        fires = [(t, n) for n in self.schedules.names() if (t := self.schedules.next_fire(n, now))]
         doc = {
             "pid": os.getpid(),
             "started_at": rfc3339(self.started_at),
@@ -1037,21 +1054,36 @@ class Daemon:
                 {"numa_node": i, "total": len(cores), "allocated": allocated.get(i, 0)}
                 for i, cores in enumerate(self.topology.nodes)
             ],
+            "memory": {"total": self.topology.memory, "free": waiting.free_memory},
             "runs": {"queued": queued, "running": len(self.engine.runs) - queued},
-            "tasks": {"running": self.engine.tasks_running, "waiting": self.engine.tasks_waiting},
+            "tasks": {
+                "running": self.engine.tasks_running,
+                "waiting": self.engine.tasks_waiting,
+                "waiting_for": waiting.tasks,
+                "retrying": waiting.retrying,
+            },
+            # Runs with a task not started, in queue order (chute.engine.reasons).
+            "waiting": [r.full_doc() for r in waiting.runs[:STATUS_WAITING]],
+            "waiting_runs": len(waiting.runs),
             "schedules": len(self._schedules),
+            "next_fire": None
+            if not fires
+            else {"schedule": min(fires)[1], "for": reasons.SCHEDULE, "at": rfc3339(min(fires)[0])},
+            "held": held,
             "http": self.http.address if self.http is not None else None,
         }
         self.metrics.publish(
             Snapshot(
                 queue_depth=queued,
                 tasks_running=self.engine.tasks_running,
-                tasks_waiting=self.engine.tasks_waiting,
+                tasks_waiting=tuple(waiting.tasks.items()),
                 cpus_total=tuple(len(cores) for cores in self.topology.nodes),
                 cpus_allocated=tuple(allocated.get(i, 0) for i in range(len(self.topology.nodes))),
             )
         )
-        # Volatile: rewritten every second and only read by `chute status`.
+        if self.http is not None:
+            self.http.waiting = {r.run_id: r for r in waiting.runs}  # replaced whole
+        # Volatile: rewritten every second and only read by `chute status` and `chute show`.
         try:
             atomic.write_volatile(self.spool.state / "status.json", atomic.dumps(doc))
         except OSError as exc:
