@@ -4,6 +4,7 @@ the real daemon."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import signal
@@ -15,7 +16,7 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Chute, load_json, wait_for
+from conftest import Chute, load_json, tmpfs, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job, runs_of
 
 __all__ = ["daemon_factory"]
@@ -53,8 +54,9 @@ def api(spool: Path, ref: str) -> dict[str, Any]:
     try:
         conn.request("GET", f"/api/v1/runs/{ref}")
         resp = conn.getresponse()
-        assert resp.status == 200
-        return orjson.loads(resp.read())  # type: ignore[no-any-return]
+        body = resp.read()
+        assert resp.status == 200, body
+        return orjson.loads(body)  # type: ignore[no-any-return]
     finally:
         conn.close()
 
@@ -225,3 +227,29 @@ def test_show_of_a_run_behind_the_first_200_says_so_and_the_api_gives_its_place(
     gate.touch()
     wait_for("all done", lambda: status(spool).get("waiting_runs") == 0, 60)
     assert d.stop() == 0
+
+
+def test_tasks_held_back_by_a_full_disk_wait_for_disk(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    gate = tmp_path / "go"
+    with tmpfs(spool, "size=16m"):
+        d = daemon_factory("cpus: 1\n").start()
+        drop(spool, "gated.yaml", job("gated", gated(gate)))
+        wait_for("the gated run", lambda: any(r["state"] == "running" for r in runs_of(spool)))
+        for name in ("next", "last"):
+            drop(spool, f"{name}.yaml", job(name, "true"))
+        wait_for("two tasks waiting for cpus", lambda: tasks_waiting(spool)["cpus"] == 2, 15)
+        with open(spool / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:  # until ENOSPC
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        # The gated task's core goes to the next task at once; their ends cannot be
+        # written: the engine pauses, and the last task waits for the disk.
+        gate.touch()
+        wait_for("a task waiting for disk", lambda: tasks_waiting(spool)["disk"] == 1, 30)
+        assert api(spool, run_id(spool, "last"))["waiting"]["for"] == "disk"
+        (spool / "filler").unlink()
+        for name in ("gated", "next", "last"):
+            assert final_run(spool, f"incoming/{name}.yaml", 30)["state"] == "succeeded"
+        assert d.stop() == 0
