@@ -272,7 +272,7 @@ def _sweep_links(spool: Spool, out: Removed) -> None:
         folder = spool.pipelines / name
         with contextlib.suppress(OSError):
             for entry in os.listdir(folder):
-                if entry.startswith(GC_PREFIX):
+                if entry.startswith(GC_PREFIX) and not _aside_in_use(entry):
                     os.unlink(folder / entry)
         target = _target(folder / "latest")
         if (
@@ -283,6 +283,21 @@ def _sweep_links(spool: Spool, out: Removed) -> None:
             out.links.append(name)
         with contextlib.suppress(OSError):
             os.rmdir(folder)
+
+
+def _aside_in_use(name: str) -> bool:
+    """Whether the remover that set the link `name` aside (.gc-latest-<pid>-<hex>) may still
+    put it back: its process lives (a pid reused meanwhile keeps it until that one ends)."""
+    pid = name.removeprefix(f"{GC_PREFIX}latest-").partition("-")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # alive, another user's
+    return True
 
 
 # -- rejected/ -----------------------------------------------------------------------------
