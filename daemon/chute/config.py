@@ -125,16 +125,6 @@ def _size(key: str, value: object) -> int:
         raise ValueError(f"{key}: {exc}") from None
 
 
-def _bound(key: str, value: object) -> int | None:
-    """A size that may be null (no bound)."""
-    if value is None:
-        return None
-    size = _size(key, value)
-    if size < 0:
-        raise ValueError(f"{key}: {value!r} is negative; give a size like 10GiB, or null")
-    return size
-
-
 def _path(value: object) -> Path | None:
     return None if value is None else Path(str(value))
 
@@ -198,12 +188,11 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
             try:
                 if key == "keep_runs":
                     values[key] = _int("retention.keep_runs", m[key])
-                elif key == "cache_max_size":
-                    values[key] = _bound("retention.cache_max_size", m[key])
+                elif key == "cache_max_size":  # null: no bound
+                    size = m[key]
+                    values[key] = None if size is None else _size(f"retention.{key}", size)
                 else:
                     values[key] = _duration(f"retention.{key}", m[key])
-                    if values[key] < 0:
-                        raise ValueError(f"retention.{key}: {m[key]!r} is negative")
             except ValueError as exc:
                 problems.append(str(exc))
 
