@@ -39,7 +39,9 @@ of one under its name; every pass first finishes the .gc- leftovers of any remov
 Several removers may run at once (the daemon's pass and `chute gc`): an item another took
 first is skipped (its rename finds nothing), and a latest link is removed only while it
 still points at the removed run (it is renamed aside, looked at, and put back if a new run
-took it meanwhile). Removals are not synced: one a power loss undoes is done again.
+took it meanwhile; an aside left by a dead remover is removed by the next sweep). Removals
+are not synced: one a power loss undoes is done again. Crash points: gc.renamed (a run
+folder), gc.entry_renamed (a cache entry), gc.link_aside, gc.rejected_file_removed.
 Diagnostics: none of its own; what cannot be removed (permissions, a task's odd files)
 stays, and the next pass tries again.
 Limits: a reader of a cache entry that the rename overtakes finds its files gone (ENOENT)
