@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from chute.allocator import (
     POLICIES,
+    WAIT_REASONS,
     Grant,
     Request,
     allocate,
@@ -320,6 +321,78 @@ def test_backfill_starts_in_queue_order_until_the_head_blocks_then_fills_around_
 def test_reservation_counts_an_overdue_grant_as_ending_now() -> None:
     running = [grant("late", range(4), started=0.0, walltime=5.0)]
     assert reservation(req("head", 8), running, topo(8), now=20.0).start == 20.0
+
+
+# Why a task waits ------------------------------------------------------------------------
+
+
+def reasons(
+    queue: list[Request], running: list[Grant], topology: Topology, policy: str
+) -> dict[str, str]:
+    why: dict[str, str] = {}
+    starts = allocate(queue, running, topology, policy, now=0.0, why=why)
+    assert not {r.key for r, _ in starts} & set(why), "a started task has no reason to wait"
+    return why
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_task_waiting_for_memory_says_memory_not_cpus(policy: str) -> None:
+    """Two 600 MiB jobs on 2 cpus and 1 GiB: the second waits for memory."""
+    topology = topo(2, memory=1024 * MiB)
+    running = [grant("first", (0,), memory=600 * MiB, walltime=60.0)]
+    queue = [req("second", memory=600 * MiB, walltime=60.0)]
+    assert reasons(queue, running, topology, policy) == {"second": "memory"}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_what_was_short_at_its_turn_is_the_reason_even_if_others_took_the_rest(
+    policy: str,
+) -> None:
+    topology = topo(4, memory=100)
+    running = [grant("r", (0,), memory=60, walltime=10.0)]
+    queue = [
+        req("hungry", 1, memory=50, order=0, walltime=5.0),
+        req("small", 3, order=1, walltime=5.0),
+        req("wide", 4, order=2, walltime=5.0),
+        req("huge", 1, memory=101, order=3),
+    ]
+    why = reasons(queue, running, topology, policy)
+    assert why == {"hungry": "memory", "wide": "cpus", "huge": "node"}
+
+
+def test_backfill_says_which_task_waits_for_the_heads_reservation() -> None:
+    running = [grant("r", range(6), started=0.0, walltime=10.0)]
+    queue = [
+        req("head", 7, order=0),
+        req("long", 2, order=1, walltime=11.0),
+        req("short", 1, order=2, walltime=10.0),
+        req("wide", 3, order=3, walltime=1.0),
+    ]
+    why = reasons(queue, running, topo(8), "backfill")
+    # Core 7 is the only one the head leaves: long would also hold one the head needs at
+    # t=10; short ends by then and starts; no core is left for wide.
+    assert why == {"head": "cpus", "long": "backfill", "wide": "cpus"}
+
+
+@settings(max_examples=400, deadline=None)
+@given(situations=st.deferred(lambda: situations()))
+def test_why_changes_no_decision_and_names_every_task_left_waiting(
+    situations: tuple[Topology, list[Grant], list[Request], str, float],
+) -> None:
+    topology, running, queue, policy, now = situations
+    why: dict[str, str] = {}
+    explained = allocate(queue, running, topology, policy, now, why=why)
+    assert explained == allocate(queue, running, topology, policy, now)
+    started_keys = {r.key for r, _ in explained}
+    assert set(why) == {r.key for r in queue} - started_keys
+    assert set(why.values()) <= set(WAIT_REASONS)
+    for r in queue:
+        assert (why.get(r.key) == "node") == (not fits_node(r, topology))
+    if policy != "backfill":
+        assert "backfill" not in why.values()
 
 
 # Starvation: an event-driven simulation with a fake clock ---------------------------------

@@ -55,6 +55,16 @@ def test_durations_sizes_and_sections_are_parsed() -> None:
         ({"reserve_cpus": -1}, "reserve_cpus: -1 is not a whole number >= 0"),
         ({"admins": {"user": ["x"]}}, "admins.user: unknown key (valid keys: groups, users)"),
         ({"admins": {"groups": "ops"}}, "admins.groups: expected a list of names"),
+        (
+            {"retention": {"cache_max_sise": "1GiB"}},
+            "retention.cache_max_sise: unknown key (valid keys: cache_max_age, cache_max_size, "
+            "keep_runs, max_age, rejected_max_age); did you mean 'cache_max_size'?",
+        ),
+        (
+            {"retention": {"cache_max_size": "lots"}},
+            "retention.cache_max_size: 'lots' is not a size",
+        ),
+        ({"retention": {"rejected_max_age": "soon"}}, "retention.rejected_max_age: 'soon' is not"),
     ],
     ids=[
         "unknown",
@@ -66,6 +76,9 @@ def test_durations_sizes_and_sections_are_parsed() -> None:
         "negative",
         "admins-key",
         "admins-not-a-list",
+        "retention-key",
+        "retention-size",
+        "retention-duration",
     ],
 )
 def test_bad_values_are_refused_with_the_key_and_the_rule(
@@ -75,10 +88,32 @@ def test_bad_values_are_refused_with_the_key_and_the_rule(
         parse_config(data)
 
 
+def test_retention_takes_ages_of_rejected_files_and_cache_entries_and_a_cache_bound() -> None:
+    assert (Config().rejected_max_age, Config().cache_max_age) == (30 * 86400.0, 30 * 86400.0)
+    assert Config().cache_max_size == 10 << 30
+    c = parse_config(
+        {
+            "retention": {
+                "rejected_max_age": "7d",
+                "cache_max_age": "12h",
+                "cache_max_size": "512MiB",
+            }
+        }
+    )
+    assert (c.rejected_max_age, c.cache_max_age, c.cache_max_size) == (
+        7 * 86400.0,
+        43200.0,
+        512 << 20,
+    )
+    assert parse_config({"retention": {"cache_max_size": None}}).cache_max_size is None
+
+
 def test_all_problems_are_reported_at_once() -> None:
     with pytest.raises(ValueError, match="policy: 'x'") as info:
-        parse_config({"policy": "x", "watch": "y"})
-    assert len(str(info.value).splitlines()) == 2
+        parse_config(
+            {"policy": "x", "watch": "y", "retention": {"max_age": "z", "cache_max_size": "w"}}
+        )
+    assert len(str(info.value).splitlines()) == 4
 
 
 def test_load_config_prefixes_the_file_and_reads_chute_config(

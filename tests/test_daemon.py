@@ -792,7 +792,9 @@ def test_files_wait_in_incoming_while_the_daemon_holds_its_bound_of_tasks(
         assert len(list(queue.iterdir())) == 1 + held
         time.sleep(0.25)
     status = load_json(spool / "state" / "status.json")
-    assert status["tasks"] == {"running": 1, "waiting": held * MAX_RUN_TASKS}
+    tasks = status["tasks"]
+    assert (tasks["running"], tasks["waiting"]) == (1, held * MAX_RUN_TASKS)
+    assert tasks["waiting_for"]["cpus"] == held * MAX_RUN_TASKS
     assert list((spool / "rejected").iterdir()) == []
     assert d.stop() == 0
 

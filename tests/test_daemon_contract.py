@@ -22,15 +22,15 @@ from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, j
 __all__ = ["daemon_factory"]  # a fixture, used by name
 
 
-def metric(spool: Path, name: str) -> float:
-    """The value of an unlabelled sample on the daemon's live /metrics."""
+def metric(spool: Path, name: str, **labels: str) -> float:
+    """The value of a sample on the daemon's live /metrics."""
     with urllib.request.urlopen(f"http://{http_address(spool)}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == name and not s.labels:
+            if s.name == name and s.labels == labels:
                 return float(s.value)
-    pytest.fail(f"{name} is not on /metrics")
+    pytest.fail(f"{name}{labels or ''} is not on /metrics")
 
 
 def run_ids(spool: Path) -> list[str]:
@@ -279,7 +279,7 @@ def test_metrics_count_tasks_waiting_for_cpus_and_runs_not_started(
 
     def gauges() -> tuple[float, float, float]:
         return (
-            metric(spool, "chute_tasks_waiting"),
+            metric(spool, "chute_tasks_waiting", reason="cpus"),
             metric(spool, "chute_queue_depth"),
             metric(spool, "chute_tasks_running"),
         )

@@ -92,7 +92,7 @@ def test_engine_gauges_come_from_the_published_snapshot() -> None:
         Snapshot(
             queue_depth=7,
             tasks_running=3,
-            tasks_waiting=2,
+            tasks_waiting=(("cpus", 2), ("memory", 1)),
             cpus_total=(64, 64),
             cpus_allocated=(5, 1),
         )
@@ -100,7 +100,9 @@ def test_engine_gauges_come_from_the_published_snapshot() -> None:
     snap = samples(generate_latest(m.registry).decode())
     assert value(snap, "chute_queue_depth") == 7
     assert value(snap, "chute_tasks_running") == 3
-    assert value(snap, "chute_tasks_waiting") == 2
+    assert value(snap, "chute_tasks_waiting", reason="cpus") == 2
+    assert value(snap, "chute_tasks_waiting", reason="memory") == 1
+    assert value(snap, "chute_tasks_waiting", reason="backfill") == 0  # every reason exported
     assert value(snap, "chute_cpus", numa_node="1") == 64
     assert value(snap, "chute_cpus_allocated", numa_node="0") == 5
     assert value(snap, "chute_cpus_allocated", numa_node="1") == 1
@@ -196,7 +198,7 @@ def test_counters_and_histograms_count_what_the_daemon_did(
     assert value(snap, "chute_spool_write_errors_total") == 0
     assert value(snap, "chute_cpus", numa_node="0") == 2
     assert value(snap, "chute_cpus_allocated", numa_node="0") == 0
-    assert value(snap, "chute_tasks_waiting") == 0
+    assert sum(v for (name, _), v in snap.items() if name == "chute_tasks_waiting") == 0
 
 
 def test_promtool_finds_nothing_to_say_about_a_live_scrape(

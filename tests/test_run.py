@@ -589,7 +589,12 @@ def test_gc_removes_finished_runs_beyond_retention_but_never_latest_or_queued(
     (spool / "queue" / f"{ids[0]}.yaml").write_text("held")  # as if accepted and not done
     done = chute("gc", "--config", str(config))
     assert done.code == 0
-    assert done.out.strip() == "removed 2 run(s) (keep_runs 2, max_age 30d)"
+    assert done.out.splitlines() == [
+        "removed 2 run(s) (keep_runs 2, max_age 30d)",
+        "removed 0 pipeline latest link(s) to removed runs",
+        "removed 0 rejected file(s) (rejected_max_age 30d)",
+        "removed 0 cache entries (cache_max_age 30d, cache_max_size 10GiB)",
+    ]
     left = sorted(p.name for p in (spool / "runs").iterdir() if not p.is_symlink())
     assert left == [ids[0], ids[3], ids[4]]
     assert latest(spool).name == ids[4]

@@ -64,6 +64,7 @@ def add(w: Waitlist[Run], run: Run, position: int, unit: Unit, shape: Shape) -> 
         cpus=shape.cpus,
         memory=shape.memory,
         walltime=shape.walltime,
+        since=run.accepted,
     )
 
 
@@ -224,3 +225,53 @@ def test_prune_drops_what_left_the_waiting_state_and_keeps_the_rest() -> None:
     assert [r.key for _, _, r in picked] == ["r/s/0", "r/s/3", "r/t"]
     assert w.beyond(100, 64 * GiB) == []
     assert w.beyond(0, 64 * GiB) == ["r/s/0", "r/s/3", "r/t"]
+
+
+def explained(
+    w: Waitlist[Run], running: list[Grant], topology: Topology, policy: str
+) -> list[tuple[str, int, str, int, str]]:
+    """(run, rank, stage, units, reason) per waiting stage, as the engine asks each second:
+    the candidates of this moment through allocate(why=), then explain."""
+    busy = {c for g in running for c in g.cores}
+    free = sum(1 for c in topology.cpus if c not in busy)
+    free_memory = topology.memory - sum(g.memory for g in running)
+    whole, whole_memory = len(topology.cpus), topology.memory
+    picked = w.candidates(free, free_memory, whole, whole_memory, policy)
+    why: dict[str, str] = {}
+    starts = allocate([r for _, _, r in picked], running, topology, policy, 0.0, why)
+    starting = {r.key for r, _ in starts}
+    return [
+        (g.run_id, g.rank, g.owner.stages[g.position][0], g.units, g.reason)
+        for g in w.explain(why, starting, free, free_memory, whole, whole_memory)
+    ]
+
+
+def test_explain_says_why_each_stage_waits_in_queue_order() -> None:
+    w: Waitlist[Run] = Waitlist()
+    first = Run("a", 1, 0.0, [("hungry", 1, Shape(memory=8 * GiB)), ("wide", 1, Shape(cpus=4))])
+    second = Run("b", 0, 0.0, [("shards", 3, Shape())])
+    third = Run("c", 0, 1.0, [("huge", 1, Shape(memory=64 * GiB))])
+    for run in (third, second, first):
+        for p, u, shape in units_of(run):
+            add(w, run, p, u, shape)
+    running = [Grant("r", (0, 1), 12 * GiB, 0.0, None)]
+    assert explained(w, running, topo(4, memory=16 * GiB), "fifo-first-fit") == [
+        ("a", 1, "hungry", 1, "memory"),  # the cores are there, 4 GiB of memory is not
+        ("a", 1, "wide", 1, "cpus"),
+        ("b", 2, "shards", 3, "cpus"),  # two would start now; the third waits behind them
+        ("c", 3, "huge", 1, "node"),
+    ]
+
+
+def test_explain_names_the_stage_backfill_holds_back_for_the_head() -> None:
+    w: Waitlist[Run] = Waitlist()
+    head = Run("a", 1, 0.0, [("head", 1, Shape(cpus=2, walltime=5.0))])
+    endless = Run("b", 0, 0.0, [("endless", 1, Shape())])  # no timeout: never before the head
+    for run in (head, endless):
+        for p, u, shape in units_of(run):
+            add(w, run, p, u, shape)
+    running = [Grant("r", (0,), 0, 0.0, 10.0)]
+    assert explained(w, running, topo(2), "backfill") == [
+        ("a", 1, "head", 1, "cpus"),
+        ("b", 2, "endless", 1, "backfill"),
+    ]

@@ -24,6 +24,10 @@ Rules (the README quotes them):
   Within a node it takes the lowest-numbered free cores.
 - `fifo-first-fit` and `best-fit` walk the whole queue and start every task that fits in
   what is still free; a big task can wait forever behind a stream of small ones.
+- Why a task waits (`allocate(..., why=)`): what was short when its turn came in the walk
+  (cpus, else memory), even if later tasks took more since; `backfill` for a task that fit
+  in what was free but not beside the head's reservation; `node` for one bigger than the
+  node.
 - `backfill` (EASY): tasks start in queue order until the first that does not fit, the
   head. The head reserves the earliest time its cpus and memory will be free, from the
   running grants' `started + walltime`, and the cores it would get then (its shadow cores).
@@ -44,6 +48,11 @@ from dataclasses import dataclass
 from chute.topology import Topology
 
 POLICIES = ("fifo-first-fit", "best-fit", "backfill")
+CPUS, MEMORY, BACKFILL, NODE = "cpus", "memory", "backfill", "node"
+WAIT_REASONS = (CPUS, MEMORY, BACKFILL, NODE)
+"""Why a request waits (allocate's `why`): too few free cpus; enough cpus but too little
+free memory; it fits, but only on cores or memory backfill holds for the head of the
+queue; it asks for more than the node has (after a reload took cores or memory away)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +116,14 @@ def allocate(
     topology: Topology,
     policy: str,
     now: float,
+    why: dict[str, str] | None = None,
 ) -> list[tuple[Request, tuple[int, ...]]]:
-    """The tasks of `queue` to start at `now`, in queue order, each with its sorted cores."""
+    """The tasks of `queue` to start at `now`, in queue order, each with its sorted cores.
+
+    `why`, when given, gets the reason each request of `queue` that does not start waits
+    (WAIT_REASONS), by key: what was short when its turn came (cpus before memory), or
+    `backfill` for one that fit only on cores or memory held for the head, or `node` for
+    more than the node has. Without it the decision does no extra work."""
     if policy not in POLICIES:
         raise ValueError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
     free = _free_cores(topology, running)
@@ -124,11 +139,16 @@ def allocate(
     whole = sum(map(len, topology.nodes))
     for i, r in enumerate(queue):
         if r.cpus > whole or r.memory > topology.memory:
+            if why is not None:
+                why[r.key] = NODE
             continue
         entry = (queue_key(r), i, r)
         if r.cpus <= free_count and r.memory <= free_memory:
             candidates.append(entry)
-        elif first_blocked is None or entry[:2] < first_blocked[:2]:
+            continue
+        if why is not None:
+            why[r.key] = CPUS if r.cpus > free_count else MEMORY
+        if first_blocked is None or entry[:2] < first_blocked[:2]:
             first_blocked = entry
     candidates.sort()
     starts: list[tuple[Request, tuple[int, ...]]] = []
@@ -146,7 +166,9 @@ def allocate(
                 started = [Grant(r.key, c, r.memory, now, r.walltime) for r, c in starts]
                 shadow = reservation(head, [*running, *started], topology, now)
                 rest_requests = [e[2] for e in rest]
-                starts += _backfill(rest_requests, free, free_count, free_memory, shadow, now)
+                starts += _backfill(rest_requests, free, free_count, free_memory, shadow, now, why)
+                if why is not None and head is request:
+                    why[head.key] = CPUS if head.cpus > free_count else MEMORY
                 break
         if fits:
             cores = _place(free, request.cpus, best)
@@ -154,6 +176,13 @@ def allocate(
             free_count -= _take(free, cores)
             free_memory -= request.memory
             starts.append((request, cores))
+        elif why is not None:
+            why[request.key] = CPUS if request.cpus > free_count else MEMORY
+    if why is not None:  # the rest of the walk, cut short once every core was taken
+        started_keys = {r.key for r, _ in starts}
+        for r in queue:
+            if r.key not in started_keys:
+                why.setdefault(r.key, CPUS)
     return starts
 
 
@@ -200,6 +229,7 @@ def _backfill(
     free_memory: int,
     shadow: Reservation,
     now: float,
+    why: dict[str, str] | None,
 ) -> list[tuple[Request, tuple[int, ...]]]:
     starts: list[tuple[Request, tuple[int, ...]]] = []
     reserved = set(shadow.cores)
@@ -210,6 +240,8 @@ def _backfill(
         if free_count == 0:
             break
         if request.cpus > free_count or request.memory > free_memory:
+            if why is not None:
+                why[request.key] = CPUS if request.cpus > free_count else MEMORY
             continue
         # With the head's start at never, "ends before it" would let a stream of short
         # tasks hold its cores forever: only cores outside the shadow are open then.
@@ -222,6 +254,8 @@ def _backfill(
             cores = _place(outside, request.cpus, best=False)
             spare_memory -= request.memory
         else:
+            if why is not None:
+                why[request.key] = BACKFILL
             continue
         assert cores is not None  # enough free cores always place, spilling if need be
         free_count -= _take(free, cores)

@@ -27,22 +27,34 @@ from typing import Any
 
 import orjson
 
-from chute import control, logs, names, owners, report, rundir, submission
+from chute import (
+    control,
+    logs,
+    names,
+    owners,
+    report,
+    retention,
+    rundir,
+    submission,
+    taskfiles,
+)
 from chute.clock import Clock
 from chute.config import Config, ConfigError, load_config
-from chute.engine import runs
+from chute.engine import reasons, runs
+from chute.engine.dag import STAGE_OK
 from chute.engine.loop import ActiveRun, Engine
 from chute.local import LocalExecutor
-from chute.spec import SpecError, json_schema, load_file
+from chute.spec import SpecError, json_schema, load_bytes, load_file
 from chute.spec.model import Pipeline
 from chute.spool import Spool, resolve_spool, sync_roots
 from chute.topology import Topology, format_cpulist, parse_cpulist, read_topology
-from chute.units import format_duration
+from chute.units import format_duration, format_size
 
 log = logging.getLogger("chute")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_NOT_RUNNING = 3  # `chute status` with no daemon: the LSB and `systemctl status` code
+SPEC_LIMIT = 64 << 20  # bytes of a run's spec.yaml read back (intake took max_file_size)
 
 
 class UsageError(Exception):
@@ -423,20 +435,35 @@ def _attempts(entry: dict[str, Any]) -> int:
     return int(entry.get("attempts_total", len(entry["attempts"])))
 
 
-def summary(run_dir: Path) -> str:
-    """The execution summary of a run: one row per stage (and shard), then the tally."""
+def summary(run_dir: Path, status: dict[str, Any] | None = None) -> str:
+    """The execution summary of a run: one row per stage (and shard), then the tally. A run
+    not started yet (no manifest) lists its stages from spec.yaml. With the daemon's
+    `status` (state/status.json), a run not finished also says what it and each of its
+    stages wait for."""
     rec = rundir.read_json(run_dir / "run.json")
     try:
         stages: list[dict[str, Any]] = rundir.read_json(run_dir / "manifest.json")["stages"]
+        planned = False
     except FileNotFoundError:
-        stages = []
+        stages, planned = _planned(run_dir), True
     head = (
         f"run {rec['run_id']}  pipeline {rec['pipeline']}  state {rec['state']}"
         f"  trigger {rec['trigger'].get('type')}"
     )
     if rec.get("resumed_from"):
         head += f"  resumed_from {rec['resumed_from']}"
+    lines = [head]
+    waits: dict[str, str] | None = None
+    if rec["state"] in ("queued", "running"):
+        waits, why, ready = _waits(rec, stages, status)
+        if why:
+            lines.append(why)
+        for s in stages if planned else ():
+            if s["name"] in ready:
+                s["state"] = "waiting"  # as the engine has it: ready, not started
     rows: list[list[str]] = [["STAGE", "STATE", "ATTEMPTS", "DURATION", "CORES"]]
+    if waits is not None:
+        rows[0].append("WAITING FOR")
 
     def dur(v: float | None) -> str:
         return "-" if v is None else format_duration(v)
@@ -451,6 +478,8 @@ def summary(run_dir: Path) -> str:
                 format_cpulist(s["cores"]) if s["cores"] else "-",
             ]
         )
+        if waits is not None:
+            rows[-1].append(waits.get(s["name"], "-"))
         for sh in s["shards"]:
             rows.append(
                 [
@@ -461,13 +490,14 @@ def summary(run_dir: Path) -> str:
                     format_cpulist(sh["cores"]) if sh["cores"] else "-",
                 ]
             )
+            if waits is not None:
+                rows[-1].append("")
     counts: dict[str, int] = {}
     for s in stages:
         counts[s["state"]] = counts.get(s["state"], 0) + 1
     tally = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     # Not a row: a stage may be named `total`.
-    lines = [
-        head,
+    lines += [
         *_table(rows),
         f"stages: {tally or 'none'}; run took {dur(rec.get('duration_seconds'))}",
     ]
@@ -477,20 +507,83 @@ def summary(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _planned(run_dir: Path) -> list[dict[str, Any]]:
+    """Manifest entries, all pending, for a run whose manifest is not written yet: its
+    stages as its spec.yaml lists them (none when that cannot be read)."""
+    try:
+        data = taskfiles.read_regular(str(run_dir / "spec.yaml"), SPEC_LIMIT)
+        pipeline = load_bytes(data, str(run_dir / "spec.yaml"))
+    except (OSError, SpecError):
+        return []
+    return [
+        {
+            "name": s.name,
+            "state": "pending",
+            "dependsOn": list(s.depends_on),
+            "cores": [],
+            "duration_seconds": None,
+            "attempts": [],
+            "shards": [],
+        }
+        for s in pipeline.stages
+    ]
+
+
+def _waits(
+    rec: dict[str, Any], stages: list[dict[str, Any]], status: dict[str, Any] | None
+) -> tuple[dict[str, str], str | None, set[str]]:
+    """What each stage of an unfinished run waits for (stage name -> text), a line for the
+    run as a whole (None: nothing to say), and the stages ready and waiting to start."""
+    entry = None
+    if status is not None:
+        entry = next(
+            (w for w in status.get("waiting", []) if w.get("run_id") == rec["run_id"]), None
+        )
+    out: dict[str, str] = {}
+    ready: set[str] = set()
+    if entry is not None:
+        for w in entry["stages"]:
+            out.setdefault(w["stage"], reasons.describe(w, status or {}))
+            if w["for"] != reasons.RETRY:
+                ready.add(w["stage"])
+    done = {s["name"] for s in stages if s["state"] in STAGE_OK}
+    for s in stages:
+        blocked = [d for d in s.get("dependsOn", []) if d not in done]
+        if s["name"] not in out and s["state"] in ("pending", "waiting") and blocked:
+            out[s["name"]] = f"{reasons.DEPENDENCY}: {', '.join(blocked)}"
+    if status is None:
+        queued = rec["state"] == "queued"
+        return out, "waiting: no daemon runs on this spool" if queued else None, ready
+    if entry is None:
+        if status.get("waiting_runs", 0) > len(status.get("waiting", [])):
+            line = f"waiting: behind the first {len(status['waiting'])} runs in the queue"
+            return out, line, ready
+        return out, None, ready
+    where = f", #{entry['position']} in the queue" if entry.get("position") else ""
+    return out, f"waiting for {entry['for']} since {entry['since']}{where}", ready
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
     run_dir = _find(spool, args.run)
     if args.json:
+        status = _status(spool) or {}
+        entry = next(
+            (w for w in status.get("waiting", []) if w.get("run_id") == run_dir.name), None
+        )
         doc = {
             "run": rundir.read_json(run_dir / "run.json"),
             "manifest": rundir.read_json(run_dir / "manifest.json")
             if (run_dir / "manifest.json").exists()
             else None,
+            "waiting": None
+            if entry is None
+            else {k: entry[k] for k in ("for", "since", "position")},
         }
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        print(summary(run_dir))
+        print(summary(run_dir, _status(spool)))
         timeline = report.text_timeline(run_dir)
         if timeline:
             print(timeline)
@@ -740,6 +833,18 @@ def _follow_run(spool: Spool, run_id: str, cancel: Callable[[], bool] | None = N
     return EXIT_OK if rec["state"] == "succeeded" else EXIT_FAILED
 
 
+def _status(spool: Spool) -> dict[str, Any] | None:
+    """state/status.json of the daemon running on `spool`; None without one (or before it
+    wrote one)."""
+    if _daemon_pid(spool) is None:
+        return None
+    try:
+        doc = rundir.read_json(spool.state / "status.json")
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
@@ -759,19 +864,51 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"chute daemon pid {st['pid']} on {st['spool']}, up since {st['started_at']}, "
         f"policy {st['policy']}"
     )
-    print(f"cpus: {used}/{total} allocated ({nodes})")
+    mem = st.get("memory")
+    memory = (
+        f"; memory: {format_size(mem['total'] - mem['free'])} of {format_size(mem['total'])} "
+        "allocated"
+        if mem
+        else ""
+    )
+    print(f"cpus: {used}/{total} allocated ({nodes}){memory}")
+    tasks = st["tasks"]
+    why = ", ".join(f"{n} for {r}" for r, n in tasks.get("waiting_for", {}).items() if n)
+    retrying = tasks.get("retrying", 0)
     print(
         f"runs: {st['runs']['queued']} queued, {st['runs']['running']} running; "
-        f"tasks: {st['tasks']['running']} running, {st['tasks']['waiting']} waiting for cpus; "
-        f"schedules: {st['schedules']}"
+        f"tasks: {tasks['running']} running, {tasks['waiting']} waiting"
+        + (f" ({why})" if why else "")
+        + (f", {retrying} waiting out a retry delay" if retrying else "")
+        + f"; schedules: {st['schedules']}"
     )
-    rows = [["RUN", "PIPELINE", "STATE", "CREATED"]]
+    upcoming = st.get("next_fire")
+    if upcoming:
+        print(f"next fire: schedule {upcoming['schedule']} at {upcoming['at']}")
+    for h in st.get("held", []):
+        behind = ", ".join(h["behind"]) or "its previous run"
+        print(
+            f"held: schedule {h['schedule']} fire {h['fire_time']} (run {h['run_id']}) waits "
+            f"for {behind} to end (overlap: queue)"
+        )
+    waiting = {w["run_id"]: w for w in st.get("waiting", [])}
+    rows = [["RUN", "PIPELINE", "STATE", "CREATED", "WAITING FOR", "QUEUE"]]
     for path in sorted(spool.queue.glob("*.yaml"))[:50]:
         try:
             rec = rundir.read_json(spool.runs / path.stem / "run.json")
         except (OSError, orjson.JSONDecodeError):
             continue
-        rows.append([rec["run_id"], rec["pipeline"], rec["state"], rec["created_at"]])
+        w = waiting.get(rec["run_id"], {})
+        rows.append(
+            [
+                rec["run_id"],
+                rec["pipeline"],
+                rec["state"],
+                rec["created_at"],
+                w.get("for", "-"),
+                str(w.get("position") or "-"),
+            ]
+        )
     if len(rows) > 1:
         print("\n".join(_table(rows)))
     return EXIT_OK
@@ -914,13 +1051,21 @@ def cmd_gc(args: argparse.Namespace) -> int:
     spool = _spool(args, config)
     for run_id in owners.end_dead_foreground(spool, config.kill_grace):
         print(f"{run_id} interrupted: the `chute run` that ran it is gone")
-    active = {p.stem for p in spool.queue.glob("*.yaml")}
-    removed = rundir.gc(
-        spool, keep_runs=config.keep_runs, max_age=config.max_age, now=time.time(), active=active
+    rules = retention.Rules.of(config)
+    removed = retention.gc(spool, rules, now=time.time(), sweep=True)
+    size = "no bound" if rules.cache_max_size is None else format_size(rules.cache_max_size)
+    print(
+        f"removed {len(removed.runs)} run(s) (keep_runs {rules.keep_runs}, "
+        f"max_age {format_duration(rules.max_age)})"
+    )
+    print(f"removed {len(removed.links)} pipeline latest link(s) to removed runs")
+    print(
+        f"removed {len(removed.rejected)} rejected file(s) "
+        f"(rejected_max_age {format_duration(rules.rejected_max_age)})"
     )
     print(
-        f"removed {len(removed)} run(s) (keep_runs {config.keep_runs}, "
-        f"max_age {format_duration(config.max_age)})"
+        f"removed {len(removed.cache)} cache entr{'y' if len(removed.cache) == 1 else 'ies'} "
+        f"(cache_max_age {format_duration(rules.cache_max_age)}, cache_max_size {size})"
     )
     return EXIT_OK
 

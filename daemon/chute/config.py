@@ -52,6 +52,9 @@ class Config:
     http_token_file: Path | None = None
     keep_runs: int = 1000
     max_age: float = 30 * 86400.0
+    rejected_max_age: float = 30 * 86400.0
+    cache_max_age: float = 30 * 86400.0
+    cache_max_size: int | None = 10 << 30  # None: no bound on cache/'s size
     executor_backend: str = "local"
     executor_address: str | None = None
     log_format: str = "text"
@@ -81,6 +84,9 @@ _KEYS = {
     "log_format",
     "sync",
 }
+
+
+_RETENTION_KEYS = {"keep_runs", "max_age", "rejected_max_age", "cache_max_age", "cache_max_size"}
 
 
 def _unknown(where: str, key: object, valid: set[str]) -> str:
@@ -187,11 +193,18 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
             values["http_token_file"] = Path(str(m["token_file"]))
 
     def retention() -> None:
-        m = _mapping("retention", data["retention"], {"keep_runs", "max_age"})
-        if "keep_runs" in m:
-            values["keep_runs"] = _int("retention.keep_runs", m["keep_runs"])
-        if "max_age" in m:
-            values["max_age"] = _duration("retention.max_age", m["max_age"])
+        m = _mapping("retention", data["retention"], _RETENTION_KEYS)
+        for key in sorted(m):
+            try:
+                if key == "keep_runs":
+                    values[key] = _int("retention.keep_runs", m[key])
+                elif key == "cache_max_size":  # null: no bound
+                    size = m[key]
+                    values[key] = None if size is None else _size(f"retention.{key}", size)
+                else:
+                    values[key] = _duration(f"retention.{key}", m[key])
+            except ValueError as exc:
+                problems.append(str(exc))
 
     def executor() -> None:
         m = _mapping("executor", data["executor"], {"backend", "address"})

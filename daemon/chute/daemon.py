@@ -44,10 +44,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from chute import __version__, access, atomic, control, logs, owners, report, rundir
+from chute import __version__, access, atomic, control, logs, owners, report, retention
 from chute.clock import Clock, rfc3339
 from chute.config import Config, ConfigError, load_config
-from chute.engine import runs
+from chute.engine import reasons, runs
 from chute.engine.dag import RunGraph
 from chute.engine.loop import ActiveRun, Engine
 from chute.faults import crash_point
@@ -84,8 +84,10 @@ holds other runs' final writes: a single drop starts without that wait, while a 
 big batches still sync beside the loop."""
 REPORT_DELAY = 5.0  # while runs are active, a report.html waits up to this long (seconds)
 STATUS_INTERVAL = 1.0
+STATUS_WAITING = 200  # runs status.json details, in queue order (the API knows them all)
 GC_INTERVAL = 60.0
-GC_BATCH = 50  # run folders removed per retention pass: deleting thousands at once stalls runs
+GC_BATCH = 50  # folders and files removed per retention pass: deleting thousands stalls runs
+GC_AGAIN = 5.0  # seconds to the next pass when GC_BATCH cut one short: a backlog drains
 RESTART_KEYS = ("spool", "runs_dir", "http_listen", "watch")
 
 
@@ -217,6 +219,9 @@ class Daemon:
         self._write_error: OSError | None = None  # the committer failure counted last
         self._control_held: set[str] = set()  # requests a chute bug left: tried at next start
         self._control_trouble: dict[str, int | None] = {}  # request -> errno logged for it
+        self._swept = False  # retention's first pass sweeps pipelines/ (chute.retention)
+        self._retention_changed = False  # a reload changed it: a pass at once
+        self._cache_sizes: dict[str, tuple[int, int]] = {}  # retention's measures of cache/
 
     # -- life ------------------------------------------------------------------------------
 
@@ -455,9 +460,8 @@ class Daemon:
             if now >= next_status:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
-            if now >= next_gc and stop_deadline is None:
-                self._retention()
-                next_gc = now + GC_INTERVAL
+            if (now >= next_gc or self._retention_changed) and stop_deadline is None:
+                next_gc = now + (GC_AGAIN if self._retention() else GC_INTERVAL)
             waits = [next_status, next_control if stop_deadline is None else next_status]
             if ping_every is not None:
                 waits.append(next_ping)
@@ -1037,6 +1041,22 @@ class Daemon:
     def _write_status(self) -> None:
         allocated = self.engine.cores_by_node()
         queued = sum(1 for r in self.engine.runs.values() if r.record["state"] == "queued")
+        waiting = self.engine.waiting()
+        now = self.clock.now()
+        held = []
+        for name, st in sorted(self._schedules.items()):
+            fire = self.schedules.held(name)
+            if fire is not None:
+                held.append(
+                    {
+                        "schedule": name,
+                        "for": reasons.HELD,
+                        "fire_time": rfc3339(fire.fire_time),
+                        "run_id": fire.run_id(),
+                        "behind": sorted(st.active),
+                    }
+                )
+        fires = [(t, n) for n in self.schedules.names() if (t := self.schedules.next_fire(n, now))]
         doc = {
             "pid": os.getpid(),
             "started_at": rfc3339(self.started_at),
@@ -1052,21 +1072,36 @@ class Daemon:
                 }
                 for i, cores in enumerate(self.topology.nodes)
             ],
+            "memory": {"total": self.topology.memory, "free": waiting.free_memory},
             "runs": {"queued": queued, "running": len(self.engine.runs) - queued},
-            "tasks": {"running": self.engine.tasks_running, "waiting": self.engine.tasks_waiting},
+            "tasks": {
+                "running": self.engine.tasks_running,
+                "waiting": self.engine.tasks_waiting,
+                "waiting_for": waiting.tasks,
+                "retrying": waiting.retrying,
+            },
+            # Runs with a task not started, in queue order (chute.engine.reasons).
+            "waiting": [r.full_doc() for r in waiting.runs[:STATUS_WAITING]],
+            "waiting_runs": len(waiting.runs),
             "schedules": len(self._schedules),
+            "next_fire": None
+            if not fires
+            else {"schedule": min(fires)[1], "for": reasons.SCHEDULE, "at": rfc3339(min(fires)[0])},
+            "held": held,
             "http": self.http.address if self.http is not None else None,
         }
         self.metrics.publish(
             Snapshot(
                 queue_depth=queued,
                 tasks_running=self.engine.tasks_running,
-                tasks_waiting=self.engine.tasks_waiting,
+                tasks_waiting=tuple(waiting.tasks.items()),
                 cpus_total=tuple(len(cores) for cores in self.topology.nodes),
                 cpus_allocated=tuple(allocated.get(i, 0) for i in range(len(self.topology.nodes))),
             )
         )
-        # Volatile: rewritten every second and only read by `chute status`.
+        if self.http is not None:
+            self.http.waiting = {r.run_id: r for r in waiting.runs}  # replaced whole
+        # Volatile: rewritten every second and only read by `chute status` and `chute show`.
         try:
             atomic.write_volatile(self.spool.state / "status.json", atomic.dumps(doc))
         except OSError as exc:
@@ -1101,6 +1136,7 @@ class Daemon:
         )
         if new.log_format != self.config.log_format:
             logs.setup(logging.getLogger().level, new.log_format)
+        self._retention_changed |= retention.Rules.of(new) != retention.Rules.of(self.config)
         self.config = new
         self.engine.policy = new.policy
         self.intake.config = new
@@ -1139,18 +1175,34 @@ class Daemon:
                 ", ".join(too_big[:10]),
             )
 
-    def _retention(self) -> None:
+    def _retention(self) -> bool:
+        """One retention pass (chute.retention), at most GC_BATCH removals; True when there
+        is more to remove. The first pass of a daemon also sweeps pipelines/ for links to
+        runs removed by hand or by an older chute."""
         owners.end_dead_foreground(self.spool, self.config.kill_grace, budget=owners.SWEEP_GRACE)
-        removed = rundir.gc(
+        removed = retention.gc(
             self.spool,
-            keep_runs=self.config.keep_runs,
-            max_age=self.config.max_age,
+            retention.Rules.of(self.config),
             now=self.clock.time(),
             limit=GC_BATCH,
-            active=set(self.engine.runs),
+            active=self.engine.runs.keys(),
+            sweep=not self._swept,
+            sizes=self._cache_sizes,
         )
-        if removed:
-            log.info("retention removed %d run folder(s)", len(removed))
+        self._swept = True
+        self._retention_changed = False
+        if removed or removed.links:
+            log.info(
+                "retention removed %d run folder(s), %d pipeline link(s), %d rejected file(s), "
+                "%d cache entr%s%s",
+                len(removed.runs),
+                len(removed.links),
+                len(removed.rejected),
+                len(removed.cache),
+                "y" if len(removed.cache) == 1 else "ies",
+                "; more to remove" if removed.more else "",
+            )
+        return removed.more
 
 
 def _topology(config: Config) -> Topology:

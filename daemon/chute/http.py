@@ -7,7 +7,8 @@ watches (the daemon hands in a callable).
 Threads: /healthz and /metrics are answered by the listener's event thread (no disk, no
 token: they are served whatever other clients do); the API's requests run in handler
 threads. Handlers only read: run folders from disk, the metrics registry (locked by
-prometheus_client) and values the loop publishes whole. GET and HEAD are the methods;
+prometheus_client) and values the loop publishes whole (`waiting`: why each run not
+started waits, chute.engine.reasons, replaced each second). GET and HEAD are the methods;
 any other gets 405 with `Allow`.
 Diagnostics: a bind failure or an unreadable token file raises HttpError with one line
 naming the config key; the daemon logs it as an ERROR and exits non-zero. Requests are
@@ -20,7 +21,7 @@ from __future__ import annotations
 import errno
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -31,6 +32,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from chute import __version__, rundir
+from chute.engine.reasons import RunWait
 from chute.listener import Listener, Request, response
 from chute.spool import Spool
 
@@ -131,6 +133,7 @@ class Server(Listener):
         self.registry = registry
         self.health = health
         self.token = token  # replaced whole on SIGHUP
+        self.waiting: Mapping[str, RunWait] = {}  # replaced whole by the loop each second
         super().__init__(address, inline=self._inline, handle=self._handle)
 
     @property
@@ -289,7 +292,11 @@ class _Handler(BaseHTTPRequestHandler):
             manifest = rundir.read_json(folder / "manifest.json")
         except (OSError, orjson.JSONDecodeError):
             manifest = None  # not written yet (a queued run)
-        self._json(HTTPStatus.OK, {"run": run, "manifest": manifest})
+        wait = self.server.waiting.get(folder.name)
+        self._json(
+            HTTPStatus.OK,
+            {"run": run, "manifest": manifest, "waiting": None if wait is None else wait.doc()},
+        )
 
     def _json(self, status: HTTPStatus, doc: Any, headers: dict[str, str] | None = None) -> None:
         body = orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE)

@@ -10,7 +10,8 @@ immutable value the loop publishes once a second (Daemon._write_status), so a sc
 iterates a dict the loop is changing. Every metric lives in the daemon process: no
 prometheus_client multiprocess mode (it leaves files behind and drops features).
 Labels: bounded by construction. `reason` is one of the rejection words (intake's, and
-bad_request or not_owner for a control request), `state` one of the final run states, `numa_node` a
+bad_request or not_owner for a control request) or, on chute_tasks_waiting, one of
+chute.engine.reasons.TASK_REASONS; `state` one of the final run states, `numa_node` a
 node id of this machine. No run id, file name or pipeline label (a pipeline label would
 grow with every name users invent).
 """
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from chute.engine.reasons import TASK_REASONS
 
 REJECT_REASONS = (
     "invalid",
@@ -51,7 +54,7 @@ class Snapshot:
 
     queue_depth: int = 0  # runs accepted and not started
     tasks_running: int = 0
-    tasks_waiting: int = 0  # ready tasks waiting for CPUs
+    tasks_waiting: tuple[tuple[str, int], ...] = ()  # ready tasks waiting, by reason
     cpus_total: tuple[int, ...] = ()  # by NUMA node id
     cpus_allocated: tuple[int, ...] = ()  # by NUMA node id
 
@@ -65,9 +68,18 @@ class _EngineGauges(Collector):
         for name, doc, value in (
             ("chute_queue_depth", "Runs accepted and not started.", snap.queue_depth),
             ("chute_tasks_running", "Tasks running now.", snap.tasks_running),
-            ("chute_tasks_waiting", "Ready tasks waiting for CPUs.", snap.tasks_waiting),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        waiting = GaugeMetricFamily(
+            "chute_tasks_waiting",
+            "Ready tasks not started, by what they wait for (cpus, memory, backfill, node, "
+            "disk, stopping).",
+            labels=["reason"],
+        )
+        counts = dict(snap.tasks_waiting)
+        for reason in TASK_REASONS:
+            waiting.add_metric([reason], counts.get(reason, 0))
+        yield waiting
         # Not chute_cpus_total as DESIGN.md lists it: `_total` is reserved for counters and
         # `promtool check metrics` rejects a gauge named so.
         total = GaugeMetricFamily(

@@ -1,15 +1,14 @@
 """A run's folder: run.json, manifest.json, spec.yaml, stages/, and the `latest` links.
 
 Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/latest,
-finding a run by name, and removing run folders (retention). Its tasks may have changed
-anything in a run folder: its JSON files are read as a task's files (chute.taskfiles),
-and a folder is removed however deep a task nested it (remove_tree).
-Not here: deciding states (chute.engine), durable writes (chute.atomic).
+finding a run by name. Its tasks may have changed anything in a run folder: its JSON files
+are read as a task's files (chute.taskfiles), and a folder is removed however deep a task
+nested it (remove_tree).
+Not here: deciding states (chute.engine), durable writes (chute.atomic), which runs
+retention removes and when (chute.retention).
 Crash safety: the folder is created with spec.yaml and run.json (state queued) in one group
 commit before the run is acknowledged; every later file is replaced atomically, so a reader
-sees a whole run.json or the previous one. `latest` links are replaced by rename. Removal
-(gc) renames a folder to runs/.gc-<id> first; a deletion a crash interrupted is finished by
-the next gc of anyone, and concurrent removers skip what another took.
+sees a whole run.json or the previous one. `latest` links are replaced by rename.
 Diagnostics: an unknown run name raises UnknownRun with the closest known names; a name not
 of a run's form (chute.names) raises it before any file is looked at.
 """
@@ -33,7 +32,6 @@ import orjson
 
 from chute import __version__, atomic, names, taskfiles
 from chute.clock import rfc3339
-from chute.faults import crash_point
 from chute.spool import Spool
 
 RUN_STATES = ("queued", "running", "stopped", "succeeded", "failed", "cancelled", "interrupted")
@@ -181,11 +179,13 @@ def _point_pipeline_latest(spool: Spool, run_id: str, pipeline: str) -> None:
     """pipelines/<name>/latest → `run_id` (atomic.replace_symlink)."""
     folder = spool.pipelines / pipeline
     target = os.path.relpath(spool.runs / run_id, folder)
-    try:
-        atomic.replace_symlink(folder / "latest", target)
-    except FileNotFoundError:  # the pipeline's first run
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic.replace_symlink(folder / "latest", target)
+    for _ in range(3):
+        try:
+            atomic.replace_symlink(folder / "latest", target)
+            return
+        except FileNotFoundError:  # the pipeline's first run (or retention just emptied it)
+            folder.mkdir(parents=True, exist_ok=True)
+    atomic.replace_symlink(folder / "latest", target)
 
 
 JSON_LIMIT = 256 << 20
@@ -241,99 +241,6 @@ def find_run(spool: Spool, ref: str) -> Path:
     hint = f"; closest: {', '.join(close)}" if close else ""
     known = f" ({len(ids)} runs in {spool.runs})" if ids else f" (no runs in {spool.runs})"
     raise UnknownRun(f"{ref}: no such run{known}{hint}")
-
-
-def _latest_runs(spool: Spool) -> set[str]:
-    """The run ids runs/latest and every pipelines/<name>/latest point at."""
-    links = [spool.runs / "latest"]
-    with (
-        contextlib.suppress(FileNotFoundError, NotADirectoryError),
-        os.scandir(spool.pipelines) as entries,
-    ):
-        links.extend(Path(e.path) / "latest" for e in entries if e.is_dir())
-    out: set[str] = set()
-    for link in links:
-        with contextlib.suppress(OSError):
-            out.add(os.path.basename(os.readlink(link)))
-    return out
-
-
-GC_PREFIX = ".gc-"  # runs/.gc-<id>: a run folder being removed (renamed out of view first)
-
-
-def gc(
-    spool: Spool,
-    *,
-    keep_runs: int,
-    max_age: float,
-    now: float,
-    limit: int | None = None,
-    active: set[str] | frozenset[str] = frozenset(),
-) -> list[str]:
-    """Remove finished runs beyond the newest `keep_runs` or older than `max_age` seconds,
-    oldest first, at most `limit`; never a run that is queued, running, still in queue/ (an
-    interrupted run that resumes), a `latest` (runs/latest, or a pipeline's), or in
-    `active`. Returns the removed ids.
-
-    Removers may run at once (the daemon's retention and `chute gc`): a run another one
-    took first is skipped. A folder is renamed to runs/.gc-<id> before it is deleted, so a
-    crash never leaves half a run under its id; every pass first finishes the .gc- folders
-    a crash left (those count against `limit`)."""
-    removed: list[str] = []
-    budget = limit if limit is not None else -1
-    for leftover in _gc_leftovers(spool):
-        if budget == 0:
-            return removed
-        remove_tree(spool.runs / leftover)
-        budget -= 1
-    ids = run_ids(spool)
-    newest = set(ids[-keep_runs:]) if keep_runs > 0 else set()
-    latest = _latest_runs(spool)
-    for run_id in ids:
-        if budget == 0:
-            break
-        if run_id in active or run_id in latest or not names.is_run_id(run_id):
-            continue
-        folder = spool.runs / run_id
-        finished = _finished_at(folder)
-        if finished is None:
-            continue  # not finished, or not a run.json chute wrote: never removed
-        if (spool.queue / f"{run_id}.yaml").exists():
-            continue  # accepted and not done (an interrupted run that will resume)
-        if run_id in newest and now - finished <= max_age:
-            continue
-        doomed = spool.runs / f"{GC_PREFIX}{run_id}"
-        try:
-            os.rename(folder, doomed)
-        except FileNotFoundError:
-            continue  # another remover took it first
-        # Crash point: the run is out of view under runs/.gc-<id>, not yet deleted; the next
-        # pass (the daemon's retention or `chute gc`) finishes it.
-        crash_point("gc.renamed")
-        remove_tree(doomed)
-        removed.append(run_id)
-        budget -= 1
-    return removed
-
-
-def _gc_leftovers(spool: Spool) -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(spool.runs) if n.startswith(GC_PREFIX))
-    except FileNotFoundError:
-        return []
-
-
-def _finished_at(folder: Path) -> float | None:
-    """When the run in `folder` finished (epoch s), from its run.json; None when it has not
-    finished, or its run.json cannot be read as chute writes it."""
-    try:
-        rec = read_json(folder / "run.json")
-        if not isinstance(rec, dict) or rec.get("state") not in FINAL_RUN_STATES:
-            return None
-        stamp = rec.get("finished_at") or rec.get("created_at")
-        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
-    except (OSError, ValueError):
-        return None
 
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

@@ -22,11 +22,13 @@ Diagnostics: an entry that cannot be used (unreadable, or a file it lists is gon
 Unusable, whose text says why: the caller warns and runs the stage (a miss, never a
 failure). An entry that cannot be kept is one WARNING line; the run goes on.
 Limits: root ignores the read-only mode: a task run as root can still change a cached file
-in place, for every run that shares it. Nothing removes entries (no retention of cache/).
+in place, for every run that shares it. Removing old entries is chute.retention's, which sees
+an entry as a folder cache/<key>/ whose mtime says when it was last stored or used (`touch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -260,3 +262,10 @@ def _copy(source: str, dest: Path) -> None:
             os.close(out)
     finally:
         os.close(src)
+
+
+def touch(cache_dir: Path, key: str) -> None:
+    """Mark the entry used now (its folder's mtime): retention (chute.retention) removes the
+    least recently used first, and never one used within its grace. No entry: nothing."""
+    with contextlib.suppress(OSError):
+        os.utime(cache_dir / key, follow_symlinks=False)

@@ -304,6 +304,10 @@ class RunGraph:
             heapq.heappop(self._delayed)  # skipped or cancelled while it waited
         return self._delayed[0][0] if self._delayed else None
 
+    def delayed(self) -> list[tuple[float, Unit]]:
+        """The units waiting out a retry delay, with the monotonic time each may start."""
+        return [(t, u) for t, _, u in self._delayed if u.state == "pending"]
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for s in self.stages.values():

@@ -1,8 +1,9 @@
 """The engine loop: ready units of every active run, through the allocator, to the executor.
 
 Owns: the cores each running task holds, turning a unit into a Task (folders,
-environment, inputs), turning a Result into output files, and when run.json and
-manifest.json are written. Not here: stage states (chute.engine.dag), the units waiting for
+environment, inputs), turning a Result into output files, when run.json and
+manifest.json are written, and the report of why units wait (`waiting`, once a second;
+its words: chute.engine.reasons). Not here: stage states (chute.engine.dag), the units waiting for
 CPUs and which of them the allocator sees (chute.engine.waitlist), processes (chute.local),
 which cores (chute.allocator).
 Crash safety: all writes of one loop step go out in one group commit (chute.atomic), a
@@ -47,7 +48,7 @@ import orjson
 
 from chute import allocator, atomic, runner
 from chute.clock import Clock, parse_rfc3339, rfc3339
-from chute.engine import cache
+from chute.engine import cache, reasons
 from chute.engine.dag import STAGE_FINAL, STAGE_OK, RunGraph, StageRun, Unit
 from chute.engine.waitlist import Waitlist
 from chute.executor import Context, Executor, Mark, Result, Task
@@ -228,6 +229,64 @@ class Engine:
     def tasks_waiting(self) -> int:
         return len(self._waitlist)
 
+    def waiting(self) -> reasons.Waiting:
+        """Why the units that have not started wait, run by run in queue order: the
+        allocator's reasons for the units it would see now (a decision made, and not acted
+        on), a retry's delay, a paused engine. For the status, once a second."""
+        now, wall = self.clock.monotonic(), self.clock.time()
+        grants = [g for _, _, g in self._running.values()]
+        busy = {core for g in grants for core in g.cores}
+        free = sum(1 for core in self.topology.cpus if core not in busy)
+        free_memory = self.topology.memory - sum(g.memory for g in grants)
+        whole, whole_memory = len(self.topology.cpus), self.topology.memory
+        why: dict[str, str] = {}
+        starts: list[tuple[allocator.Request, tuple[int, ...]]] = []
+        if len(self._waitlist) and free:
+            picked = self._waitlist.candidates(free, free_memory, whole, whole_memory, self.policy)
+            requests = [req for _, _, req in picked]
+            starts = allocator.allocate(requests, grants, self.topology, self.policy, now, why)
+        paused = (
+            reasons.STOPPING
+            if self.draining
+            else reasons.DISK
+            if self.write_error is not None
+            else None
+        )
+        report = reasons.Waiting(free=free, free_memory=free_memory)
+        by_run: dict[str, list[reasons.StageWait]] = {}
+        for g in self._waitlist.explain(
+            why, {r.key for r, _ in starts}, free, free_memory, whole, whole_memory
+        ):
+            reason = paused or g.reason
+            report.tasks[reason] += g.units
+            stage = g.owner.pipeline.stages[g.position]
+            wait = reasons.StageWait(stage.name, reason, g.since, g.units, g.cpus, g.memory)
+            if g.run_id not in by_run:
+                by_run[g.run_id] = []
+                report.runs.append(reasons.RunWait(g.run_id, reason, g.since, g.rank))
+            by_run[g.run_id].append(wait)
+        for run_id in sorted(self._retrying):
+            run = self.runs.get(run_id)
+            if run is None:
+                continue
+            for t, unit in sorted(run.graph.delayed(), key=lambda e: e[0]):
+                report.retrying += 1
+                last = unit.attempts[-1] if unit.attempts else None
+                since = last.finished_at if last is not None and last.finished_at else wall
+                spec = run.graph.stages[unit.stage].spec
+                wait = reasons.StageWait(
+                    unit.stage, reasons.RETRY, since, 1, spec.cpus, spec.memory, wall + t - now
+                )
+                if run_id not in by_run:
+                    by_run[run_id] = []
+                    report.runs.append(reasons.RunWait(run_id, reasons.RETRY, since, None))
+                by_run[run_id].append(wait)
+        for r in report.runs:
+            r.stages = reasons.merged(by_run[r.run_id])
+            if len(r.stages) > 1:
+                r.since = min(s.since for s in r.stages)
+        return report
+
     def step(self) -> float | None:
         """Queue what became ready, start what fits, write what changed.
 
@@ -391,6 +450,7 @@ class Engine:
             cpus=spec.cpus,
             memory=spec.memory,
             walltime=spec.timeout,
+            since=wall,
         )
 
     def _consult_cache(self, run: ActiveRun, stage: StageRun, wall: float) -> None:
@@ -400,6 +460,7 @@ class Engine:
         upstream = {d: run.graph.stages[d].output_hash or "" for d in stage.spec.depends_on}
         key = cache.cache_key(stage.spec, upstream)
         stage.cache = {"key": key, "hit": False}
+        cache.touch(self.spool.cache, key)  # before the read: retention leaves it alone now
         try:
             entry = cache.lookup(self.spool.cache, key)
         except cache.Unusable as why:
@@ -862,6 +923,7 @@ class Engine:
                     exc.strerror,
                 )
                 return
+            cache.touch(self.spool.cache, stage.cache["key"])  # kept while the write waits
             # Handover: its files' contents and names are synced in the group commit before
             # entry.json, the entry's commit point, which lands before the run's final
             # run.json: a run dropped once this one has ended finds the entry.

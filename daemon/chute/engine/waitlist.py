@@ -18,6 +18,9 @@ unit of it will: `candidates` walks groups in queue order, passes over the rest 
 group, and stops (first-fit, best-fit) when the cores are all spoken for. What it returns
 makes `allocator.allocate` start exactly what a walk of the whole queue would, at a cost of
 the groups visited plus the units returned, not of the units waiting.
+Explaining (`explain`, once a second for the status, never in a decision): each group
+gets the reason the allocator gave its first unit it saw, or, if it saw none, what the
+group lacks now; O(groups), whatever the units.
 Limits: backfill looks at every group (its head and what may fill around it can be
 anywhere), up to free // cpus + 1 units of each.
 """
@@ -26,9 +29,9 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from chute import allocator
 from chute.engine.dag import Unit
@@ -43,6 +46,21 @@ order in one integer)."""
 assert MAX_SHARDS < ORDER_SPAN
 
 
+class GroupWait(NamedTuple, Generic[R]):
+    """Why one stage's waiting units wait (Waitlist.explain). A tuple: thousands are made
+    each second with a long queue, and a frozen dataclass costs ~3x as much to make."""
+
+    run_id: str
+    owner: R
+    rank: int  # the run's place among the runs with waiting units, 1 = next to start
+    position: int  # the stage's place in its run's topological order
+    units: int
+    cpus: int  # what each unit asks for
+    memory: int
+    since: float  # epoch seconds
+    reason: str  # one of allocator.WAIT_REASONS
+
+
 def _shard(unit: Unit) -> int:
     return unit.shard or 0  # a fallback: alone in its group
 
@@ -55,6 +73,7 @@ class _Group:
     cpus: int
     memory: int
     walltime: float | None
+    since: float  # when its first unit began to wait (epoch seconds), for `explain`
     units: list[Unit] = field(default_factory=list)
 
 
@@ -94,8 +113,10 @@ class Waitlist(Generic[R]):
         cpus: int,
         memory: int,
         walltime: float | None,
+        since: float,
     ) -> None:
-        """Queue `unit`, of the stage at `position` in run `run_id`."""
+        """Queue `unit`, of the stage at `position` in run `run_id`, waiting from `since`
+        (epoch seconds)."""
         run = self._runs.get(run_id)
         if run is None:
             run = _Run(run_id, owner, priority, accepted)
@@ -103,7 +124,7 @@ class Waitlist(Generic[R]):
             _insert(self._ranked, run, _run_order)
         group = run.groups.get(position)
         if group is None:
-            group = run.groups[position] = _Group(position, cpus, memory, walltime)
+            group = run.groups[position] = _Group(position, cpus, memory, walltime, since)
         _insert(group.units, unit, _shard)
         self._count += 1
 
@@ -210,6 +231,50 @@ class Waitlist(Generic[R]):
                     order = position * ORDER_SPAN + _shard(group.units[k + 1])
                     heapq.heappush(heap, (order, run_id, position, k + 1, run, group))
         return out
+
+    def explain(
+        self,
+        why: Mapping[str, str],
+        starting: Collection[str],
+        free: int,
+        free_memory: int,
+        whole: int,
+        whole_memory: int,
+    ) -> Iterator[GroupWait[R]]:
+        """Why each stage's units wait, stage by stage in queue order. `why`: the reasons
+        `allocator.allocate` gave for the `candidates` of this moment that it did not start,
+        and `starting` the keys it would start (the engine starts them at its next step,
+        unless it is paused). A stage's reason is that of its first unit the allocator saw
+        and did not start; a stage it did not see waits for what it lacks now (node, cpus,
+        memory), or for cpus taken by units ahead of it."""
+        seen = bool(why or starting)
+        for rank, run in enumerate(self._ranked, 1):
+            groups = run.groups.items() if len(run.groups) == 1 else sorted(run.groups.items())
+            for position, group in groups:
+                reason = None
+                for unit in group.units if seen else ():
+                    key = unit.key
+                    reason = why.get(key)
+                    if reason is not None or key not in starting:
+                        break
+                if reason is None:
+                    if group.cpus > whole or group.memory > whole_memory:
+                        reason = allocator.NODE
+                    elif group.cpus <= free and group.memory > free_memory:
+                        reason = allocator.MEMORY
+                    else:
+                        reason = allocator.CPUS
+                yield GroupWait(
+                    run.run_id,
+                    run.owner,
+                    rank,
+                    position,
+                    len(group.units),
+                    group.cpus,
+                    group.memory,
+                    group.since,
+                    reason,
+                )
 
     # -- internals -------------------------------------------------------------------------
 
