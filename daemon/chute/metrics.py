@@ -68,7 +68,7 @@ class _EngineGauges(Collector):
             ("chute_tasks_waiting", "Ready tasks waiting for CPUs.", snap.tasks_waiting),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
-        # Not chute_cpus_total as DESIGN.md lists it: `_total` is reserved for counters and
+        # Not chute_cpus_total: `_total` is reserved for counters and
         # `promtool check metrics` rejects a gauge named so.
         total = GaugeMetricFamily(
             "chute_cpus", "CPUs chute may use, by NUMA node.", labels=["numa_node"]
