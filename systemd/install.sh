@@ -4,7 +4,8 @@
 #
 # Each line is one step, safe to run again: run it again after `git pull` to upgrade.
 #   1. a virtualenv in /opt/chute with chute and its dependencies (the unit runs
-#      /opt/chute/bin/chute; pip never touches the system's Python, PEP 668);
+#      /opt/chute/bin/chute; pip never touches the system's Python, PEP 668), and the
+#      link /usr/local/bin/chute to it, so `chute` is on everyone's PATH;
 #   2. the user chute and the group chute-submit (systemd-sysusers);
 #   3. /var/spool/chute and its folders with their owners and modes, and /etc/chute
 #      (systemd-tmpfiles);
@@ -21,6 +22,8 @@ root=${ROOT:-}
 
 python3 -m venv "$root/opt/chute"
 "$root/opt/chute/bin/python" -m pip install --quiet "$src"
+install -d "$root/usr/local/bin"
+ln -sfn /opt/chute/bin/chute "$root/usr/local/bin/chute"
 install -D -m 0644 "$src/systemd/chute.sysusers.conf" "$root/etc/sysusers.d/chute.conf"
 install -D -m 0644 "$src/systemd/chute.tmpfiles.conf" "$root/etc/tmpfiles.d/chute.conf"
 systemd-sysusers ${root:+"--root=$root"} chute.conf

@@ -318,6 +318,7 @@ def test_install_script_makes_a_venv_the_users_the_spool_and_a_unit_that_verifie
         env=env,
     ).stdout
     assert where.startswith(str(root / "opt/chute/lib")), "chute must be the venv's own copy"
+    assert os.readlink(root / "usr/local/bin/chute") == VENV_CHUTE  # `chute` on PATH
     _check_users_and_spool(root)
     assert (root / "etc/chute/chute.yaml").read_text() == (SYSTEMD / "chute.yaml").read_text()
     unit = root / "etc/systemd/system/chute.service"
