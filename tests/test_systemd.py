@@ -1,6 +1,8 @@
 """The files of systemd/: the unit passes systemd's own checks, the example config and the
-tmpfiles snippet cover every config key and spool folder, and sysusers + tmpfiles build the
-spool with the owners and modes we document.
+tmpfiles snippet cover every config key and spool folder, sysusers + tmpfiles build the
+spool with the owners and modes we document, and the documented server install
+(systemd/install.sh, which docs/operations.md tells operators to run) makes a working
+virtualenv, the users, the spool and the unit, as written.
 
 `systemd-analyze`, `systemd-sysusers` and `systemd-tmpfiles` work without systemd as PID 1;
 CI installs them (.ci/run). Running the service itself is not possible on these machines.
@@ -29,8 +31,11 @@ from conftest import Chute, wait_for
 from daemon_proc import Daemon, daemon_factory, final_run, job, runs_of
 
 __all__ = ["daemon_factory"]  # a fixture, used by name
-SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+REPO = Path(__file__).resolve().parent.parent
+SYSTEMD = REPO / "systemd"
 UNIT = SYSTEMD / "chute.service"
+INSTALL = SYSTEMD / "install.sh"
+VENV_CHUTE = "/opt/chute/bin/chute"  # where install.sh puts the script the unit runs
 
 # Measured with systemd 252 (Debian 12): 2.8 "OK". Raise it only with a reason in the unit.
 MAX_EXPOSURE = 3.0
@@ -56,15 +61,15 @@ def unit_copy(tmp_path: Path) -> Path:
     """The unit with an ExecStart that exists here.
 
     `systemd-analyze verify` fails when the ExecStart binary is missing, and
-    /usr/local/bin/chute exists only on an installed server: point it at the `chute` script
+    /opt/chute/bin/chute exists only on an installed server: point it at the `chute` script
     of this environment, else at `python -m chute`. Nothing else changes.
     """
     script = shutil.which("chute")
     command = script if script else f"{sys.executable} -m chute"
     text = UNIT.read_text()
-    assert "ExecStart=/usr/local/bin/chute daemon " in text
+    assert f"ExecStart={VENV_CHUTE} daemon " in text
     copy = tmp_path / "chute.service"
-    copy.write_text(text.replace("ExecStart=/usr/local/bin/chute ", f"ExecStart={command} "))
+    copy.write_text(text.replace(f"ExecStart={VENV_CHUTE} ", f"ExecStart={command} "))
     return copy
 
 
@@ -108,7 +113,7 @@ def test_unit_runs_as_chute_stops_gracefully_and_survives_a_task_oom() -> None:
     assert unit["Delegate"] == ["yes"], "a cgroup per task needs the service's subtree"
     assert "ProtectControlGroups" not in unit, "it would make the delegated subtree read-only"
     assert unit["ReadWritePaths"] == ["/var/spool/chute"]
-    assert unit["ExecStart"] == ["/usr/local/bin/chute daemon --config /etc/chute/chute.yaml"]
+    assert unit["ExecStart"] == [f"{VENV_CHUTE} daemon --config /etc/chute/chute.yaml"]
 
 
 def test_unit_stop_timeout_exceeds_the_configs_stop_timeout_and_kill_grace() -> None:
@@ -183,11 +188,50 @@ def test_tmpfiles_drop_boxes_let_submitters_write_but_not_list() -> None:
     assert paths["/etc/chute"] == ("0755", "root", "root")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="systemd-tmpfiles needs root to chown")
-@pytest.mark.skipif(
-    shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
-    reason="systemd-sysusers/systemd-tmpfiles are not installed (.ci/run installs systemd)",
+def _why_no_sysusers_tmpfiles() -> str | None:
+    if os.geteuid() != 0:
+        return "systemd-tmpfiles needs root to chown"
+    if shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None:
+        return "systemd-sysusers/systemd-tmpfiles are not installed (.ci/run installs systemd)"
+    return None
+
+
+_NO_SYSUSERS_TMPFILES = _why_no_sysusers_tmpfiles()
+needs_sysusers_tmpfiles = pytest.mark.skipif(
+    _NO_SYSUSERS_TMPFILES is not None, reason=_NO_SYSUSERS_TMPFILES or ""
 )
+
+
+def _check_users_and_spool(root: Path) -> None:
+    """The users sysusers made in `root`, and the folders tmpfiles made there with the
+    owners and modes of chute.tmpfiles.conf."""
+    users = {
+        line.split(":")[0]: line.split(":")
+        for line in (root / "etc/passwd").read_text().splitlines()
+    }
+    groups = {
+        line.split(":")[0]: line.split(":")
+        for line in (root / "etc/group").read_text().splitlines()
+    }
+    assert users["chute"][5:] == ["/var/spool/chute", "/usr/sbin/nologin"]
+    assert groups["chute-submit"][3] == "chute"
+    ids = {"root": 0, "chute": int(users["chute"][2])}
+    gids = {
+        "root": 0,
+        "chute": int(groups["chute"][2]),
+        "chute-submit": int(groups["chute-submit"][2]),
+    }
+    for path, (mode, user, group) in _tmpfiles_paths().items():
+        st = (root / path.lstrip("/")).stat()
+        assert stat.S_ISDIR(st.st_mode), path
+        assert (oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid) == (
+            oct(int(mode, 8)),
+            ids[user],
+            gids[group],
+        ), path
+
+
+@needs_sysusers_tmpfiles
 def test_sysusers_and_tmpfiles_build_the_spool_in_a_root(tmp_path: Path) -> None:
     # Both tools work offline on --root: users go into <root>/etc/passwd, and tmpfiles
     # resolves names from there, so the host's user database is never touched.
@@ -203,30 +247,98 @@ def test_sysusers_and_tmpfiles_build_the_spool_in_a_root(tmp_path: Path) -> None
             timeout=60,
         )
         assert p.returncode == 0, p.stderr
-    users = {
-        line.split(":")[0]: line.split(":")
-        for line in (tmp_path / "etc/passwd").read_text().splitlines()
-    }
-    groups = {
-        line.split(":")[0]: line.split(":")
-        for line in (tmp_path / "etc/group").read_text().splitlines()
-    }
-    assert users["chute"][5:] == ["/var/spool/chute", "/usr/sbin/nologin"]
-    assert groups["chute-submit"][3] == "chute"
-    ids = {"root": 0, "chute": int(users["chute"][2])}
-    gids = {
-        "root": 0,
-        "chute": int(groups["chute"][2]),
-        "chute-submit": int(groups["chute-submit"][2]),
-    }
-    for path, (mode, user, group) in _tmpfiles_paths().items():
-        st = (tmp_path / path.lstrip("/")).stat()
-        assert stat.S_ISDIR(st.st_mode), path
-        assert (oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid) == (
-            oct(int(mode, 8)),
-            ids[user],
-            gids[group],
-        ), path
+    _check_users_and_spool(tmp_path)
+
+
+def test_the_documented_server_install_is_the_script_and_the_unit_runs_its_virtualenv() -> None:
+    ops = (REPO / "docs" / "operations.md").read_text()
+    install = ops.split("## Install on a server", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```sh\n(.*?)```", install, re.S)
+    assert "sh systemd/install.sh\n" in commands, "the doc must run the script the tests run"
+    assert not any("pip" in c for c in commands), "pip into the system's Python fails (PEP 668)"
+    script = INSTALL.read_text()
+    assert 'python3 -m venv "$root/opt/chute"' in script
+    assert _unit_settings()["ExecStart"][0].split()[0] == VENV_CHUTE  # /opt/chute/bin/chute
+
+
+def _python_for_install(tmp_path: Path) -> dict[str, str]:
+    """PATH for install.sh: Debian's own python3 when this machine has one that refuses
+    `pip install` (PEP 668), the case the script is for; else whatever python3 is here."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    system = Path("/usr/bin/python3")
+    managed = list(Path("/usr/lib").glob("python3*/EXTERNALLY-MANAGED"))
+    usable = (
+        system.exists()
+        and managed
+        and subprocess.run(
+            [str(system), "-c", "import sys, ensurepip, venv; assert sys.version_info >= (3, 11)"],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+    if usable:
+        bin_dir = tmp_path / "python-bin"
+        bin_dir.mkdir()
+        (bin_dir / "python3").symlink_to(system)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+@pytest.mark.slow
+@needs_analyze
+@needs_sysusers_tmpfiles
+def test_install_script_makes_a_venv_the_users_the_spool_and_a_unit_that_verifies(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    env = {**_python_for_install(tmp_path), "ROOT": str(root)}
+
+    def install() -> None:
+        p = subprocess.run(
+            ["sh", str(INSTALL)], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert p.returncode == 0, p.stdout + p.stderr
+
+    install()
+    chute = root / VENV_CHUTE.lstrip("/")
+    done = subprocess.run(
+        [str(chute), "validate", str(REPO / "spool/examples/hello.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in env.items() if k != "ROOT"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ok: Job hello" in done.stdout
+    where = subprocess.run(
+        [str(root / "opt/chute/bin/python"), "-c", "import chute; print(chute.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
+    assert where.startswith(str(root / "opt/chute/lib")), "chute must be the venv's own copy"
+    assert os.readlink(root / "usr/local/bin/chute") == VENV_CHUTE  # `chute` on PATH
+    _check_users_and_spool(root)
+    assert (root / "etc/chute/chute.yaml").read_text() == (SYSTEMD / "chute.yaml").read_text()
+    unit = root / "etc/systemd/system/chute.service"
+    assert unit.read_text() == UNIT.read_text()
+    # The installed unit as systemd would load it; its ExecStart lives under the test's root.
+    here = tmp_path / "chute.service"
+    here.write_text(unit.read_text().replace(f"ExecStart={VENV_CHUTE} ", f"ExecStart={chute} "))
+    p = subprocess.run(
+        ["systemd-analyze", "verify", str(here)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert (p.returncode, p.stdout + p.stderr) == (0, "")
+    # Again, as an upgrade does: it succeeds and keeps the operator's config.
+    (root / "etc/chute/chute.yaml").write_text("spool: /var/spool/chute\npolicy: backfill\n")
+    install()
+    assert "policy: backfill" in (root / "etc/chute/chute.yaml").read_text()
+    _check_users_and_spool(root)
 
 
 OWNER_UID, OWNER_GID, MEMBER_GID = 4242, 4242, 4343  # stand-ins for chute, chute, chute-submit

@@ -12,7 +12,7 @@ has) is refused by the validator; here it just never starts, and never blocks th
 Limits: backfill trusts walltimes (the stage `timeout`, which the runner enforces); a grant
 without one is assumed never to end, which makes the estimate safe but pessimistic.
 
-Rules (the README quotes them):
+Rules (docs/config.md, policy, tells them to users):
 - Queue order: priority descending, then accepted time, then topological order
   (`queue_key`), sorted here; the caller's order only breaks exact ties.
 - Free cores are the topology's cores in no running grant; free memory is the topology's

@@ -80,7 +80,7 @@ class _EngineGauges(Collector):
         for reason in TASK_REASONS:
             waiting.add_metric([reason], counts.get(reason, 0))
         yield waiting
-        # Not chute_cpus_total as DESIGN.md lists it: `_total` is reserved for counters and
+        # Not chute_cpus_total: `_total` is reserved for counters and
         # `promtool check metrics` rejects a gauge named so.
         total = GaugeMetricFamily(
             "chute_cpus", "CPUs chute may use, by NUMA node.", labels=["numa_node"]

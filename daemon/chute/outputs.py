@@ -1,6 +1,6 @@
 """A stage's output.json: what it holds, the hash of its data, the listing of its artifacts.
 
-Owns: the document DESIGN.md gives output.json (`_meta`, `data`, `artifacts`), the data
+Owns: the output.json document (`_meta`, `data`, `artifacts`: docs/spool.md), the data
 hash, moving an output's paths to the run that uses it (relocate), and the walk of an
 artifacts folder, a task's own and so hostile input: no artifact
 may link out of the run or be a FIFO, socket or device, and a folder that cannot be listed

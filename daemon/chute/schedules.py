@@ -18,7 +18,7 @@ argument, and no answer enumerates more than MISSED_CAP + 1 fire times.
   nonexistent time (the skipped hour) fires at the shifted instant (02:30 -> 03:30) or,
   at the very start of the gap, not at all that day; a repeated time fires twice. Here a
   nonexistent time fires once at the first instant after the gap, a repeated one once, at
-  its first occurrence (DESIGN, Fine print > Schedules). Weekdays count as crontab does
+  its first occurrence (docs/file-format.md, Schedules). Weekdays count as crontab does
   (0 and 7 = Sunday; APScheduler 3.x counts 0 = Monday), and a restricted day of month
   and weekday both match ("0 0 1 * 1": the 1st, and Mondays), as in Vixie cron.
 - every: D: fires at anchor + k*D (k >= 1) in integer microseconds, so missed fires are
@@ -187,7 +187,7 @@ def rfc3339_local(dt: datetime) -> str:
 
 
 class _Cron:
-    """Fire instants of a crontab line in a zone, daylight saving resolved as DESIGN says."""
+    """Fire instants of a crontab line in a zone, daylight saving resolved as documented."""
 
     def __init__(self, expr: str, zone: tzinfo) -> None:
         parts = expr.split()

@@ -1,6 +1,6 @@
 """Where things live: the spool's folders, resolved once.
 
-Owns: the spool layout of DESIGN.md (incoming/, queue/, schedules/, rejected/, control/,
+Owns: the spool layout of docs/spool.md (incoming/, queue/, schedules/, rejected/, control/,
 runs/, pipelines/, cache/, state/). Not here: what moves between them (chute.intake),
 what a run folder holds (chute.rundir).
 """

@@ -12,7 +12,7 @@ Limits: the NUMA layout is read once; CPU hotplug after start-up is not seen unt
 `memory: auto` is the node's physical memory, not a cgroup's memory limit. A core that no
 node's cpulist names (offlined between the two reads) is counted in node 0.
 
-Choices, for the README:
+Choices (docs/config.md tells them to users):
 - `reserve_cpus: N` removes the N lowest-numbered cores of the affinity mask, whatever the
   `cpus` form: core 0 and its neighbours are where the kernel and systemd put their
   housekeeping (IRQs, RCU, timers), so those are the ones worth leaving to the OS. `cpus: 64`

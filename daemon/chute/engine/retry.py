@@ -8,7 +8,8 @@ from chute.spec.model import Retries
 def retry_delay(retries: Retries, failed_attempt: int) -> float:
     """Seconds to wait before the attempt after `failed_attempt` (1-based).
 
-    Exponential: `delay`, then 2x, 4x, ... capped at `maxDelay`; no jitter (DESIGN fine print).
+    Exponential: `delay`, then 2x, 4x, ... capped at `maxDelay`; no jitter (docs/file-format.md,
+    Retries).
     """
     if retries.backoff == "exponential":
         delay = retries.delay * (2.0 ** (failed_attempt - 1))

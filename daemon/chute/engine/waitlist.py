@@ -1,6 +1,6 @@
 """The units waiting for CPUs, kept in allocation order, and the few that could start now.
 
-Owns: the waiting units of every active run in DESIGN.md's queue order — priority
+Owns: the waiting units of every active run in the queue order — priority
 descending, then accepted time, then topological order (a stage's position in its run, then
 the shard index) — and choosing which of them to hand the allocator. Not here: cores and
 placement (chute.allocator), unit states (chute.engine.dag), starting tasks

@@ -21,8 +21,8 @@ differently (chute.spec.load): an unquoted yes/no/on/off in env, with or shards.
 1_000, 0b1010, 1:30 or 017 where a number or a name is expected (a JSON Schema sees the
 value one reader made, never how it was written). The schema accepts those and only the
 validator refuses. The size limits (MAX_SHARDS, MAX_STAGES, MAX_RUN_TASKS, MAX_RETRIES)
-keep one run's memory, manifest and loop work bounded: the README gives the figures they
-were chosen by.
+keep one run's memory, manifest and loop work bounded: docs/file-format.md (Limits) gives
+the figures they were chosen by.
 """
 
 from __future__ import annotations
@@ -863,7 +863,7 @@ class Struct(Type):
         return {"$ref": f"#/$defs/{self.name}"}
 
 
-# --- the file format (DESIGN.md "File format"), one definition per field --------------------
+# --- the file format (docs/file-format.md), one definition per field ------------------------
 
 _CALL = Str("module.path:function, like etl.mes:extract", CALL_PATTERN)
 _RUN = Either(
