@@ -14,7 +14,9 @@ import psutil
 import pytest
 
 from chute.clock import Clock
+from chute.executor import Result
 from chute.local import LocalExecutor
+from chute.reactor import Reactor
 
 
 class ManualClock(Clock):
@@ -28,6 +30,31 @@ class ManualClock(Clock):
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+
+class PolledExecutor(LocalExecutor):
+    """A LocalExecutor driven as the daemon drives one (its reactor's waits, then `tick`),
+    with `poll(timeout)` to collect what ended: the tests' view of it."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self.reactor = Reactor()
+        self.ended: list[Result] = []
+        super().__init__(reactor=self.reactor, on_result=self.ended.append, **kwargs)  # type: ignore[arg-type]
+
+    def poll(self, timeout: float) -> list[Result]:
+        """The Results of tasks that ended, waiting up to `timeout` seconds for the first."""
+        until = time.monotonic() + timeout
+        while True:
+            due = self.tick(self._clock.monotonic())
+            left = until - time.monotonic()
+            if self.ended or left <= 0:
+                got, self.ended[:] = list(self.ended), []
+                return got
+            self.reactor.wait(left if due is None else min(left, due))
+
+    def close(self) -> None:
+        super().close()
+        self.reactor.close()
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -93,14 +120,14 @@ def manual_clock() -> ManualClock:
 
 
 @pytest.fixture
-def make_executor() -> Iterator[Callable[..., LocalExecutor]]:
-    """LocalExecutor(**kwargs), closed at the end of the test (kill_grace 0.5s by default)."""
-    made: list[LocalExecutor] = []
+def make_executor() -> Iterator[Callable[..., PolledExecutor]]:
+    """PolledExecutor(**kwargs), closed at the end of the test (kill_grace 0.5s by default)."""
+    made: list[PolledExecutor] = []
 
-    def make(**kwargs: object) -> LocalExecutor:
+    def make(**kwargs: object) -> PolledExecutor:
         kwargs.setdefault("kill_grace", 0.5)
         kwargs.setdefault("max_workers", 2)
-        ex = LocalExecutor(**kwargs)  # type: ignore[arg-type]
+        ex = PolledExecutor(**kwargs)
         made.append(ex)
         return ex
 
@@ -110,5 +137,5 @@ def make_executor() -> Iterator[Callable[..., LocalExecutor]]:
 
 
 @pytest.fixture
-def executor(make_executor: Callable[..., LocalExecutor]) -> LocalExecutor:
+def executor(make_executor: Callable[..., PolledExecutor]) -> PolledExecutor:
     return make_executor()

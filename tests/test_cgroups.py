@@ -19,9 +19,9 @@ import pytest
 
 from chute import cgroups, runner
 from chute.executor import Task
-from chute.local import LocalExecutor
 from chute.owners import Owner, Record
 from conftest import chute_env, pid_alive, wait_for
+from fixtures_procs import PolledExecutor
 
 PATH = "/usr/local/bin:/usr/bin:/bin"
 RUN_ID = "20261201_120000_abcdef"
@@ -64,8 +64,8 @@ def owner(spool: Path, tmp_path: Path) -> Iterator[Owner]:
 
 
 @pytest.fixture
-def executor(owner: Owner) -> Iterator[LocalExecutor]:
-    ex = LocalExecutor(kill_grace=0.5, max_workers=1, owner=owner)
+def executor(owner: Owner) -> Iterator[PolledExecutor]:
+    ex = PolledExecutor(kill_grace=0.5, max_workers=1, owner=owner)
     yield ex
     ex.close()
 
@@ -83,7 +83,7 @@ def run_task(tmp: Path, key: str, command: str | tuple[str, ...], **kw: object) 
     )
 
 
-def results(ex: LocalExecutor, *keys: str, timeout: float = 20.0) -> dict[str, runner.Result]:
+def results(ex: PolledExecutor, *keys: str, timeout: float = 20.0) -> dict[str, runner.Result]:
     got: dict[str, runner.Result] = {}
     deadline = time.monotonic() + timeout
     while set(keys) - set(got):
@@ -93,7 +93,7 @@ def results(ex: LocalExecutor, *keys: str, timeout: float = 20.0) -> dict[str, r
     return got
 
 
-def one(ex: LocalExecutor, key: str) -> runner.Result:
+def one(ex: PolledExecutor, key: str) -> runner.Result:
     return results(ex, key)[key]
 
 
@@ -117,7 +117,7 @@ def test_groups_are_named_by_spool_and_owner_and_go_with_the_owner(
 
 
 def test_a_run_task_and_what_it_forks_at_once_are_in_its_group_which_goes_with_its_result(
-    executor: LocalExecutor, owner: Owner, tmp_path: Path
+    executor: PolledExecutor, owner: Owner, tmp_path: Path
 ) -> None:
     assert owner.cgroup is not None
     key = f"{RUN_ID}/stage"
@@ -133,7 +133,7 @@ def test_a_run_task_and_what_it_forks_at_once_are_in_its_group_which_goes_with_i
 
 
 def test_an_argv_task_joins_its_group_with_its_environment_unchanged(
-    executor: LocalExecutor, owner: Owner, tmp_path: Path
+    executor: PolledExecutor, owner: Owner, tmp_path: Path
 ) -> None:
     assert owner.cgroup is not None
     executor.start(run_task(tmp_path, "argv", ("cat", "/proc/self/cgroup")))
@@ -146,7 +146,7 @@ def test_an_argv_task_joins_its_group_with_its_environment_unchanged(
 
 
 def test_a_missing_argv_program_is_named_as_without_a_group(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     executor.start(run_task(tmp_path, "t", ("no-such-tool", "x")))
     r = one(executor, "t")
@@ -154,7 +154,7 @@ def test_a_missing_argv_program_is_named_as_without_a_group(
 
 
 def test_a_process_left_in_the_tasks_group_is_killed_before_its_result(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     # Not a process of the task's tree (the sweep cannot see it), but in the task's group:
     # the group decides, so the Result comes once it is dead.
@@ -197,7 +197,7 @@ def test_a_call_worker_that_cannot_join_its_group_runs_no_call(spool: Path, tmp_
     marker = tmp_path / "ran"
     record = Record.create(tmp_path / "record")
     missing = cgroups.OwnerGroup(tmp_path / "no-such-group")
-    ex = LocalExecutor(kill_grace=0.5, max_workers=1, owner=Owner(record, missing, None))
+    ex = PolledExecutor(kill_grace=0.5, max_workers=1, owner=Owner(record, missing, None))
     try:
         ex.start(
             Task(

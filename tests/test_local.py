@@ -21,9 +21,8 @@ import pytest
 import fixtures_procs
 from chute import outputs
 from chute.executor import MAX_OUTPUT_BYTES, Context, Mark, Result, Task
-from chute.local import LocalExecutor
 from conftest import tmpfs
-from fixtures_procs import ManualClock, wait_for
+from fixtures_procs import ManualClock, PolledExecutor, wait_for
 
 # the fixtures this module uses (the lead may register fixtures_procs in conftest instead)
 no_leaked_processes = fixtures_procs.no_leaked_processes
@@ -64,7 +63,7 @@ def call_task(tmp: Path, key: str, call: str, **kw: Any) -> Task:
     )
 
 
-def results(ex: LocalExecutor, *keys: str, timeout: float = 20.0) -> dict[str, Result]:
+def results(ex: PolledExecutor, *keys: str, timeout: float = 20.0) -> dict[str, Result]:
     """Poll until every key has its Result."""
     got: dict[str, Result] = {}
     deadline = time.monotonic() + timeout
@@ -77,7 +76,7 @@ def results(ex: LocalExecutor, *keys: str, timeout: float = 20.0) -> dict[str, R
     return got
 
 
-def one(ex: LocalExecutor, key: str, timeout: float = 20.0) -> Result:
+def one(ex: PolledExecutor, key: str, timeout: float = 20.0) -> Result:
     return results(ex, key, timeout=timeout)[key]
 
 
@@ -85,7 +84,7 @@ def log_of(tmp: Path, key: str) -> str:
     return (tmp / "logs" / f"{key}.log").read_text()
 
 
-def wait_log(ex: LocalExecutor, tmp: Path, key: str, text: str) -> None:
+def wait_log(ex: PolledExecutor, tmp: Path, key: str, text: str) -> None:
     """Poll the executor (which copies a run: task's output into its log) until the log of
     `key` holds `text`; no task may end meanwhile."""
 
@@ -131,7 +130,7 @@ def write_module(tmp: Path, name: str, source: str) -> None:
     ids=["success", "exit-code", "signal"],
 )
 def test_run_task_reports_how_its_process_ended(
-    executor: LocalExecutor,
+    executor: PolledExecutor,
     tmp_path: Path,
     command: str,
     exit_code: int | None,
@@ -145,7 +144,7 @@ def test_run_task_reports_how_its_process_ended(
 
 
 def test_environment_is_exactly_the_task_env_and_its_cookie(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     env = {"PATH": PATH, "HOME": "/nowhere", "CHUTE_RUN_ID": "r1"}
     executor.start(run_task(tmp_path, "t", ("env",), env=env))
@@ -155,7 +154,7 @@ def test_environment_is_exactly_the_task_env_and_its_cookie(
 
 
 def test_argv_command_is_looked_up_on_the_task_path(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -167,28 +166,28 @@ def test_argv_command_is_looked_up_on_the_task_path(
     assert log_of(tmp_path, "t") == "tool ran with a b\n"
 
 
-def test_missing_program_is_a_failed_result(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_missing_program_is_a_failed_result(executor: PolledExecutor, tmp_path: Path) -> None:
     executor.start(run_task(tmp_path, "t", ("no-such-tool",), env={"PATH": "/bin"}))
     r = one(executor, "t")
     assert r.error == "cannot start no-such-tool: No such file or directory (PATH=/bin)"
     assert not r.ok
 
 
-def test_missing_cwd_is_a_failed_result(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_missing_cwd_is_a_failed_result(executor: PolledExecutor, tmp_path: Path) -> None:
     executor.start(run_task(tmp_path, "t", "true", cwd=str(tmp_path / "gone")))
     assert one(executor, "t").error == (
         f"cannot change to cwd {tmp_path / 'gone'}: No such file or directory"
     )
 
 
-def test_task_runs_in_its_cwd_with_stdin_empty(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_task_runs_in_its_cwd_with_stdin_empty(executor: PolledExecutor, tmp_path: Path) -> None:
     executor.start(run_task(tmp_path, "t", "pwd; cat; echo end", cwd=str(tmp_path)))
     assert one(executor, "t").ok
     assert log_of(tmp_path, "t") == f"{tmp_path}\nend\n"
 
 
 def test_a_task_gets_only_its_three_descriptors_and_default_signals(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     # Nothing of the daemon's leaks into a task: no descriptor (those it inherited from
     # whoever started it included), and not what Python ignores (SIGPIPE, SIGXFSZ).
@@ -199,7 +198,9 @@ def test_a_task_gets_only_its_three_descriptors_and_default_signals(
     assert ignored.split() == ["SigIgn:", "0000000000000000"]
 
 
-def test_stdout_and_stderr_are_appended_to_the_log(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_stdout_and_stderr_are_appended_to_the_log(
+    executor: PolledExecutor, tmp_path: Path
+) -> None:
     log = tmp_path / "logs" / "t.log"
     log.parent.mkdir()
     log.write_text("earlier attempt\n")
@@ -208,7 +209,7 @@ def test_stdout_and_stderr_are_appended_to_the_log(executor: LocalExecutor, tmp_
     assert log.read_text() == "earlier attempt\nout\nerr\n"
 
 
-def test_output_file_is_read_checked_and_removed(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_output_file_is_read_checked_and_removed(executor: PolledExecutor, tmp_path: Path) -> None:
     out = tmp_path / "t.output.json"
     executor.start(run_task(tmp_path, "t", f"echo '{{\"rows\": 17}}' > {out}"))
     r = one(executor, "t")
@@ -219,7 +220,7 @@ def test_output_file_is_read_checked_and_removed(executor: LocalExecutor, tmp_pa
 
 
 def test_invalid_json_output_fails_a_task_that_exited_0(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     out = tmp_path / "t.output.json"
     executor.start(run_task(tmp_path, "t", f"echo 'rows: 17' > {out}"))
@@ -231,7 +232,7 @@ def test_invalid_json_output_fails_a_task_that_exited_0(
     assert r.output is None
 
 
-def test_output_over_the_limit_fails_the_task(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_output_over_the_limit_fails_the_task(executor: PolledExecutor, tmp_path: Path) -> None:
     out = tmp_path / "t.output.json"
     size = MAX_OUTPUT_BYTES + 10
     executor.start(run_task(tmp_path, "t", f"head -c {size} /dev/zero > {out}"))
@@ -245,7 +246,7 @@ def test_output_over_the_limit_fails_the_task(executor: LocalExecutor, tmp_path:
 
 
 def test_timeout_kills_the_whole_group_with_its_background_grandchild(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     pidfile = tmp_path / "bg.pid"
     executor.start(run_task(tmp_path, "t", f"sleep 1000 & echo $! > {pidfile}; wait", timeout=0.5))
@@ -272,7 +273,9 @@ def test_task_that_ignores_term_is_killed_after_the_grace(
     assert r.error == "timed out after 1m (SIGTERM, then SIGKILL after 10s)"
 
 
-def test_setsid_escapee_is_gone_when_the_task_ends(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_setsid_escapee_is_gone_when_the_task_ends(
+    executor: PolledExecutor, tmp_path: Path
+) -> None:
     pidfile = tmp_path / "escapee.pid"
     executor.start(run_task(tmp_path, "t", f"setsid sleep 1000 & echo $! > {pidfile}"))
     r = one(executor, "t")
@@ -282,7 +285,7 @@ def test_setsid_escapee_is_gone_when_the_task_ends(executor: LocalExecutor, tmp_
 
 
 def test_escapee_with_a_cleared_environment_is_gone_too(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     pidfile = tmp_path / "escapee.pid"
     executor.start(
@@ -293,7 +296,7 @@ def test_escapee_with_a_cleared_environment_is_gone_too(
 
 
 def test_escapee_that_ignores_term_is_killed_before_the_result(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     pidfile = tmp_path / "escapee.pid"
     script = f"setsid sh -c \"trap '' TERM; echo \\$\\$ > {pidfile}; sleep 1000\" & wait"
@@ -304,7 +307,7 @@ def test_escapee_that_ignores_term_is_killed_before_the_result(
     assert not alive(read_pid(pidfile))
 
 
-def test_cancel_ends_a_running_task(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_cancel_ends_a_running_task(executor: PolledExecutor, tmp_path: Path) -> None:
     executor.start(run_task(tmp_path, "t", "echo started; sleep 1000"))
     wait_log(executor, tmp_path, "t", "started")
     executor.cancel("t")
@@ -314,7 +317,7 @@ def test_cancel_ends_a_running_task(executor: LocalExecutor, tmp_path: Path) -> 
 
 
 def test_task_and_its_grandchild_are_pinned_to_the_task_cores(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     before = os.sched_getaffinity(0)
     command = (
@@ -326,7 +329,7 @@ def test_task_and_its_grandchild_are_pinned_to_the_task_cores(
     assert os.sched_getaffinity(0) == before
 
 
-def test_fifty_concurrent_tasks_are_all_reaped(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_fifty_concurrent_tasks_are_all_reaped(executor: PolledExecutor, tmp_path: Path) -> None:
     keys = [f"t{i}" for i in range(50)]
     for key in keys:
         executor.start(run_task(tmp_path, key, ("true",)))
@@ -337,7 +340,7 @@ def test_fifty_concurrent_tasks_are_all_reaped(executor: LocalExecutor, tmp_path
 
 @pytest.mark.slow
 def test_thousands_of_short_tasks_spawned_while_the_sweep_runs_all_succeed(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     """The sweep reads a child's stat, then its environment; a child the spawner just
     forked can exec in between. Such a child once looked like an orphan of a finished task
@@ -384,7 +387,7 @@ def test_log_limit_counts_what_earlier_attempts_left(make_executor: Any, tmp_pat
 
 
 def test_task_that_closes_its_output_early_keeps_what_it_wrote(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     flag = tmp_path / "closed"
     executor.start(
@@ -399,7 +402,7 @@ def test_task_that_closes_its_output_early_keeps_what_it_wrote(
 
 
 def test_grandchild_holding_the_output_open_does_not_delay_the_result(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     pidfile = tmp_path / "bg.pid"
     t0 = time.monotonic()
@@ -419,15 +422,6 @@ def test_call_log_past_the_limit_is_cut_back_after_the_call(
     ex.start(call_task(tmp_path, "t", "loud:run"))
     assert one(ex, "t").ok
     assert (tmp_path / "logs" / "t.log").read_bytes() == b"x" * LIMIT + NOTE.encode()
-
-
-def test_wake_makes_a_blocked_poll_return(executor: LocalExecutor) -> None:
-    timer = threading.Timer(0.1, executor.wake)
-    timer.start()
-    t0 = time.monotonic()
-    assert executor.poll(30) == []
-    assert time.monotonic() - t0 < 10
-    timer.join()
 
 
 def test_close_leaves_no_process_of_ours(make_executor: Any, tmp_path: Path) -> None:
@@ -455,7 +449,7 @@ CTX = Context(
 
 
 def test_call_gets_its_kwargs_and_ctx_and_logs_to_its_log(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     write_module(
         tmp_path,
@@ -494,7 +488,9 @@ def test_call_gets_its_kwargs_and_ctx_and_logs_to_its_log(
     assert "INFO etl: logging extract" in text
 
 
-def test_call_without_ctx_parameter_returning_none(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_call_without_ctx_parameter_returning_none(
+    executor: PolledExecutor, tmp_path: Path
+) -> None:
     write_module(tmp_path, "quiet", "def run(a, b):\n    assert a + b == 3\n")
     executor.start(call_task(tmp_path, "t", "quiet:run", kwargs={"a": 1, "b": 2}, context=CTX))
     r = one(executor, "t")
@@ -502,7 +498,7 @@ def test_call_without_ctx_parameter_returning_none(executor: LocalExecutor, tmp_
 
 
 def test_call_that_raises_fails_with_one_line_and_a_logged_traceback(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     write_module(tmp_path, "bad", "def run():\n    raise ValueError('bad row 17\\nmore')\n")
     executor.start(call_task(tmp_path, "t", "bad:run"))
@@ -512,7 +508,7 @@ def test_call_that_raises_fails_with_one_line_and_a_logged_traceback(
 
 
 def test_call_of_a_missing_module_names_it_and_sys_path(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     executor.start(call_task(tmp_path, "t", "etl.mes:extract"))
     r = one(executor, "t")
@@ -523,7 +519,7 @@ def test_call_of_a_missing_module_names_it_and_sys_path(
 
 
 def test_call_of_a_module_that_fails_to_import_says_why(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     write_module(tmp_path, "etl.mes", "import pandas_not_installed\ndef extract():\n    pass\n")
     executor.start(call_task(tmp_path, "t", "etl.mes:extract"))
@@ -534,7 +530,7 @@ def test_call_of_a_module_that_fails_to_import_says_why(
     assert "import pandas_not_installed" in log_of(tmp_path, "t")
 
 
-def test_call_of_a_missing_function(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_call_of_a_missing_function(executor: PolledExecutor, tmp_path: Path) -> None:
     write_module(tmp_path, "etl.mes", "def load():\n    pass\n")
     executor.start(call_task(tmp_path, "t", "etl.mes:extract"))
     assert one(executor, "t").error == "module 'etl.mes' has no function 'extract'"
@@ -558,7 +554,7 @@ def test_call_of_a_missing_function(executor: LocalExecutor, tmp_path: Path) -> 
     ids=["not-a-dict", "not-serializable", "too-big"],
 )
 def test_call_return_value_must_be_a_small_json_dict(
-    executor: LocalExecutor, tmp_path: Path, body: str, error: str
+    executor: PolledExecutor, tmp_path: Path, body: str, error: str
 ) -> None:
     write_module(tmp_path, "m", f"def run():\n    {body}\n")
     executor.start(call_task(tmp_path, "t", "m:run"))
@@ -567,7 +563,7 @@ def test_call_return_value_must_be_a_small_json_dict(
 
 
 def test_worker_killed_mid_task_fails_that_task_only(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     write_module(
         tmp_path,
@@ -599,7 +595,7 @@ def test_worker_killed_mid_task_fails_that_task_only(
 
 
 def test_call_timeout_stops_the_worker_and_the_next_call_runs(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     write_module(
         tmp_path, "s", "import time\ndef nap():\n    time.sleep(1000)\ndef ok():\n    pass\n"
@@ -612,7 +608,7 @@ def test_call_timeout_stops_the_worker_and_the_next_call_runs(
     assert one(executor, "u").ok
 
 
-def test_cancel_of_a_call(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_cancel_of_a_call(executor: PolledExecutor, tmp_path: Path) -> None:
     write_module(
         tmp_path, "s", "import time\ndef nap(f):\n    open(f, 'w').close()\n    time.sleep(1000)\n"
     )
@@ -625,7 +621,7 @@ def test_cancel_of_a_call(executor: LocalExecutor, tmp_path: Path) -> None:
 
 
 def test_process_started_by_a_call_does_not_outlive_it(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     write_module(
         tmp_path,
@@ -644,7 +640,7 @@ def test_process_started_by_a_call_does_not_outlive_it(
     assert not alive(orjson.loads(r.output)["pid"])
 
 
-def test_unwritable_log_is_a_failed_result(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_unwritable_log_is_a_failed_result(executor: PolledExecutor, tmp_path: Path) -> None:
     (tmp_path / "logs").write_text("a file where the log folder should be")
     executor.start(run_task(tmp_path, "t", "true"))
     log = tmp_path / "logs" / "t.log"
@@ -726,7 +722,7 @@ def test_a_pool_shrunk_while_busy_runs_its_backlog_on_one_worker(
 
 @pytest.mark.parametrize("kind", ["run", "call"])
 def test_task_folders_are_made_before_it_starts(
-    executor: LocalExecutor, tmp_path: Path, kind: str
+    executor: PolledExecutor, tmp_path: Path, kind: str
 ) -> None:
     stage = tmp_path / "stages" / "s"
     folders = (str(tmp_path / "stages"), str(stage), str(stage / "artifacts"))
@@ -750,7 +746,7 @@ def test_task_folders_are_made_before_it_starts(
 
 @pytest.mark.parametrize("kind", ["run", "call"])
 def test_folder_that_cannot_be_made_is_a_failed_result(
-    executor: LocalExecutor, tmp_path: Path, kind: str
+    executor: PolledExecutor, tmp_path: Path, kind: str
 ) -> None:
     (tmp_path / "stages").write_text("a file where a folder should be")
     folders = (str(tmp_path / "stages" / "s"),)
@@ -816,7 +812,7 @@ def full_fs(tmp_path: Path) -> Any:
 
 @pytest.mark.parametrize("kind", ["run", "call"])
 def test_folders_that_find_no_room_lose_the_task_uncharged(
-    executor: LocalExecutor, tmp_path: Path, full_fs: Path, kind: str
+    executor: PolledExecutor, tmp_path: Path, full_fs: Path, kind: str
 ) -> None:
     folder = full_fs / "stage"
     make = run_task if kind == "run" else call_task
@@ -837,7 +833,7 @@ def mark_for(stage_dir: Path, run_dir: Path) -> Mark:
     )
 
 
-def test_a_succeeded_call_leaves_its_done_mark(executor: LocalExecutor, tmp_path: Path) -> None:
+def test_a_succeeded_call_leaves_its_done_mark(executor: PolledExecutor, tmp_path: Path) -> None:
     stage = tmp_path / "run" / "stages" / "s"
     write_module(
         tmp_path,
@@ -866,7 +862,7 @@ def test_a_succeeded_call_leaves_its_done_mark(executor: LocalExecutor, tmp_path
 
 
 def test_a_call_whose_artifact_links_out_fails_and_leaves_no_mark(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     stage = tmp_path / "run" / "stages" / "s"
     (stage / "artifacts").mkdir(parents=True)
@@ -907,7 +903,7 @@ REPLACED = {
 @pytest.mark.parametrize("kind", ["run", "call"])
 @pytest.mark.parametrize("replaced", list(REPLACED), ids=list(REPLACED))
 def test_a_log_a_task_replaced_fails_the_next_task_at_once_and_is_left_alone(
-    executor: LocalExecutor, tmp_path: Path, kind: str, replaced: str
+    executor: PolledExecutor, tmp_path: Path, kind: str, replaced: str
 ) -> None:
     """A FIFO there must not block the spawner thread or the worker in open(), nor a link
     send a task's output elsewhere."""
@@ -929,7 +925,7 @@ def test_a_log_a_task_replaced_fails_the_next_task_at_once_and_is_left_alone(
 
 
 def test_a_call_that_makes_its_log_a_fifo_is_not_waited_on_when_its_log_is_capped(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     log = tmp_path / "logs" / "t.log"
     write_module(
@@ -982,7 +978,7 @@ def test_an_artifacts_folder_the_daemon_cannot_read_fails_the_attempt(tmp_path: 
 
 
 def test_a_task_cancelled_before_its_spawn_is_registered_ends_cancelled(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     executor.start(run_task(tmp_path, "t", "sleep 30"))
     executor.cancel("t")  # the spawner thread may not even have started it yet
@@ -1011,7 +1007,7 @@ def test_spawner_threads_are_kept_for_the_most_recent_core_sets(
 
 
 def test_a_cancelled_task_that_could_not_start_ends_cancelled(
-    executor: LocalExecutor, tmp_path: Path
+    executor: PolledExecutor, tmp_path: Path
 ) -> None:
     executor.start(run_task(tmp_path, "t", "true", cwd=str(tmp_path / "gone")))
     executor.cancel("t")  # before any poll: the spawn's outcome is not registered yet

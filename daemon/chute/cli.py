@@ -43,7 +43,9 @@ from chute.config import Config, ConfigError, load_config
 from chute.engine import reasons, runs
 from chute.engine.dag import STAGE_OK
 from chute.engine.loop import ActiveRun, Engine
+from chute.executor import Result
 from chute.local import LocalExecutor
+from chute.reactor import Reactor
 from chute.spec import SpecError, json_schema, load_bytes, load_file
 from chute.spec.model import Pipeline
 from chute.spool import Spool, resolve_spool, sync_roots
@@ -212,16 +214,22 @@ def _foreground(
     the next daemon start or `chute gc` ends them and marks the run interrupted."""
     spool.ensure()
     stop = False
+    reactor = Reactor()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stop
         stop = True
-        executor.wake()
+        reactor.wake()
+
+    def deliver(result: Result) -> None:
+        engine.deliver(result)
 
     run_id = rundir.new_run_id(Clock().now())
     owner = owners.start_foreground(spool, run_id)
     try:
         executor = LocalExecutor(
+            reactor=reactor,
+            on_result=deliver,
             kill_grace=config.kill_grace,
             log_limit=config.log_limit,
             max_workers=len(topo.cpus),
@@ -236,6 +244,7 @@ def _foreground(
                 topology=topo,
                 policy=config.policy,
                 syncfs=sync_roots(config, spool),
+                wake=reactor.wake,
             )
             run = make(run_id)
             engine.add(run)
@@ -245,7 +254,7 @@ def _foreground(
                 progress.update(run)
                 return stop
 
-            engine.run_until_done(should_stop)
+            engine.run_until_done(reactor.wait, should_stop)
             progress.update(run, force=True)
         finally:
             progress.close()
@@ -254,6 +263,7 @@ def _foreground(
                 signal.signal(s, h)
     finally:
         owner.release()
+        reactor.close()
     report.write_report_or_log(run.dir)  # never changes the exit code
     print(summary(run.dir))
     return EXIT_OK if run.record["state"] == "succeeded" else EXIT_FAILED

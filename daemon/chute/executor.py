@@ -95,16 +95,17 @@ class Result:
 
 class Executor(Protocol):
     def start(self, task: Task) -> None:
-        """Start `task` now; its Result comes from a later `poll`."""
+        """Start `task` now; its Result goes to the `on_result` the backend was made with,
+        later, on the loop's thread (from a callback of the reactor, or from `tick`)."""
 
     def cancel(self, key: str) -> None:
         """End a started task: SIGTERM, grace, SIGKILL; its Result has cancelled=True."""
 
-    def poll(self, timeout: float | None) -> list[Result]:
-        """Results of tasks that ended, waiting up to `timeout` seconds for the first one."""
-
-    def wake(self) -> None:
-        """Make a blocked `poll` return early; safe from any thread and signal handlers."""
+    def tick(self, now: float) -> float | None:
+        """Do what is due at `now` (monotonic: deadlines, kill escalations) and hand over the
+        Results that are ready; returns the seconds until the next call is due (None: only
+        an event of one of its descriptors can change anything). The loop calls it after
+        each wait."""
 
     def close(self) -> None:
         """End every task and worker; no process of ours is left afterwards."""

@@ -64,7 +64,7 @@ import shutil
 import signal
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -175,12 +175,18 @@ class _Look:
 
 
 @dataclass(frozen=True, slots=True)
-class _Claimed:
+class Claimed:
+    """A file claimed (renamed into state/intake/, durably) and read, not decided yet."""
+
     run_id: str
     name: str
     claim: Path
     look: _Look
     dropped_at: float | None
+
+    @property
+    def size(self) -> int:
+        return len(self.look.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +225,7 @@ class Intake:
         self.claims.mkdir(parents=True, exist_ok=True)
         self._stuck: set[str] = set()  # claims a chute bug left; retried at the next start
         self._handing: set[str] = set()  # claims of runs handed over and not yet released
+        self._deciding: set[str] = set()  # claims not decided yet (their spec is parsed elsewhere)
         self._lease_warned = False
         self.write_error: OSError | None = None  # the spool could not be written (for healthz)
         self._errors = 0  # environment failures so far, to tell a clean pass
@@ -248,10 +255,7 @@ class Intake:
         """Take several names of incoming/ at once, in one group commit: the claims are synced
         together, then every accepted run folder and queue link, so a batch of N files costs
         about 3N + 4 fsyncs instead of 10N. Files not ready, gone or ignored give nothing."""
-        outcomes, handover = self._take_many(names, durable=True)
-        if handover is not None:
-            self.release(handover)
-        return outcomes
+        return self._take_many(names, durable=True)[0]
 
     def take_deferred(self, names: Iterable[str]) -> tuple[list[Outcome], Handover | None]:
         """take_many without waiting for the disk: the accepted runs (in the outcomes too)
@@ -277,8 +281,14 @@ class Intake:
     def _take_many(
         self, names: Iterable[str], *, durable: bool
     ) -> tuple[list[Outcome], Handover | None]:
-        errors_before = self._errors
-        claimed: list[_Claimed] = []
+        return self.decide_many(self.claim_many(names), durable=durable)
+
+    def claim_many(self, names: Iterable[str]) -> list[Claimed]:
+        """Claim these names of incoming/, and make the claims durable. A file gone, not
+        ready or ignored gives nothing; the environment's trouble is logged and the file
+        stays where it is. Each claim must then be decided (decide_many), now or, after its
+        spec was parsed elsewhere, later: until then a rescan leaves it alone."""
+        claimed: list[Claimed] = []
         for name in names:
             if not is_candidate(name):
                 log.debug("incoming/%s ignored: not a *.yaml or *.yml name", _show(name))
@@ -294,7 +304,7 @@ class Intake:
             if got is not None:
                 claimed.append(got)
         if not claimed:
-            return [], None
+            return []
         try:
             # Handover: the claims are durable before any run, schedule or rejection is made
             # from them, so a crash can never bring a drop back to incoming/ for a second run.
@@ -302,12 +312,30 @@ class Intake:
             atomic.fsync_dir(self.spool.incoming)
         except OSError as exc:
             self._environment(exc, str(self.claims))
-            return [], None  # the claims stay; the next scan finishes them
-        decided: list[Outcome | _Accept] = []  # in the order of `names`
+            return []  # the claims stay; the next scan finishes them
+        self._deciding.update(c.claim.name for c in claimed)
+        return claimed
+
+    def decide_many(
+        self,
+        claimed: list[Claimed],
+        parsed: Mapping[str, Pipeline | SpecError] | None = None,
+        *,
+        durable: bool = False,
+    ) -> tuple[list[Outcome], Handover | None]:
+        """Decide claims (claim_many) in one group commit: what each becomes, and the run
+        folders and queue links of the accepted ones (durable, or to sync before release).
+        `parsed`: the spec of a claim (by its name in state/intake/), parsed elsewhere."""
+        errors_before = self._errors
+        decided: list[Outcome | _Accept] = []  # in the order of `claimed`
         accepts: list[_Accept] = []
         for c in claimed:
+            self._deciding.discard(c.claim.name)
+            got = (parsed or {}).get(c.claim.name)
             try:
-                outcome = self._finish(c.run_id, c.name, c.claim, c.look, c.dropped_at, accepts)
+                outcome = self._finish(
+                    c.run_id, c.name, c.claim, c.look, c.dropped_at, accepts, parsed=got
+                )
             except OSError as exc:
                 self._environment(exc, f"incoming/{_show(c.name)}")
                 continue
@@ -328,6 +356,9 @@ class Intake:
                 self._environment(exc, what)
                 decided = [d for d in decided if not isinstance(d, _Accept)]
         outcomes = [d.accepted if isinstance(d, _Accept) else d for d in decided]
+        if durable and handover is not None:
+            self.release(handover)
+            handover = None
         if outcomes and self.write_error is not None and self._errors == errors_before:
             log.warning("intake writes to the spool succeed again")
             self.write_error = None
@@ -404,7 +435,7 @@ class Intake:
 
     # -- claim ------------------------------------------------------------------------
 
-    def _claim(self, name: str) -> _Claimed | None:
+    def _claim(self, name: str) -> Claimed | None:
         """Inspect incoming/<name> and claim it by a rename (not yet synced)."""
         path = self.spool.incoming / name
         display = f"incoming/{name}"
@@ -435,7 +466,7 @@ class Intake:
             except (_Gone, _NotReady) as exc:
                 log.debug("%s replaced while taken; left for the next rescan: %s", claim, exc)
                 return None
-        return _Claimed(run_id, name, claim, look, dropped_at)
+        return Claimed(run_id, name, claim, look, dropped_at)
 
     def _inspect(self, path: Path, display: str, *, lease: bool) -> _Look:
         """Judge `path` without following or blocking, and read it if it may be a spec."""
@@ -530,6 +561,16 @@ class Intake:
 
     # -- decide and hand over ----------------------------------------------------------
 
+    def parse(self, data: bytes, name: str) -> Pipeline | SpecError:
+        """The spec a dropped file `name` holds, or why it is invalid. Pure (reads no file,
+        writes nothing): a caller may run it on another thread."""
+        try:
+            return load_bytes(
+                data, f"incoming/{name}", node_cpus=self.node_cpus, node_memory=self.node_memory
+            )
+        except SpecError as exc:
+            return exc
+
     def _finish(
         self,
         run_id: str,
@@ -538,9 +579,12 @@ class Intake:
         look: _Look,
         dropped_at: float | None,
         accepts: list[_Accept] | None = None,
+        *,
+        parsed: Pipeline | SpecError | None = None,
     ) -> Outcome | None:
         """Decide a claimed file. With `accepts`, an accepted one is prepared and added there
-        for the caller's group commit (returns None); without, it is committed now."""
+        for the caller's group commit (returns None); without, it is committed now.
+        `parsed`: what parse(look.data, ...) gave elsewhere (None: parse it here)."""
         display = f"incoming/{name}"
         reason, issues = look.reason, list(look.issues)
         if reason is None and not is_spec_name(name):
@@ -548,9 +592,11 @@ class Intake:
         pipeline: Pipeline | None = None
         if reason is None:
             try:
-                pipeline = load_bytes(
-                    look.data, display, node_cpus=self.node_cpus, node_memory=self.node_memory
-                )
+                if parsed is None:
+                    parsed = self.parse(look.data, name)
+                if isinstance(parsed, SpecError):
+                    raise parsed
+                pipeline = parsed
             except SpecError as exc:
                 reason, issues = "invalid", exc.issues
         if pipeline is None or reason is not None:
@@ -677,6 +723,8 @@ class Intake:
             return out
         for entry in entries:
             if entry.startswith(".") or entry in self._stuck or entry in self._handing:
+                continue
+            if entry in self._deciding:
                 continue
             try:
                 outcome = self._finish_claim(entry, announce=announce)

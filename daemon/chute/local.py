@@ -67,7 +67,6 @@ import functools
 import logging
 import os
 import queue
-import selectors
 import signal
 import threading
 import time
@@ -82,6 +81,7 @@ from chute.clock import Clock
 from chute.executor import Result, Task
 from chute.owners import Owner
 from chute.pool import Pool
+from chute.reactor import Reactor
 from chute.runner import RunProcess
 from chute.topology import format_cpulist
 
@@ -90,7 +90,6 @@ log = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36
 DRAIN_LIMIT = 5.0  # seconds after SIGKILL we wait for a task's leftovers before giving up
 SWEEP_EVERY = 0.1  # seconds between sweeps while only tasks' output wakes the loop
-MAX_WAIT = 3600.0  # seconds one wait may last: a 30-day timeout overflows epoll's int ms
 MAX_SPAWNERS = 128  # spawner threads kept (one per core set); the least recently used goes
 
 _subreaper_done = False
@@ -130,12 +129,14 @@ class _Spawner:
         cores: tuple[int, ...],
         spawn: Callable[[Task], RunProcess | Result],
         out: deque[tuple[str, RunProcess | Result]],
-        notify_fd: int,
+        post: Callable[[Callable[[], None]], None],
+        register: Callable[[], None],
     ):
         self._cores = cores
         self._spawn = spawn
         self._out = out
-        self._notify_fd = notify_fd
+        self._post = post
+        self._register = register
         self._queue: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         name = f"chute-spawn-{format_cpulist(cores) if cores else 'any'}"
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -166,8 +167,7 @@ class _Spawner:
                 os.sched_setaffinity(0, self._cores)
         while (task := self._queue.get()) is not None:
             self._out.append((task.key, self._spawn(task)))
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._notify_fd, b"\0")
+            self._post(self._register)  # the loop's thread takes it over
 
 
 @dataclass(slots=True)
@@ -185,6 +185,8 @@ class LocalExecutor:
     def __init__(
         self,
         *,
+        reactor: Reactor,
+        on_result: Callable[[Result], None],
         kill_grace: float = 10.0,
         max_workers: int,
         clock: Clock | None = None,
@@ -196,20 +198,19 @@ class LocalExecutor:
         owner has one; each task's process group and each worker is recorded as it starts
         (the spawner thread records a task before anything else happens there), so that a
         restart can end what a crashed owner left. A task's log keeps at most `log_limit`
-        bytes of its output, then a note that the rest was discarded."""
+        bytes of its output, then a note that the rest was discarded. Descriptors are
+        watched by `reactor`; each task's Result goes to `on_result`, on the reactor's
+        thread, from a callback of the reactor or from `tick`."""
         self._log_limit = _checked_log_limit(log_limit)
         become_subreaper()
         self._owner = owner
         self._groups = owner.cgroup if owner is not None else None
         self._grace = kill_grace
         self._clock = clock or Clock()
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._woken = False
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._reactor = reactor
+        self._on_result = on_result
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._daemon_pgid = os.getpgid(0)
-        self._results: list[Result] = []
         self._runs: dict[str, RunProcess] = {}  # started, until their Result is given
         self._leaders: dict[int, RunProcess] = {}  # pid → run, until reaped
         self._pgids: dict[int, str] = {}  # pgid → key, until the Result is given
@@ -224,8 +225,8 @@ class LocalExecutor:
             max_workers=max_workers,
             kill_grace=kill_grace,
             clock=self._clock,
-            selector=self._selector,
-            emit=self._results.append,
+            loop=reactor,
+            emit=self._emit,
             log_limit=log_limit,
             cgroup=self._groups.pool if self._groups is not None else None,
             on_worker=owner.record.worker if owner is not None else None,
@@ -235,8 +236,6 @@ class LocalExecutor:
         self._retired: list[_Spawner] = []  # dropped from _spawners, maybe still starting
         self._spawning: dict[str, bool] = {}  # key → cancelled, until registered
         self._spawned: deque[tuple[str, RunProcess | Result]] = deque()
-        self._spawned_r, self._spawned_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._spawned_r, selectors.EVENT_READ, self._on_spawned)
         self._closed = False
 
     # --- the Executor protocol -----------------------------------------------------------
@@ -260,14 +259,27 @@ class LocalExecutor:
         else:
             self._pool.cancel(key)
 
-    def poll(self, timeout: float | None) -> list[Result]:
-        until = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self._step(until, timers=True)
-            if self._results or self._woken or (until is not None and time.monotonic() >= until):
-                self._woken = False
-                results, self._results[:] = list(self._results), []
-                return results
+    def tick(self, now: float) -> float | None:
+        """Do what is due at `now` (deadlines, SIGKILLs after the grace, the orphan sweep)
+        and give the Results of tasks whose processes are all gone; returns the seconds
+        until the next call is due (None: only a descriptor of ours can change anything).
+        Called by the loop after every wait of the reactor."""
+        self._on_time(now)
+        wall = time.monotonic()
+        # Orphans appear when a process of a task ends: sweep (/proc reads) when a leader
+        # ended, whose task cannot finish before its orphans are known, and at least every
+        # SWEEP_EVERY for the rest; not on every wake-up (a 1 GB writer's output makes
+        # thousands, a burst of runs thousands more).
+        if self._leader_ended or wall >= self._swept_at + SWEEP_EVERY:
+            self._leader_ended = False
+            self._swept_at = wall
+            self._sweep(now, closing=False)
+        self._finish_drained(now)
+        due = self._next_time()
+        if self._runs or self._orphans or self._pool.live_keys():
+            sweep = now + max(0.0, self._swept_at + SWEEP_EVERY - wall)
+            due = sweep if due is None else min(due, sweep)
+        return None if due is None else max(0.0, due - now)
 
     def configure(self, *, kill_grace: float, log_limit: int, max_workers: int) -> None:
         """New `kill_grace` and `log_limit` for tasks started from now on, and a new size
@@ -275,10 +287,6 @@ class LocalExecutor:
         self._log_limit = _checked_log_limit(log_limit)
         self._grace = kill_grace
         self._pool.configure(kill_grace=kill_grace, log_limit=log_limit, max_workers=max_workers)
-
-    def wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"\0")
 
     def close(self) -> None:
         if self._closed:
@@ -294,11 +302,11 @@ class LocalExecutor:
         end = time.monotonic() + self._grace
         killed = False
         while True:
-            self._step(time.monotonic(), timers=False, closing=True)
+            self._closing_step(0.0)
             if not self._leaders and not self._orphans and not self._stray_children():
                 break
             if time.monotonic() < end:
-                self._step(min(end, time.monotonic() + 0.05), timers=False, closing=True)
+                self._closing_step(min(end - time.monotonic(), 0.05))
                 continue
             if killed:
                 for pid in [*self._leaders, *self._orphans]:
@@ -311,22 +319,30 @@ class LocalExecutor:
             for o in self._orphans.values():
                 runner.signal_tree(o.pid, signal.SIGKILL)
         for proc in self._leaders.values():
-            self._selector.unregister(proc.pidfd)
+            self._reactor.unregister(proc.pidfd)
             os.close(proc.pidfd)
         for o in self._orphans.values():
-            self._selector.unregister(o.pidfd)
+            self._reactor.unregister(o.pidfd)
             os.close(o.pidfd)
         for proc in self._runs.values():
             self._end_output(proc)
         if self._groups is not None:
             self._groups.close()  # what is left of the tasks is killed, the groups removed
-        self._selector.close()
-        for fd in (self._wake_r, self._wake_w, self._spawned_r, self._spawned_w):
-            os.close(fd)
         os.close(self._devnull)
         self._runs.clear()
         self._leaders.clear()
-        self._results.clear()
+
+    def _emit(self, result: Result) -> None:
+        if not self._closed:  # close() gives no Results: the caller stops the runs itself
+            self._on_result(result)
+
+    def _closing_step(self, wait: float) -> None:
+        """In close(): wait up to `wait` seconds for our processes to end, then sweep."""
+        self._reactor.wait(max(0.0, wait))
+        now = self._clock.monotonic()
+        self._swept_at = time.monotonic()
+        self._sweep(now, closing=True)
+        self._finish_drained(now)
 
     # --- spawning -----------------------------------------------------------------------
 
@@ -338,7 +354,9 @@ class LocalExecutor:
                 oldest = self._spawners.pop(next(iter(self._spawners)))
                 oldest.retire()
                 self._retired = [s for s in self._retired if s.alive] + [oldest]
-            spawner = _Spawner(cores, self._spawn, self._spawned, self._spawned_w)
+            spawner = _Spawner(
+                cores, self._spawn, self._spawned, self._reactor.post, self._register_spawned
+            )
         self._spawners[cores] = spawner  # now the most recently used
         return spawner
 
@@ -375,12 +393,6 @@ class LocalExecutor:
                 log.exception("recording the spawn of task %s failed", task.key)
         return proc
 
-    def _on_spawned(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._spawned_r, 512):
-                pass
-        self._register_spawned()
-
     def _register_spawned(self) -> None:
         """Take over what the spawners started: watch its process and its output."""
         while self._spawned:
@@ -389,18 +401,14 @@ class LocalExecutor:
             if isinstance(outcome, Result):
                 if cancelled:  # it never ran: the cancel is what the caller asked about
                     outcome = Result.not_started(key)
-                self._results.append(outcome)
+                self._emit(outcome)
                 continue
             proc = outcome
             self._runs[key] = proc
             self._leaders[proc.pid] = proc
             self._pgids[proc.pgid] = key
-            self._selector.register(
-                proc.pidfd, selectors.EVENT_READ, functools.partial(self._on_leader, proc)
-            )
-            self._selector.register(
-                proc.log.read_fd, selectors.EVENT_READ, functools.partial(self._on_output, proc)
-            )
+            self._reactor.register(proc.pidfd, functools.partial(self._on_leader, proc))
+            self._reactor.register(proc.log.read_fd, functools.partial(self._on_output, proc))
             if cancelled:
                 proc.stop("cancel", self._clock.monotonic())
 
@@ -414,38 +422,6 @@ class LocalExecutor:
         self._spawning.clear()
 
     # --- the loop ----------------------------------------------------------------------
-
-    def _step(self, until: float | None, *, timers: bool, closing: bool = False) -> None:
-        """One wait on the selector (until `until`, wall monotonic) and what follows it."""
-        if closing:  # close() gives no results; pending ones must not make every wait 0
-            self._results.clear()
-            self._woken = False
-        now = self._clock.monotonic()
-        if timers:
-            self._on_time(now)
-        if self._results or self._woken:
-            wait: float | None = 0.0
-        else:
-            wait = None if until is None else max(0.0, until - time.monotonic())
-            due = self._next_time() if timers else None
-            if due is not None:
-                wait = max(0.0, due - now) if wait is None else min(wait, max(0.0, due - now))
-        # A deadline days away is past what epoll takes (int milliseconds): wake up sooner.
-        events = self._selector.select(None if wait is None else min(wait, MAX_WAIT))
-        for key, _ in events:
-            callback: Callable[[], None] = key.data
-            callback()
-        now = self._clock.monotonic()
-        wall = time.monotonic()
-        # Orphans appear when a process of a task ends: sweep (/proc reads) when a leader
-        # ended, whose task cannot finish before its orphans are known, and at least every
-        # SWEEP_EVERY for the rest; not on every wake-up (a 1 GB writer's output makes
-        # thousands, a burst of runs thousands more).
-        if self._leader_ended or closing or wall >= self._swept_at + SWEEP_EVERY:
-            self._leader_ended = False
-            self._swept_at = wall
-            self._sweep(now, closing)
-        self._finish_drained(now)
 
     def _next_time(self) -> float | None:
         times = [t for t in (p.next_time() for p in self._runs.values()) if t is not None]
@@ -471,17 +447,11 @@ class LocalExecutor:
                 runner.signal_tree(o.pid, signal.SIGKILL)
         self._pool.on_time(now)
 
-    def _on_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 512):
-                pass
-        self._woken = True
-
     def _on_leader(self, proc: RunProcess) -> None:
         if not proc.reap(self._clock.monotonic()):
             return
         self._leader_ended = True
-        self._selector.unregister(proc.pidfd)
+        self._reactor.unregister(proc.pidfd)
         os.close(proc.pidfd)
         del self._leaders[proc.pid]
 
@@ -496,7 +466,7 @@ class LocalExecutor:
             proc.log.drain()
 
     def _unregister_output(self, proc: RunProcess) -> None:
-        self._selector.unregister(proc.log.read_fd)
+        self._reactor.unregister(proc.log.read_fd)
 
     def _finish_drained(self, now: float) -> None:
         for key, proc in list(self._runs.items()):
@@ -518,7 +488,7 @@ class LocalExecutor:
             del self._runs[key]
             self._pgids.pop(proc.pgid, None)
             self._end_output(proc)
-            self._results.append(proc.result(key in self._orphans_sigkilled))
+            self._emit(proc.result(key in self._orphans_sigkilled))
             self._orphans_sigkilled.discard(key)
 
     def _group_removed(self, proc: RunProcess, now: float) -> bool:
@@ -632,7 +602,7 @@ class LocalExecutor:
         o = _Orphan(pid=pid, pidfd=pidfd, owner=owner)
         self._orphans[pid] = o
         self._orphans_of[owner] = self._orphans_of.get(owner, 0) + 1
-        self._selector.register(pidfd, selectors.EVENT_READ, lambda: self._on_orphan_exit(o))
+        self._reactor.register(pidfd, lambda: self._on_orphan_exit(o))
         log.debug("orphan pid=%d of task %s tracked", pid, owner)
 
     def _on_orphan_exit(self, o: _Orphan) -> None:
@@ -642,7 +612,7 @@ class LocalExecutor:
             pid = o.pid  # someone else reaped it
         if pid == 0:
             return
-        self._selector.unregister(o.pidfd)
+        self._reactor.unregister(o.pidfd)
         os.close(o.pidfd)
         del self._orphans[o.pid]
         left = self._orphans_of.get(o.owner, 1) - 1

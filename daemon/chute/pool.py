@@ -4,7 +4,7 @@ Owns: the worker processes (from a forkserver), their pipes, the queue of call t
 for a worker, each call's deadline and SIGTERM → grace → SIGKILL escalation, and what runs
 inside a worker around one call (its folders, affinity, log redirection and its cap,
 environment, sys.path, cwd, import, the call, the JSON check, the done-mark). Not here:
-the selector loop (chute.local, which hands this module its selector), `run:` tasks
+the loop (chute.reactor, which chute.local hands this module), `run:` tasks
 (chute.runner).
 
 Data flow (one duplex pipe per worker, so the pool always knows which task a worker runs):
@@ -51,7 +51,6 @@ import inspect
 import logging
 import multiprocessing
 import os
-import selectors
 import signal
 import sys
 import time
@@ -70,6 +69,7 @@ import psutil
 from chute import atomic, outputs, taskfiles
 from chute.clock import Clock
 from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Mark, Result, Task
+from chute.reactor import Reactor
 from chute.runner import (
     DEFAULT_LOG_LIMIT,
     TASK_KEY_VAR,
@@ -444,7 +444,7 @@ def _checked_max_workers(max_workers: int) -> int:
 class Pool:
     """`call:` tasks on up to `max_workers` reusable worker processes.
 
-    Events come from the caller's selector: each registration's data is a zero-argument
+    Events come from the caller's reactor: each registration is a zero-argument
     callback, which the caller runs when the descriptor turns readable.
     """
 
@@ -454,7 +454,7 @@ class Pool:
         max_workers: int,
         kill_grace: float,
         clock: Clock,
-        selector: selectors.BaseSelector,
+        loop: Reactor,
         emit: Callable[[Result], None],
         max_idle: int | None = None,
         idle_timeout: float = 300.0,
@@ -472,7 +472,7 @@ class Pool:
         self._grace = kill_grace
         self._log_limit = log_limit
         self._clock = clock
-        self._selector = selector
+        self._loop = loop
         self._emit = emit
         self._queue: deque[Task] = deque()
         self._workers: dict[int, _Worker] = {}  # by pid
@@ -594,14 +594,14 @@ class Pool:
         if self._on_worker is not None:
             self._on_worker(w.pid)
         self._workers[w.pid] = w
-        self._selector.register(parent_end, selectors.EVENT_READ, lambda: self._on_reply(w))
-        self._selector.register(w.sentinel, selectors.EVENT_READ, lambda: self._on_exit(w))
+        self._loop.register(parent_end, lambda: self._on_reply(w))
+        self._loop.register(w.sentinel, lambda: self._on_exit(w))
         log.debug("worker pid=%d started", w.pid)
         return w
 
     def _close_conn(self, w: _Worker) -> None:
         if w.conn is not None:
-            self._selector.unregister(w.conn)
+            self._loop.unregister(w.conn)
             w.conn.close()
             w.conn = None
 
@@ -651,7 +651,7 @@ class Pool:
         if w.conn is not None and w.task is not None and w.reason is None and w.conn.poll(0):
             self._on_reply(w)  # it answered, then died: the task itself succeeded
         self._close_conn(w)
-        self._selector.unregister(w.sentinel)
+        self._loop.unregister(w.sentinel)
         w.process.join(5)
         code = w.process.exitcode
         if code is not None:
@@ -708,7 +708,7 @@ class Pool:
                 kill(w.pid, signal.SIGKILL)
                 w.process.join(5)
             self._close_conn(w)
-            self._selector.unregister(w.sentinel)
+            self._loop.unregister(w.sentinel)
             if w.process.exitcode is not None:
                 w.process.close()
             else:

@@ -15,9 +15,9 @@ import pytest
 
 from chute.clock import Clock
 from chute.executor import Task
-from chute.local import LocalExecutor
 from conftest import wait_for
 from daemon_proc import Daemon, assert_settled, daemon_factory, drop, final_run, job, runs_of
+from fixtures_procs import PolledExecutor
 
 __all__ = ["daemon_factory"]
 
@@ -79,7 +79,7 @@ class JumpingClock(Clock):
 def test_timeouts_follow_the_monotonic_clock_whatever_the_wall_clock_does(
     tmp_path: Path,
 ) -> None:
-    ex = LocalExecutor(kill_grace=0.5, max_workers=1, clock=JumpingClock())
+    ex = PolledExecutor(kill_grace=0.5, max_workers=1, clock=JumpingClock())
     try:
         start = time.monotonic()
         ex.start(

@@ -134,7 +134,8 @@ def resolve_input(ref: str, upstream: dict[str, Any]) -> Any:
 
 
 class Engine:
-    """Drives runs: call `step()`, wait in `executor.poll(timeout)`, pass results to `handle`."""
+    """Drives runs. The executor hands each Result to `deliver`; `step()` records what was
+    delivered, starts what can start, writes what changed, and says when to step again."""
 
     def __init__(
         self,
@@ -147,8 +148,11 @@ class Engine:
         on_finished: Callable[[ActiveRun], None] | None = None,
         events: EngineEvents | None = None,
         syncfs: Sequence[Path] = (),
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
-        """`syncfs`: filesystems to sync whole per group commit (atomic.own_filesystems)."""
+        """`syncfs`: filesystems to sync whole per group commit (atomic.own_filesystems).
+        `wake`: makes the loop step soon; the writer thread calls it when it hands the loop
+        something (a file it could not write, a finished run whose end did not land)."""
         self.spool = spool
         self.executor = executor
         self.topology = topology
@@ -157,6 +161,8 @@ class Engine:
         self.on_finished = on_finished
         self.events = events
         self.runs: dict[str, ActiveRun] = {}
+        self._wake = wake
+        self._inbox: list[Result] = []  # delivered since the last step
         self._check: set[str] = set()  # runs to look at in the next step
         self._retrying: set[str] = set()  # runs with a unit waiting out a retry delay
         self._due: dict[str, float] = {}  # run id -> when its manifest must be written
@@ -293,6 +299,9 @@ class Engine:
         Returns the seconds until the engine must step again without a result (None: only
         a result or a new run can change anything).
         """
+        if self._inbox:
+            results, self._inbox = self._inbox, []
+            self._handle_results(results)
         now = self.clock.monotonic()
         wall = self.clock.time()
         self._take_unwritten()
@@ -339,7 +348,12 @@ class Engine:
         then call `on_done` there (the daemon's intake hands runs over this way)."""
         self._committer.submit((), unsynced.folders, on_done, unsynced.files)
 
-    def handle(self, results: list[Result]) -> None:
+    def deliver(self, result: Result) -> None:
+        """A task ended (the executor's on_result): recorded at the next step, with the
+        others that ended meanwhile."""
+        self._inbox.append(result)
+
+    def _handle_results(self, results: list[Result]) -> None:
         if all(r.ok for r in results) and len(self._waitlist) and not self.draining:
             # Free these tasks' cores and start what waits for them first: its spawn then
             # overlaps the recording of these results (output.json, log line, manifest),
@@ -356,18 +370,23 @@ class Engine:
         for result in results:
             self._handle(result)
 
-    def run_until_done(self, should_stop: Callable[[], bool] = lambda: False) -> None:
-        """Drive until no run is active; `should_stop()` true cancels every run."""
+    def run_until_done(
+        self,
+        wait: Callable[[float | None], object],
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Drive until no run is active, waiting in `wait(timeout)` (the reactor the executor
+        registered with) between steps; `should_stop()` true cancels every run."""
         stopping = False
         while self.runs:
             if not stopping and should_stop():
                 stopping = True
                 for run_id in list(self.runs):
                     self.cancel(run_id)
-            timeout = self.step()
+            timeout = _sooner(self.executor.tick(self.clock.monotonic()), self.step())
             if not self.runs:
                 break
-            self.handle(self.executor.poll(timeout))
+            wait(timeout)
         self._flush(self.clock.monotonic())
         while True:  # a final run.json that could not be written is written once more
             self._committer.flush()
@@ -976,7 +995,7 @@ class Engine:
             lost = self._committer.unwritten_scopes.get(run.run_id)
             if lost is not None:  # its end is not on disk: the loop decides (_rewrite_final)
                 self._refinish.append((run, lost))
-                self.executor.wake()
+                self._wake()
             elif hook is not None:
                 hook(run)
 
@@ -992,7 +1011,7 @@ class Engine:
     def _on_unwritten(self, unwritten: list[atomic.Unwritten]) -> None:
         """In the writer thread: hand what it could not write to the loop."""
         self._unwritten.extend(unwritten)
-        self.executor.wake()
+        self._wake()
 
     def _take_unwritten(self) -> None:
         """Act on what the writer thread could not write, for a reason of the path's own: an
@@ -1068,6 +1087,11 @@ class Engine:
         folders, self._new_dirs = self._new_dirs, set()
         synced, self._synced = self._synced, []
         self._committer.submit(writes, folders, on_done, synced)
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    """The earlier of two waits (None: no limit)."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _log_header(path: Path, text: str) -> str | None:
