@@ -135,7 +135,7 @@ def pid_alive(pid: int) -> bool:
 def spool_cgroups(folder: Path) -> list[Path]:
     """The cgroups chute would make for spools at `folder` or one level below it (this
     process's group is where a daemon or `chute run` started by a test makes them)."""
-    from chute import cgroups
+    from chute.execution import cgroups
 
     base = cgroups.base(leaf=False)
     if base is None:
@@ -151,7 +151,7 @@ def no_leaked_cgroups(request: pytest.FixtureRequest) -> Iterator[None]:
     if "tmp_path" not in request.fixturenames:
         yield
         return
-    from chute import cgroups
+    from chute.execution import cgroups
 
     tmp: Path = request.getfixturevalue("tmp_path")
     yield

@@ -1,4 +1,4 @@
-"""A fake /sys tree for chute.topology: NUMA nodes with a cpulist and a meminfo each.
+"""A fake /sys tree for chute.scheduling.topology: NUMA nodes with a cpulist and a meminfo each.
 
 The default is the 2-socket 128-core server of the tests: node0 0-63, node1 64-127,
 128 GiB per node. conftest.py wraps it as the `fake_sysfs` fixture.

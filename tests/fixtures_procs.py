@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from chute.clock import Clock
-from chute.executor import Result
-from chute.local import LocalExecutor
+from chute.execution.executor import Result
+from chute.execution.local import LocalExecutor
 from chute.reactor import Reactor
 
 

@@ -1,4 +1,4 @@
-"""chute.allocator: placement, queue order, memory, the three policies, and starvation.
+"""chute.scheduling.allocator: placement, queue order, memory, the three policies, and starvation.
 
 Pure tests: the clock is a float the test advances; topologies are built in place.
 """
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chute.allocator import (
+from chute.scheduling.allocator import (
     POLICIES,
     WAIT_REASONS,
     Grant,
@@ -25,7 +25,7 @@ from chute.allocator import (
     queue_key,
     reservation,
 )
-from chute.topology import Topology
+from chute.scheduling.topology import Topology
 
 
 def req(

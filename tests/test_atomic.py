@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chute import atomic
+from chute.store import atomic
 from conftest import tmpfs
 
 
@@ -235,7 +235,7 @@ def test_committer_on_a_filesystem_of_its_own_keeps_order_too(tmp_path: Path) ->
 BATCH = """
 import sys
 from pathlib import Path
-from chute import atomic
+from chute.store import atomic
 root = Path(sys.argv[1])
 c = atomic.Committer(syncfs=[root] if sys.argv[2] == "syncfs" else [])
 c.submit([(root / f"f{i}", b"x" * 100) for i in range(50)], folders=[root])
@@ -252,7 +252,7 @@ def test_a_batch_costs_two_syncfs_on_its_own_filesystem_else_an_fsync_per_file(
     root = tmp_path / "spool"
     root.mkdir()
     trace = tmp_path / "trace"
-    env = {**os.environ, "PYTHONPATH": str(Path(atomic.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(atomic.__file__).parents[2])}
     strace = ["strace", "-f", "-qq", "-e", "trace=syncfs,fsync", "-o", str(trace)]
     subprocess.run(
         [*strace, sys.executable, "-c", BATCH, str(root), mode],

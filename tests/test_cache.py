@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chute.outputs import relocate
+from chute.store.outputs import relocate
 from conftest import Chute, load_json
 from daemon_proc import Daemon, assert_settled, daemon_factory, drop, final_run
 

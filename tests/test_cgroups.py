@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from chute import cgroups, runner
-from chute.executor import Task
-from chute.owners import Owner, Record
+from chute.execution import cgroups, runner
+from chute.execution.executor import Task
+from chute.execution.owners import Owner, Record
 from conftest import chute_env, pid_alive, wait_for
 from fixtures_procs import PolledExecutor
 
@@ -259,7 +259,7 @@ def test_a_daemon_outside_the_root_group_moves_itself_into_a_leaf_first(
     service = base / f"service-{os.getpid()}"  # stands for systemd's chute.service
     service.mkdir()
     code = (
-        "import sys; from pathlib import Path; from chute import cgroups\n"
+        "import sys; from pathlib import Path; from chute.execution import cgroups\n"
         "group = cgroups.setup(Path(sys.argv[1]), 'daemon', leaf=True, note=print)\n"
         "print(cgroups.cgroup_name())\n"
         "group.close()\n"

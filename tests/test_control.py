@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from chute import control
+from chute.intake import control
 
 RUN = "20261122_101500_a1b2c3"
 NEW = "20261122_101501_000000"

@@ -18,7 +18,7 @@ import pytest
 from chute.clock import Clock
 from chute.config import load_config
 from chute.daemon import Daemon
-from chute.spool import resolve_spool
+from chute.store.spool import resolve_spool
 from conftest import load_json
 from daemon_proc import drop, job, runs_of
 
@@ -188,7 +188,7 @@ def test_a_reload_applies_the_policy_and_the_cpus_to_what_starts_next(
 def test_a_cancel_request_is_carried_out_at_the_next_control_pass(
     spool: Path, tmp_path: Path, clock: ManualClock, daemon: Callable[[str], Daemon]
 ) -> None:
-    from chute import control
+    from chute.intake import control
 
     d = daemon("")
     gate = tmp_path / "gate"

@@ -8,7 +8,7 @@ import pytest
 
 from chute.engine.dag import Reused, RunGraph, Unit
 from chute.engine.retry import retry_delay, should_retry
-from chute.executor import Result
+from chute.execution.executor import Result
 from chute.spec.model import Fallback, Pipeline, Retries, Shards, Stage
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from chute.http import HttpError, health, parse_listen, read_token
+from chute.observe.http import HttpError, health, parse_listen, read_token
 from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job
 
 __all__ = ["daemon_factory"]

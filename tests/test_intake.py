@@ -26,11 +26,20 @@ import orjson
 import pytest
 import watchdog.observers.inotify_c  # noqa: F401  (imported before fds run out in one test)
 
-from chute import access, atomic, rundir
 from chute.clock import Clock
 from chute.config import Config
-from chute.intake import Accepted, Intake, Rejected, Scheduled, Watcher, file_id, is_candidate
-from chute.spool import Spool
+from chute.intake import access
+from chute.intake.drops import (
+    Accepted,
+    Intake,
+    Rejected,
+    Scheduled,
+    Watcher,
+    file_id,
+    is_candidate,
+)
+from chute.store import atomic, rundir
+from chute.store.spool import Spool
 from conftest import load_json, wait_for
 
 NOW = datetime(2026, 11, 22, 10, 15, 0, tzinfo=UTC)
@@ -325,7 +334,7 @@ def test_invalid_spec_is_rejected_with_every_error_and_its_line(
     root: Spool, intake: Intake, drop: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     drop("bad.yaml", BAD)
-    with caplog.at_level(logging.WARNING, logger="chute.intake"):
+    with caplog.at_level(logging.WARNING, logger="chute.intake.drops"):
         out = intake.take("bad.yaml")
 
     assert out == Rejected("bad.yaml", "invalid", BAD_ERRORS)
@@ -466,7 +475,7 @@ def test_rejection_log_line_escapes_a_newline_in_the_name(
     intake: Intake, drop: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     drop("a\nb.yaml", JOB, mode=0o666)
-    with caplog.at_level(logging.WARNING, logger="chute.intake"):
+    with caplog.at_level(logging.WARNING, logger="chute.intake.drops"):
         out = intake.take("a\nb.yaml")
     assert isinstance(out, Rejected)
     assert out.file == "a\nb.yaml"
@@ -613,7 +622,7 @@ def test_a_failed_handover_keeps_the_claim_and_the_next_scan_finishes_it(
     root.queue.rmdir()
     root.queue.write_bytes(b"")  # writing queue/<id>.yaml now fails with ENOTDIR
     drop("job.yaml")
-    with caplog.at_level(logging.ERROR, logger="chute.intake"):
+    with caplog.at_level(logging.ERROR, logger="chute.intake.drops"):
         assert intake.take("job.yaml") is None
     [claim] = names(root.state / "intake")
     run_id = claim.split("__")[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from chute import logs
+from chute.observe import logs
 from conftest import EXAMPLES, chute_env
 
 

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chute import rundir
-from chute.metrics import Metrics, Snapshot
+from chute.observe.metrics import Metrics, Snapshot
+from chute.store import rundir
 from conftest import REPO, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chute.notify import Notifier
+from chute.observe.notify import Notifier
 
 
 def _receiver(address: str | bytes) -> socket.socket:
@@ -167,7 +167,7 @@ def test_a_failed_send_is_logged_once_with_the_socket_and_the_reason(
     try:
         sock.close()
         os.unlink(path)
-        with caplog.at_level(logging.DEBUG, logger="chute.notify"):
+        with caplog.at_level(logging.DEBUG, logger="chute.observe.notify"):
             n.ready("up")
             n.watchdog()
             n.status("still here")

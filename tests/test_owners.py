@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from chute import owners
-from chute.spool import Spool
+from chute.execution import owners
+from chute.store.spool import Spool
 from conftest import load_json, pid_alive, wait_for
 
 RUN_ID = "20261201_120000_abcdef"

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from chute import report
+from chute.observe import report
 from conftest import Done, chute_env, load_json
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -472,7 +472,7 @@ def test_a_report_that_cannot_be_written_is_logged_not_raised(
     folder = tmp_path / "20261122_100000_abc123"
     folder.mkdir()
     (folder / "run.json").write_text("{not json")
-    with caplog.at_level(logging.ERROR, logger="chute.report"):
+    with caplog.at_level(logging.ERROR, logger="chute.observe.report"):
         assert report.write_report_or_log(folder) is None
     (rec,) = caplog.records
     assert rec.getMessage() == (

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from chute import retention
 from chute.clock import parse_rfc3339
-from chute.spool import Spool
+from chute.store import retention
+from chute.store.spool import Spool
 from conftest import Chute, load_json, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, final_run, job, runs_of
 

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from chute.topology import format_cpulist
+from chute.scheduling.topology import format_cpulist
 from conftest import EXAMPLES, REPO, Chute, chute_env, load_json, pid_alive, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, runs_of
 

@@ -1,4 +1,5 @@
-"""chute.schedules: fire times, daylight saving, misfires, restarts, clock jumps, overlap.
+"""chute.scheduling.schedules: fire times, daylight saving, misfires, restarts, clock jumps,
+overlap.
 
 Pure tests: `now` is an argument; the only I/O is schedules.json in a temporary folder.
 """
@@ -16,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from chute.schedules import (
+from chute.scheduling.schedules import (
     MISSED_CAP,
     STATE_FILE,
     Fire,

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from chute.config import Config, load_config
-from chute.spool import FOLDERS
+from chute.store.spool import FOLDERS
 from chute.units import parse_duration
 from conftest import Chute, wait_for
 from daemon_proc import Daemon, daemon_factory, final_run, job, runs_of

@@ -1,4 +1,5 @@
-"""chute.topology against a fake 2-socket 128-core /sys tree and against this machine's /sys."""
+"""chute.scheduling.topology against a fake 2-socket 128-core /sys tree and against this machine's
+/sys."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from chute.topology import Topology, format_cpulist, parse_cpulist, read_topology
+from chute.scheduling.topology import Topology, format_cpulist, parse_cpulist, read_topology
 from fake_sysfs import GIB_KB, build_fake_sysfs
 
 MASK_128 = set(range(128))

@@ -1,8 +1,8 @@
 """chute.engine.waitlist: queue order across runs, and candidates that decide as the whole queue.
 
-Pure tests: units of chute.engine.dag, requests and grants of chute.allocator, no processes.
-The oracle is the queue as DESIGN.md states it: every waiting unit of every run in one list
-sorted by (priority desc, accepted, topological order) — what the engine kept before.
+Pure tests: units of chute.engine.dag, requests and grants of chute.scheduling.allocator, no
+processes. The oracle is the queue as DESIGN.md states it: every waiting unit of every run in one
+list sorted by (priority desc, accepted, topological order) — what the engine kept before.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chute.allocator import POLICIES, Grant, Request, allocate, queue_key
 from chute.engine.dag import Unit
 from chute.engine.waitlist import ORDER_SPAN, Waitlist
-from chute.topology import Topology
+from chute.scheduling.allocator import POLICIES, Grant, Request, allocate, queue_key
+from chute.scheduling.topology import Topology
 
 GiB = 1 << 30
 

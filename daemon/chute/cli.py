@@ -1,7 +1,7 @@
 """The `chute` command: one subcommand per verb, exit codes 0 ok, 1 failed, 2 usage or input.
 
 Owns: argument parsing, what each command prints, and exit codes. Not here: what the
-commands do (chute.engine, chute.rundir, chute.spec, chute.submission).
+commands do (chute.engine, chute.store.rundir, chute.spec, chute.intake.submission).
 Diagnostics: user mistakes print one line per problem to stderr and exit 2; a failed run
 exits 1; a chute bug prints a traceback.
 """
@@ -27,29 +27,23 @@ from typing import Any
 
 import orjson
 
-from chute import (
-    control,
-    logs,
-    names,
-    owners,
-    report,
-    retention,
-    rundir,
-    submission,
-    taskfiles,
-)
+from chute import names
 from chute.clock import Clock
 from chute.config import Config, ConfigError, load_config
 from chute.engine import reasons, runs
 from chute.engine.dag import STAGE_OK
 from chute.engine.loop import ActiveRun, Engine
-from chute.executor import Result
-from chute.local import LocalExecutor
+from chute.execution import owners
+from chute.execution.executor import Result
+from chute.execution.local import LocalExecutor
+from chute.intake import control, submission
+from chute.observe import logs, report
 from chute.reactor import Reactor
+from chute.scheduling.topology import Topology, format_cpulist, parse_cpulist, read_topology
 from chute.spec import SpecError, json_schema, load_bytes, load_file
 from chute.spec.model import Pipeline
-from chute.spool import Spool, resolve_spool, sync_roots
-from chute.topology import Topology, format_cpulist, parse_cpulist, read_topology
+from chute.store import retention, rundir, taskfiles
+from chute.store.spool import Spool, resolve_spool, sync_roots
 from chute.units import format_duration, format_size
 
 log = logging.getLogger("chute")
@@ -160,7 +154,7 @@ def _command_text(command: str | tuple[str, ...], width: int = 60) -> str:
 
 
 def _trigger_text(p: Pipeline) -> str:
-    from chute.schedules import trigger_text
+    from chute.scheduling.schedules import trigger_text
 
     assert p.schedule is not None
     return trigger_text(p.schedule)
@@ -208,7 +202,7 @@ def _foreground(
 ) -> int:
     """Run one run to its end in this process; Ctrl-C or SIGTERM cancels it.
 
-    `make(run_id)` makes the run. This process owns it (chute.owners): its lock is held
+    `make(run_id)` makes the run. This process owns it (chute.execution.owners): its lock is held
     from before the run folder exists until the run's processes are gone, so a daemon
     starting on the spool leaves its tasks alone, and after a kill -9 of this process
     the next daemon start or `chute gc` ends them and marks the run interrupted."""
@@ -997,7 +991,7 @@ def _lock_if_free(spool: Spool) -> int | None:
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
-    from chute.schedules import Schedules
+    from chute.scheduling.schedules import Schedules
 
     config = _config(args)
     spool = _spool(args, config)

@@ -4,7 +4,7 @@ Owns: reading `--config`, `$CHUTE_CONFIG` or /etc/chute/chute.yaml into a frozen
 The file is read as spec files are (chute.spec.load: YAML 1.2, so `yes` is a string; no
 aliases; a key written twice is an error), and durations and sizes need their unit (`30s`,
 `4096B`), as in specs (chute.units).
-Not here: the spool layout (chute.spool), the node's CPUs (chute.topology).
+Not here: the spool layout (chute.store.spool), the node's CPUs (chute.scheduling.topology).
 Diagnostics: a bad file raises ConfigError naming the file, the key and the valid choices;
 the CLI prints it and exits 2.
 """

@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Any
 
-from chute.executor import Context
+from chute.execution.executor import Context
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 pipeline and stage names.
 
 Owns: what each kind of name looks like, checked before the name touches the filesystem,
-and the messages that say so. Not here: whether the thing named exists (chute.rundir,
-the callers), how run ids are made (chute.rundir.new_run_id, Fire.run_id).
+and the messages that say so. Not here: whether the thing named exists (chute.store.rundir,
+the callers), how run ids are made (chute.store.rundir.new_run_id, Fire.run_id).
 Why: a name from a CLI argument, a control file or an HTTP path is joined to a folder of
 the spool, and `folder / name` is not a check: `../queue/<id>`, `/etc` and `..` all join.
 A name of its kind's form is one path component that cannot leave its folder.

@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from chute.allocator import POLICIES, Grant, Request, allocate
-from chute.topology import Topology
+from chute.scheduling.allocator import POLICIES, Grant, Request, allocate
+from chute.scheduling.topology import Topology
 
 DEFAULT_SWF = Path("/work/shared/data/NASA-iPSC-1993-3.1-cln.swf.gz")
 TOPOLOGY = Topology(nodes=(tuple(range(64)), tuple(range(64, 128))), memory=1 << 40)

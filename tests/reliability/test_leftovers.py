@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from chute import cgroups
+from chute.execution import cgroups
 from conftest import Chute, chute_env, load_json, pid_alive, wait_for
 from daemon_proc import Daemon, assert_settled, daemon_factory, drop, final_run, job, runs_of
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from chute.clock import Clock
-from chute.executor import Task
+from chute.execution.executor import Task
 from conftest import wait_for
 from daemon_proc import Daemon, assert_settled, daemon_factory, drop, final_run, job, runs_of
 from fixtures_procs import PolledExecutor

@@ -3,11 +3,11 @@
 Owns: the names waiting in incoming/ to be taken (from inotify hints and rescans), the
 batches they are taken in, backpressure (how much accepted, unfinished work the daemon
 holds), and the handover of a batch's accepted runs to the engine once their folders are
-durable. Not here: taking one file (chute.intake), what becomes of a schedule file
+durable. Not here: taking one file (chute.intake.drops), what becomes of a schedule file
 (chute.daemon.fires), the loop's timing (chute.daemon.service).
 Crash safety: a run starts only after its folder and queue file are durable (the writer
 thread syncs a big batch; the loop syncs a small one itself), and intake's claim is
-released only then (chute.intake's crash points).
+released only then (chute.intake.drops's crash points).
 Limits: a batch holds at most INTAKE_BATCH files and INTAKE_BYTES of them (one file at
 least): one group commit each, and the loop gets back to its tasks between batches. A spec
 over INLINE_BYTES is parsed on a thread of its own (about 1 s for 1 MiB: on the loop it
@@ -27,12 +27,20 @@ from collections.abc import Callable, Iterable
 
 from chute.engine.dag import RunGraph
 from chute.engine.loop import ActiveRun, Engine
-from chute.intake import Accepted, Claimed, Handover, Intake, Outcome, Rejected, Scheduled
-from chute.metrics import Metrics
+from chute.intake.drops import (
+    Accepted,
+    Claimed,
+    Handover,
+    Intake,
+    Outcome,
+    Rejected,
+    Scheduled,
+)
+from chute.observe.metrics import Metrics
 from chute.spec import SpecError
 from chute.spec.fields import MAX_RUN_TASKS
 from chute.spec.model import Pipeline
-from chute.spool import Spool
+from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 

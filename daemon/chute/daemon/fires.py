@@ -4,8 +4,8 @@ Owns: the schedules the daemon holds (each one's spec and bytes, and the runs of
 finished yet), turning due fires into runs by the overlap rules, releasing a fire held by
 `overlap: queue` once its schedule's run ends, and removing an `at` schedule once its fire
 is handled. Not here: fire times, misfires and the held/last-fire state on disk
-(chute.schedules), the overlap rule itself (chute.schedules.overlap_decision, pure), making
-a run's folder (chute.engine.runs).
+(chute.scheduling.schedules), the overlap rule itself (chute.scheduling.schedules.overlap_decision,
+pure), making a run's folder (chute.engine.runs).
 Crash safety: a fire makes its run under an id derived from (schedule, fire time) before
 the fire is recorded, so a crash in between makes the same id again, which exists: no
 second run (a run made but not queued is queued then, never removed). A held fire is in
@@ -26,16 +26,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from chute import access, atomic
 from chute.clock import Clock, rfc3339
 from chute.engine import reasons, runs
 from chute.engine.loop import ActiveRun, Engine
 from chute.faults import crash_point
-from chute.metrics import Metrics
-from chute.schedules import Fire, Schedules, overlap_decision
+from chute.intake import access
+from chute.observe.metrics import Metrics
+from chute.scheduling.schedules import Fire, Schedules, overlap_decision
 from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
-from chute.spool import Spool
+from chute.store import atomic
+from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 

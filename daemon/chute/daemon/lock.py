@@ -2,7 +2,7 @@
 
 Owns: state/lock (an flock held for the daemon's life, its pid written in it), and the one
 line a daemon that cannot use its spool says. Not here: what a dead owner left running
-(chute.owners).
+(chute.execution.owners).
 Crash safety: the kernel drops an flock with its process, so a crashed daemon's lock is
 free at once; the pid in the file is for messages only, never trusted to be alive.
 """
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from chute.engine import runs
-from chute.spool import Spool
+from chute.store.spool import Spool
 
 
 class SpoolLocked(Exception):

@@ -3,7 +3,7 @@
 Owns: the order of recovery (temp leftovers, interrupted intake and rejected requests,
 schedules, then each run of queue/) and containing a failure to what it concerns. Not here:
 what recovery decides for one run (chute.engine.runs.recover), for one claim
-(chute.intake), what a dead owner left running (chute.owners, done before this).
+(chute.intake.drops), what a dead owner left running (chute.execution.owners, done before this).
 Crash safety: an accepted run is known by its queue/<run_id>.yaml, removed only after the
 run's final run.json is durable, so queue/ lists exactly the runs to resume: queued ones
 start, stopped or running ones resume in place from their finished stages (output.json
@@ -19,14 +19,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from chute import atomic, control
 from chute.clock import Clock
 from chute.engine import runs
 from chute.engine.loop import Engine
-from chute.intake import Intake, Outcome
-from chute.metrics import Metrics
+from chute.intake import control
+from chute.intake.drops import Intake, Outcome
+from chute.observe.metrics import Metrics
 from chute.spec import SpecError
-from chute.spool import Spool
+from chute.store import atomic
+from chute.store.spool import Spool
 
 from .fires import Fires
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from chute import logs, retention
 from chute.config import Config, ConfigError, load_config
-from chute.http import HttpError, read_token
-from chute.spool import sync_roots
-from chute.topology import Topology, read_topology
+from chute.observe import logs
+from chute.observe.http import HttpError, read_token
+from chute.scheduling.topology import Topology, read_topology
+from chute.store import retention
+from chute.store.spool import sync_roots
 from chute.units import format_size
 
 if TYPE_CHECKING:

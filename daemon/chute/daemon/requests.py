@@ -2,14 +2,14 @@
 
 Owns: what each request does to the daemon's runs and schedules, and what becomes of a
 request that cannot be carried out (rejected, or kept for a later pass). Not here: reading
-and checking a request, who may make it, and moving it to rejected/ (chute.control);
+and checking a request, who may make it, and moving it to rejected/ (chute.intake.control);
 making a retry's run (chute.engine.runs).
 Crash safety: a request's effect is durable before its file is removed (a cancel as
 runs/<id>/cancel.json, a retry as its run's folder and queue file, an unschedule as the
 schedule file's removal, synced), so a request a crash interrupts is carried out once at
 the next start: a replay is a no-op or finishes the work.
 Diagnostics: a bad or refused request goes to rejected/ with its reason and one WARNING
-line (chute.control); the environment (a full disk) is one ERROR line per request and
+line (chute.intake.control); the environment (a full disk) is one ERROR line per request and
 errno, and the request waits; a chute bug is a traceback, and the request is left until
 the next start.
 """
@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from chute import control
 from chute.clock import Clock
 from chute.config import Config
 from chute.engine import runs
 from chute.engine.loop import Engine
-from chute.metrics import Metrics
-from chute.spool import Spool
+from chute.intake import control
+from chute.observe.metrics import Metrics
+from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Requests:
         node: Callable[[], tuple[int, int]],
         unschedule: Callable[[str], None],
     ) -> None:
-        """`config()`: the live config (who may act: chute.control.authorize); `node()`:
+        """`config()`: the live config (who may act: chute.intake.control.authorize); `node()`:
         the node's CPUs and memory; `unschedule(name)`: drop a schedule the daemon holds."""
         self.spool = spool
         self.clock = clock

@@ -5,10 +5,10 @@ work and returns the seconds until its next duty; `run` waits that long in the r
 its duties on timers (rescans, control requests, status, the watchdog, retention), the
 stop (SIGTERM: intake closed, running tasks get `stop_timeout`), signals and reload
 requests, and what follows a run's end. Not here: each part's own work: taking files
-(chute.daemon.admission, chute.intake), schedules (chute.daemon.fires), control requests
+(chute.daemon.admission, chute.intake.drops), schedules (chute.daemon.fires), control requests
 (chute.daemon.requests), recovery (chute.daemon.recovery), status (chute.daemon.status),
 reports and retention (chute.daemon.upkeep), reload (chute.daemon.reload), runs
-(chute.engine), processes (chute.local).
+(chute.engine), processes (chute.execution.local).
 Crash safety: see chute.daemon.recovery; the loop itself keeps nothing that a restart
 needs.
 Diagnostics: a configuration or spool the operator must fix: one ERROR line and
@@ -27,18 +27,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from chute import __version__, logs, owners
+from chute import __version__
 from chute.clock import Clock
 from chute.config import Config
 from chute.engine.loop import ActiveRun, Engine
-from chute.executor import Result
-from chute.http import HttpError, Server, health, read_token, serve
-from chute.intake import Intake, Scheduled, Watcher
-from chute.local import LocalExecutor
-from chute.metrics import Metrics
-from chute.notify import Notifier
+from chute.execution import owners
+from chute.execution.executor import Result
+from chute.execution.local import LocalExecutor
+from chute.intake.drops import Intake, Scheduled, Watcher
+from chute.observe import logs
+from chute.observe.http import HttpError, Server, health, read_token, serve
+from chute.observe.metrics import Metrics
+from chute.observe.notify import Notifier
 from chute.reactor import Reactor
-from chute.spool import Spool, sync_roots
+from chute.store.spool import Spool, sync_roots
 
 from . import reload as reloading
 from .admission import Admission
@@ -114,7 +116,7 @@ class Daemon:
             assert self.http is not None
             self.http.start()
             self.notifier.ready(self.status.text())
-            logs.hold()  # the loop's lines go out once per turn (chute.logs)
+            logs.hold()  # the loop's lines go out once per turn (chute.observe.logs)
             try:
                 while not self.done:
                     timeout = self.step(self.clock.monotonic())

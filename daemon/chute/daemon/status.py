@@ -2,8 +2,8 @@
 
 Owns: the document `chute status`, `chute show` and `chute run --here` read
 (state/status.json), the engine gauges published to the metrics, and the one-line STATUS
-sent to systemd. Not here: the metrics registry (chute.metrics), why a run waits
-(chute.engine.reasons), /healthz (chute.http, given the loop's tick by the service).
+sent to systemd. Not here: the metrics registry (chute.observe.metrics), why a run waits
+(chute.engine.reasons), /healthz (chute.observe.http, given the loop's tick by the service).
 Crash safety: status.json is volatile (rewritten every second, no fsync): after a crash it
 is stale until the next daemon writes it; `chute status` trusts the lock, not this file.
 """
@@ -15,16 +15,16 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from chute import atomic
 from chute.clock import Clock, rfc3339
 from chute.config import Config
 from chute.engine import reasons
 from chute.engine.loop import Engine
-from chute.http import Server
-from chute.metrics import Metrics, Snapshot
-from chute.notify import Notifier
-from chute.spool import Spool
-from chute.topology import Topology
+from chute.observe.http import Server
+from chute.observe.metrics import Metrics, Snapshot
+from chute.observe.notify import Notifier
+from chute.scheduling.topology import Topology
+from chute.store import atomic
+from chute.store.spool import Spool
 
 from .fires import Fires
 

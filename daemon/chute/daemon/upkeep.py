@@ -2,11 +2,11 @@
 
 Owns: the finished runs whose report.html is still to be drawn and when it is drawn; when
 retention runs and what it remembers between passes. Not here: drawing a page
-(chute.report), what retention removes (chute.retention), ending what dead `chute run`s
-left (chute.owners).
+(chute.observe.report), what retention removes (chute.store.retention), ending what dead `chute
+run`s left (chute.execution.owners).
 Crash safety: a page is a derived file; a run whose page a crash lost simply has none
 (`chute show` draws its text timeline from run.json and manifest.json anyway). Retention's
-own steps are crash-safe (chute.retention).
+own steps are crash-safe (chute.store.retention).
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import time
 from collections import deque
 from pathlib import Path
 
-from chute import owners, report, retention
 from chute.config import Config
 from chute.engine.loop import Engine
-from chute.spool import Spool
+from chute.execution import owners
+from chute.observe import report
+from chute.store import retention
+from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ class Retention:
         self.spool = spool
         self.engine = engine
         self.changed = False  # a reload changed the rules: a pass at once
-        self._swept = False  # the first pass sweeps pipelines/ (chute.retention)
+        self._swept = False  # the first pass sweeps pipelines/ (chute.store.retention)
         self._cache_sizes: dict[str, tuple[int, int]] = {}  # retention's measures of cache/
 
     def run(self, config: Config, now: float) -> float:

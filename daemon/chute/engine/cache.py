@@ -10,7 +10,7 @@ made it (retention may remove that run):
 The files are shared by hard link with the run that made them and every run that used them,
 so they are made read-only: a task that wants to change an artifact it was given writes a
 new file. Not here: when the cache is consulted and kept, and the group commit that makes an
-entry durable (chute.engine.loop); rewriting the data's paths (chute.outputs.relocate).
+entry durable (chute.engine.loop); rewriting the data's paths (chute.store.outputs.relocate).
 Crash safety: entry.json is the entry's commit point, one file written atomically after its
 files are in place (their names and contents synced in the same group commit, before it):
 without it there is no entry, with it the entry is whole, and it pairs an output with the
@@ -22,7 +22,7 @@ Diagnostics: an entry that cannot be used (unreadable, or a file it lists is gon
 Unusable, whose text says why: the caller warns and runs the stage (a miss, never a
 failure). An entry that cannot be kept is one WARNING line; the run goes on.
 Limits: root ignores the read-only mode: a task run as root can still change a cached file
-in place, for every run that shares it. Removing old entries is chute.retention's, which sees
+in place, for every run that shares it. Removing old entries is chute.store.retention's, which sees
 an entry as a folder cache/<key>/ whose mtime says when it was last stored or used (`touch`).
 """
 
@@ -41,8 +41,8 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, taskfiles
 from chute.spec.model import Stage
+from chute.store import atomic, taskfiles
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Entry:
 
 def lookup(cache_dir: Path, key: str) -> Entry | None:
     """The entry of `key`, None when there is none; Unusable when what is there cannot be
-    used. Read as a task's files (chute.taskfiles: a task reaches cache/ through its run
+    used. Read as a task's files (chute.store.taskfiles: a task reaches cache/ through its run
     folder's parents): never through a link, never blocking, within bounds."""
     folder = cache_dir / key
     try:
@@ -265,7 +265,7 @@ def _copy(source: str, dest: Path) -> None:
 
 
 def touch(cache_dir: Path, key: str) -> None:
-    """Mark the entry used now (its folder's mtime): retention (chute.retention) removes the
+    """Mark the entry used now (its folder's mtime): retention (chute.store.retention) removes the
     least recently used first, and never one used within its grace. No entry: nothing."""
     with contextlib.suppress(OSError):
         os.utime(cache_dir / key, follow_symlinks=False)

@@ -31,7 +31,7 @@ from typing import Any
 
 from chute.clock import rfc3339
 from chute.engine.retry import retry_delay, should_retry
-from chute.executor import Result
+from chute.execution.executor import Result
 from chute.spec.model import Pipeline, Stage
 
 STAGE_OK = frozenset({"succeeded", "cached", "fallback"})

@@ -4,9 +4,9 @@ Owns: the cores each running task holds, turning a unit into a Task (folders,
 environment, inputs), turning a Result into output files, when run.json and
 manifest.json are written, and the report of why units wait (`waiting`, once a second;
 its words: chute.engine.reasons). Not here: stage states (chute.engine.dag), the units waiting for
-CPUs and which of them the allocator sees (chute.engine.waitlist), processes (chute.local),
-which cores (chute.allocator).
-Crash safety: all writes of one loop step go out in one group commit (chute.atomic), a
+CPUs and which of them the allocator sees (chute.engine.waitlist), processes
+(chute.execution.local), which cores (chute.scheduling.allocator).
+Crash safety: all writes of one loop step go out in one group commit (chute.store.atomic), a
 unit's output.json before the manifest that points at it, and a run's final manifest
 before its final run.json. A stage's output.json is its idempotent "done" mark: it is
 written once, after the task ended, so a crash leaves the stage done or not run (a call:
@@ -46,17 +46,19 @@ from typing import Any, Protocol
 
 import orjson
 
-from chute import allocator, atomic, runner
 from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.engine import cache, reasons
 from chute.engine.dag import STAGE_FINAL, STAGE_OK, RunGraph, StageRun, Unit
 from chute.engine.waitlist import Waitlist
-from chute.executor import Context, Executor, Mark, Result, Task
+from chute.execution import runner
+from chute.execution.executor import Context, Executor, Mark, Result, Task
 from chute.faults import crash_point
-from chute.outputs import data_hash, digest, document, relocate, scan_artifacts
+from chute.scheduling import allocator
+from chute.scheduling.topology import Topology, format_cpulist
 from chute.spec.model import Pipeline
-from chute.spool import Spool
-from chute.topology import Topology, format_cpulist
+from chute.store import atomic
+from chute.store.outputs import data_hash, digest, document, relocate, scan_artifacts
+from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ class ActiveRun:
 
 
 class EngineEvents(Protocol):
-    """What the engine reports as it happens (chute.metrics.Metrics is one); plain calls,
+    """What the engine reports as it happens (chute.observe.metrics.Metrics is one); plain calls,
     on the loop's thread, so the engine needs no metrics library."""
 
     def run_started(self, dropped_at: float | None, wall: float) -> None: ...

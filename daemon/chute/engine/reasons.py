@@ -3,7 +3,7 @@
 Owns: the words for what a task, stage or run not started waits for, the report
 Engine.waiting makes (runs in queue order, each with its waiting stages), and that
 report's JSON form, which state/status.json, `chute status`, `chute show` and
-GET /api/v1/runs/<id> share. Not here: deciding a reason (chute.allocator says why a
+GET /api/v1/runs/<id> share. Not here: deciding a reason (chute.scheduling.allocator says why a
 request does not fit, chute.engine.waitlist which stage it concerns, chute.engine.loop
 what pauses the engine), writing the status (the daemon).
 Pure: no I/O, no clock; times are epoch seconds given in.
@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from chute import allocator
 from chute.clock import rfc3339
+from chute.scheduling import allocator
 from chute.units import format_size
 
 DISK, STOPPING, RETRY, DEPENDENCY, HELD, SCHEDULE = (

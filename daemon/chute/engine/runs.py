@@ -3,13 +3,13 @@ what start-up does with a run it finds in queue/.
 
 Owns: the step from "a validated spec" to "an ActiveRun the engine can drive", a retry
 (which stages of an earlier run it keeps, copying them), a run's cancel mark, and the
-recovery decision for one queued run. Not here: the folder's files (chute.rundir), the
-loop (chute.engine.loop), control requests (chute.control).
+recovery decision for one queued run. Not here: the folder's files (chute.store.rundir), the
+loop (chute.engine.loop), control requests (chute.intake.control).
 Crash safety: the run folder with spec.yaml and run.json exists durably before the run is
-handed to the engine (chute.rundir.create). A retry's run records what it retries
+handed to the engine (chute.store.rundir.create). A retry's run records what it retries
 (trigger {"type": "retry", "source": <old id>}); each kept stage is copied to
 stages/.copy-<name>, the paths its output.json names in the old run moved to the new one
-(chute.outputs.relocate: the new run never needs the old folder), synced, then renamed
+(chute.store.outputs.relocate: the new run never needs the old folder), synced, then renamed
 into place, so a stage folder is there whole or not at all; then queue/<new id>.yaml is
 written. A retry replayed after a crash (same new run id) finds that run, copies what is
 missing and writes the queue file; once the queue file exists, recovery resumes the run and
@@ -41,15 +41,16 @@ from typing import Any
 
 import orjson
 
-from chute import atomic, names, rundir, taskfiles
+from chute import names
 from chute.clock import parse_rfc3339, rfc3339
 from chute.engine.dag import STAGE_FINAL, UNIT_FINAL, Reused, RunGraph
 from chute.engine.loop import ActiveRun
 from chute.faults import crash_point
-from chute.outputs import relocate
 from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
-from chute.spool import Spool
+from chute.store import atomic, rundir, taskfiles
+from chute.store.outputs import relocate
+from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +480,7 @@ def abandon_retry(spool: Spool, new_id: str, old_id: str, reason: str, now: floa
 
 def _record_if_made(folder: Path) -> dict[str, Any] | None:
     """run.json of the run in `folder`, None when there is none (a folder without one is
-    half made, and chute.rundir.create makes it again)."""
+    half made, and chute.store.rundir.create makes it again)."""
     try:
         record = rundir.read_json(folder / "run.json")
     except FileNotFoundError:
@@ -535,7 +536,7 @@ def cancel_stopped(spool: Spool, run_id: str, now: float) -> dict[str, Any]:
 
 def _read(path: Path) -> bytes:
     """A file of a run folder, read as a task's file (a task may have replaced it by a FIFO
-    or a folder: chute.taskfiles), within rundir.JSON_LIMIT."""
+    or a folder: chute.store.taskfiles), within rundir.JSON_LIMIT."""
     return taskfiles.read_regular(str(path), rundir.JSON_LIMIT)
 
 

@@ -536,8 +536,8 @@ CRON_PATTERN = (
 
 class Cron(Type):
     """Five crontab fields. The schema's pattern holds each field's values; APScheduler (and
-    chute.schedules for weekdays) also checks what a pattern cannot: a range's order and a
-    step wider than the field."""
+    chute.scheduling.schedules for weekdays) also checks what a pattern cannot: a range's order and
+    a step wider than the field."""
 
     hint = "5 fields: minute hour day month weekday, like '0 2 * * *'"
 
@@ -552,7 +552,9 @@ class Cron(Type):
             return cx.report(
                 node.line, path, f"{node.value!r} has {len(parts)} fields; expected {self.hint}"
             )
-        from chute.schedules import crontab_weekdays  # crontab numbering: 0 and 7 are Sunday
+        from chute.scheduling.schedules import (
+            crontab_weekdays,  # crontab numbering: 0 and 7 are Sunday
+        )
 
         bad: list[str] = []
         for (name, label), part in zip(CRON_FIELDS.items(), parts, strict=True):

@@ -4,7 +4,7 @@ Owns: incoming/, state/intake/ (claims), writing queue/<run_id>.yaml, schedules/
 (with its owner record) and rejected/ with its <file>.error.json; the identity of a dropped
 file (file_id: run.json's trigger.file_id, error.json's file_id), by which `chute submit`
 finds what became of its file; the inotify watch on incoming/ and schedules/.
-Not here: parsing and validating a spec (chute.spec), a run folder's files (chute.rundir),
+Not here: parsing and validating a spec (chute.spec), a run folder's files (chute.store.rundir),
 starting runs and reading schedules/ (the daemon, chute.engine), when to rescan (the daemon).
 Crash safety: every transition is a rename on one filesystem, and a file is in exactly one
 of incoming/ → state/intake/<run_id>__<name> → {runs/<run_id>/ + queue/<run_id>.yaml,
@@ -28,7 +28,7 @@ made before instead of making a second run. Crash points, and what start-up (rec
      leaves the same state; the next scan finishes it and reports the run as Accepted.
      A claim whose handover is still in the writer thread is not touched by a scan.)
   4. queue file written, claim not yet unlinked: as 3, nothing to write.
-  5. recurring: state/owners/<name>.json (who dropped it, chute.owners), then
+  5. recurring: state/owners/<name>.json (who dropped it, chute.execution.owners), then
      schedules/<name>.yaml written, claim not unlinked: redo writes the same record and bytes
      again (the claim's unlink is fsynced, so an older claim never overwrites a newer
      schedule).
@@ -70,15 +70,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from chute import access, atomic, rundir
 from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.config import Config
 from chute.engine.runs import submitter
+from chute.intake import access
 from chute.names import is_run_id
 from chute.spec import Issue, SpecError, load_bytes
 from chute.spec.load import read_upto
 from chute.spec.model import Pipeline
-from chute.spool import Spool
+from chute.store import atomic, rundir
+from chute.store.spool import Spool
 from chute.units import format_size
 
 log = logging.getLogger(__name__)
@@ -981,7 +982,7 @@ def file_id(st: os.stat_result) -> str:
     """`<st_dev>:<st_ino>`: which file was dropped, as run.json's trigger.file_id, an
     error.json's file_id and a schedule's owner record carry it. `chute submit` knows it of
     the file it placed (a rename keeps the inode), and holds the file open until it has found
-    its outcome, so no other file can have that identity meanwhile (chute.submission)."""
+    its outcome, so no other file can have that identity meanwhile (chute.intake.submission)."""
     return f"{st.st_dev}:{st.st_ino}"
 
 

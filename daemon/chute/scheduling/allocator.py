@@ -3,8 +3,8 @@
 Owns: the order of the ready queue, the placement of a task on NUMA nodes and cores, and
 the policies `fifo-first-fit` (default), `best-fit` and `backfill`. Pure: no I/O and no
 clock; `now` is an argument, so the engine, the tests and tests/bench replay the same code
-with a simulated clock. Not here: reading the node (chute.topology), pinning and running
-(chute.runner), task states (chute.engine).
+with a simulated clock. Not here: reading the node (chute.scheduling.topology), pinning and running
+(chute.execution.runner), task states (chute.engine).
 Crash safety: nothing is stored; after a restart the engine rebuilds `running` from the
 grants of the tasks it resumed and asks again.
 Diagnostics: a request that can never fit the node (more cpus or memory than the topology
@@ -45,7 +45,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from chute.topology import Topology
+from chute.scheduling.topology import Topology
 
 POLICIES = ("fifo-first-fit", "best-fit", "backfill")
 CPUS, MEMORY, BACKFILL, NODE = "cpus", "memory", "backfill", "node"

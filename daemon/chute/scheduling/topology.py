@@ -2,8 +2,8 @@
 
 Owns: reading the affinity mask, `<sysfs>/devices/system/node/node*/{cpulist,meminfo}`, and
 the config keys `cpus`, `reserve_cpus` and `memory`; the kernel's cpulist text form
-(`4-5,8`). Not here: handing cores to tasks (chute.allocator), pinning them (chute.runner),
-the config file itself (chute.config).
+(`4-5,8`). Not here: handing cores to tasks (chute.scheduling.allocator), pinning them
+(chute.execution.runner), the config file itself (chute.config).
 Crash safety: reads only; a Topology is an immutable value, rebuilt on SIGHUP.
 Diagnostics: a bad `cpus`/`reserve_cpus`/`memory` value is a user mistake: ValueError whose
 message starts with the key and says what would be right. An unreadable sysfs file is an

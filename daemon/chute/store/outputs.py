@@ -22,9 +22,9 @@ from typing import Any
 
 import orjson
 
-from chute import taskfiles
-from chute.atomic import dumps
 from chute.clock import rfc3339
+from chute.store import taskfiles
+from chute.store.atomic import dumps
 
 
 def digest(blob: bytes) -> str:

@@ -3,7 +3,8 @@
 Owns: one selector that waits for everything (each run: task's pidfd and output pipe, each
 worker's pipe and sentinel, each tracked orphan's pidfd, a wake-up pipe), the deadlines of
 all of them, and the orphan sweep. Not here: one run: task's spawn, pinning and kill escalation
-(chute.runner), call: workers (chute.pool), what a task means to a run (chute.engine).
+(chute.execution.runner), call: workers (chute.execution.pool), what a task means to a run
+(chute.engine).
 
 No process a task started outlives the task. A task's main process leads its own process
 group; when it ends (any reason) the group gets SIGTERM while the unreaped main process
@@ -26,11 +27,11 @@ new process group or session except through this executor.
 A run: task's Result is given when its main process is reaped and no orphan of it remains
 (or at most 5 s after its SIGKILL, for a process stuck in the kernel, with an ERROR line),
 never later for want of EOF on its output pipe: what the pipe holds then is drained without
-blocking and the pipe closed (chute.runner.LogPipe caps the log at `log_limit`).
+blocking and the pipe closed (chute.execution.runner.LogPipe caps the log at `log_limit`).
 Reaping is by pid only (Popen.poll for main processes, waitpid(pid) for orphans), never
 waitpid(-1), which would steal the children of Popen and multiprocessing.
 
-Cgroups, when the owner has them (chute.cgroups: a writable cgroup v2 group): each run:
+Cgroups, when the owner has them (chute.execution.cgroups: a writable cgroup v2 group): each run:
 task runs in a group of its own, which it joins before its command runs, and the call:
 workers in the owner's pool group. A task's SIGKILL also goes to its whole group
 (cgroup.kill), and its Result is given once its group is empty and removed: what is left
@@ -39,7 +40,7 @@ Without cgroups the subreaper and the cookie hold: an escapee can only hide by b
 clearing its environment and moving into the daemon's process group, and it still dies at
 close(); after a crash, one that cleared its environment and left its group survives.
 Crash safety: nothing durable is written here. Each task's process group and each worker
-is appended to the owner's record as it starts (chute.owners), and the groups are made
+is appended to the owner's record as it starts (chute.execution.owners), and the groups are made
 under the owner's recorded group: if the owner dies, its children are reparented to init
 (or systemd), and the next daemon start (or `chute gc`) ends them from that record.
 Diagnostics: task failures are Results; an orphan that survives SIGKILL is one ERROR line
@@ -76,14 +77,14 @@ from dataclasses import dataclass
 
 import psutil
 
-from chute import cgroups, runner
 from chute.clock import Clock
-from chute.executor import Result, Task
-from chute.owners import Owner
-from chute.pool import Pool
+from chute.execution import cgroups, runner
+from chute.execution.executor import Result, Task
+from chute.execution.owners import Owner
+from chute.execution.pool import Pool
+from chute.execution.runner import RunProcess
 from chute.reactor import Reactor
-from chute.runner import RunProcess
-from chute.topology import format_cpulist
+from chute.scheduling.topology import format_cpulist
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class _Spawner:
     ~35% of the loop in a burst of runs, during which it can now record results and
     take files (the GIL is free while a spawn waits). A thread per core set, because a
     child inherits its parent thread's affinity: started from a thread already there,
-    a task is pinned without any move (chute.runner.spawn skips the system calls).
+    a task is pinned without any move (chute.execution.runner.spawn skips the system calls).
     """
 
     def __init__(
@@ -193,7 +194,7 @@ class LocalExecutor:
         owner: Owner | None = None,
         log_limit: int = runner.DEFAULT_LOG_LIMIT,
     ):
-        """`owner`: who starts these tasks (chute.owners): each run: task gets a cgroup of
+        """`owner`: who starts these tasks (chute.execution.owners): each run: task gets a cgroup of
         its own under the owner's, and the call: workers join its pool group, when the
         owner has one; each task's process group and each worker is recorded as it starts
         (the spawner thread records a task before anything else happens there), so that a

@@ -3,7 +3,7 @@
 Owns: the fire times of `schedule:` blocks (cron, at, every), the misfire and overlap
 decisions, and `<state>/schedules.json` ({name: {"last_fire", "anchor", "trigger"}}, plus
 "held": {"fire_time", "missed"} while `overlap: queue` holds a fire).
-Not here: reading schedules/ (chute.spool), creating runs (chute.engine), the loop that
+Not here: reading schedules/ (chute.store.spool), creating runs (chute.engine), the loop that
 sleeps until `next_wakeup` (the daemon), parsing and validating the block (chute.spec).
 
 APScheduler 3.x's CronTrigger matches the cron fields; chute runs its own step loop
@@ -34,7 +34,7 @@ again: same run id, no second run. `due` never proposes a fire time at or before
 recorded last fire, so a backward clock jump cannot fire one twice. A fire `overlap: queue`
 holds is recorded and held in one write (`hold`), so a restart keeps it; the daemon
 `release`s it once its run exists.
-Crash safety: schedules.json is replaced atomically (chute.atomic.write_json) by `set`
+Crash safety: schedules.json is replaced atomically (chute.store.atomic.write_json) by `set`
 (new or changed schedule), `record`, `hold`, `release`, `remove` and `retain`.
 Diagnostics: an unreadable schedules.json is an environment problem: one ERROR line, and
 the schedules start without recorded fires (a fire the runs/ folder already holds keeps
@@ -61,8 +61,8 @@ from zoneinfo import ZoneInfo
 import orjson
 from apscheduler.triggers.cron import CronTrigger
 
-from chute.atomic import write_json
 from chute.spec.model import Schedule
+from chute.store.atomic import write_json
 
 log = logging.getLogger(__name__)
 

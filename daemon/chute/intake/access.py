@@ -1,4 +1,4 @@
-"""Who submitted each run and schedule, and who may act on it (processes: chute.owners).
+"""Who submitted each run and schedule, and who may act on it (processes: chute.execution.owners).
 
 Owns: the rules. A file may be dropped by anyone who can write incoming/, or only by the
 `submitters` when the config lists some. A run may be cancelled or retried, and a schedule
@@ -6,8 +6,8 @@ unscheduled or replaced, by its submitter, root, the daemon's own user, and the 
 (users, or members of groups, in the config). Also state/owners/<schedule>.json, the record
 of who submitted each schedule and from which dropped file ({schedule, submitted_by: {uid,
 user}, source, file_id, accepted_at}); a run keeps the same facts in its run.json
-(submitted_by, trigger.source, trigger.file_id). Not here: taking files (chute.intake, which
-writes the record and applies the rules to drops), reading requests (chute.control, which
+(submitted_by, trigger.source, trigger.file_id). Not here: taking files (chute.intake.drops, which
+writes the record and applies the rules to drops), reading requests (chute.intake.control, which
 applies them to requests).
 Why a record of its own: schedules/<name>.yaml is the daemon's copy of the bytes, owned by
 the daemon's user, so neither its owner nor its content says who dropped it.
@@ -35,9 +35,9 @@ from typing import Any
 
 import orjson
 
-from chute import atomic
 from chute.config import Config
-from chute.spool import Spool
+from chute.store import atomic
+from chute.store.spool import Spool
 
 FOLDER = "owners"
 

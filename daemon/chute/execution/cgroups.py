@@ -9,11 +9,11 @@ Owns: chute's folders in the cgroup v2 hierarchy (its mount found in /proc/self/
 <base> is the group the owner process was in when it started; <spool id> a hash of the
 spool's real path, so daemons on two spools never touch each other's groups; <owner> is
 `daemon` or `foreground-<run_id>` (`chute run`, or `chute retry` without a daemon), and
-the owner's lock in state/ says whether it still lives (chute.owners). A daemon outside
+the owner's lock in state/ says whether it still lives (chute.execution.owners). A daemon outside
 the root group (systemd with Delegate=yes) first moves itself into the leaf <base>/daemon:
 a group with processes of its own cannot hand controllers to its children, and limits per
-task will need them. Not here: which owner is dead (chute.owners); the processes
-(chute.runner, chute.pool, chute.local).
+task will need them. Not here: which owner is dead (chute.execution.owners); the processes
+(chute.execution.runner, chute.execution.pool, chute.execution.local).
 
 Joining before the program runs: a cgroup fences only what joined it before it forked
 (PITFALLS). Python 3.11 has no clone3(CLONE_INTO_CGROUP), so a run: task moves itself
@@ -27,9 +27,9 @@ none of the daemon's). A `preexec_fn` instead cost 0.3–0.5 ms more of the daem
 (Popen must fork instead of vfork) and runs Python in the forked child of a threaded
 process; writing the pid from the parent after Popen is as cheap as the shell, but leaves
 a window in which the task may fork outside its group. A call: worker joins its owner's
-pool group itself, first thing after it is forked (chute.pool).
+pool group itself, first thing after it is forked (chute.execution.pool).
 A task whose move fails does not run: its shell exits JOIN_FAILED after JOIN_NOTE in its
-log (chute.runner names the group in the Result's error); a group that cannot be made
+log (chute.execution.runner names the group in the Result's error); a group that cannot be made
 fails the task's start.
 
 Ending: `cgroup.kill` (Linux 5.14+) SIGKILLs everything in a group and its subgroups at
@@ -38,15 +38,15 @@ frozen (cgroup.freeze, 5.2+) and each member gets SIGKILL until none is left. A 
 before that goes to each member through a pidfd, after /proc says the pid still names a
 member: a recycled pid is never hit.
 Crash safety: nothing durable: groups, like processes, are gone after a reboot. An owner
-records its group's path (chute.owners) before making it, so a restart finds it.
+records its group's path (chute.execution.owners) before making it, so a restart finds it.
 Diagnostics: where no group can be made (no cgroup2 mount, no write access: under
 systemd, Delegate=yes) `setup` returns the reason, which the daemon logs once at start;
 tasks are then fenced as before (process groups, the subreaper, the task cookie).
-Leftovers: `owner_groups` lists a spool's owner groups; chute.owners decides which owner
+Leftovers: `owner_groups` lists a spool's owner groups; chute.execution.owners decides which owner
 is dead and ends them (`signal_members`, `kill`, `wait_empty`, `remove_tree`).
 Limits: call: tasks share their owner's pool group (a worker runs many calls): nothing
 per call: task. A limit per task (memory, pids) goes into the group between
-OwnerGroup.task() and the spawn (both in the spawner thread, chute.local); the controllers
+OwnerGroup.task() and the spawn (both in the spawner thread, chute.execution.local); the controllers
 here are cgroup v1 (memory, pids at /sys/fs/cgroup/<name>), which need groups of their own
 in those hierarchies, named like these. Without cgroup.kill, killing a group waits (at
 most EMPTY_WAIT) on the caller's thread.
@@ -185,7 +185,7 @@ def base(*, leaf: bool) -> Path | None:
 
 def owner_groups(spool_root: Path, *, leaf: bool) -> dict[str, Path]:
     """The owner groups of a spool under this process's base (see `base`), by owner name:
-    what a restart looks at for leftovers (chute.owners decides whose owner is dead)."""
+    what a restart looks at for leftovers (chute.execution.owners decides whose owner is dead)."""
     here = base(leaf=leaf)
     if here is None:
         return {}
@@ -361,7 +361,7 @@ def setup(
 ) -> OwnerGroup | str:
     """Make the owner's group (and its pool group), or say why there can be none.
 
-    `note(path)` is called before the group is made (the owner records it: chute.owners).
+    `note(path)` is called before the group is made (the owner records it: chute.execution.owners).
     With `leaf` (the daemon), a process outside the root group first moves itself into the
     leaf <base>/daemon, beside the groups it makes.
     """

@@ -2,13 +2,14 @@
 
 Owns: one task's folders (Task.folders), its main process (a Popen in its own process
 group, and in its own cgroup when it has one: a shell joins it before the command runs,
-chute.cgroups.join_argv) and its pidfd, the task's deadline and its SIGTERM → grace →
+chute.execution.cgroups.join_argv) and its pidfd, the task's deadline and its SIGTERM → grace →
 SIGKILL escalation (the SIGKILL to its process group and its cgroup),
 the task's output pipe and the copy of it into the log up to the log limit (LogPipe), and
 turning the exit into a Result (CHUTE_OUTPUT read, checked and removed). Also the small
 /proc readers the orphan sweep uses (our children, a process's state and group, its
 CHUTE_TASK_KEY cookie, its tree).
-Not here: the selector loop and the orphan sweep (chute.local), `call:` tasks (chute.pool).
+Not here: the selector loop and the orphan sweep (chute.execution.local), `call:` tasks
+(chute.execution.pool).
 
 The log cap: a task's stdout and stderr are one pipe, not the log file, so a task that
 writes without end cannot fill the disk. The executor's selector says when the pipe has
@@ -28,13 +29,13 @@ Diagnostics: a task's own failure (exit code, signal, timeout, bad output) is th
 one-line `error`, never a log line of ours. A task that cannot start (missing program,
 missing cwd, unwritable log, bad cores) is a Result with an error naming the path and the
 errno text, so the engine records it like any failed attempt. A task's folder is hostile
-input: its log and CHUTE_OUTPUT are opened through chute.taskfiles (a FIFO, folder or link
+input: its log and CHUTE_OUTPUT are opened through chute.store.taskfiles (a FIFO, folder or link
 a task put there fails the attempt with a reason that says what is there; nothing blocks).
 A log that cannot be written while the task runs (disk full) is one ERROR line; the task's
 further output is discarded.
 Limits: the group is signalled only while the main process is an unreaped zombie or alive,
 so its pgid cannot have been recycled; processes that left the group are found by the
-orphan sweep in chute.local, not here. The limit is on the log file, earlier attempts
+orphan sweep in chute.execution.local, not here. The limit is on the log file, earlier attempts
 included: a retry after a capped attempt keeps only its own note. A running task holds
 three descriptors of the daemon (pidfd, pipe, log). A process that writes after its task's
 Result (one that survived SIGKILL) gets SIGPIPE.
@@ -56,8 +57,9 @@ from typing import Literal
 
 import orjson
 
-from chute import atomic, cgroups, taskfiles
-from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Result, Task
+from chute.execution import cgroups
+from chute.execution.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Result, Task
+from chute.store import atomic, taskfiles
 from chute.units import format_size
 
 log = logging.getLogger(__name__)
@@ -199,7 +201,7 @@ def make_folders(task: Task) -> None:
 def open_log(path: str, *, append: bool = False) -> int:
     """A descriptor at the end of the log `path`, creating it and its folder; SpawnError
     says why not (a task may have put a FIFO, a folder or a link there: never followed nor
-    waited on, see chute.taskfiles).
+    waited on, see chute.store.taskfiles).
 
     O_APPEND only with `append` (a call: worker's fds 1 and 2): splice(2) refuses to write
     to such a file (EINVAL), so a run: task's log pipe gets a plain descriptor.
@@ -358,7 +360,7 @@ class RunProcess:
         cgroup: Path | None = None,
     ):
         self.task = task
-        self.cgroup = cgroup  # the task's own cgroup (chute.cgroups), when it has one
+        self.cgroup = cgroup  # the task's own cgroup (chute.execution.cgroups), when it has one
         self.cgroup_killed_at: float | None = None  # SIGKILL for what was left in it
         self.log = log
         self.key = task.key
@@ -467,7 +469,7 @@ def spawn(
     cgroup: Path | None = None,
 ) -> RunProcess:
     """Start `task` in its own process group (and in `cgroup`, which it joins before its
-    command runs: chute.cgroups), pinned to `task.cores`, its output into a LogPipe;
+    command runs: chute.execution.cgroups), pinned to `task.cores`, its output into a LogPipe;
     SpawnError says why not."""
     assert task.command is not None, f"run: task {task.key} has no command"
     cmd = task.command

@@ -4,8 +4,8 @@ Owns: the worker processes (from a forkserver), their pipes, the queue of call t
 for a worker, each call's deadline and SIGTERM → grace → SIGKILL escalation, and what runs
 inside a worker around one call (its folders, affinity, log redirection and its cap,
 environment, sys.path, cwd, import, the call, the JSON check, the done-mark). Not here:
-the loop (chute.reactor, which chute.local hands this module), `run:` tasks
-(chute.runner).
+the loop (chute.reactor, which chute.execution.local hands this module), `run:` tasks
+(chute.execution.runner).
 
 Data flow (one duplex pipe per worker, so the pool always knows which task a worker runs):
 
@@ -17,12 +17,12 @@ Why not ProcessPoolExecutor: when one of its workers dies, every pending future 
 BrokenProcessPool and nothing says which task killed the worker.
 Crash safety: a succeeded call's done-mark (Task.mark) is put in place here, atomically but
 not synced (the engine's group commit syncs it); a call's log is appended to (O_APPEND),
-opened as a task's file (chute.taskfiles: a FIFO or link there fails the call, never
+opened as a task's file (chute.store.taskfiles: a FIFO or link there fails the call, never
 blocks the worker).
 A call must not go on after a crash of the daemon while the resumed run starts it again:
 a worker dies with its parent, the forkserver, which ends when the daemon does
 (PR_SET_PDEATHSIG), joins its owner's pool cgroup before it runs anything, and is recorded
-by its owner as it starts (chute.owners ends both after a crash); a call's own
+by its owner as it starts (chute.execution.owners ends both after a crash); a call's own
 subprocesses carry the task cookie (CHUTE_TASK_KEY is in os.environ during the call).
 Diagnostics: the user's mistakes (import errors, exceptions, bad return values) are the
 Result's one-line error, with tracebacks in the task's log, never in the daemon's.
@@ -66,11 +66,9 @@ from typing import Any
 import orjson
 import psutil
 
-from chute import atomic, outputs, taskfiles
 from chute.clock import Clock
-from chute.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Mark, Result, Task
-from chute.reactor import Reactor
-from chute.runner import (
+from chute.execution.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Mark, Result, Task
+from chute.execution.runner import (
     DEFAULT_LOG_LIMIT,
     TASK_KEY_VAR,
     SpawnError,
@@ -83,6 +81,8 @@ from chute.runner import (
     open_log,
     stop_message,
 )
+from chute.reactor import Reactor
+from chute.store import atomic, outputs, taskfiles
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def cap_log(path: str, limit: int) -> None:
     """Cut the log at `path` back to `limit` bytes plus the cap note, if it is longer.
 
     Best effort: a log we cannot open or cut is left as it is (the call's result stands);
-    one a task replaced by a FIFO or a link is not touched (chute.taskfiles).
+    one a task replaced by a FIFO or a link is not touched (chute.store.taskfiles).
     """
     try:
         fd = taskfiles.open_regular(path, os.O_WRONLY)
@@ -462,8 +462,8 @@ class Pool:
         cgroup: Path | None = None,
         on_worker: Callable[[int], None] | None = None,
     ):
-        """`cgroup`: the group every worker joins (chute.cgroups); `on_worker(pid)` is called
-        as each worker starts (the owner records it: chute.owners)."""
+        """`cgroup`: the group every worker joins (chute.execution.cgroups); `on_worker(pid)` is
+        called as each worker starts (the owner records it: chute.execution.owners)."""
         self._max_workers = _checked_max_workers(max_workers)
         self._cgroup = cgroup
         self._on_worker = on_worker
@@ -480,7 +480,7 @@ class Pool:
         # forkserver, not fork: the daemon has threads (HTTP, intake, scheduler), and a
         # fork of a threaded process may copy a lock some other thread held, for ever.
         self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["chute.pool"])
+        self._ctx.set_forkserver_preload(["chute.execution.pool"])
 
     @property
     def _max_idle(self) -> int:

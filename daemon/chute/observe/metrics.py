@@ -3,7 +3,7 @@
 Owns: a private CollectorRegistry (never the global one: tests and embedders may hold several
 daemons' worth of metrics in one process), the counters and histograms the loop and the
 engine bump as things happen, and the gauges that mirror engine state. Not here: serving
-them (chute.http), deciding anything (the daemon, chute.engine).
+them (chute.observe.http), deciding anything (the daemon, chute.engine).
 Threads: counters and histograms are bumped on the loop (and prometheus_client locks them);
 the HTTP thread only collects. Gauges that mirror the engine are read from a Snapshot, an
 immutable value the loop publishes once a second (Daemon._write_status), so a scrape never
@@ -42,7 +42,7 @@ REJECT_REASONS = (
     "bad_request",
 )
 RUN_STATES = ("succeeded", "failed", "cancelled", "interrupted")
-"""chute.rundir.FINAL_RUN_STATES: a `stopped` run has not finished; it counts once it has."""
+"""chute.store.rundir.FINAL_RUN_STATES: a `stopped` run has not finished; it counts once it has."""
 RUN_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
 STAGE_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 14400)
 INTAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

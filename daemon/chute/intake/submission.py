@@ -3,12 +3,12 @@ made of it.
 
 Owns: the name a submitted file gets in incoming/ (its own, else `<stem>.1.yaml`, `.2`, …,
 never one over another file), and finding the outcome of that file: its run, its schedule or
-its rejection. Not here: taking the file (chute.intake), following a run (chute.cli).
-How a drop knows its run: by the dropped file's identity (chute.intake.file_id: st_dev and
+its rejection. Not here: taking the file (chute.intake.drops), following a run (chute.cli).
+How a drop knows its run: by the dropped file's identity (chute.intake.drops.file_id: st_dev and
 st_ino, which both renames, into incoming/ and into intake's claim, keep). Intake records it
 in the run's trigger.file_id, in a rejection's error.json and in a schedule's owner record
-(chute.owners). A name is not enough: `job.yaml` dropped twice in one second names two runs
-with one source, and neither the daemon's clock nor ours orders them finer than that. An
+(chute.execution.owners). A name is not enough: `job.yaml` dropped twice in one second names two
+runs with one source, and neither the daemon's clock nor ours orders them finer than that. An
 identity is unique only while its file exists, so:
 - the submitter holds a read-only descriptor of its file until it has found the outcome: no
   other file can get that inode meanwhile, so no run made later can carry it;
@@ -38,9 +38,11 @@ from pathlib import Path
 
 import orjson
 
-from chute import access, atomic, names, rundir
-from chute.intake import ERROR_SUFFIX, file_id, is_spec_name
-from chute.spool import Spool
+from chute import names
+from chute.intake import access
+from chute.intake.drops import ERROR_SUFFIX, file_id, is_spec_name
+from chute.store import atomic, rundir
+from chute.store.spool import Spool
 
 POLL = 0.05  # seconds between looks at runs/ and rejected/
 

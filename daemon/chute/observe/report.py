@@ -1,9 +1,9 @@
 """The run report: one self-contained `report.html` per run, and the terminal timeline.
 
 Owns: `<run_dir>/report.html` (derived data: rebuilt from run.json and manifest.json, which
-it only reads; chute.rundir and chute.engine own those). Not here: the summary table text
+it only reads; chute.store.rundir and chute.engine own those). Not here: the summary table text
 (chute.cli), when a report is written (chute.cli `_foreground`, chute.daemon).
-Crash safety: the page is replaced atomically (`chute.atomic.write_volatile`, no fsync), so
+Crash safety: the page is replaced atomically (`chute.store.atomic.write_volatile`, no fsync), so
 a reader sees the old page or the new one; losing it loses nothing, `write_report` rebuilds
 it.
 Diagnostics: a page that cannot be built would be a chute bug: `write_report_or_log` logs
@@ -29,9 +29,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from chute import atomic, rundir
 from chute.clock import parse_rfc3339
-from chute.topology import format_cpulist
+from chute.scheduling.topology import format_cpulist
+from chute.store import atomic, rundir
 from chute.units import format_duration
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Where things live: the spool's folders, resolved once.
 
 Owns: the spool layout of docs/spool.md (incoming/, queue/, schedules/, rejected/, control/,
-runs/, pipelines/, cache/, state/). Not here: what moves between them (chute.intake),
-what a run folder holds (chute.rundir).
+runs/, pipelines/, cache/, state/). Not here: what moves between them (chute.intake.drops),
+what a run folder holds (chute.store.rundir).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from chute import atomic
 from chute.config import Config
+from chute.store import atomic
 
 FOLDERS = (
     "incoming",

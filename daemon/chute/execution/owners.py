@@ -5,7 +5,7 @@ Owns: the owners' records, state/tasks.log (the daemon's) and state/foreground/<
 a dead owner left (its cgroups, the process groups and call: workers it recorded, and
 processes whose environment names one of its runs); marking a dead foreground run
 `interrupted`. Not here: the daemon's spool lock (chute.daemon holds state/lock), the
-groups themselves (chute.cgroups), a live owner's processes (chute.local).
+groups themselves (chute.execution.cgroups), a live owner's processes (chute.execution.local).
 
 Ownership is a lock the owner holds for its whole life, never a pid that can be reused:
 the daemon holds state/lock; a foreground run's process holds an flock on
@@ -14,7 +14,7 @@ name is never seen unlocked while its owner lives. What an owner starts is appen
 its record as it starts it (not synced: it matters only while the machine stays up, as
 the processes do):
     owner <pid> <boot time>       first line of a foreground record
-    cgroup <path>                 before the owner's cgroup is made (chute.cgroups)
+    cgroup <path>                 before the owner's cgroup is made (chute.execution.cgroups)
     <pgid> <boot time> <key>      each run: task (it leads its process group)
     worker <pid> <boot time>      each call: worker (forked by the forkserver: no task
                                   process group, no cookie in its /proc environ)
@@ -60,11 +60,12 @@ from pathlib import Path
 
 import orjson
 
-from chute import atomic, cgroups, rundir
 from chute.clock import rfc3339
+from chute.execution import cgroups
+from chute.execution.runner import TASK_KEY_VAR, read_proc
 from chute.faults import crash_point
-from chute.runner import TASK_KEY_VAR, read_proc
-from chute.spool import Spool
+from chute.store import atomic, rundir
+from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 

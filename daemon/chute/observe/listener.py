@@ -7,7 +7,7 @@ total deadline (REQUEST_TIMEOUT from accept to the last byte of the response, no
 `recv`); the cap on handler threads (MAX_REQUESTS); and the fast lane: a request the
 endpoints answer without I/O (`/healthz`, `/metrics`) is answered by the event thread
 itself, without a handler thread, so it is served whatever other clients do.
-Not here: what the endpoints answer (chute.http).
+Not here: what the endpoints answer (chute.observe.http).
 Diagnostics: clients that are too slow, too big or malformed get 408, 431 or 400 and are
 closed; requests are logged at DEBUG only. Nothing a client does raises out of here.
 Limits: one request per connection (HTTP/1.0 style: `Connection: close`). At most

@@ -2,7 +2,7 @@
 
 Owns: the task and result values and the Executor protocol. The engine starts and stops
 tasks only through an Executor, so states, retries, cache and manifests are one code path
-for every backend. Not here: the local backend (chute.local), the engine (chute.engine).
+for every backend. Not here: the local backend (chute.execution.local), the engine (chute.engine).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Context:
 @dataclass(frozen=True, slots=True)
 class Mark:
     """A call: task's done-mark, which its worker writes when the call succeeds: the
-    stage's output.json (chute.outputs.document), put in place but not synced (the engine
+    stage's output.json (chute.store.outputs.document), put in place but not synced (the engine
     syncs it, as the ones it writes). The Result then carries it in `done`."""
 
     path: str  # the stage's (or shard's) output.json

@@ -4,9 +4,9 @@ Owns: how chute opens and reads a file a task could have replaced (its log, CHUT
 the run's own JSON files, cache entries): never following a link, never blocking (a FIFO
 with no writer, a device), used only when fstat of the open descriptor says a regular
 file, and read within a bound. Also what such a path is called in a message ("a FIFO").
-Not here: writing (chute.atomic, whose temp files are created, never opened), listing a
-task's artifacts (chute.outputs), what a failure means for the attempt or the run
-(chute.runner, chute.engine).
+Not here: writing (chute.store.atomic, whose temp files are created, never opened), listing a
+task's artifacts (chute.store.outputs), what a failure means for the attempt or the run
+(chute.execution.runner, chute.engine).
 Crash safety: nothing is written here.
 Diagnostics: a path that is not a regular file raises NotRegular, a file over its bound
 TooBig; both are OSErrors, so a caller that turns every OSError into the attempt's error

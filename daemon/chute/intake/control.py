@@ -13,9 +13,9 @@ request is renamed into rejected/, then its error.json is written; `repair` (at 
 writes an error.json a crash left out.
 Who may: the requester is the uid owning the request file (fstat of the descriptor it is
 read through; a file with other names, or writable by anyone, is refused, as intake refuses
-such drops); `authorize` applies chute.owners' rules: the submitter of the run or schedule,
-root, the daemon's user or an admin. The CLI knows its request's name, so it finds a refusal
-at rejected/<name>.error.json and prints its reason.
+such drops); `authorize` applies chute.execution.owners' rules: the submitter of the run or
+schedule, root, the daemon's user or an admin. The CLI knows its request's name, so it finds a
+refusal at rejected/<name>.error.json and prints its reason.
 Diagnostics: a bad request (not JSON, not an object, an unknown action, missing, unknown or
 mistyped fields, a name not of its kind's form, over MAX_SIZE, a symlink, FIFO, folder or
 hard link, world-writable, or from someone who may not) goes to rejected/<name> beside
@@ -39,12 +39,14 @@ from typing import Any, ClassVar
 
 import orjson
 
-from chute import access, atomic, names, rundir
+from chute import names
 from chute.config import Config
 from chute.faults import crash_point
-from chute.intake import ERROR_SUFFIX, rejected_path, write_report
+from chute.intake import access
+from chute.intake.drops import ERROR_SUFFIX, rejected_path, write_report
 from chute.spec.load import Issue, read_upto
-from chute.spool import Spool
+from chute.store import atomic, rundir
+from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +218,11 @@ def parse(data: bytes) -> Request:
 
 
 def authorize(spool: Spool, request: Request, requester: int, config: Config) -> None:
-    """BadRequest (reason not_owner) unless `requester` may make `request` (chute.owners): a
-    cancel or retry by the run's submitter (run.json's submitted_by.uid), an unschedule by
-    the schedule's (state/owners/), or by root, the daemon's user or an admin. A request
-    about a run or schedule that does not exist changes nothing and is let through (a retry
-    of one is refused by the retry itself)."""
+    """BadRequest (reason not_owner) unless `requester` may make `request`
+    (chute.execution.owners): a cancel or retry by the run's submitter (run.json's
+    submitted_by.uid), an unschedule by the schedule's (state/owners/), or by root, the daemon's
+    user or an admin. A request about a run or schedule that does not exist changes nothing and is
+    let through (a retry of one is refused by the retry itself)."""
     if isinstance(request, Unschedule):
         if not os.path.lexists(spool.schedules / f"{request.name}.yaml"):
             return

@@ -3,7 +3,7 @@
 Owns: the retention rules (the config's `retention:`) and removing what they condemn:
 finished run folders, the pipelines/<name>/latest links (and emptied folders) of removed
 runs, old rejected/ files with their .error.json, and cache/ entries past their age or
-beyond the cache's size. Not here: a run folder's files and finding runs (chute.rundir),
+beyond the cache's size. Not here: a run folder's files and finding runs (chute.store.rundir),
 what a cache entry holds (chute.engine.cache: here an entry is only a folder
 cache/<key>/), when a pass runs (the daemon, every minute; `chute gc`).
 
@@ -60,11 +60,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from chute import names, rundir
+from chute import names
 from chute.config import Config
 from chute.faults import crash_point
-from chute.intake import ERROR_SUFFIX
-from chute.spool import Spool
+from chute.intake.drops import ERROR_SUFFIX
+from chute.store import rundir
+from chute.store.spool import Spool
 
 GC_PREFIX = ".gc-"  # runs/.gc-<id>, cache/.gc-<key>: being removed (renamed out of view first)
 CACHE_GRACE = 3600.0

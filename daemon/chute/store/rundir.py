@@ -2,10 +2,10 @@
 
 Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/latest,
 finding a run by name. Its tasks may have changed anything in a run folder: its JSON files
-are read as a task's files (chute.taskfiles), and a folder is removed however deep a task
+are read as a task's files (chute.store.taskfiles), and a folder is removed however deep a task
 nested it (remove_tree).
-Not here: deciding states (chute.engine), durable writes (chute.atomic), which runs
-retention removes and when (chute.retention).
+Not here: deciding states (chute.engine), durable writes (chute.store.atomic), which runs
+retention removes and when (chute.store.retention).
 Crash safety: the folder is created with spec.yaml and run.json (state queued) in one group
 commit before the run is acknowledged; every later file is replaced atomically, so a reader
 sees a whole run.json or the previous one. `latest` links are replaced by rename.
@@ -30,9 +30,10 @@ from typing import Any
 
 import orjson
 
-from chute import __version__, atomic, names, taskfiles
+from chute import __version__, names
 from chute.clock import rfc3339
-from chute.spool import Spool
+from chute.store import atomic, taskfiles
+from chute.store.spool import Spool
 
 RUN_STATES = ("queued", "running", "stopped", "succeeded", "failed", "cancelled", "interrupted")
 FINAL_RUN_STATES = ("succeeded", "failed", "cancelled", "interrupted")
@@ -193,7 +194,7 @@ JSON_LIMIT = 256 << 20
 
 
 def read_json(path: Path) -> Any:
-    """A run's JSON file, read as a task's file (chute.taskfiles: a task may have put a FIFO
+    """A run's JSON file, read as a task's file (chute.store.taskfiles: a task may have put a FIFO
     or a folder in its place): OSError when it is not a regular file within JSON_LIMIT."""
     return orjson.loads(taskfiles.read_regular(str(path), JSON_LIMIT))
 

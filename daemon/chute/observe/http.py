@@ -1,9 +1,9 @@
 """The daemon's HTTP endpoint: /metrics, /healthz and the read-only runs API.
 
 Owns: what each endpoint answers on `http.listen`, bearer-token checks, and the JSON
-shape of /api/v1. Not here: connections, deadlines and threads (chute.listener), the
-metrics themselves (chute.metrics), run folders' formats (chute.rundir), what "healthy"
-watches (the daemon hands in a callable).
+shape of /api/v1. Not here: connections, deadlines and threads (chute.observe.listener), the
+metrics themselves (chute.observe.metrics), run folders' formats (chute.store.rundir), what
+"healthy" watches (the daemon hands in a callable).
 Threads: /healthz and /metrics are answered by the listener's event thread (no disk, no
 token: they are served whatever other clients do); the API's requests run in handler
 threads. Handlers only read: run folders from disk, the metrics registry (locked by
@@ -31,10 +31,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from chute import __version__, rundir
+from chute import __version__
 from chute.engine.reasons import RunWait
-from chute.listener import Listener, Request, response
-from chute.spool import Spool
+from chute.observe.listener import Listener, Request, response
+from chute.store import rundir
+from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def list_runs(
 
 
 class Server(Listener):
-    """The daemon's endpoint: the listener (chute.listener) plus what the handlers read."""
+    """The daemon's endpoint: the listener (chute.observe.listener) plus what the handlers read."""
 
     def __init__(
         self,

@@ -1,0 +1,1 @@
+"""Processes: the executor seam, the local backend, its tasks, workers and fences."""

@@ -1,0 +1,1 @@
+"""What comes in: dropped files, control requests, who may act on what."""

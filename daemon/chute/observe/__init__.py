@@ -1,0 +1,1 @@
+"""What chute says: metrics, the HTTP endpoint, systemd notify, logs, reports."""

@@ -1,0 +1,1 @@
+"""When and where: fire times of schedules, the NUMA topology, the allocator."""

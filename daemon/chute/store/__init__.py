@@ -1,0 +1,1 @@
+"""The durable store: atomic writes, the spool and run folder layouts, retention."""
