@@ -248,3 +248,8 @@ def test_the_runs_a_schedule_fires_are_its_submitters_to_cancel(people: People, 
     done = site.chute(alice, "cancel", fired["run_id"])
     assert (done.code, done.out) == (0, f"{fired['run_id']} cancelled\n"), done.err
     assert site.chute(alice, "unschedule", "often").code == 0
+    # A fire may have started another run between the cancel and the unschedule: end it too,
+    # or its `sleep 60` outlives the test's daemon.
+    for run in runs_of(site.spool):
+        if run["state"] in ("queued", "running"):
+            assert site.chute(alice, "cancel", run["run_id"]).code == 0

@@ -57,7 +57,9 @@ MAX_ACTIVE_TASKS = 100_000
 SYNC_HERE = 4
 """Runs accepted in one batch that the loop syncs itself (~1 ms a run) rather than queue them
 behind the writer's batch in progress, which holds other runs' final writes: a single drop
-starts without that wait, while a burst's big batches still sync beside the loop."""
+starts without that wait, while a burst's big batches still sync beside the loop. Specs
+over INLINE_BYTES in all are synced by the writer too: an fsync of a megabyte can take
+seconds on a busy disk, and the loop must keep its watchdog and deadlines meanwhile."""
 
 
 class Admission:
@@ -163,7 +165,7 @@ class Admission:
             return
         self._in_flight += len(handover.accepted)
         self._in_flight_tasks += sum(a.pipeline.tasks for a in handover.accepted)
-        if len(handover.accepted) <= SYNC_HERE:
+        if len(handover.accepted) <= SYNC_HERE and sum(c.size for c in claimed) <= INLINE_BYTES:
             try:
                 handover.unsynced.sync()
             except OSError as exc:
