@@ -66,7 +66,7 @@ def test_sixty_four_one_mib_specs_keep_the_watchdog_and_deadlines(
     assert timed["state"] == "failed"
     assert "timed out after 3s" in timed["error"]
     took_task = timed["duration_seconds"]
-    assert took_task < 3.0 + 1.0 + 1.0, took_task  # its deadline, the grace, slack
+    assert took_task < 3.0 + 1.0, took_task  # `sleep` ends on TERM: within 1 s of its deadline
     assert d.stop() == 0
     print(
         f"{FILES} specs of {len(text) >> 10} KiB in {took:.0f}s; longest ping gap {max(gaps):.2f}s"
