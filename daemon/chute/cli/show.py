@@ -5,12 +5,15 @@ finished what it waits for), printing and following stage logs, and the list of 
 Not here: the run folder's files (chute.store.rundir), the reasons work waits
 (chute.engine.reasons), the timeline and report.html (chute.observe.report), the daemon's
 status.json (chute.cli.daemon).
-Diagnostics: an unknown run, stage or shard is a UsageError that lists what there is.
+Diagnostics: an unknown run, stage or shard is a UsageError that lists what there is. A log
+a task replaced (a link, a FIFO, a folder) or cannot be opened is one line on stderr and
+exit 1; the other logs print.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -21,7 +24,7 @@ import orjson
 
 from chute import names
 from chute.cli import common
-from chute.cli.common import EXIT_OK, UsageError
+from chute.cli.common import EXIT_FAILED, EXIT_OK, UsageError
 from chute.cli.daemon import daemon_status
 from chute.engine import reasons
 from chute.engine.dag import STAGE_OK
@@ -33,7 +36,7 @@ from chute.units import format_duration
 
 SPEC_LIMIT = 64 << 20  # bytes of a run's spec.yaml read back (intake took max_file_size)
 SHARD_REF = re.compile(r"(.+)\[(\d+)\]")  # `measure[1]`, as log headers name a shard
-FOLLOW_POLL = 0.2  # seconds between looks at growing logs
+LOG_POLL = 0.2  # seconds between looks at growing logs
 
 
 def _attempts(entry: dict[str, Any]) -> int:
@@ -204,7 +207,7 @@ def _log_files(run_dir: Path, stage: str | None) -> list[tuple[str, Path]]:
     if stage is not None and shard is not None and not (stages_dir / stage).is_dir():
         name, index = shard.group(1), int(shard.group(2))
         log_path = stages_dir / name / str(index) / "log"
-        if not log_path.is_file():
+        if not os.path.lexists(log_path):
             raise UsageError(f"{stage}: no log of shard {index} of stage {name} in {run_dir.name}")
         return [(f"{name}[{index}]", log_path)]
     if stage is not None:
@@ -221,20 +224,35 @@ def _log_files(run_dir: Path, stage: str | None) -> list[tuple[str, Path]]:
         stage_names = [stage]
     else:
         stage_names = (
-            sorted(p.name for p in stages_dir.iterdir() if not p.name.startswith("."))
+            sorted(
+                p.name for p in stages_dir.iterdir() if not p.name.startswith(".") and p.is_dir()
+            )
             if stages_dir.is_dir()
             else []
         )
     out: list[tuple[str, Path]] = []
     for name in stage_names:
         folder = stages_dir / name
-        if (folder / "log").exists():
+        if os.path.lexists(folder / "log"):
             out.append((name, folder / "log"))
         shards = sorted(
             (p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
         )
-        out.extend((f"{name}[{p.name}]", p / "log") for p in shards if (p / "log").exists())
+        out.extend((f"{name}[{p.name}]", p / "log") for p in shards if os.path.lexists(p / "log"))
     return out
+
+
+def _open_log(path: Path) -> int:
+    """A descriptor of the log at `path`. A task may have put anything in its place: a link,
+    a FIFO or a folder raises NotRegular (chute.store.taskfiles) instead of being followed
+    or blocked on."""
+    return taskfiles.open_regular(str(path), os.O_RDONLY)
+
+
+def _unreadable_log(path: Path, exc: OSError) -> str:
+    if isinstance(exc, taskfiles.NotRegular):
+        return f"{path}: {exc.strerror}; not printed: chute reads a log only from a regular file"
+    return f"{path}: {exc.strerror}"
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -242,32 +260,50 @@ def cmd_logs(args: argparse.Namespace) -> int:
     spool = common.spool(args, config)
     run_dir = common.find_run(spool, args.run)
     files = _log_files(run_dir, args.stage)
-    if not args.follow:
-        for name, path in files:
-            if len(files) > 1 or args.stage is None:
-                print(f"==> {name} <==")
-            sys.stdout.write(path.read_text(errors="replace"))
-        return EXIT_OK
-    return _follow_logs(run_dir, args.stage)
+    if args.follow:
+        return _follow_logs(run_dir, args.stage)
+    code = EXIT_OK
+    for name, path in files:
+        if len(files) > 1 or args.stage is None:
+            print(f"==> {name} <==")
+        try:
+            with open(_open_log(path), errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            sys.stdout.flush()
+            print(_unreadable_log(path, exc), file=sys.stderr)
+            code = EXIT_FAILED
+            continue
+        sys.stdout.write(text)
+    return code
 
 
 def _follow_logs(run_dir: Path, stage: str | None) -> int:
-    """Print logs as they grow until the run has ended."""
+    """Print logs as they grow until the run has ended; exit 1 if one could not be read."""
     offsets: dict[Path, int] = {}
+    unreadable: set[Path] = set()  # said once each, then left alone
     while True:
         final = rundir.read_json(run_dir / "run.json")["state"] in rundir.FINAL_RUN_STATES
         for name, path in _log_files(run_dir, stage):
-            with open(path, "rb") as f:
-                f.seek(offsets.get(path, 0))
-                chunk = f.read()
-                offsets[path] = f.tell()
+            if path in unreadable:
+                continue
+            try:
+                with open(_open_log(path), "rb") as f:
+                    f.seek(offsets.get(path, 0))
+                    chunk = f.read()
+                    offsets[path] = f.tell()
+            except OSError as exc:
+                sys.stdout.flush()
+                print(_unreadable_log(path, exc), file=sys.stderr)
+                unreadable.add(path)
+                continue
             if chunk:
                 for line in chunk.decode(errors="replace").splitlines():
                     print(f"{name}: {line}")
                 sys.stdout.flush()
         if final:
-            return EXIT_OK
-        time.sleep(FOLLOW_POLL)
+            return EXIT_FAILED if unreadable else EXIT_OK
+        time.sleep(LOG_POLL)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
