@@ -220,6 +220,45 @@ def test_a_stage_named_total_is_not_mistaken_for_the_tally_and_shard_logs_by_nam
     )
 
 
+def test_logs_a_task_replaced_are_named_not_followed_or_blocked_on(
+    tmp_path: Path, write_spec: Callable[[str, str], Path]
+) -> None:
+    """A task may put a FIFO or a link where its log was, or a file among the stage
+    folders: `chute logs` prints the other logs, says what it found in one line each and
+    exits 1, instead of blocking on the FIFO, printing what the link points at, or a
+    traceback."""
+    secret = tmp_path / "secret"
+    secret.write_text("canary-secret\n")
+    stages = '"$CHUTE_RUN_DIR/stages"'
+    spec = write_spec(
+        "hostile.yaml",
+        "apiVersion: chute/v1\nkind: Pipeline\nmetadata: {name: hostile}\nspec:\n  stages:\n"
+        "    - name: good\n      run: echo good-line\n"
+        f"    - name: fifo\n      run: rm {stages}/fifo/log && mkfifo {stages}/fifo/log\n"
+        f"    - name: link\n      run: rm {stages}/link/log && ln -s {secret} {stages}/link/log\n"
+        f"    - name: stray\n      run: echo x > {stages}/not-a-folder\n",
+    )
+    spool = str(tmp_path / "sp")
+    assert _cli("run", str(spec), "--spool", spool).returncode == 0
+    (run_dir,) = (tmp_path / "sp" / "runs").glob("2*")
+    rule = "not printed: chute reads a log only from a regular file"
+    fifo = f"{run_dir}/stages/fifo/log: is a FIFO, not a regular file; {rule}"
+    link = f"{run_dir}/stages/link/log: is a symbolic link, not a regular file; {rule}"
+
+    every = _cli("logs", "latest", "--spool", spool)
+    assert (every.returncode, every.stderr.splitlines()) == (1, [fifo, link])
+    assert "==> good <==\ngood-line\n" in every.stdout
+    assert "canary-secret" not in every.stdout
+
+    followed = _cli("logs", "latest", "-f", "--spool", spool)
+    assert (followed.returncode, followed.stderr.splitlines()) == (1, [fifo, link])
+    assert "good: good-line\n" in followed.stdout
+    assert "canary-secret" not in followed.stdout
+
+    one = _cli("logs", "latest", "fifo", "--spool", spool)
+    assert (one.returncode, one.stdout, one.stderr) == (1, "", fifo + "\n")
+
+
 def test_validate_shows_scripts_on_one_line_and_argv_as_a_shell_would(
     chute: Chute, write_spec: Callable[[str, str], Path]
 ) -> None:

@@ -1,0 +1,313 @@
+"""The CLI's side of the daemon: `chute daemon`, and the commands that ask it or act beside it.
+
+Owns: `chute daemon`, `status`, `cancel`, `schedules`, `unschedule` and `gc`, and what
+other commands use to ask the daemon: whether one runs on the spool (its lock), its
+state/status.json, and waiting for a control request to take effect or be refused. Not
+here: the daemon (chute.daemon), the requests' form and files (chute.intake.control),
+retention (chute.store.retention), following a run (chute.cli.submit).
+Crash safety: a request is acknowledged to the user only once the daemon has carried it
+out (the run ended, the schedule file is gone); without a daemon, `cancel` and
+`unschedule` act themselves while holding the spool lock, so none starts meanwhile.
+Diagnostics: a request the daemon refused is a UsageError with its reasons and the path of
+its error.json; a daemon's state/ this user may not read is one line that says who may.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from chute import names
+from chute.cli import common
+from chute.cli.common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, UsageError
+from chute.engine import runs
+from chute.execution import owners
+from chute.intake import control
+from chute.intake.drops import ERROR_SUFFIX
+from chute.observe import logs
+from chute.store import retention, rundir
+from chute.store.spool import Spool
+from chute.units import format_duration, format_size
+
+POLL = 0.05  # seconds between looks at what a request changes
+CANCEL_WAIT = 30.0  # seconds, beyond the config's kill_grace, `cancel` waits for the run's end
+UNSCHEDULE_WAIT = 10.0  # seconds `unschedule` waits for the daemon to remove the file
+
+
+def daemon_pid(spool: Spool) -> int | None:
+    """The pid of the daemon running on `spool`; None when none does."""
+    from chute.daemon import daemon_pid as locked_by
+
+    try:
+        return locked_by(spool)
+    except PermissionError as exc:
+        raise UsageError(_unreadable(spool, exc)) from None
+
+
+def _unreadable(spool: Spool, exc: OSError) -> str:
+    return (
+        f"cannot read {exc.filename or spool.state}: {exc.strerror}; this command reads the "
+        f"daemon's {spool.state}/ (under systemd, members of chute-submit may: see "
+        "systemd/README.md)"
+    )
+
+
+def status_path(spool: Spool) -> Path:
+    return spool.state / "status.json"
+
+
+def read_status(spool: Spool) -> dict[str, Any] | None:
+    """state/status.json as the last daemon on `spool` wrote it; None when there is none (or
+    it is not a JSON object)."""
+    try:
+        doc = rundir.read_json(status_path(spool))
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def daemon_status(spool: Spool) -> dict[str, Any] | None:
+    """state/status.json of the daemon running on `spool`; None without one (or before it
+    wrote one)."""
+    if daemon_pid(spool) is None:
+        return None
+    return read_status(spool)
+
+
+def wait_for(spool: Spool, request: Path, done: Callable[[], bool], seconds: float) -> bool:
+    """Poll until `done()` (True), the daemon refuses `request` (UsageError), or `seconds`
+    have passed (False)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        _raise_if_rejected(spool, request)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+def _raise_if_rejected(spool: Spool, request: Path) -> None:
+    """UsageError with the daemon's reason once it has moved `request` to rejected/."""
+    error_json = spool.rejected / f"{request.name}{ERROR_SUFFIX}"
+    if request.exists() or not error_json.exists():
+        return
+    try:
+        doc = rundir.read_json(error_json)
+        messages = "; ".join(str(e.get("message")) for e in doc.get("errors", []))
+    except (OSError, ValueError, AttributeError):
+        messages = "see the daemon's log"
+    raise UsageError(f"the daemon refused the request: {messages} ({error_json})")
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from chute.daemon import Daemon, SpoolLocked
+
+    config = common.config(args)
+    spool = common.spool(args, config)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logs.setup(level, config.log_format)
+    try:
+        return Daemon(spool, config, args.config).run()
+    except SpoolLocked as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = common.config(args)
+    spool = common.spool(args, config)
+    pid = daemon_pid(spool)
+    if pid is None:
+        print(f"chute daemon is not running on {spool.root}")
+        return EXIT_NOT_RUNNING
+    st = read_status(spool)
+    if st is None:
+        print(f"chute daemon pid {pid} on {spool.root}: starting (no status yet)")
+        return EXIT_OK
+    total = sum(n["total"] for n in st["cpus"])
+    used = sum(n["allocated"] for n in st["cpus"])
+    nodes = ", ".join(f"node {n['numa_node']}: {n['allocated']}/{n['total']}" for n in st["cpus"])
+    print(
+        f"chute daemon pid {st['pid']} on {st['spool']}, up since {st['started_at']}, "
+        f"policy {st['policy']}"
+    )
+    mem = st.get("memory")
+    memory = (
+        f"; memory: {format_size(mem['total'] - mem['free'])} of {format_size(mem['total'])} "
+        "allocated"
+        if mem
+        else ""
+    )
+    print(f"cpus: {used}/{total} allocated ({nodes}){memory}")
+    tasks = st["tasks"]
+    why = ", ".join(f"{n} for {r}" for r, n in tasks.get("waiting_for", {}).items() if n)
+    retrying = tasks.get("retrying", 0)
+    print(
+        f"runs: {st['runs']['queued']} queued, {st['runs']['running']} running; "
+        f"tasks: {tasks['running']} running, {tasks['waiting']} waiting"
+        + (f" ({why})" if why else "")
+        + (f", {retrying} waiting out a retry delay" if retrying else "")
+        + f"; schedules: {st['schedules']}"
+    )
+    upcoming = st.get("next_fire")
+    if upcoming:
+        print(f"next fire: schedule {upcoming['schedule']} at {upcoming['at']}")
+    for h in st.get("held", []):
+        behind = ", ".join(h["behind"]) or "its previous run"
+        print(
+            f"held: schedule {h['schedule']} fire {h['fire_time']} (run {h['run_id']}) waits "
+            f"for {behind} to end (overlap: queue)"
+        )
+    waiting = {w["run_id"]: w for w in st.get("waiting", [])}
+    rows = [["RUN", "PIPELINE", "STATE", "CREATED", "WAITING FOR", "QUEUE"]]
+    for path in sorted(spool.queue.glob("*.yaml"))[:50]:
+        try:
+            rec = rundir.read_json(spool.runs / path.stem / "run.json")
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        w = waiting.get(rec["run_id"], {})
+        rows.append(
+            [
+                rec["run_id"],
+                rec["pipeline"],
+                rec["state"],
+                rec["created_at"],
+                w.get("for", "-"),
+                str(w.get("position") or "-"),
+            ]
+        )
+    if len(rows) > 1:
+        print("\n".join(common.table(rows)))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from chute.daemon import lock_if_free
+
+    config = common.config(args)
+    spool = common.spool(args, config)
+    folder = common.find_run(spool, args.run)
+    run_id = folder.name
+    state = _state(folder)
+    if state in ("succeeded", "failed", "cancelled"):
+        print(f"{run_id} already {state}")
+        return EXIT_OK
+    lock = None if daemon_pid(spool) is not None else lock_if_free(spool)
+    if lock is None:
+        request = control.submit(spool, control.Cancel(run_id))
+
+        def ended() -> bool:
+            return _state(folder) in rundir.FINAL_RUN_STATES
+
+        if wait_for(spool, request, ended, config.kill_grace + CANCEL_WAIT):
+            print(f"{run_id} {_state(folder)}")
+            return EXIT_OK
+        print(f"{run_id}: cancel requested; the daemon has not finished it yet", file=sys.stderr)
+        return EXIT_FAILED
+    # No daemon, and none starts while we hold its lock: nothing runs; a queued or
+    # interrupted run just will not start again.
+    try:
+        state = _state(folder)
+        if state in ("succeeded", "failed", "cancelled"):
+            print(f"{run_id} already {state}")
+            return EXIT_OK
+        runs.cancel_stopped(spool, run_id, time.time())
+    finally:
+        os.close(lock)
+    print(f"{run_id} cancelled")
+    return EXIT_OK
+
+
+def _state(folder: Path) -> str:
+    return str(rundir.read_json(folder / "run.json")["state"])
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    from chute.scheduling.schedules import STATE_FILE, Schedules
+
+    config = common.config(args)
+    spool = common.spool(args, config)
+    topo = common.topology(config)
+    rows = [["NAME", "TRIGGER", "NEXT FIRE"]]
+    # The daemon's record of last fires, read through a copy: Schedules saves what it is
+    # told, and this command only looks.
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            shutil.copy(spool.state / STATE_FILE, Path(tmp) / STATE_FILE)
+        except FileNotFoundError:
+            pass
+        except PermissionError as exc:
+            raise UsageError(_unreadable(spool, exc)) from None
+        schedules = Schedules(Path(tmp))
+        now = datetime.now(UTC)
+        for path in sorted(spool.schedules.glob("*.yaml")):
+            try:
+                pipeline, _ = common.load(str(path), config, topo)
+            except UsageError as exc:
+                print(exc, file=sys.stderr)
+                continue
+            if pipeline.schedule is None:
+                continue
+            schedules.set(
+                path.stem, pipeline.schedule, datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            )
+        for name, trigger, nxt in schedules.listing(now):
+            rows.append([name, trigger, nxt or "never"])
+    print("\n".join(common.table(rows)))
+    return EXIT_OK
+
+
+def cmd_unschedule(args: argparse.Namespace) -> int:
+    config = common.config(args)
+    spool = common.spool(args, config)
+    name = common.checked_name(names.name, args.name, "schedule name")
+    path = spool.schedules / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in spool.schedules.glob("*.yaml"))
+        raise UsageError(f"{name}: no such schedule (schedules: {', '.join(known) or 'none'})")
+    if daemon_pid(spool) is not None:
+        request = control.submit(spool, control.Unschedule(name))
+        if not wait_for(spool, request, lambda: not path.exists(), UNSCHEDULE_WAIT):
+            print(f"{name}: unschedule requested; the daemon has not done it yet", file=sys.stderr)
+            return EXIT_FAILED
+    else:
+        control.unschedule_file(spool, name)
+    print(f"unscheduled {name}")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    config = common.config(args)
+    spool = common.spool(args, config)
+    for run_id in owners.end_dead_foreground(spool, config.kill_grace):
+        print(f"{run_id} interrupted: the `chute run` that ran it is gone")
+    rules = retention.Rules.of(config)
+    removed = retention.gc(spool, rules, now=time.time(), sweep=True)
+    size = "no bound" if rules.cache_max_size is None else format_size(rules.cache_max_size)
+    print(
+        f"removed {len(removed.runs)} run(s) (keep_runs {rules.keep_runs}, "
+        f"max_age {format_duration(rules.max_age)})"
+    )
+    print(f"removed {len(removed.links)} pipeline latest link(s) to removed runs")
+    print(
+        f"removed {len(removed.rejected)} rejected file(s) "
+        f"(rejected_max_age {format_duration(rules.rejected_max_age)})"
+    )
+    print(
+        f"removed {len(removed.cache)} cache entr{'y' if len(removed.cache) == 1 else 'ies'} "
+        f"(cache_max_age {format_duration(rules.cache_max_age)}, cache_max_size {size})"
+    )
+    return EXIT_OK

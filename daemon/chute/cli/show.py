@@ -1,0 +1,336 @@
+"""What runs did, read from their folders: `chute show`, `chute logs` and `chute runs`.
+
+Owns: the execution summary (a row per stage and shard, the tally, and for a run not
+finished what it waits for), printing and following stage logs, and the list of runs.
+Not here: the run folder's files (chute.store.rundir), the reasons work waits
+(chute.engine.reasons), the timeline and report.html (chute.observe.report), the daemon's
+status.json (chute.cli.daemon).
+Diagnostics: an unknown run, stage or shard is a UsageError that lists what there is. A log
+a task replaced (a link, a FIFO, a folder) or cannot be opened is one line on stderr and
+exit 1; the other logs print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from chute import names
+from chute.cli import common
+from chute.cli.common import EXIT_FAILED, EXIT_OK, UsageError
+from chute.cli.daemon import daemon_status
+from chute.engine import reasons
+from chute.engine.dag import STAGE_OK
+from chute.observe import report
+from chute.scheduling.topology import format_cpulist
+from chute.spec import SpecError, load_bytes
+from chute.store import rundir, taskfiles
+from chute.units import format_duration
+
+SPEC_LIMIT = 64 << 20  # bytes of a run's spec.yaml read back (intake took max_file_size)
+SHARD_REF = re.compile(r"(.+)\[(\d+)\]")  # `measure[1]`, as log headers name a shard
+LOG_POLL = 0.2  # seconds between looks at growing logs
+
+
+def _attempts(entry: dict[str, Any]) -> int:
+    """Attempts a manifest entry made: the manifest lists only the first and last few."""
+    return int(entry.get("attempts_total", len(entry["attempts"])))
+
+
+def summary(run_dir: Path, status: dict[str, Any] | None = None) -> str:
+    """The execution summary of a run: one row per stage (and shard), then the tally. A run
+    not started yet (no manifest) lists its stages from spec.yaml. With the daemon's
+    `status` (state/status.json), a run not finished also says what it and each of its
+    stages wait for."""
+    rec = rundir.read_json(run_dir / "run.json")
+    try:
+        stages: list[dict[str, Any]] = rundir.read_json(run_dir / "manifest.json")["stages"]
+        planned = False
+    except FileNotFoundError:
+        stages, planned = _planned(run_dir), True
+    head = (
+        f"run {rec['run_id']}  pipeline {rec['pipeline']}  state {rec['state']}"
+        f"  trigger {rec['trigger'].get('type')}"
+    )
+    if rec.get("resumed_from"):
+        head += f"  resumed_from {rec['resumed_from']}"
+    lines = [head]
+    waits: dict[str, str] | None = None
+    if rec["state"] in ("queued", "running"):
+        waits, why, ready = _waits(rec, stages, status)
+        if why:
+            lines.append(why)
+        for s in stages if planned else ():
+            if s["name"] in ready:
+                s["state"] = "waiting"  # as the engine has it: ready, not started
+    rows: list[list[str]] = [["STAGE", "STATE", "ATTEMPTS", "DURATION", "CORES"]]
+    if waits is not None:
+        rows[0].append("WAITING FOR")
+
+    def dur(v: float | None) -> str:
+        return "-" if v is None else format_duration(v)
+
+    for s in stages:
+        rows.append(
+            [
+                s["name"],
+                s["state"],
+                str(_attempts(s)) if not s["shards"] else "-",
+                dur(s["duration_seconds"]),
+                format_cpulist(s["cores"]) if s["cores"] else "-",
+            ]
+        )
+        if waits is not None:
+            rows[-1].append(waits.get(s["name"], "-"))
+        for sh in s["shards"]:
+            rows.append(
+                [
+                    f"  [{sh['index']}]",
+                    sh["state"],
+                    str(_attempts(sh)),
+                    dur(sh["duration_seconds"]),
+                    format_cpulist(sh["cores"]) if sh["cores"] else "-",
+                ]
+            )
+            if waits is not None:
+                rows[-1].append("")
+    counts: dict[str, int] = {}
+    for s in stages:
+        counts[s["state"]] = counts.get(s["state"], 0) + 1
+    tally = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    # Not a row: a stage may be named `total`.
+    lines += [
+        *common.table(rows),
+        f"stages: {tally or 'none'}; run took {dur(rec.get('duration_seconds'))}",
+    ]
+    if rec.get("error"):
+        lines.append(f"error: {rec['error']}")
+    lines.append(f"folder: {run_dir}")
+    return "\n".join(lines)
+
+
+def _planned(run_dir: Path) -> list[dict[str, Any]]:
+    """Manifest entries, all pending, for a run whose manifest is not written yet: its
+    stages as its spec.yaml lists them (none when that cannot be read)."""
+    try:
+        data = taskfiles.read_regular(str(run_dir / "spec.yaml"), SPEC_LIMIT)
+        pipeline = load_bytes(data, str(run_dir / "spec.yaml"))
+    except (OSError, SpecError):
+        return []
+    return [
+        {
+            "name": s.name,
+            "state": "pending",
+            "dependsOn": list(s.depends_on),
+            "cores": [],
+            "duration_seconds": None,
+            "attempts": [],
+            "shards": [],
+        }
+        for s in pipeline.stages
+    ]
+
+
+def _waits(
+    rec: dict[str, Any], stages: list[dict[str, Any]], status: dict[str, Any] | None
+) -> tuple[dict[str, str], str | None, set[str]]:
+    """What each stage of an unfinished run waits for (stage name -> text), a line for the
+    run as a whole (None: nothing to say), and the stages ready and waiting to start."""
+    entry = _waiting_entry(status, rec["run_id"])
+    out: dict[str, str] = {}
+    ready: set[str] = set()
+    if entry is not None:
+        for w in entry["stages"]:
+            out.setdefault(w["stage"], reasons.describe(w, status or {}))
+            if w["for"] != reasons.RETRY:
+                ready.add(w["stage"])
+    done = {s["name"] for s in stages if s["state"] in STAGE_OK}
+    for s in stages:
+        blocked = [d for d in s.get("dependsOn", []) if d not in done]
+        if s["name"] not in out and s["state"] in ("pending", "waiting") and blocked:
+            out[s["name"]] = f"{reasons.DEPENDENCY}: {', '.join(blocked)}"
+    if status is None:
+        queued = rec["state"] == "queued"
+        return out, "waiting: no daemon runs on this spool" if queued else None, ready
+    if entry is None:
+        if status.get("waiting_runs", 0) > len(status.get("waiting", [])):
+            line = f"waiting: behind the first {len(status['waiting'])} runs in the queue"
+            return out, line, ready
+        return out, None, ready
+    where = f", #{entry['position']} in the queue" if entry.get("position") else ""
+    return out, f"waiting for {entry['for']} since {entry['since']}{where}", ready
+
+
+def _waiting_entry(status: dict[str, Any] | None, run_id: str) -> dict[str, Any] | None:
+    """The entry of `run_id` in status.json's list of waiting runs, if it is listed."""
+    if status is None:
+        return None
+    return next((w for w in status.get("waiting", []) if w.get("run_id") == run_id), None)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    config = common.config(args)
+    spool = common.spool(args, config)
+    run_dir = common.find_run(spool, args.run)
+    if args.json:
+        entry = _waiting_entry(daemon_status(spool), run_dir.name)
+        doc = {
+            "run": rundir.read_json(run_dir / "run.json"),
+            "manifest": rundir.read_json(run_dir / "manifest.json")
+            if (run_dir / "manifest.json").exists()
+            else None,
+            "waiting": None
+            if entry is None
+            else {k: entry[k] for k in ("for", "since", "position")},
+        }
+        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        print(summary(run_dir, daemon_status(spool)))
+        timeline = report.text_timeline(run_dir)
+        if timeline:
+            print(timeline)
+        if (run_dir / report.REPORT_NAME).exists():
+            print(f"report: {run_dir / report.REPORT_NAME}")
+    return EXIT_OK
+
+
+def _log_files(run_dir: Path, stage: str | None) -> list[tuple[str, Path]]:
+    stages_dir = run_dir / "stages"
+    shard = SHARD_REF.fullmatch(stage) if stage is not None else None
+    if stage is not None and shard is not None and not (stages_dir / stage).is_dir():
+        name, index = shard.group(1), int(shard.group(2))
+        log_path = stages_dir / name / str(index) / "log"
+        if not os.path.lexists(log_path):
+            raise UsageError(f"{stage}: no log of shard {index} of stage {name} in {run_dir.name}")
+        return [(f"{name}[{index}]", log_path)]
+    if stage is not None:
+        common.checked_name(names.name, stage, "stage name")
+        if not (stages_dir / stage).is_dir():
+            spec_names: list[str] = []
+            try:
+                manifest = rundir.read_json(run_dir / "manifest.json")
+                spec_names = [s["name"] for s in manifest["stages"]]
+            except FileNotFoundError:
+                pass
+            known = ", ".join(spec_names) or "none ran yet"
+            raise UsageError(f"{stage}: no such stage in {run_dir.name} (stages: {known})")
+        stage_names = [stage]
+    else:
+        stage_names = (
+            sorted(
+                p.name for p in stages_dir.iterdir() if not p.name.startswith(".") and p.is_dir()
+            )
+            if stages_dir.is_dir()
+            else []
+        )
+    out: list[tuple[str, Path]] = []
+    for name in stage_names:
+        folder = stages_dir / name
+        if os.path.lexists(folder / "log"):
+            out.append((name, folder / "log"))
+        shards = sorted(
+            (p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+        )
+        out.extend((f"{name}[{p.name}]", p / "log") for p in shards if os.path.lexists(p / "log"))
+    return out
+
+
+def _open_log(path: Path) -> int:
+    """A descriptor of the log at `path`. A task may have put anything in its place: a link,
+    a FIFO or a folder raises NotRegular (chute.store.taskfiles) instead of being followed
+    or blocked on."""
+    return taskfiles.open_regular(str(path), os.O_RDONLY)
+
+
+def _unreadable_log(path: Path, exc: OSError) -> str:
+    if isinstance(exc, taskfiles.NotRegular):
+        return f"{path}: {exc.strerror}; not printed: chute reads a log only from a regular file"
+    return f"{path}: {exc.strerror}"
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    config = common.config(args)
+    spool = common.spool(args, config)
+    run_dir = common.find_run(spool, args.run)
+    files = _log_files(run_dir, args.stage)
+    if args.follow:
+        return _follow_logs(run_dir, args.stage)
+    code = EXIT_OK
+    for name, path in files:
+        if len(files) > 1 or args.stage is None:
+            print(f"==> {name} <==")
+        try:
+            with open(_open_log(path), errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            sys.stdout.flush()
+            print(_unreadable_log(path, exc), file=sys.stderr)
+            code = EXIT_FAILED
+            continue
+        sys.stdout.write(text)
+    return code
+
+
+def _follow_logs(run_dir: Path, stage: str | None) -> int:
+    """Print logs as they grow until the run has ended; exit 1 if one could not be read."""
+    offsets: dict[Path, int] = {}
+    unreadable: set[Path] = set()  # said once each, then left alone
+    while True:
+        final = rundir.read_json(run_dir / "run.json")["state"] in rundir.FINAL_RUN_STATES
+        for name, path in _log_files(run_dir, stage):
+            if path in unreadable:
+                continue
+            try:
+                with open(_open_log(path), "rb") as f:
+                    f.seek(offsets.get(path, 0))
+                    chunk = f.read()
+                    offsets[path] = f.tell()
+            except OSError as exc:
+                sys.stdout.flush()
+                print(_unreadable_log(path, exc), file=sys.stderr)
+                unreadable.add(path)
+                continue
+            if chunk:
+                for line in chunk.decode(errors="replace").splitlines():
+                    print(f"{name}: {line}")
+                sys.stdout.flush()
+        if final:
+            return EXIT_FAILED if unreadable else EXIT_OK
+        time.sleep(LOG_POLL)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    config = common.config(args)
+    spool = common.spool(args, config)
+    rows = [["RUN", "PIPELINE", "STATE", "TRIGGER", "CREATED", "DURATION"]]
+    for run_id in reversed(rundir.run_ids(spool)):
+        if len(rows) > args.limit:
+            break
+        try:
+            rec = rundir.read_json(spool.runs / run_id / "run.json")
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if args.pipeline and rec["pipeline"] != args.pipeline:
+            continue
+        if args.state and rec["state"] != args.state:
+            continue
+        dur = rec.get("duration_seconds")
+        rows.append(
+            [
+                run_id,
+                rec["pipeline"],
+                rec["state"],
+                rec["trigger"].get("type", "-"),
+                rec["created_at"],
+                "-" if dur is None else format_duration(dur),
+            ]
+        )
+    print("\n".join(common.table(rows)))
+    return EXIT_OK
