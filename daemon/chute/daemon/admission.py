@@ -100,7 +100,7 @@ class Admission:
     def rescan(self) -> None:
         """inotify events are hints, the folder is the truth (Postfix pickup): finish what
         a failed handover left, and take every name incoming/ holds."""
-        for outcome in self.intake.finish_claims():
+        for outcome in self.intake.redo_claims():
             self.take(outcome)
         self.hint(self.intake.incoming_names())
 

@@ -16,7 +16,7 @@ made before instead of making a second run. Crash points, and what start-up (rec
      never come back to incoming/ once a run exists), no runs/<id>/run.json: redo the
      decision with the same run id; a run folder without run.json is a half-made one and
      is removed first. A run made here is left in queue/ for the daemon, like those of 3.
-     The daemon's intake (take_deferred) puts the run folder and queue link in place and
+     The daemon's intake (decide_many) puts the run folder and queue link in place and
      leaves their fsyncs to the writer thread; the claim is unlinked (release) only once
      they are durable, and the run starts only then. A power loss in between can leave a
      run.json that is empty or torn: that folder is half made too, and is made again.
@@ -42,8 +42,8 @@ Diagnostics: a user's mistake → rejected/ with error.json and one WARNING line
 environment (ENOSPC, EACCES on the spool, inotify limits) → one ERROR line naming the path,
 the errno and the knob, the claim kept for the next rescan; a chute bug → log.exception,
 the claim kept until the next start. A file that vanished under us: DEBUG.
-Limits: not thread-safe; call take/scan/recover from one thread (validating a 1 MiB spec
-takes ~1 s, so the daemon may run them off its loop, but one at a time). The read lease
+Limits: not thread-safe: call it from one thread (parse() alone is pure, and the daemon
+runs it on a thread of its own for a big spec). The read lease
 needs CAP_LEASE or the file's ownership; without it (EACCES), on filesystems without
 leases (EINVAL) and in recovery, "still being written" is judged by size and mtime only.
 If incoming/ itself is removed or replaced, the watch goes quiet; rescans still work.
@@ -243,27 +243,6 @@ class Intake:
 
     # -- the public steps -------------------------------------------------------------
 
-    def take(self, name: str) -> Outcome | None:
-        """Take incoming/<name>; None when ignored, gone, not ready yet, or on an error
-        that was logged (the file then stays where it is for the next rescan)."""
-        if not is_candidate(name):
-            log.debug("incoming/%s ignored: not a *.yaml or *.yml name", _show(name))
-            return None
-        outcomes = self.take_many([name])
-        return outcomes[0] if outcomes else None
-
-    def take_many(self, names: Iterable[str]) -> list[Outcome]:
-        """Take several names of incoming/ at once, in one group commit: the claims are synced
-        together, then every accepted run folder and queue link, so a batch of N files costs
-        about 3N + 4 fsyncs instead of 10N. Files not ready, gone or ignored give nothing."""
-        return self._take_many(names, durable=True)[0]
-
-    def take_deferred(self, names: Iterable[str]) -> tuple[list[Outcome], Handover | None]:
-        """take_many without waiting for the disk: the accepted runs (in the outcomes too)
-        have their folders and queue links in place, and `Handover` says what to sync before
-        release(). The claims are synced here: a run is never made from an unsynced claim."""
-        return self._take_many(names, durable=False)
-
     def release(self, handover: Handover) -> None:
         """The accepted runs of `handover` are durable: drop their claims, announce them."""
         for claim, accepted in zip(handover.claims, handover.accepted, strict=True):
@@ -278,11 +257,6 @@ class Intake:
                 accepted.pipeline.name,
                 _show(accepted.source),
             )
-
-    def _take_many(
-        self, names: Iterable[str], *, durable: bool
-    ) -> tuple[list[Outcome], Handover | None]:
-        return self.decide_many(self.claim_many(names), durable=durable)
 
     def claim_many(self, names: Iterable[str]) -> list[Claimed]:
         """Claim these names of incoming/, and make the claims durable. A file gone, not
@@ -318,15 +292,14 @@ class Intake:
         return claimed
 
     def decide_many(
-        self,
-        claimed: list[Claimed],
-        parsed: Mapping[str, Pipeline | SpecError] | None = None,
-        *,
-        durable: bool = False,
+        self, claimed: list[Claimed], parsed: Mapping[str, Pipeline | SpecError] | None = None
     ) -> tuple[list[Outcome], Handover | None]:
         """Decide claims (claim_many) in one group commit: what each becomes, and the run
-        folders and queue links of the accepted ones (durable, or to sync before release).
-        `parsed`: the spec of a claim (by its name in state/intake/), parsed elsewhere."""
+        folders and queue links of the accepted ones, in place but not yet durable: the
+        Handover says what to sync before release(). The claims were synced by claim_many:
+        a run is never made from an unsynced claim. A batch of N files costs about 3N + 4
+        fsyncs instead of 10N. `parsed`: the spec of a claim (by its name in state/intake/),
+        parsed elsewhere."""
         errors_before = self._errors
         decided: list[Outcome | _Accept] = []  # in the order of `claimed`
         accepts: list[_Accept] = []
@@ -347,7 +320,7 @@ class Intake:
         handover: Handover | None = None
         if accepts:
             try:
-                handover = self._make_runs(accepts, durable=durable)
+                handover = self._make_runs(accepts, durable=False)
             except OSError as exc:  # the claims stay for the next scan
                 what = (
                     f"incoming/{_show(accepts[0].claim.name.split(CLAIM_SEP, 1)[1])}"
@@ -357,9 +330,6 @@ class Intake:
                 self._environment(exc, what)
                 decided = [d for d in decided if not isinstance(d, _Accept)]
         outcomes = [d.accepted if isinstance(d, _Accept) else d for d in decided]
-        if durable and handover is not None:
-            self.release(handover)
-            handover = None
         if outcomes and self.write_error is not None and self._errors == errors_before:
             log.warning("intake writes to the spool succeed again")
             self.write_error = None
@@ -374,27 +344,6 @@ class Intake:
         self._handing.update(a.claim.name for a in accepts)
         return Handover([a.accepted for a in accepts], [a.claim for a in accepts], unsynced)
 
-    def scan(self) -> list[Outcome]:
-        """Claims a failed handover left, then every candidate in incoming/, sorted by name.
-
-        Postfix pickup: "keep scanning the queue directory until we stop removing files".
-        """
-        errors_before = self._errors
-        out = self._finish_claims(announce=True)
-        while True:
-            try:
-                names = sorted(os.listdir(self.spool.incoming))
-            except OSError as exc:
-                self._environment(exc, "incoming/")
-                return out
-            taken = self.take_many([n for n in names if is_candidate(n)])
-            out.extend(taken)
-            if not taken:
-                if self._errors == errors_before and self.write_error is not None:
-                    log.warning("intake writes to the spool succeed again")
-                    self.write_error = None
-                return out
-
     def incoming_names(self) -> list[str]:
         """The candidate names in incoming/ now, sorted (the daemon takes them in batches)."""
         try:
@@ -403,8 +352,8 @@ class Intake:
             self._environment(exc, "incoming/")
             return []
 
-    def finish_claims(self) -> list[Outcome]:
-        """Finish claims a failed handover left (a full disk), as scan() does first; a pass
+    def redo_claims(self) -> list[Outcome]:
+        """Redo the claims a failed handover left (a full disk), at each rescan; a pass
         without an error says the spool takes writes again."""
         errors_before = self._errors
         out = self._finish_claims(announce=True)
@@ -414,7 +363,7 @@ class Intake:
         return out
 
     def recover(self) -> list[Outcome]:
-        """Start-up, before scan(): finish the handovers a crash interrupted.
+        """Start-up, before the first rescan: finish the handovers a crash interrupted.
 
         Returns the schedules and rejections it finished. Runs it finished are not returned:
         like every run accepted before the crash, each has queue/<run_id>.yaml by now, and
@@ -755,7 +704,7 @@ class Intake:
         except FileNotFoundError:
             record = None
         except ValueError:  # orjson.JSONDecodeError too
-            # A power loss before the writer thread synced it (take_deferred): the folder is
+            # A power loss before the writer thread synced it (decide_many): the folder is
             # half made, like one without run.json (crash point 2).
             log.warning("%s: run.json of a run not yet handed over is damaged; remaking it", claim)
             shutil.rmtree(run_dir)
@@ -881,7 +830,7 @@ class Watcher:
             watches: dict[int, tuple[str, int]] = {}
             for folder, mask in (
                 # IN_CREATE too: a FIFO or symlink made in place sends nothing else; a
-                # regular file still open for writing is "not ready" to take() anyway.
+                # regular file still open for writing is "not ready" to claim anyway.
                 (spool.incoming, c.IN_CLOSE_WRITE | c.IN_MOVED_TO | c.IN_CREATE),
                 (spool.schedules, c.IN_DELETE | c.IN_MOVED_FROM),
             ):
