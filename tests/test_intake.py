@@ -29,16 +29,11 @@ import watchdog.observers.inotify_c  # noqa: F401  (imported before fds run out 
 from chute.clock import Clock
 from chute.config import Config
 from chute.intake import access
-from chute.intake.drops import (
-    Accepted,
-    Intake,
-    Outcome,
-    Rejected,
-    Scheduled,
-    Watcher,
-    file_id,
-    is_candidate,
-)
+from chute.intake.decision import Accepted, Outcome, Scheduled
+from chute.intake.drops import Intake
+from chute.intake.filenames import file_id, is_candidate
+from chute.intake.rejections import Rejected
+from chute.intake.watch import Watcher
 from chute.store import atomic, rundir
 from chute.store.spool import Spool
 from conftest import load_json, wait_for
@@ -351,7 +346,7 @@ def test_invalid_spec_is_rejected_with_every_error_and_its_line(
     root: Spool, intake: Intake, drop: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     drop("bad.yaml", BAD)
-    with caplog.at_level(logging.WARNING, logger="chute.intake.drops"):
+    with caplog.at_level(logging.WARNING, logger="chute.intake.rejections"):
         [out] = take(intake, "bad.yaml")
 
     assert out == Rejected("bad.yaml", "invalid", BAD_ERRORS)
@@ -494,7 +489,7 @@ def test_rejection_log_line_escapes_a_newline_in_the_name(
     intake: Intake, drop: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     drop("a\nb.yaml", JOB, mode=0o666)
-    with caplog.at_level(logging.WARNING, logger="chute.intake.drops"):
+    with caplog.at_level(logging.WARNING, logger="chute.intake.rejections"):
         [out] = take(intake, "a\nb.yaml")
     assert isinstance(out, Rejected)
     assert out.file == "a\nb.yaml"
