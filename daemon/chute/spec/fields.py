@@ -39,8 +39,8 @@ ENV_NAME_PATTERN = IDENT_PATTERN
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
 INPUT_REF_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 MAX_SHARDS = 10_000
-"""Shards of one stage. A shard is a task the daemon tracks (0.3-1.8 KB of memory while its
-run is active) and a manifest entry (~0.7 KB, rewritten while the run runs)."""
+"""Shards of one stage. A shard is a task the daemon holds in memory while its run is active
+and an entry of the manifest, which is rewritten while the run runs."""
 MAX_RUN_TASKS = 10_000
 """Tasks of one run: each stage counts 1, a sharded stage its shards (fallbacks aside)."""
 MAX_STAGES = 1_000

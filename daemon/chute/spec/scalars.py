@@ -27,8 +27,9 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from chute.spec.load import BOOLEAN_WORDS, Node, yaml11_reading
+from chute.spec.load import Node
 from chute.spec.types import INVALID, Context, Type, child_path, ecma, found, suggest
+from chute.spec.yaml12 import BOOLEAN_WORDS, yaml11_reading
 from chute.units import (  # the parser's own patterns, so the schema cannot drift from it
     DURATION_HINT,
     NUMBER,
