@@ -98,6 +98,7 @@ def _or(words: Sequence[str]) -> str:
 
 
 def suggest(word: str, choices: Sequence[str]) -> str | None:
+    """The choice `word` was most likely meant as (a typo, another case), or None."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     if not close:
         lowered = {c.lower(): c for c in choices}
