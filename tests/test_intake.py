@@ -29,15 +29,11 @@ import watchdog.observers.inotify_c  # noqa: F401  (imported before fds run out 
 from chute.clock import Clock
 from chute.config import Config
 from chute.intake import access
-from chute.intake.drops import (
-    Accepted,
-    Intake,
-    Rejected,
-    Scheduled,
-    Watcher,
-    file_id,
-    is_candidate,
-)
+from chute.intake.decision import Accepted, Outcome, Scheduled
+from chute.intake.drops import Intake
+from chute.intake.filenames import file_id, is_candidate
+from chute.intake.rejections import Rejected
+from chute.intake.watch import Watcher
 from chute.store import atomic, rundir
 from chute.store.spool import Spool
 from conftest import load_json, wait_for
@@ -201,6 +197,22 @@ def read_events(
     return ready, deleted, overflowed
 
 
+def take(intake: Intake, *dropped: str) -> list[Outcome]:
+    """Take names of incoming/ as the daemon does (chute.daemon.admission): claim them, decide
+    them in one group commit, make the new runs durable, then release their claims."""
+    outcomes, handover = intake.decide_many(intake.claim_many(dropped))
+    if handover is not None:
+        handover.unsynced.sync()
+        intake.release(handover)
+    return outcomes
+
+
+def rescan(intake: Intake) -> list[Outcome]:
+    """A rescan as the daemon makes one: the claims a failed handover left, then every
+    candidate name in incoming/."""
+    return intake.redo_claims() + take(intake, *intake.incoming_names())
+
+
 # -- accepting -----------------------------------------------------------------------------
 
 
@@ -211,19 +223,19 @@ def test_a_deferred_handover_is_handed_once_even_if_a_rescan_sees_its_claim(
     a rescan meanwhile (inotify overflowed) must not finish the claim and hand it over again."""
     for name in ("a.yaml", "b.yaml"):
         drop(name)
-    outcomes, handover = intake.take_deferred(["a.yaml", "b.yaml"])
+    outcomes, handover = intake.decide_many(intake.claim_many(["a.yaml", "b.yaml"]))
     assert handover is not None
     assert [o.run_id for o in outcomes if isinstance(o, Accepted)] == [
         a.run_id for a in handover.accepted
     ]
     assert len(names(root.state / "intake")) == 2  # claims kept until the runs are durable
-    assert intake.finish_claims() == []
-    assert intake.scan() == []
+    assert intake.redo_claims() == []
+    assert rescan(intake) == []
     handover.unsynced.sync()
     intake.release(handover)
     assert names(root.state / "intake") == []
     assert sorted(names(root.queue)) == sorted(f"{a.run_id}.yaml" for a in handover.accepted)
-    assert intake.scan() == []
+    assert rescan(intake) == []
 
 
 def test_one_shot_file_becomes_a_queued_run_and_leaves_incoming(
@@ -233,7 +245,7 @@ def test_one_shot_file_becomes_a_queued_run_and_leaves_incoming(
     dropped = os.stat(path).st_ctime
     identity = file_id(os.stat(path))
 
-    out = intake.take("job.yaml")
+    [out] = take(intake, "job.yaml")
 
     assert isinstance(out, Accepted)
     assert out.source == "incoming/job.yaml"
@@ -261,7 +273,7 @@ def test_recurring_file_goes_to_schedules_and_one_of_the_same_name_replaces_it(
     root: Spool, intake: Intake, drop: Callable[..., Path]
 ) -> None:
     drop("hourly.yaml", EVERY_HOUR)
-    first = intake.take("hourly.yaml")
+    [first] = take(intake, "hourly.yaml")
     assert isinstance(first, Scheduled)
     assert (first.name, first.path, first.replaced) == (
         "every-hour",
@@ -272,7 +284,7 @@ def test_recurring_file_goes_to_schedules_and_one_of_the_same_name_replaces_it(
 
     second_bytes = EVERY_HOUR.replace(b"every: 1h", b"every: 2h")
     identity = file_id(os.stat(drop("hourly-v2.yml", second_bytes)))
-    second = intake.take("hourly-v2.yml")
+    [second] = take(intake, "hourly-v2.yml")
 
     assert isinstance(second, Scheduled)
     assert second.replaced is True
@@ -300,7 +312,7 @@ def test_names_with_spaces_unicode_and_newlines_are_taken(
     root: Spool, intake: Intake, drop: Callable[..., Path], name: str
 ) -> None:
     drop(name)
-    [out] = intake.scan()
+    [out] = rescan(intake)
     assert isinstance(out, Accepted)
     assert out.source == f"incoming/{name}"
     assert load_json(root.runs / out.run_id / "run.json")["trigger"]["source"] == f"incoming/{name}"
@@ -317,14 +329,14 @@ def test_ignored_names_are_left_in_incoming(
 ) -> None:
     drop(name)
     assert not is_candidate(name)
-    assert intake.take(name) is None
-    assert intake.scan() == []
+    assert take(intake, name) == []
+    assert rescan(intake) == []
     assert names(root.incoming) == [name]
     assert rundir.run_ids(root) == []
 
 
 def test_a_file_that_vanished_is_ignored(intake: Intake) -> None:
-    assert intake.take("never-there.yaml") is None
+    assert take(intake, "never-there.yaml") == []
 
 
 # -- rejecting -----------------------------------------------------------------------------
@@ -334,8 +346,8 @@ def test_invalid_spec_is_rejected_with_every_error_and_its_line(
     root: Spool, intake: Intake, drop: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     drop("bad.yaml", BAD)
-    with caplog.at_level(logging.WARNING, logger="chute.intake.drops"):
-        out = intake.take("bad.yaml")
+    with caplog.at_level(logging.WARNING, logger="chute.intake.rejections"):
+        [out] = take(intake, "bad.yaml")
 
     assert out == Rejected("bad.yaml", "invalid", BAD_ERRORS)
     assert error_json(root, "bad.yaml") == {
@@ -361,18 +373,20 @@ def test_too_large_file_is_rejected_without_reading_it(
 ) -> None:
     intake = make_intake(max_file_size=64)
     drop("big.yaml", JOB + b"#" * (100 - len(JOB)))
-    assert intake.take("big.yaml") == Rejected(
-        "big.yaml",
-        "too_large",
-        [
-            {
-                "path": "",
-                "line": 0,
-                "message": "is 100B (100 bytes), over the limit of 64B (64 bytes); a spec is "
-                "small — pass big data by reference, or raise max_file_size in the config",
-            }
-        ],
-    )
+    assert take(intake, "big.yaml") == [
+        Rejected(
+            "big.yaml",
+            "too_large",
+            [
+                {
+                    "path": "",
+                    "line": 0,
+                    "message": "is 100B (100 bytes), over the limit of 64B (64 bytes); a spec is "
+                    "small — pass big data by reference, or raise max_file_size in the config",
+                }
+            ],
+        )
+    ]
     assert error_json(root, "big.yaml")["reason"] == "too_large"
 
 
@@ -380,7 +394,7 @@ def test_world_writable_file_is_rejected(
     root: Spool, intake: Intake, drop: Callable[..., Path]
 ) -> None:
     drop("open.yaml", JOB, mode=0o666)
-    out = intake.take("open.yaml")
+    [out] = take(intake, "open.yaml")
     message = (
         "is world-writable (mode 0666); anyone could change it after it was checked — "
         "chmod o-w it, then drop it again"
@@ -396,7 +410,7 @@ def test_hard_link_is_refused_and_the_other_name_is_left_alone(
     original.write_bytes(JOB)
     os.link(original, root.incoming / "linked.yaml")
 
-    out = intake.take("linked.yaml")
+    [out] = take(intake, "linked.yaml")
 
     message = (
         "has 2 hard links; a dropped file must have only its own name — write a new file, "
@@ -415,7 +429,7 @@ def test_symlink_is_refused_without_following_it(
     target.write_bytes(JOB)
     os.symlink(target, root.incoming / "link.yaml")
 
-    out = intake.take("link.yaml")
+    [out] = take(intake, "link.yaml")
 
     message = "is a symbolic link; drop the file itself, not a link"
     assert out == refused("link.yaml", "symlink", message)
@@ -428,7 +442,7 @@ def test_symlink_is_refused_without_following_it(
 def test_fifo_is_refused_without_blocking(root: Spool, intake: Intake) -> None:
     os.mkfifo(root.incoming / "pipe.yaml")
     started = time.monotonic()
-    out = intake.take("pipe.yaml")
+    [out] = take(intake, "pipe.yaml")
     assert time.monotonic() - started < 1.0
     message = "is a FIFO, not a regular file; drop a YAML file"
     assert out == refused("pipe.yaml", "not_regular", message)
@@ -444,7 +458,7 @@ def test_directory_and_socket_are_refused(
     sock = socket.socket(socket.AF_UNIX)
     try:
         sock.bind("sock.yaml")
-        out = intake.scan()
+        out = rescan(intake)
     finally:
         sock.close()
     assert out == [
@@ -458,9 +472,9 @@ def test_rejected_name_collision_gets_a_numbered_name(
     root: Spool, intake: Intake, drop: Callable[..., Path]
 ) -> None:
     drop("bad.yaml", BAD)
-    assert intake.take("bad.yaml") == Rejected("bad.yaml", "invalid", BAD_ERRORS)
+    assert take(intake, "bad.yaml") == [Rejected("bad.yaml", "invalid", BAD_ERRORS)]
     drop("bad.yaml", BAD + b"# again\n")
-    assert intake.take("bad.yaml") == Rejected("bad.yaml.1", "invalid", BAD_ERRORS)
+    assert take(intake, "bad.yaml") == [Rejected("bad.yaml.1", "invalid", BAD_ERRORS)]
     assert names(root.rejected) == [
         "bad.yaml",
         "bad.yaml.1",
@@ -475,8 +489,8 @@ def test_rejection_log_line_escapes_a_newline_in_the_name(
     intake: Intake, drop: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     drop("a\nb.yaml", JOB, mode=0o666)
-    with caplog.at_level(logging.WARNING, logger="chute.intake.drops"):
-        out = intake.take("a\nb.yaml")
+    with caplog.at_level(logging.WARNING, logger="chute.intake.rejections"):
+        [out] = take(intake, "a\nb.yaml")
     assert isinstance(out, Rejected)
     assert out.file == "a\nb.yaml"
     [line] = [r.getMessage() for r in caplog.records]
@@ -500,7 +514,7 @@ def test_file_of_a_user_outside_submitters_is_rejected_naming_the_owner(
     intake = make_intake(submitters_users=("bob",), submitters_groups=("ops",))
     os.chown(drop("hers.yaml"), alice.pw_uid, alice.pw_gid)
 
-    out = intake.take("hers.yaml")
+    [out] = take(intake, "hers.yaml")
 
     message = (
         f"is owned by {ALICE} (uid {alice.pw_uid}), who is not among the submitters "
@@ -525,7 +539,7 @@ def test_file_of_a_listed_submitter_is_accepted(
 ) -> None:
     intake = make_intake(**config)
     os.chown(drop("hers.yaml"), alice.pw_uid, alice.pw_gid)
-    out = intake.take("hers.yaml")
+    [out] = take(intake, "hers.yaml")
     assert isinstance(out, Accepted)
     assert out.submitted_by == {"uid": alice.pw_uid, "user": ALICE}
     assert load_json(root.runs / out.run_id / "run.json")["submitted_by"]["user"] == ALICE
@@ -561,7 +575,7 @@ def test_daemon_user_that_cannot_read_or_lease_a_file_rejects_or_takes_it(
                 )
                 report = [
                     (type(o).__name__, getattr(o, "reason", None), getattr(o, "errors", None))
-                    for o in intake.scan()
+                    for o in rescan(intake)
                 ]
                 os.write(write_end, orjson.dumps(report))
                 code = 0
@@ -602,13 +616,13 @@ def test_file_held_open_for_writing_is_not_taken_until_closed(
     with path.open("wb") as f:
         f.write(JOB)
         f.flush()
-        assert intake.take("slow.yaml") is None
-        assert intake.scan() == []
+        assert take(intake, "slow.yaml") == []
+        assert rescan(intake) == []
         assert names(root.incoming) == ["slow.yaml"]
         assert names(root.state / "intake") == []
     ready, _, _ = read_events(watcher, "slow.yaml closed", lambda r, d, o: "slow.yaml" in r)
     assert ready == ["slow.yaml"]
-    out = intake.take("slow.yaml")
+    [out] = take(intake, "slow.yaml")
     assert isinstance(out, Accepted)
     assert out.spec_bytes == JOB
 
@@ -623,7 +637,7 @@ def test_a_failed_handover_keeps_the_claim_and_the_next_scan_finishes_it(
     root.queue.write_bytes(b"")  # writing queue/<id>.yaml now fails with ENOTDIR
     drop("job.yaml")
     with caplog.at_level(logging.ERROR, logger="chute.intake.drops"):
-        assert intake.take("job.yaml") is None
+        assert take(intake, "job.yaml") == []
     [claim] = names(root.state / "intake")
     run_id = claim.split("__")[0]
     assert claim == f"{run_id}__job.yaml"
@@ -637,7 +651,7 @@ def test_a_failed_handover_keeps_the_claim_and_the_next_scan_finishes_it(
 
     root.queue.unlink()
     root.queue.mkdir()
-    [out] = intake.scan()
+    [out] = rescan(intake)
 
     assert isinstance(out, Accepted)
     assert (out.run_id, out.source, out.spec_bytes, out.dropped_at) == (
@@ -684,7 +698,7 @@ def test_crash_after_claim_before_run_folder_redoes_it_with_the_same_run_id(
     assert names(root.queue) == [f"{RUN_ID}.yaml"]
     assert (root.queue / f"{RUN_ID}.yaml").read_bytes() == JOB
     assert names(root.state / "intake") == []
-    assert intake.scan() == []
+    assert rescan(intake) == []
 
 
 def test_crash_inside_run_folder_creation_removes_the_half_made_folder_and_redoes_it(
@@ -707,7 +721,7 @@ def test_crash_after_run_folder_before_queue_file_writes_the_queue_file_once(
     assert (root.queue / f"{RUN_ID}.yaml").read_bytes() == JOB  # the bytes accepted
     assert names(root.state / "intake") == []
     assert rundir.run_ids(root) == [RUN_ID]
-    assert intake.scan() == []
+    assert rescan(intake) == []
 
 
 @pytest.mark.parametrize(
@@ -716,7 +730,7 @@ def test_crash_after_run_folder_before_queue_file_writes_the_queue_file_once(
 def test_power_loss_before_the_handover_synced_remakes_a_damaged_run_json(
     root: Spool, intake: Intake, damaged: bytes
 ) -> None:
-    """take_deferred puts run.json in place unsynced; a power loss can leave it empty, torn
+    """decide_many puts run.json in place unsynced; a power loss can leave it empty, torn
     or (a disk's fault, a human) not a run record at all."""
     make_run(root, RUN_ID)
     (root.runs / RUN_ID / "run.json").write_bytes(damaged)
@@ -834,7 +848,7 @@ def test_files_dropped_while_down_are_taken_by_the_start_up_scan_in_name_order(
     drop("c.yml", EVERY_HOUR)
     claim(root, "z.yaml")
     assert intake.recover() == []
-    out = intake.scan()
+    out = rescan(intake)
     assert [type(o).__name__ for o in out] == ["Accepted", "Rejected", "Scheduled"]
     assert isinstance(out[0], Accepted)
     assert out[0].source == "incoming/a.yaml"
@@ -939,8 +953,7 @@ def test_watcher_and_take_together_claim_a_drop_once(
 ) -> None:
     drop("job.yaml")
     ready, _, _ = read_events(watcher, "job.yaml", lambda r, d, o: bool(r))
-    outcomes = [intake.take(n) for n in ready] + intake.scan() + [intake.take("job.yaml")]
-    accepted = [o for o in outcomes if o is not None]
-    assert len(accepted) == 1
+    outcomes = take(intake, *ready) + rescan(intake) + take(intake, "job.yaml")
+    assert len(outcomes) == 1
     wait_for("incoming/ to be empty", lambda: names(root.incoming) == [])
     assert len(rundir.run_ids(root)) == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chute.intake.drops import file_id
+from chute.intake.filenames import file_id
 from conftest import EXAMPLES, Chute, chute_env, load_json
 from daemon_proc import Daemon, daemon_factory, job, runs_of
 

@@ -27,15 +27,9 @@ from collections.abc import Callable, Iterable
 
 from chute.engine.dag import RunGraph
 from chute.engine.loop import ActiveRun, Engine
-from chute.intake.drops import (
-    Accepted,
-    Claimed,
-    Handover,
-    Intake,
-    Outcome,
-    Rejected,
-    Scheduled,
-)
+from chute.intake.decision import Accepted, Claimed, Outcome, Scheduled
+from chute.intake.drops import Handover, Intake
+from chute.intake.rejections import Rejected
 from chute.observe.metrics import Metrics
 from chute.spec import SpecError
 from chute.spec.fields import MAX_RUN_TASKS
@@ -102,7 +96,7 @@ class Admission:
     def rescan(self) -> None:
         """inotify events are hints, the folder is the truth (Postfix pickup): finish what
         a failed handover left, and take every name incoming/ holds."""
-        for outcome in self.intake.finish_claims():
+        for outcome in self.intake.redo_claims():
             self.take(outcome)
         self.hint(self.intake.incoming_names())
 
@@ -243,7 +237,9 @@ class _Parser:
         while (item := self._queue.get()) is not None:
             claimed, done = item
             try:
-                result: Pipeline | SpecError | None = self._parse(claimed.look.data, claimed.name)
+                result: Pipeline | SpecError | None = self._parse(
+                    claimed.inspection.data, claimed.name
+                )
             except Exception:  # a chute bug: the loop parses it again itself, and reports it
                 log.exception("incoming/%s: parsing failed (a chute bug)", claimed.name)
                 result = None

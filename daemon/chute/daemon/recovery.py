@@ -3,7 +3,7 @@
 Owns: the order of recovery (temp leftovers, interrupted intake and rejected requests,
 schedules, then each run of queue/) and containing a failure to what it concerns. Not here:
 what recovery decides for one run (chute.engine.runs.recover), for one claim
-(chute.intake.drops), what a dead owner left running (chute.execution.owners, done before this).
+(chute.intake.recovery), what a dead owner left running (chute.execution.owners, done before this).
 Crash safety: an accepted run is known by its queue/<run_id>.yaml, removed only after the
 run's final run.json is durable, so queue/ lists exactly the runs to resume: queued ones
 start, stopped or running ones resume in place from their finished stages (output.json
@@ -23,7 +23,8 @@ from chute.clock import Clock
 from chute.engine import runs
 from chute.engine.loop import Engine
 from chute.intake import control
-from chute.intake.drops import Intake, Outcome
+from chute.intake.decision import Outcome
+from chute.intake.drops import Intake
 from chute.observe.metrics import Metrics
 from chute.spec import SpecError
 from chute.store import atomic

@@ -34,7 +34,9 @@ from chute.engine.loop import ActiveRun, Engine
 from chute.execution import owners
 from chute.execution.executor import Result
 from chute.execution.local import LocalExecutor
-from chute.intake.drops import Intake, Scheduled, Watcher
+from chute.intake.decision import Scheduled
+from chute.intake.drops import Intake
+from chute.intake.watch import Watcher
 from chute.observe import logs
 from chute.observe.http import HttpError, Server, health, read_token, serve
 from chute.observe.metrics import Metrics

@@ -6,9 +6,9 @@ unscheduled or replaced, by its submitter, root, the daemon's own user, and the 
 (users, or members of groups, in the config). Also state/owners/<schedule>.json, the record
 of who submitted each schedule and from which dropped file ({schedule, submitted_by: {uid,
 user}, source, file_id, accepted_at}); a run keeps the same facts in its run.json
-(submitted_by, trigger.source, trigger.file_id). Not here: taking files (chute.intake.drops, which
-writes the record and applies the rules to drops), reading requests (chute.intake.control, which
-applies them to requests).
+(submitted_by, trigger.source, trigger.file_id). Not here: taking files (chute.intake.decision
+writes the record, chute.intake.inspection and chute.intake.decision apply the rules to
+drops), reading requests (chute.intake.control, which applies them to requests).
 Why a record of its own: schedules/<name>.yaml is the daemon's copy of the bytes, owned by
 the daemon's user, so neither its owner nor its content says who dropped it.
 Who is asking: the uid that owns the dropped file or the request, from fstat of the

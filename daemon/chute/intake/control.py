@@ -43,7 +43,7 @@ from chute import names
 from chute.config import Config
 from chute.faults import crash_point
 from chute.intake import access
-from chute.intake.drops import ERROR_SUFFIX, rejected_path, write_report
+from chute.intake.rejections import rejected_path, unreported, write_report
 from chute.spec.load import Issue, read_upto
 from chute.store import atomic, rundir
 from chute.store.spool import Spool
@@ -274,16 +274,12 @@ def finish(spool: Spool, name: str) -> None:
 def repair(spool: Spool, now: datetime) -> int:
     """At start: write the error.json of rejected requests a crash left without one."""
     try:
-        entries = set(os.listdir(spool.rejected))
+        lost = unreported(spool.rejected, _REJECTED_COPY)
     except FileNotFoundError:
         return 0
     count = 0
-    for entry in sorted(entries):
-        if entry.endswith(ERROR_SUFFIX) or entry + ERROR_SUFFIX in entries:
-            continue
-        copy = _REJECTED_COPY.fullmatch(entry)
-        name = copy.group(1) if copy else entry
-        if name.startswith(".") or not name.endswith(SUFFIX):
+    for entry, name in lost:
+        if not name.endswith(SUFFIX):
             continue  # not a request (intake repairs its own)
         exc: BadRequest
         try:

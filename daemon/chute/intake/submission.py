@@ -4,7 +4,7 @@ made of it.
 Owns: the name a submitted file gets in incoming/ (its own, else `<stem>.1.yaml`, `.2`, …,
 never one over another file), and finding the outcome of that file: its run, its schedule or
 its rejection. Not here: taking the file (chute.intake.drops), following a run (chute.cli).
-How a drop knows its run: by the dropped file's identity (chute.intake.drops.file_id: st_dev and
+How a drop knows its run: by the dropped file's identity (chute.intake.filenames.file_id: st_dev and
 st_ino, which both renames, into incoming/ and into intake's claim, keep). Intake records it
 in the run's trigger.file_id, in a rejection's error.json and in a schedule's owner record
 (chute.execution.owners). A name is not enough: `job.yaml` dropped twice in one second names two
@@ -40,7 +40,8 @@ import orjson
 
 from chute import names
 from chute.intake import access
-from chute.intake.drops import ERROR_SUFFIX, file_id, is_spec_name
+from chute.intake.filenames import file_id, is_spec_name
+from chute.intake.rejections import ERROR_SUFFIX
 from chute.store import atomic, rundir
 from chute.store.spool import Spool
 

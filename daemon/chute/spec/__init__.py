@@ -2,8 +2,9 @@
 
 Owns: the public API the engine and the CLI use — load_file, load_bytes, json_schema, SpecError,
 Issue. Not here: reading YAML safely (chute.spec.load), single fields and the JSON Schema
-(chute.spec.fields), rules across fields and the merge (chute.spec.validate), the validated
-shape (chute.spec.model), durations and sizes (chute.units).
+(chute.spec.fields, made of chute.spec.types), rules across fields and the merge
+(chute.spec.validate), the validated shape (chute.spec.model), durations and sizes
+(chute.units).
 Crash safety: reads only; load_file returns the exact bytes it validated, so the caller can
 keep them as the run's spec.yaml (spec_sha256 is their hash) without reading the file again.
 Diagnostics: a user's mistake is a SpecError listing every Issue, sorted by line; str(issue)

@@ -9,72 +9,32 @@ values mean (chute.spec.fields, chute.spec.validate), the model (chute.spec.mode
 Crash safety: reads only; nothing is written.
 Diagnostics: every problem is an Issue in a SpecError, never a traceback. An Issue about the
 file as a whole (not found, FIFO, too big) has line 0 and path "".
-YAML 1.2: plain scalars are resolved by the YAML 1.2 core schema, as editors and
-check-jsonschema read them, not by PyYAML's YAML 1.1 rules: only true/false (True, TRUE, ...)
-are booleans; yes/no/on/off, 1_000, 0b1010, 1:30 and dates are strings; 017 is 17, 0o17 is 15,
-1e3 is a number. Each Node says whether it was written plain (unquoted, untagged), and
-yaml11_reading() says what YAML 1.1 made of it when that differs, so the fields can refuse a
-value the two readings disagree on where it matters (chute.spec.fields).
+YAML 1.2: plain scalars are resolved by the YAML 1.2 core schema (chute.spec.yaml12), and
+each Node says whether it was written plain (unquoted, untagged), so the fields can refuse a
+value YAML 1.1 reads otherwise (chute.spec.scalars).
 Limits: mapping keys are taken as the text written (`on:` is the key "on", not True); a key
 written twice is an error. The time between fstat and read is not a race: both use one fd.
-Cost: hostile files are refused in milliseconds; a valid file at the 1 MiB limit with ~56k keys
-takes ~1.2 s (pre-scan 0.2, compose 0.4, walk and checks 0.6), so validate off the event loop.
+Cost: hostile files are refused by the pre-scan, before anything is built; a valid file at
+the size limit holds tens of thousands of values, each composed, walked and checked, so
+validate a big one off the event loop.
 """
 
 from __future__ import annotations
 
 import errno
-import math
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from yaml.constructor import SafeConstructor
 
+from chute.spec.yaml12 import NULL_TAG, TAG, CoreLoader, Loader, core_value
 from chute.units import format_size
-
-try:
-    _Loader: type[Any] = yaml.CSafeLoader
-except AttributeError:  # PyYAML built without libyaml
-    _Loader = yaml.SafeLoader
 
 MAX_DEPTH = 64
 """Deepest nesting of lists and mappings a spec may have; a real one needs about 6."""
-
-_TAG = "tag:yaml.org,2002:"
-_STR, _INT, _FLOAT, _BOOL, _NULL = (_TAG + t for t in ("str", "int", "float", "bool", "null"))
-
-# The YAML 1.2 core schema (yaml.org/spec/1.2.2, 10.3.2): what a plain scalar is.
-_CORE_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)\Z")
-_CORE_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z")
-_CORE_FLOAT = re.compile(
-    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z"
-)
-_CORE_NULL = re.compile(r"^(?:~|null|Null|NULL|)\Z")
-
-
-class _CoreLoader(_Loader):  # type: ignore[misc]
-    """libyaml's parser, with plain scalars resolved by the YAML 1.2 core schema."""
-
-    yaml_implicit_resolvers: dict[Any, Any] = {}  # noqa: RUF012 (PyYAML's class-level table)
-
-
-for _resolved, _regex, _first in (
-    (_BOOL, _CORE_BOOL, "tTfF"),
-    (_INT, _CORE_INT, "-+0123456789"),  # before float: 12 is an int
-    (_FLOAT, _CORE_FLOAT, "-+0123456789."),
-    (_NULL, _CORE_NULL, ["~", "n", "N", ""]),
-):
-    _CoreLoader.add_implicit_resolver(_resolved, _regex, list(_first))
-
-BOOLEAN_WORDS = frozenset({"yes", "no", "on", "off"})
-"""Booleans in YAML 1.1 (in any case here), plain strings in YAML 1.2."""
-_YAML11 = SafeConstructor()
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +211,7 @@ def _mark_line(e: yaml.YAMLError, text: str) -> int:
     if isinstance(position, int):
         # libyaml counts bytes of the UTF-8 encoding; the pure-Python reader counts characters
         encoded = text.encode("utf-8")
-        if _Loader is yaml.SafeLoader:
+        if Loader is yaml.SafeLoader:
             return text.count("\n", 0, position) + 1
         return _line_at(encoded, position)
     return 0
@@ -279,7 +239,7 @@ def prescan(text: str, name: str) -> set[tuple[int, int]]:
     documents = 0
     tagged: set[tuple[int, int]] = set()
     try:
-        for event in yaml.parse(text, Loader=_Loader):
+        for event in yaml.parse(text, Loader=Loader):
             line = event.start_mark.line + 1 if event.start_mark else 0
             if isinstance(event, yaml.ScalarEvent) and event.tag is not None and event.start_mark:
                 tagged.add((event.start_mark.line, event.start_mark.column))
@@ -329,7 +289,7 @@ def _too_deep(name: str, line: int) -> Issue:
 
 
 def _tag(tag: str) -> str:
-    return "!!" + tag.removeprefix(_TAG) if tag.startswith(_TAG) else tag
+    return "!!" + tag.removeprefix(TAG) if tag.startswith(TAG) else tag
 
 
 class _Walker:
@@ -348,13 +308,13 @@ class _Walker:
         if isinstance(node, yaml.ScalarNode):
             return self.scalar(node, line, path)
         if isinstance(node, yaml.SequenceNode):
-            if node.tag != _TAG + "seq":
+            if node.tag != TAG + "seq":
                 self.issue(line, path, f"tag {_tag(node.tag)} is not supported; write a plain list")
             return Node(
                 line, [self.walk(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
             )
         assert isinstance(node, yaml.MappingNode)
-        if node.tag != _TAG + "map":
+        if node.tag != TAG + "map":
             self.issue(line, path, f"tag {_tag(node.tag)} is not supported; write a plain mapping")
         items: dict[str, Node] = {}
         key_lines: dict[str, int] = {}
@@ -392,54 +352,6 @@ class _Walker:
         return Node(line, value, text, plain=plain)
 
 
-def core_value(tag: str, text: str) -> Any:
-    """The value of a scalar by the YAML 1.2 core schema; KeyError for a tag it does not
-    have (!!timestamp, !!binary, ...), ValueError for text that is not of its tag."""
-    if tag == _STR:
-        return text
-    regex = {_BOOL: _CORE_BOOL, _INT: _CORE_INT, _FLOAT: _CORE_FLOAT, _NULL: _CORE_NULL}[tag]
-    if not regex.match(text):
-        raise ValueError(f"not a YAML 1.2 {tag.removeprefix(_TAG)}")
-    if tag == _NULL:
-        return None
-    if tag == _BOOL:
-        return text.lower() == "true"
-    if tag == _INT:
-        if text.startswith(("0o", "0x")):
-            return int(text[2:], 8 if text[1] == "o" else 16)
-        return int(text, 10)  # 017 is 17: YAML 1.2 has no leading-zero octal
-    special = text.lstrip("+-").lower()
-    if special in (".inf", ".nan"):
-        value = math.inf if special == ".inf" else math.nan
-        return -value if text.startswith("-") else value
-    return float(text)
-
-
-def yaml11_reading(node: Node) -> Any:
-    """What YAML 1.1 (PyYAML, and chute before it read YAML 1.2) makes of a plain scalar,
-    when that is a boolean or a number other than `node.value`; else None.
-
-    `yes` (any case) -> True, `1_000` -> 1000, `0b1010` -> 10, `1:30` -> 90, `017` -> 15.
-    """
-    if not node.plain or node.text is None:
-        return None
-    text = node.text
-    if text.lower() in BOOLEAN_WORDS:
-        return text.lower() in ("yes", "on")
-    for tag, regex in yaml.SafeLoader.yaml_implicit_resolvers.get(text[:1], []):
-        if regex.match(text):
-            if tag not in (_INT, _FLOAT):
-                return None
-            try:
-                old = _YAML11.construct_object(yaml.ScalarNode(tag, text))
-            except (ValueError, OverflowError, yaml.YAMLError):
-                return None
-            new = node.value
-            same = type(old) is type(new) and (old == new or (math.isnan(old) and math.isnan(new)))
-            return None if same else old
-    return None
-
-
 def _short(text: str) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -452,7 +364,9 @@ def parse(data: bytes, name: str) -> tuple[Node, list[Issue]]:
     """
     root, tagged = _compose(data, name)
     hint = "a spec is a mapping that starts with apiVersion: chute/v1"
-    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == _NULL and not root.value):
+    if root is None or (
+        isinstance(root, yaml.ScalarNode) and root.tag == NULL_TAG and not root.value
+    ):
         raise SpecError([Issue(name, 0 if root is None else 1, "", f"the file is empty; {hint}")])
     if not isinstance(root, yaml.MappingNode):
         what = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
@@ -468,7 +382,7 @@ def _compose(data: bytes, name: str) -> tuple[yaml.Node | None, set[tuple[int, i
     text = decode(data, name)
     tagged = prescan(text, name)
     try:
-        return yaml.compose(text, Loader=_CoreLoader), tagged
+        return yaml.compose(text, Loader=CoreLoader), tagged
     except yaml.YAMLError as e:
         raise SpecError([_syntax_issue(e, text, name)]) from None
 

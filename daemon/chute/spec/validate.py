@@ -24,6 +24,7 @@ from typing import Any
 from chute.spec import fields as F
 from chute.spec.load import Issue, Node, SpecError
 from chute.spec.model import Fallback, Pipeline, Retries, Schedule, Shards, Stage
+from chute.spec.types import Context
 from chute.units import format_size, parse_size
 
 
@@ -36,7 +37,7 @@ def validate(
     node_memory: int | None = None,
 ) -> Pipeline:
     """The Pipeline in `root`, or SpecError with `issues` and every other problem found."""
-    cx = F.Context(file, list(issues))
+    cx = Context(file, list(issues))
     top = F.FILE.check(root, "", cx)
     spec_node: Node | None = top.get("spec")
     kind = top.get("kind")
@@ -117,7 +118,7 @@ def _check_graph(
     stage_nodes: list[Node],
     stages: list[Any],
     paths: list[str],
-    cx: F.Context,
+    cx: Context,
 ) -> list[int]:
     """Names, references and cycles; returns the stage indexes in topological order."""
     index: dict[str, int] = {}
@@ -247,7 +248,7 @@ def _tasks(stage: Any) -> int:
     return 1
 
 
-def _check_run_tasks(spec_node: Node, stages: list[Any], cx: F.Context) -> None:
+def _check_run_tasks(spec_node: Node, stages: list[Any], cx: Context) -> None:
     """MAX_RUN_TASKS over all stages (each one's shards are checked on their own)."""
     total = sum(_tasks(st) for st in stages)
     if total > F.MAX_RUN_TASKS:
@@ -265,7 +266,7 @@ def _check_node_limits(
     stage_nodes: list[Node],
     stages: list[Any],
     paths: list[str],
-    cx: F.Context,
+    cx: Context,
     node_cpus: int | None,
     node_memory: int | None,
 ) -> None:

@@ -63,7 +63,7 @@ from pathlib import Path
 from chute import names
 from chute.config import Config
 from chute.faults import crash_point
-from chute.intake.drops import ERROR_SUFFIX
+from chute.intake.rejections import ERROR_SUFFIX
 from chute.store import rundir
 from chute.store.spool import Spool
 
