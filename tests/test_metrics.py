@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chute.observe.metrics import Metrics, Snapshot
+from chute.observe.metrics import INTAKE_BUCKETS, QUEUE_BUCKETS, RUN_BUCKETS, Metrics, Snapshot
 from chute.store import rundir
 from conftest import REPO, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, final_run, http_address, job
@@ -34,6 +35,8 @@ EXPECTED_NAMES = {
     "chute_cpus",
     "chute_cpus_allocated",
     "chute_intake_latency_seconds_bucket",
+    "chute_queue_wait_seconds_bucket",
+    "chute_spool_write_failing",
     "chute_schedule_fires_total",
     "chute_schedule_misfires_total",
     "chute_retries_total",
@@ -108,19 +111,59 @@ def test_engine_gauges_come_from_the_published_snapshot() -> None:
     assert value(snap, "chute_cpus_allocated", numa_node="1") == 1
 
 
-def test_intake_latency_and_durations_are_observed_in_seconds() -> None:
+def test_intake_latency_queue_wait_and_durations_are_observed_in_seconds() -> None:
     m = Metrics(version="0", start_time=0)
-    m.run_started(dropped_at=100.0, wall=100.004)
-    m.run_started(dropped_at=None, wall=100.0)  # resumed or retried: no drop to measure from
+    m.file_accepted(dropped_at=100.0, accepted_at=100.0035)
+    m.file_accepted()  # a schedule file: no run to measure
+    m.file_accepted(dropped_at=None, accepted_at=100.0)  # no drop time known (a claim's restart)
+    m.run_started(accepted=100.0, wall=130.0)
     m.run_finished("succeeded", 42.0)
     m.stage_finished(0.3)
     snap = samples(generate_latest(m.registry).decode())
+    assert value(snap, "chute_files_accepted_total") == 3
     assert value(snap, "chute_intake_latency_seconds_count") == 1
-    assert value(snap, "chute_intake_latency_seconds_bucket", le="0.0025") == 0
-    assert value(snap, "chute_intake_latency_seconds_bucket", le="0.005") == 1
-    assert value(snap, "chute_run_duration_seconds_bucket", le="60.0") == 1
-    assert value(snap, "chute_run_duration_seconds_bucket", le="30.0") == 0
-    assert value(snap, "chute_stage_duration_seconds_bucket", le="0.5") == 1
+    assert value(snap, "chute_intake_latency_seconds_bucket", le="0.003") == 0
+    assert value(snap, "chute_intake_latency_seconds_bucket", le="0.004") == 1
+    assert value(snap, "chute_queue_wait_seconds_count") == 1
+    assert value(snap, "chute_queue_wait_seconds_bucket", le="25.0") == 0
+    assert value(snap, "chute_queue_wait_seconds_bucket", le="30.0") == 1
+    assert value(snap, "chute_run_duration_seconds_bucket", le="50.0") == 1
+    assert value(snap, "chute_run_duration_seconds_bucket", le="40.0") == 0
+    assert value(snap, "chute_stage_duration_seconds_bucket", le="0.3") == 1
+    assert value(snap, "chute_stage_duration_seconds_bucket", le="0.25") == 0
+
+
+def test_buckets_resolve_a_quantile_within_a_third_from_milliseconds_to_a_day() -> None:
+    for buckets, low, high in (
+        (RUN_BUCKETS, 0.01, 86_400),
+        (INTAKE_BUCKETS, 0.0001, 60),
+        (QUEUE_BUCKETS, 0.001, 86_400),
+    ):
+        assert buckets == tuple(sorted(set(buckets)))
+        assert buckets[0] <= low
+        assert buckets[-1] >= high
+        assert max(b / a for a, b in itertools.pairwise(buckets)) <= 4 / 3 + 1e-9
+        assert len(buckets) <= 90  # series per histogram: no labels, so this is all of them
+
+
+def test_the_process_is_described_and_no_created_series_is_exported() -> None:
+    m = Metrics(version="0", start_time=0)
+    names = {name for name, _ in samples(generate_latest(m.registry).decode())}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= names
+    assert "process_open_fds" in names
+    assert not [n for n in names if n.endswith("_created")]
+
+
+def test_spool_write_failing_is_a_gauge_and_each_new_error_counts_once() -> None:
+    m = Metrics(version="0", start_time=0)
+    for failing, newly in ((True, True), (True, False), (False, False), (True, True)):
+        m.spool_writes(failing, newly)
+    snap = samples(generate_latest(m.registry).decode())
+    assert value(snap, "chute_spool_write_failing") == 1
+    assert value(snap, "chute_spool_write_errors_total") == 2
+    m.spool_writes(False, False)
+    snap = samples(generate_latest(m.registry).decode())
+    assert value(snap, "chute_spool_write_failing") == 0
 
 
 def _python() -> str:
@@ -189,8 +232,10 @@ def test_counters_and_histograms_count_what_the_daemon_did(
     assert value(snap, "chute_run_duration_seconds_count") == 5
     # ok, bad, flaky and the first cached run ran their stage; the cache hit did not
     assert value(snap, "chute_stage_duration_seconds_count") == 4
-    assert value(snap, "chute_intake_latency_seconds_count") == 4
-    assert value(snap, "chute_intake_latency_seconds_bucket", le="10.0") == 4
+    assert value(snap, "chute_intake_latency_seconds_count") == 5  # every run's file
+    assert value(snap, "chute_intake_latency_seconds_bucket", le="10.0") == 5
+    assert value(snap, "chute_queue_wait_seconds_count") == 4  # the cache hit starts no task
+    assert value(snap, "chute_spool_write_failing") == 0
     assert value(snap, "chute_retries_total") == 1
     assert value(snap, "chute_cache_hits_total") == 1
     assert value(snap, "chute_schedule_fires_total") == 0
@@ -222,9 +267,11 @@ def test_every_grafana_panel_queries_metrics_that_exist(scraped: tuple[str, Samp
     exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 10
     for expr in exprs:
-        used = set(re.findall(r"\bchute_[a-z_]+", expr))
-        assert used, expr
+        used = set(re.findall(r"\b(?:chute|process)_[a-z_]+", expr))
+        assert used or expr.startswith("up{"), expr
         assert used <= names, f"{expr}: {sorted(used - names)} not in a live scrape"
+        assert 'job=~"$job", instance=~"$instance"' in expr, f"{expr}: a fleet would merge"
+    assert [v["name"] for v in doc["templating"]["list"]] == ["job", "instance"]
     titles = " ".join(p["title"].lower() for p in doc["panels"])
     for word in ("queue", "numa", "intake", "reject", "schedule", "stage", "outcome"):
         assert word in titles

@@ -191,9 +191,10 @@ class Admission:
 
     def take(self, outcome: Outcome) -> None:
         """What intake decided for one file: a run to start, a schedule, a rejection."""
-        if isinstance(outcome, Accepted | Scheduled):
+        if isinstance(outcome, Scheduled):
             self.metrics.file_accepted()
         if isinstance(outcome, Accepted):
+            self.metrics.file_accepted(outcome.dropped_at, outcome.accepted_at.timestamp())
             self.engine.add(
                 ActiveRun(
                     run_id=outcome.run_id,
@@ -202,7 +203,6 @@ class Admission:
                     dir=self.spool.runs / outcome.run_id,
                     record=outcome.record,
                     accepted=outcome.accepted_at.timestamp(),
-                    dropped_at=outcome.dropped_at,
                 )
             )
         elif isinstance(outcome, Scheduled):

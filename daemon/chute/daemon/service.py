@@ -471,8 +471,7 @@ class Daemon:
 
     def _count_write_trouble(self) -> None:
         err = self.write_trouble()
-        if err is not None and err is not self._write_error:
-            self.metrics.spool_write_failed()
+        self.metrics.spool_writes(err is not None, err is not None and err is not self._write_error)
         self._write_error = err
 
     def _health(self) -> str | None:

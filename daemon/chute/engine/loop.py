@@ -85,7 +85,6 @@ class ActiveRun:
     # Per-run state of the loop, dropped with the run (a daemon lives for months):
     stage_index: dict[str, int] = field(default_factory=dict)  # topological position
     made: set[Path] = field(default_factory=set)  # stage folders known to exist
-    dropped_at: float | None = None  # epoch s its file was dropped (intake latency), if known
     record_stale: bool = False  # `record` changed since run.json was last written
     rewritten: bool = False  # its final run.json was written again after a failed write
     manifest_cost: float = 0.0  # seconds its last manifest took to make (sets the next wait)
@@ -99,7 +98,7 @@ class EngineEvents(Protocol):
     """What the engine reports as it happens (chute.observe.metrics.Metrics is one); plain calls,
     on the loop's thread, so the engine needs no metrics library."""
 
-    def run_started(self, dropped_at: float | None, wall: float) -> None: ...
+    def run_started(self, accepted: float, wall: float) -> None: ...
     def stage_finished(self, seconds: float) -> None: ...
     def retry_scheduled(self) -> None: ...
     def cache_hit(self) -> None: ...
@@ -704,7 +703,7 @@ class Engine:
         )
         if run.record["state"] == "queued":
             if self.events is not None:
-                self.events.run_started(run.dropped_at, wall)
+                self.events.run_started(run.accepted, wall)
             run.record["state"] = "running"
             run.record["started_at"] = rfc3339(wall)
             run.record_stale = True  # written with the manifest this start makes due

@@ -18,11 +18,19 @@ grow with every name users invent).
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -43,9 +51,25 @@ REJECT_REASONS = (
 )
 RUN_STATES = ("succeeded", "failed", "cancelled", "interrupted")
 """chute.store.rundir.FINAL_RUN_STATES: a `stopped` run has not finished; it counts once it has."""
-RUN_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400)
-STAGE_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 14400)
-INTAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def ladder(low: float, high: float) -> tuple[float, ...]:
+    """Histogram bounds from `low` to `high` (powers of ten), ten a decade: 1, 1.25, 1.5, 2,
+    2.5, 3, 4, 5, 6, 8. Each bound is at most 4/3 of the one before, so a quantile that
+    histogram_quantile interpolates inside a bucket is within a third of the truth however
+    the samples fall in it, and usually far closer."""
+    steps = ("1", "1.25", "1.5", "2", "2.5", "3", "4", "5", "6", "8")
+    first, last = round(math.log10(low)), round(math.log10(high))
+    bounds = [float(f"{m}e{k}") for k in range(first, last) for m in steps]
+    return (*bounds, float(f"1e{last}"))
+
+
+# From a hundredth of a second to a day: what people put in jobs, from `true` to a nightly
+# build. Each histogram has no labels, so its buckets are all its series (about 60 each).
+RUN_BUCKETS = ladder(0.01, 100_000)
+STAGE_BUCKETS = RUN_BUCKETS
+INTAKE_BUCKETS = ladder(0.0001, 100)  # drop to accepted: a tenth of a millisecond to minutes
+QUEUE_BUCKETS = ladder(0.001, 100_000)  # accepted to started: none to a day of backlog
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +122,9 @@ class _EngineGauges(Collector):
         yield allocated
 
 
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series: nobody queries them, they double the count
+
+
 class Metrics:
     """Every chute metric, in its own registry. The methods are what the daemon and the
     engine call (the engine through its EngineEvents protocol: it imports nothing here)."""
@@ -134,8 +161,14 @@ class Metrics:
         )
         self.intake_latency = Histogram(
             "chute_intake_latency_seconds",
-            "From a file's drop into incoming/ to its run's first task start.",
+            "From a file's drop into incoming/ to its run's acceptance.",
             buckets=INTAKE_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "chute_queue_wait_seconds",
+            "From a run's acceptance to its first task start (waiting for CPUs, memory, ...).",
+            buckets=QUEUE_BUCKETS,
             registry=r,
         )
         self.schedule_fires = Counter(
@@ -160,6 +193,11 @@ class Metrics:
             "Failed group commits to the spool seen by the loop (ENOSPC, EIO, EACCES).",
             registry=r,
         )
+        self.spool_write_failing = Gauge(
+            "chute_spool_write_failing",
+            "1 while the spool cannot be written (the daemon starts nothing new), else 0.",
+            registry=r,
+        )
         Gauge(
             "chute_build_info",
             "Always 1; the labels say which chute and Python run.",
@@ -170,6 +208,7 @@ class Metrics:
             "chute_start_time_seconds", "When the daemon started, in epoch seconds.", registry=r
         ).set(start_time)
         r.register(_EngineGauges(self))
+        ProcessCollector(registry=r)  # process_*: memory, CPU seconds, open fds, start time
         for reason in REJECT_REASONS:
             self.files_rejected.labels(reason)
         for state in RUN_STATES:
@@ -180,8 +219,12 @@ class Metrics:
     def publish(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot  # one reference assignment: a scrape sees old or new
 
-    def file_accepted(self) -> None:
+    def file_accepted(self, dropped_at: float | None = None, accepted_at: float = 0.0) -> None:
+        """A file was taken (a run or a schedule); a run's file with its drop and acceptance
+        times (epoch seconds) for the intake latency."""
         self.files_accepted.inc()
+        if dropped_at is not None:
+            self.intake_latency.observe(max(0.0, accepted_at - dropped_at))
 
     def file_rejected(self, reason: str) -> None:
         self.files_rejected.labels(reason).inc()
@@ -200,14 +243,16 @@ class Metrics:
     def inotify_overflowed(self) -> None:
         self.inotify_overflows.inc()
 
-    def spool_write_failed(self) -> None:
-        self.spool_write_errors.inc()
+    def spool_writes(self, failing: bool, newly: bool) -> None:
+        """Whether the spool can be written now; `newly`: a new error since the last turn."""
+        self.spool_write_failing.set(1 if failing else 0)
+        if newly:
+            self.spool_write_errors.inc()
 
     # -- the engine (chute.engine.loop.EngineEvents) ---------------------------------------
 
-    def run_started(self, dropped_at: float | None, wall: float) -> None:
-        if dropped_at is not None:
-            self.intake_latency.observe(max(0.0, wall - dropped_at))
+    def run_started(self, accepted: float, wall: float) -> None:
+        self.queue_wait.observe(max(0.0, wall - accepted))
 
     def stage_finished(self, seconds: float) -> None:
         self.stage_duration.observe(max(0.0, seconds))
