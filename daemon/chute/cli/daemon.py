@@ -34,7 +34,7 @@ from chute.cli.common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, UsageError
 from chute.engine import runs
 from chute.execution import owners
 from chute.intake import control
-from chute.intake.drops import ERROR_SUFFIX
+from chute.intake.rejections import ERROR_SUFFIX
 from chute.observe import logs
 from chute.store import retention, rundir
 from chute.store.spool import Spool
