@@ -141,6 +141,7 @@ SPOOL_COMMANDS: dict[str, tuple[str, ...]] = {
     "schedules": (),
     "unschedule": ("nightly",),
     "gc": (),
+    "schema": ("spec",),
 }
 
 
@@ -180,6 +181,17 @@ def test_the_spool_given_before_the_command_is_the_one_used(tmp_path: Path, wher
     else:  # the later one wins, as with any repeated option
         done = _cli("--spool", str(tmp_path / "other"), "status", "--spool", spool)
     assert (done.returncode, done.stdout) == (3, f"chute daemon is not running on {spool}\n")
+
+
+def test_verbose_before_or_after_the_command_shows_debug_lines(tmp_path: Path) -> None:
+    spool = str(tmp_path / "sp")
+    plain = _cli("--spool", spool, "run", str(EXAMPLES / "hello.yaml"))
+    before = _cli("-v", "--spool", spool, "run", str(EXAMPLES / "hello.yaml"))
+    after = _cli("run", str(EXAMPLES / "hello.yaml"), "--spool", spool, "-v")
+    assert plain.returncode == before.returncode == after.returncode == 0
+    assert " DEBUG " not in plain.stderr
+    assert " DEBUG " in before.stderr
+    assert " DEBUG " in after.stderr
 
 
 def test_quiet_before_the_command_keeps_info_lines_out(tmp_path: Path) -> None:

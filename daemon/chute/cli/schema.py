@@ -13,11 +13,12 @@ from typing import Any
 
 import orjson
 
-from chute.cli.common import EXIT_OK
+from chute.cli.common import EXIT_OK, config
 from chute.spec import json_schema
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    config(args)  # the schemas do not depend on it, but a --config that cannot be read is an error
     if args.what == "spec":
         doc: Any = json_schema()
     else:
