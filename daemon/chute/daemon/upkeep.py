@@ -35,9 +35,9 @@ GC_AGAIN = 5.0  # seconds to the next pass when GC_BATCH cut one short: a backlo
 
 class Reports:
     """report.html of finished runs, drawn when nothing else waits: at once when no run is
-    active, else once the oldest has waited REPORT_DELAY (a page is ~1 ms of pure Python
-    and three files: a burst of runs finishes first, its pages follow). Not in a thread:
-    there it would hold the GIL while every system call of the loop waits for it."""
+    active, else once the oldest has waited REPORT_DELAY (a page is pure Python and three
+    files: a burst of runs finishes first, its pages follow). Not in a thread: there it
+    would hold the GIL while every system call of the loop waits for it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
