@@ -20,11 +20,13 @@ import orjson
 import pytest
 
 from chute.observe import report
+from chute.observe.report import charts, timeline
+from chute.observe.report import html as page_html
 from conftest import Done, chute_env, load_json
 
 CHROMIUM = Path("/usr/bin/chromium")
-GREEN = (0x2E, 0x9D, 0x4A)  # report.COLOURS["succeeded"]
-RED = (0xD6, 0x2D, 0x2D)  # report.COLOURS["failed"]
+GREEN = (0x2E, 0x9D, 0x4A)  # assets.COLOURS["succeeded"]
+RED = (0xD6, 0x2D, 0x2D)  # assets.COLOURS["failed"]
 
 DEMO = """\
 apiVersion: chute/v1
@@ -176,7 +178,7 @@ def test_user_strings_are_escaped(runs: Runs, tmp_path: Path) -> None:
     run, stages = _hand_run(
         [_stage("<script>x()</script>", "failed", 0, 1, error="<img src=x onerror=y()>")]
     )
-    out = report.render(run, stages)
+    out = page_html.render(run, stages)
     assert "<script>x()" not in out
     assert "<img" not in out
     assert "&lt;script&gt;x()&lt;/script&gt;" in out
@@ -421,7 +423,7 @@ def test_critical_path_walks_back_through_the_latest_dependency() -> None:
         ],
         end=6,
     )
-    assert report.build_timeline(run, stages).critical == ("a", "b", "d")
+    assert timeline.build_timeline(run, stages).critical == ("a", "b", "d")
 
 
 ODD_SHAPES = {
@@ -463,7 +465,7 @@ def test_odd_runs_render_every_row(odd_run: Path) -> None:
     drawn = {b["data-tip"].split("\n")[0] for b in p.bars["timeline by stage"]}
     assert drawn == {f"stage {s['name']}" for s in stages}
     for bar in p.bars["timeline by stage"]:
-        assert float(bar["width"]) >= report.MIN_BAR_W
+        assert float(bar["width"]) >= charts.MIN_BAR_W
 
 
 def test_a_report_that_cannot_be_written_is_logged_not_raised(

@@ -1,5 +1,5 @@
-"""chute.scheduling.schedules: fire times, daylight saving, misfires, restarts, clock jumps,
-overlap.
+"""chute.scheduling.schedules, .triggers and .cron: fire times, daylight saving, misfires,
+restarts, clock jumps, overlap.
 
 Pure tests: `now` is an argument; the only I/O is schedules.json in a temporary folder.
 """
@@ -17,14 +17,9 @@ from typing import Any
 import orjson
 import pytest
 
-from chute.scheduling.schedules import (
-    MISSED_CAP,
-    STATE_FILE,
-    Fire,
-    Schedules,
-    crontab_weekdays,
-    overlap_decision,
-)
+from chute.scheduling.cron import crontab_weekdays
+from chute.scheduling.schedules import STATE_FILE, Fire, Schedules, overlap_decision
+from chute.scheduling.triggers import MISSED_CAP
 from chute.spec.model import Schedule
 
 T = datetime.fromisoformat

@@ -61,7 +61,7 @@ def _command_text(command: str | tuple[str, ...], width: int = 60) -> str:
 
 
 def _trigger_text(p: Pipeline) -> str:
-    from chute.scheduling.schedules import trigger_text
+    from chute.scheduling.triggers import trigger_text
 
     assert p.schedule is not None
     return trigger_text(p.schedule)

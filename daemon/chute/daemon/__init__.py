@@ -1,9 +1,10 @@
 """The daemon: one loop that takes dropped files, fires schedules and drives runs.
 
 The package, by concept: `service` (the parts, the loop's `step`, start and stop), `lock`
-(one daemon per spool), `admission` (which files are taken, backpressure), `fires`
-(schedules at run time), `requests` (control/), `recovery` (start-up), `status`
-(status.json, gauges), `upkeep` (report pages, retention passes), `reload` (SIGHUP).
+(one daemon per spool), `watch` (inotify and rescans), `admission` (which files are taken,
+backpressure), `fires` (schedules at run time), `requests` (control/), `ends` (what
+follows a run's end), `recovery` (start-up), `status` (status.json, gauges, /healthz),
+`upkeep` (report pages, retention passes), `reload` (SIGHUP).
 """
 
 from .admission import MAX_ACTIVE_RUNS, MAX_ACTIVE_TASKS

@@ -10,9 +10,9 @@ thread syncs a big batch; the loop syncs a small one itself), and intake's claim
 released only then (chute.intake.drops's crash points).
 Limits: a batch holds at most INTAKE_BATCH files and INTAKE_BYTES of them (one file at
 least): one group commit each, and the loop gets back to its tasks between batches. A spec
-over INLINE_BYTES is parsed on a thread of its own (about 1 s for 1 MiB: on the loop it
-would hold up the watchdog, deadlines and signals), then decided on the loop; its claim is
-durable meanwhile, so a crash only has the next start decide it.
+over INLINE_BYTES is parsed on a thread of its own (parsing takes time in proportion to
+its size: on the loop it would hold up the watchdog, deadlines and signals), then decided
+on the loop; its claim is durable meanwhile, so a crash only has the next start decide it.
 """
 
 from __future__ import annotations
@@ -39,17 +39,17 @@ from chute.store.spool import Spool
 log = logging.getLogger(__name__)
 
 INTAKE_BATCH = 64  # files taken per batch: one group commit, then tasks get their turn
-INTAKE_BYTES = 64 << 10  # and so many bytes of them: validating takes ~1-3 ms per KiB
+INTAKE_BYTES = 64 << 10  # and so many bytes of them: validating takes time per byte
 INLINE_BYTES = 64 << 10  # a spec bigger than this is parsed on the parser thread
 # Backpressure: past either bound new files wait, durable, in incoming/ until runs finish;
-# memory stays bounded whatever a flood drops at once. A run costs ~10 KB of memory besides
-# its tasks, a task ~0.3 KB while its run waits and up to ~1.8 KB once it has started (its
-# manifest entry). Near MAX_ACTIVE_TASKS a batch takes no more files than runs of
-# MAX_RUN_TASKS would fill, so a batch overshoots it by one run's tasks at most.
+# memory stays bounded whatever a flood drops at once. A run's memory grows with its tasks,
+# and a task's once it has started (its manifest entry), so both are bounded. Near
+# MAX_ACTIVE_TASKS a batch takes no more files than runs of MAX_RUN_TASKS would fill, so a
+# batch overshoots it by one run's tasks at most.
 MAX_ACTIVE_RUNS = 5000
 MAX_ACTIVE_TASKS = 100_000
 SYNC_HERE = 4
-"""Runs accepted in one batch that the loop syncs itself (~1 ms a run) rather than queue them
+"""Runs accepted in one batch that the loop syncs itself (a sync each) rather than queue them
 behind the writer's batch in progress, which holds other runs' final writes: a single drop
 starts without that wait, while a burst's big batches still sync beside the loop. Specs
 over INLINE_BYTES in all are synced by the writer too: an fsync of a megabyte can take

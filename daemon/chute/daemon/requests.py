@@ -29,6 +29,8 @@ from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
+CONTROL_INTERVAL = 0.25  # seconds between passes over control/
+
 
 class Requests:
     """The daemon's side of control/: one pass carries out what is there."""
@@ -56,11 +58,11 @@ class Requests:
         self._held: set[str] = set()  # requests a chute bug left: tried at next start
         self._trouble: dict[str, int | None] = {}  # request -> errno logged for it
 
-    def carry_out(self) -> None:
+    def carry_out(self) -> float:
         """Carry out the requests in control/: each request's effect is durable before its
         file goes; a bad one, or one whose requester may not make it (control.authorize),
         goes to rejected/; one that cannot be carried out yet (a full disk, a run not
-        handed to the engine yet) waits."""
+        handed to the engine yet) waits. Returns the seconds until the next pass."""
         pending = control.pending(self.spool)
         for name in set(self._trouble) - set(pending):
             del self._trouble[name]
@@ -93,6 +95,7 @@ class Requests:
             self._trouble.pop(name, None)
             if done:
                 control.finish(self.spool, name)
+        return CONTROL_INTERVAL
 
     def _failed(self, name: str, exc: OSError) -> None:
         """The environment (a full disk, permissions): one ERROR line per request and errno;

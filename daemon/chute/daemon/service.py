@@ -1,14 +1,15 @@
 """The daemon: its parts, its loop (one `step` at a time), start and stop.
 
-Owns: making and wiring the daemon's parts, the loop (`step(now)` does a bounded turn of
+Owns: making and wiring the daemon's parts, the loop (`step(mono)` does a bounded turn of
 work and returns the seconds until its next duty; `run` waits that long in the reactor),
 its duties on timers (rescans, control requests, status, the watchdog, retention), the
 stop (SIGTERM: intake closed, running tasks get `stop_timeout`), signals and reload
-requests, and what follows a run's end. Not here: each part's own work: taking files
-(chute.daemon.admission, chute.intake.drops), schedules (chute.daemon.fires), control requests
-(chute.daemon.requests), recovery (chute.daemon.recovery), status (chute.daemon.status),
-reports and retention (chute.daemon.upkeep), reload (chute.daemon.reload), runs
-(chute.engine), processes (chute.execution.local).
+requests. Not here: each part's own work: taking files (chute.daemon.admission,
+chute.intake.drops), noticing them (chute.daemon.watch), schedules (chute.daemon.fires),
+control requests (chute.daemon.requests), recovery (chute.daemon.recovery), what follows a
+run's end (chute.daemon.ends), status (chute.daemon.status), reports and retention
+(chute.daemon.upkeep), reload (chute.daemon.reload), runs (chute.engine), processes
+(chute.execution.local).
 Crash safety: see chute.daemon.recovery; the loop itself keeps nothing that a restart
 needs.
 Diagnostics: a configuration or spool the operator must fix: one ERROR line and
@@ -30,15 +31,13 @@ from types import FrameType
 from chute import __version__
 from chute.clock import Clock
 from chute.config import Config
-from chute.engine.loop import ActiveRun, Engine
+from chute.engine.loop import Engine
 from chute.execution import owners
-from chute.execution.executor import Result
 from chute.execution.local import LocalExecutor
 from chute.intake.decision import Scheduled
 from chute.intake.drops import Intake
-from chute.intake.watch import Watcher
 from chute.observe import logs
-from chute.observe.http import HttpError, Server, health, read_token, serve
+from chute.observe.http import HttpError, Server, read_token, serve
 from chute.observe.metrics import Metrics
 from chute.observe.notify import Notifier
 from chute.reactor import Reactor
@@ -46,36 +45,35 @@ from chute.store.spool import Spool, sync_roots
 
 from . import reload as reloading
 from .admission import Admission
+from .ends import RunEnds
 from .fires import Fires
 from .lock import acquire_lock, unwritable
 from .recovery import recover
 from .reload import topology_of
 from .requests import Requests
-from .status import Status
+from .status import Health, Status
 from .upkeep import GC_FIRST, Reports, Retention
+from .watch import Watch
 
 log = logging.getLogger(__name__)
 
 EXIT_CANNOT_START = 2
 """A bad config or an unusable spool: restarting cannot fix it (systemd/chute.service has
 RestartPreventExitStatus=2), and `chute` uses 2 for usage and input errors anyway."""
-CONTROL_INTERVAL = 0.25
-POLL_INTERVAL = 1.0  # seconds between scans of incoming/ without inotify (`watch: poll`)
-STATUS_INTERVAL = 1.0
-REPORT_BUDGET = 0.02  # seconds of report pages per turn while the loop is otherwise idle
 
 
 @dataclass(slots=True)
 class Duty:
-    """Work due at `due` (monotonic); `action` returns the seconds until it is due again."""
+    """Work due at `due` (monotonic seconds); `action()` does it and returns the seconds
+    until it is due again."""
 
     name: str
     due: float
-    action: Callable[[float], float]
+    action: Callable[[], float]
 
 
 class Daemon:
-    """`run()` serves until SIGTERM. Tests drive it in-process: `open()`, then `step(now)`
+    """`run()` serves until SIGTERM. Tests drive it in-process: `open()`, then `step(mono)`
     and `reactor.wait(...)` as they please, then `close()`."""
 
     def __init__(
@@ -91,14 +89,12 @@ class Daemon:
         self.metrics = Metrics(version=__version__, start_time=self.started_at)
         self.http: Server | None = None
         self.owner: owners.Owner | None = None
-        self.watcher: Watcher | None = None
-        self.last_tick = self.clock.monotonic()  # set by each step; /healthz reads it
+        self.health = Health(self.clock, self.metrics)
         self.done = False  # the loop has ended (stopped)
         self.stop_asked = False
         self.reload_asked = False
         self._lock_fd: int | None = None
         self._stop_deadline: float | None = None
-        self._write_error: OSError | None = None  # the write failure counted last
         self._duties: list[Duty] = []
 
     # -- life ------------------------------------------------------------------------------
@@ -155,7 +151,7 @@ class Daemon:
                 cfg.http_listen,
                 spool=self.spool,
                 registry=self.metrics.registry,
-                health=self._health,
+                health=self.health.answer,
                 token=read_token(cfg.http_token_file),
             )
         except HttpError as exc:
@@ -175,13 +171,13 @@ class Daemon:
             node=self.node(),
             take=self.admission.take,
         )
-        self._watch()
+        self.watch.start(cfg.watch)
         self.admission.rescan()  # taken in batches by the loop, after READY=1
         mono = self.clock.monotonic()
         self._duties = [
-            Duty("rescan", mono + self._rescan_every(), self._rescan),
-            Duty("control", mono, self._control),
-            Duty("status", mono, self._status),
+            Duty("rescan", mono + self.watch.scan_every(cfg.rescan_interval), self._rescan),
+            Duty("control", mono, self.requests.carry_out),
+            Duty("status", mono, self.status.publish),
             Duty("retention", mono + GC_FIRST, self._retention),
         ]
         if self.notifier.watchdog_interval is not None:
@@ -191,7 +187,7 @@ class Daemon:
             self.spool.root,
             len(self.topology.cpus),
             cfg.policy,
-            "inotify" if self.watcher is not None else "poll",
+            self.watch.kind,
             "syncfs" if self.syncfs else "fsync",
             self.http.address,
         )
@@ -202,7 +198,7 @@ class Daemon:
         cfg = self.config
         self.executor = LocalExecutor(
             reactor=self.reactor,
-            on_result=self._deliver,
+            on_result=lambda result: self.engine.deliver(result),  # the engine is made next
             kill_grace=cfg.kill_grace,
             log_limit=cfg.log_limit,
             max_workers=len(self.topology.cpus),
@@ -216,7 +212,7 @@ class Daemon:
             topology=self.topology,
             policy=cfg.policy,
             clock=self.clock,
-            on_finished=self._finished,
+            on_finished=lambda run: self.ends.durable(run),
             events=self.metrics,
             syncfs=self.syncfs,
             wake=self.reactor.wake,
@@ -234,7 +230,7 @@ class Daemon:
             engine=self.engine,
             metrics=self.metrics,
             node=self.node,
-            write_trouble=self.write_trouble,
+            write_trouble=self.health.write_trouble,
         )
         self.admission = Admission(
             self.spool,
@@ -265,19 +261,32 @@ class Daemon:
             topology=lambda: self.topology,
             http=self.http,
         )
+        self.health.follow(self.engine, self.intake)
         self.reports = Reports(self.engine)
         self.retention = Retention(self.spool, self.engine)
+        self.ends = RunEnds(
+            self.spool,
+            clock=self.clock,
+            post=self.reactor.post,
+            reports=self.reports,
+            metrics=self.metrics,
+            ended=self.fires.run_ended,
+        )
+        self.watch = Watch(
+            self.spool,
+            self.reactor,
+            self.metrics,
+            hint=self.admission.hint,
+            unschedule=self.fires.remove,
+        )
 
     def close(self) -> None:
         """Stop everything the daemon started: running tasks are ended (their runs stopped,
         or interrupted under `on_restart: fail`), writes made durable, the lock released."""
         if self.http is not None:
             self.http.close()
-        if self.watcher is not None:
-            self.reactor.unregister(self.watcher.fileno())
-            self.watcher.close()
-            self.watcher = None
         if hasattr(self, "engine"):
+            self.watch.close()
             self.admission.close()
             self.executor.close()
             resumes = self.config.on_restart == "resume"
@@ -307,15 +316,14 @@ class Daemon:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def step(self, now: float) -> float:
-        """One turn of the loop at `now` (monotonic): what is due, bounded; returns the
-        seconds until the next duty (0: more work is waiting)."""
-        self.last_tick = now
-        self._count_write_trouble()
+    def step(self, mono: float) -> float:
+        """One turn of the loop at `mono` (monotonic seconds): what is due, bounded; returns
+        the seconds until the next duty (0: more work is waiting)."""
+        self.health.tick(mono)
         if self.stop_asked and self._stop_deadline is None:
-            self._begin_stop(now)
+            self._begin_stop(mono)
         if self._stop_deadline is not None and (
-            self.engine.tasks_running == 0 or now >= self._stop_deadline
+            self.engine.tasks_running == 0 or mono >= self._stop_deadline
         ):
             self.done = True
             return 0.0
@@ -323,10 +331,10 @@ class Daemon:
             self.reload_asked = False
             reloading.reload(self)
         stopping = self._stop_deadline is not None
-        waits: list[float | None] = [self._run_duties(now, stopping)]
+        waits: list[float | None] = [self._run_duties(mono, stopping)]
         if not stopping:
             self.fires.fire()
-        waits.append(self.executor.tick(now))
+        waits.append(self.executor.tick(mono))
         waits.append(self.engine.step())
         if not stopping:
             # Files are taken after the engine's step: tasks that can start are on their
@@ -339,53 +347,42 @@ class Daemon:
                 waits.append(max(0.0, wake.timestamp() - self.clock.time()))
         else:
             assert self._stop_deadline is not None
-            waits.append(self._stop_deadline - now)
-        if not stopping and self.reports.due(now) and not self.admission.waiting:
-            self.reports.write(budget=REPORT_BUDGET)
-            if self.reports.due(now):
-                waits.append(0.0)
-        elif (report_at := self.reports.next_due()) is not None:
-            waits.append(report_at - now)
+            waits.append(self._stop_deadline - mono)
+        waits.append(self.reports.turn(mono, idle=not stopping and not self.admission.waiting))
         return max(0.0, min(w for w in waits if w is not None))
 
-    def _run_duties(self, now: float, stopping: bool) -> float:
+    def _run_duties(self, mono: float, stopping: bool) -> float:
         """Run what is due; the seconds until the next duty."""
         for duty in self._duties:
             if stopping and duty.name in ("rescan", "control", "retention"):
                 continue
-            if now >= duty.due or (duty.name == "retention" and self.retention.changed):
-                duty.due = now + duty.action(now)
-        return min(d.due for d in self._duties) - now
+            if (
+                mono >= duty.due
+                or (duty.name == "retention" and self.retention.changed)
+                or (duty.name == "rescan" and self.watch.overflowed)
+            ):
+                duty.due = mono + duty.action()
+        return min(d.due for d in self._duties) - mono
 
-    def _rescan(self, now: float) -> float:
+    def _rescan(self) -> float:
+        self.watch.overflowed = False
         self.admission.rescan()
         self.fires.sync_with_folder()
-        return self._rescan_every()
+        return self.watch.scan_every(self.config.rescan_interval)
 
-    def _rescan_every(self) -> float:
-        """inotify misses little (rescan_interval is the safety net); a poll is all there is."""
-        return self.config.rescan_interval if self.watcher is not None else POLL_INTERVAL
-
-    def _control(self, now: float) -> float:
-        self.requests.carry_out()
-        return CONTROL_INTERVAL
-
-    def _status(self, now: float) -> float:
-        self.status.publish()
-        return STATUS_INTERVAL
-
-    def _ping(self, now: float) -> float:
+    def _ping(self) -> float:
         self.notifier.watchdog()
         interval = self.notifier.watchdog_interval
         assert interval is not None
         return interval
 
-    def _retention(self, now: float) -> float:
+    def _retention(self) -> float:
         return self.retention.run(self.config, self.clock.time())
 
-    def _begin_stop(self, now: float) -> None:
-        self._stop_deadline = now + self.config.stop_timeout
+    def _begin_stop(self, mono: float) -> None:
+        self._stop_deadline = mono + self.config.stop_timeout
         self.engine.draining = True
+        self.watch.closed = True
         self.notifier.stopping()
         log.info(
             "stopping: intake closed, giving %d running task(s) %.0fs",
@@ -402,80 +399,11 @@ class Daemon:
             self.stop_asked = True
         self.reactor.wake()
 
-    def _watch(self) -> None:
-        if self.config.watch != "auto":
-            return
-        try:
-            self.watcher = Watcher(self.spool)
-        except OSError as exc:
-            log.error("%s; falling back to scans every %.0fs", exc, POLL_INTERVAL)
-            return
-        self.reactor.register(self.watcher.fileno(), self._on_inotify)
-
-    def _on_inotify(self) -> None:
-        assert self.watcher is not None
-        names, deleted, overflowed = self.watcher.read()
-        if self._stop_deadline is not None:
-            return  # intake is closed: the next start's scan takes them
-        self.admission.hint(names)
-        for name in deleted:
-            self.fires.remove(name.rsplit(".", 1)[0])
-        if overflowed:
-            self.metrics.inotify_overflowed()
-            log.warning("inotify queue overflowed; rescanning incoming/")
-            for duty in self._duties:
-                if duty.name == "rescan":
-                    duty.due = 0.0
-
-    def _deliver(self, result: Result) -> None:
-        self.engine.deliver(result)
-
     def _scheduled(self, outcome: Scheduled) -> None:
         self.fires.set(outcome.name, outcome.pipeline, outcome.spec_bytes, outcome.accepted_at)
 
-    def _finished(self, run: ActiveRun) -> None:
-        """In the writer thread, once a run's final run.json is durable."""
-        # Handover: run.json says the run is over (durable); the queue copy can go. Here,
-        # not on the loop: an unlink was 5% of the loop in a burst of runs.
-        try:
-            os.unlink(self.spool.queue / f"{run.run_id}.yaml")
-        except FileNotFoundError:
-            pass
-        self.reactor.post(lambda: self._ended(run))
-
-    def _ended(self, run: ActiveRun) -> None:
-        """On the loop's thread: a run's end is durable."""
-        self.reports.add(self.clock.monotonic(), run.dir)
-        rec = run.record
-        self.metrics.run_finished(str(rec["state"]), rec.get("duration_seconds"))
-        stages = " ".join(f"{s.name}={s.state}" for s in run.graph.stages.values())
-        log.info(
-            "%s finished state=%s duration=%ss pipeline=%s stages: %s",
-            run.run_id,
-            rec["state"],
-            rec.get("duration_seconds"),
-            run.pipeline.name,
-            stages[:2000],
-        )
-        self.fires.run_ended(run.run_id)
-
-    # -- health ----------------------------------------------------------------------------
+    # -- the node --------------------------------------------------------------------------
 
     def node(self) -> tuple[int, int]:
         """The node's CPUs and memory, as the live config gives them."""
         return len(self.topology.cpus), self.topology.memory
-
-    def write_trouble(self) -> OSError | None:
-        """Why the spool cannot be written now (engine or intake), or None."""
-        return self.engine.write_error or self.intake.write_error
-
-    def _count_write_trouble(self) -> None:
-        err = self.write_trouble()
-        self.metrics.spool_writes(err is not None, err is not None and err is not self._write_error)
-        self._write_error = err
-
-    def _health(self) -> str | None:
-        """For /healthz (the HTTP thread). The loop never waits longer than STATUS_INTERVAL:
-        the status duty is always one of its wake-ups."""
-        trouble = self.write_trouble() if hasattr(self, "engine") else None
-        return health(self.clock.monotonic(), self.last_tick, STATUS_INTERVAL, trouble)

@@ -1,9 +1,11 @@
-"""What the daemon says about itself: state/status.json, the gauges, systemd's STATUS line.
+"""What the daemon says about itself: state/status.json, the gauges, systemd's STATUS line,
+and whether it is well.
 
 Owns: the document `chute status`, `chute show` and `chute run --here` read
-(state/status.json), the engine gauges published to the metrics, and the one-line STATUS
-sent to systemd. Not here: the metrics registry (chute.observe.metrics), why a run waits
-(chute.engine.reasons), /healthz (chute.observe.http, given the loop's tick by the service).
+(state/status.json), the engine gauges published to the metrics, the one-line STATUS
+sent to systemd, and what /healthz answers (the loop's last turn, spool writes failing,
+each new failure counted once). Not here: the metrics registry (chute.observe.metrics), why
+a run waits (chute.engine.reasons), serving /healthz and its wording (chute.observe.http).
 Crash safety: status.json is volatile (rewritten every second, no fsync): after a crash it
 is stale until the next daemon writes it; `chute status` trusts the lock, not this file.
 """
@@ -13,13 +15,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from chute.clock import Clock, rfc3339
 from chute.config import Config
 from chute.engine import reasons
 from chute.engine.loop import Engine
-from chute.observe.http import Server
+from chute.observe.http import Server, health
 from chute.observe.metrics import Metrics, Snapshot
 from chute.observe.notify import Notifier
 from chute.scheduling.topology import Topology
@@ -31,6 +33,43 @@ from .fires import Fires
 log = logging.getLogger(__name__)
 
 STATUS_WAITING = 200  # runs status.json details, in queue order (the API knows them all)
+STATUS_INTERVAL = 1.0  # seconds between publishes; the loop never waits longer
+
+
+class _Writer(Protocol):
+    @property
+    def write_error(self) -> OSError | None: ...
+
+
+class Health:
+    """Whether the daemon is well, for /healthz (asked on the HTTP thread): its loop turns,
+    and the spool can be written. `tick(mono)` at each turn of the loop."""
+
+    def __init__(self, clock: Clock, metrics: Metrics) -> None:
+        self.clock = clock
+        self.metrics = metrics
+        self.last_tick = clock.monotonic()
+        self._writers: tuple[_Writer, ...] = ()  # whose write failures count
+        self._counted: OSError | None = None  # the write failure counted last
+
+    def follow(self, *writers: _Writer) -> None:
+        self._writers = writers
+
+    def write_trouble(self) -> OSError | None:
+        """Why the spool cannot be written now (engine or intake), or None."""
+        return next((e for w in self._writers if (e := w.write_error) is not None), None)
+
+    def tick(self, mono: float) -> None:
+        self.last_tick = mono
+        err = self.write_trouble()
+        self.metrics.spool_writes(err is not None, err is not None and err is not self._counted)
+        self._counted = err
+
+    def answer(self) -> str | None:
+        """None when well, else /healthz's reason. The loop never waits longer than
+        STATUS_INTERVAL: the status duty is always one of its wake-ups."""
+        mono = self.clock.monotonic()
+        return health(mono, self.last_tick, STATUS_INTERVAL, self.write_trouble())
 
 
 class Status:
@@ -67,8 +106,9 @@ class Status:
             f"{self.engine.cores_in_use}/{len(self.topology().cpus)} cpus"
         )
 
-    def publish(self) -> None:
-        """status.json, the gauges and the STATUS line, as they are now."""
+    def publish(self) -> float:
+        """status.json, the gauges and the STATUS line, as they are now; returns the seconds
+        until the next publish."""
         topology = self.topology()
         allocated = self.engine.cores_by_node()
         queued = sum(1 for r in self.engine.runs.values() if r.record["state"] == "queued")
@@ -125,3 +165,4 @@ class Status:
         except OSError as exc:
             log.debug("status.json not written: %s", exc)  # a full disk: healthz says so
         self.notifier.status(self.text())
+        return STATUS_INTERVAL

@@ -26,6 +26,7 @@ from chute.store.spool import Spool
 log = logging.getLogger(__name__)
 
 REPORT_DELAY = 5.0  # while runs are active, a report.html waits up to this long (seconds)
+REPORT_BUDGET = 0.02  # seconds of report pages per turn while the loop is otherwise idle
 GC_INTERVAL = 60.0
 GC_FIRST = 5.0  # seconds after start of the first pass
 GC_BATCH = 50  # folders and files removed per retention pass: deleting thousands stalls runs
@@ -34,9 +35,9 @@ GC_AGAIN = 5.0  # seconds to the next pass when GC_BATCH cut one short: a backlo
 
 class Reports:
     """report.html of finished runs, drawn when nothing else waits: at once when no run is
-    active, else once the oldest has waited REPORT_DELAY (a page is ~1 ms of pure Python
-    and three files: a burst of runs finishes first, its pages follow). Not in a thread:
-    there it would hold the GIL while every system call of the loop waits for it."""
+    active, else once the oldest has waited REPORT_DELAY (a page is pure Python and three
+    files: a burst of runs finishes first, its pages follow). Not in a thread: there it
+    would hold the GIL while every system call of the loop waits for it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -53,6 +54,16 @@ class Reports:
     def next_due(self) -> float | None:
         """When the oldest page is due even while runs are active (monotonic), or None."""
         return self._due[0][0] + REPORT_DELAY if self._due else None
+
+    def turn(self, mono: float, idle: bool) -> float | None:
+        """The loop's turn: pages for REPORT_BUDGET when some are due and the loop is `idle`
+        (not stopping, no files waiting). The seconds until pages are due (0: more are
+        due now), or None."""
+        if idle and self.due(mono):
+            self.write(budget=REPORT_BUDGET)
+            return 0.0 if self.due(mono) else None
+        at = self.next_due()
+        return None if at is None else at - mono
 
     def write(self, budget: float) -> None:
         """Draw pages for at most `budget` seconds."""

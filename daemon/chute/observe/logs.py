@@ -5,9 +5,8 @@ carry no timestamp and start with the sd-daemon level prefix (<3> error, <4> war
 <6> info, <7> debug) so `journalctl -p` filters; `log_format: json` prints JSON lines.
 The daemon's loop holds its INFO and DEBUG lines and writes them in one go before each wait
 (hold/write_held): a burst of runs logs three lines per run, and a write(2) of each from the
-loop was a wait for the GIL each (~10% of the daemon's CPU in a burst). A line is thus late
-by at most one turn of the loop; other threads' lines, and warnings and errors, are written
-at once.
+loop was a wait for the GIL each. A line is thus late by at most one turn of the loop;
+other threads' lines, and warnings and errors, are written at once.
 """
 
 from __future__ import annotations

@@ -1,31 +1,17 @@
-"""Recurring fires: when each schedule fires, what a missed fire becomes, and the last fire.
+"""The schedules table: each active schedule, its last fire and held fire, and what is due.
 
-Owns: the fire times of `schedule:` blocks (cron, at, every), the misfire and overlap
-decisions, and `<state>/schedules.json` ({name: {"last_fire", "anchor", "trigger"}}, plus
-"held": {"fire_time", "missed"} while `overlap: queue` holds a fire).
-Not here: reading schedules/ (chute.store.spool), creating runs (chute.engine), the loop that
-sleeps until `next_wakeup` (the daemon), parsing and validating the block (chute.spec).
+Owns: which schedules are active, their anchors (when each was accepted), their last
+fires and the fire `overlap: queue` holds, the misfire decisions (what a fire later than
+`grace` becomes), and `<state>/schedules.json` ({name: {"last_fire", "anchor", "trigger"}},
+plus "held": {"fire_time", "missed"} while a fire is held), and the overlap rule (what a
+due fire does while its schedule's previous run may still run: `overlap_decision`).
+Not here: fire times (chute.scheduling.triggers, chute.scheduling.cron), reading
+schedules/ (chute.store.spool), creating runs (chute.daemon.fires), the loop that sleeps
+until `next_wakeup` (the daemon), parsing and validating the block (chute.spec).
 
-APScheduler 3.x's CronTrigger matches the cron fields; chute runs its own step loop
-instead of BackgroundScheduler's threads, because that loop's catch-up enumerates every
-missed fire before coalescing (a long outage or forward clock jump hangs it: apscheduler
-#526, #1066), it sleeps past fire times after a backward clock jump (#339), and its
-default misfire grace is 1 s. Here every answer takes `now` (timezone-aware) as an
-argument, and no answer enumerates more than MISSED_CAP + 1 fire times.
-- cron: a CronTrigger (explicit timezone and start_date, so it never reads the clock or
-  the local zone) matches wall-clock times in a zone without daylight saving; chute maps
-  each wall time to an instant itself. APScheduler does that mapping wrongly for us: a
-  nonexistent time (the skipped hour) fires at the shifted instant (02:30 -> 03:30) or,
-  at the very start of the gap, not at all that day; a repeated time fires twice. Here a
-  nonexistent time fires once at the first instant after the gap, a repeated one once, at
-  its first occurrence (docs/file-format.md, Schedules). Weekdays count as crontab does
-  (0 and 7 = Sunday; APScheduler 3.x counts 0 = Monday), and a restricted day of month
-  and weekday both match ("0 0 1 * 1": the 1st, and Mondays), as in Vixie cron.
-- every: D: fires at anchor + k*D (k >= 1) in integer microseconds, so missed fires are
-  counted in O(1) (IntervalTrigger can only answer "next", in float seconds).
-- at: one fire, due once its time has come and until it is recorded, even when the file
-  was accepted after that time (misfire rules apply: a one-time job never vanishes
-  silently).
+chute runs its own step loop instead of APScheduler's BackgroundScheduler, whose loop
+sleeps past fire times after a backward clock jump (apscheduler #339) and whose default
+misfire grace is 1 s. Here every answer takes `now` (timezone-aware) as an argument.
 
 Exactly once: `due(now)` proposes at most one fire per schedule, keyed by (name, fire
 time) through its deterministic `run_id`; the daemon creates that run (a second create
@@ -43,8 +29,7 @@ ERROR line too: the schedules go on from memory, `unsaved` says so, and every la
 (each fire, or `save`) tries again; a crash meanwhile falls back on the run ids as above.
 Invalid schedules are the validator's job; here they raise ValueError.
 Limits: run ids have whole seconds, so two fires of one schedule within the same second
-(every: below 1s) share one run. Missed fires are counted up to MISSED_CAP, then
-"1000+". One writer per state folder: the daemon.
+(every: below 1s) share one run. One writer per state folder: the daemon.
 """
 
 from __future__ import annotations
@@ -53,28 +38,21 @@ import hashlib
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo
 
 import orjson
-from apscheduler.triggers.cron import CronTrigger
 
 from chute.spec.model import Schedule
 from chute.store.atomic import write_json
 
+from .triggers import MISSED_CAP, Trigger, TriggerType
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "schedules.json"
-MISSED_CAP = 1000  # missed fires counted at most; more reads "1000+"
-TriggerType = Literal["cron", "at", "every"]
 Decision = Literal["run", "skip", "queue"]
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
-_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # crontab numbering: 0 = sun
-WEEKDAY_HINT = "0-7 (0 and 7 are Sunday) or sun, mon, tue, wed, thu, fri, sat"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,169 +101,23 @@ def overlap_decision(policy: str, previous_running: bool, fire_pending: bool) ->
     raise ValueError(f"overlap {policy!r}; expected skip, queue or allow")
 
 
-def crontab_weekdays(field: str) -> str:
-    """A crontab weekday field as APScheduler 3.x's day_of_week (names, so 0 stays Sunday).
-
-    `0`, `7` -> `sun`; `1-5` -> `mon,tue,wed,thu,fri`; `*/2` -> `sun,tue,thu,sat`.
-    """
-    days: set[int] = set()
-    for part in field.split(","):
-        span, slash, step_text = part.partition("/")
-        step = 1
-        if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise ValueError(f"step {step_text!r} in {part!r}; expected a number from 1")
-            step = int(step_text)
-        if span == "*":
-            lo, hi = 0, 6
-        elif "-" in span:
-            first, last = span.split("-", 1)
-            lo, hi = _weekday(first), _weekday(last)
-            if hi == 0 and lo > 0:
-                hi = 7  # fri-sun
-            if lo > hi:
-                raise ValueError(f"range {span!r} runs backwards; expected a range within 0-7")
-        else:
-            lo = _weekday(span)
-            hi = 6 if slash else lo
-        days.update(d % 7 for d in range(lo, hi + 1, step))
-    if len(days) == 7:
-        return "*"
-    return ",".join(_WEEKDAYS[d] for d in sorted(days))
-
-
-def _weekday(text: str) -> int:
-    if text.isdigit() and int(text) <= 7:
-        return int(text)
-    if text.lower() in _WEEKDAYS:
-        return _WEEKDAYS.index(text.lower())
-    raise ValueError(f"{text!r} is not a weekday; expected {WEEKDAY_HINT}")
-
-
-def trigger_text(schedule: Schedule) -> str:
-    """`cron 0 2 * * * Asia/Shanghai`, `every 15m`, `at 2026-12-01T02:00:00+08:00`."""
-    if schedule.cron is not None:
-        return f"cron {schedule.cron} {schedule.timezone}"
-    if schedule.every is not None:
-        return f"every {_duration_text(schedule.every)}"
-    if schedule.at is not None:
-        return f"at {schedule.at.isoformat()}"
-    raise ValueError("a schedule takes exactly one of cron, at or every")
-
-
-def _duration_text(seconds: float) -> str:
-    ms = round(seconds * 1000)
-    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if ms % size == 0:
-            return f"{ms // size}{unit}"
-    return f"{ms}ms"
-
-
 def rfc3339_local(dt: datetime) -> str:
     """`2026-11-24T02:00:00+08:00`: the offset of dt's own zone, milliseconds when present."""
     return dt.isoformat(timespec="milliseconds" if dt.microsecond else "seconds")
 
 
-class _Cron:
-    """Fire instants of a crontab line in a zone, daylight saving resolved as documented."""
-
-    def __init__(self, expr: str, zone: tzinfo) -> None:
-        parts = expr.split()
-        if len(parts) != 5:
-            raise ValueError(f"{expr!r} has {len(parts)} fields; expected 5")
-        minute, hour, dom, month, dow = parts
-        weekdays = crontab_weekdays(dow)
-        if dom.startswith("*") or dow.startswith("*"):
-            days = [(dom, weekdays)]
-        else:  # both restricted: either matches
-            days = [(dom, "*"), ("*", weekdays)]
-        # Wall-clock times are matched in UTC, which has no gap or repeat; _instant maps them.
-        self._triggers = [
-            CronTrigger(
-                minute=minute,
-                hour=hour,
-                day=d,
-                month=month,
-                day_of_week=w,
-                timezone=UTC,
-                start_date=_EPOCH,
-            )
-            for d, w in days
-        ]
-        self.zone = zone
-        self._never = self._next_wall(datetime(2000, 1, 1)) is None  # "0 0 30 2 *"
-
-    def _next_wall(self, wall: datetime) -> datetime | None:
-        """The first matching wall time after `wall` (naive)."""
-        start = (wall + _US).replace(tzinfo=UTC)
-        found = [t.get_next_fire_time(None, start) for t in self._triggers]
-        times = [f.replace(tzinfo=None) for f in found if f is not None]
-        return min(times) if times else None
-
-    def _instant(self, wall: datetime) -> datetime:
-        early = wall.replace(tzinfo=self.zone, fold=0)
-        late = wall.replace(tzinfo=self.zone, fold=1)
-        first, second = sorted((early.astimezone(UTC), late.astimezone(UTC)))
-        if first == second or first.astimezone(self.zone).replace(tzinfo=None) == wall:
-            return first.astimezone(self.zone)  # exists once, or twice: its first occurrence
-        # In a gap: `first` is still before the transition, `second` after it; find it.
-        lo, hi = first, second
-        before = first.astimezone(self.zone).utcoffset()
-        while hi - lo > timedelta(seconds=1):
-            mid = lo + (hi - lo) / 2
-            if mid.astimezone(self.zone).utcoffset() == before:
-                lo = mid
-            else:
-                hi = mid
-        return hi.replace(microsecond=0).astimezone(self.zone)
-
-    def next_after(self, after: datetime) -> datetime | None:
-        if self._never:
-            return None
-        wall: datetime | None = after.astimezone(self.zone).replace(tzinfo=None)
-        while wall is not None:
-            wall = self._next_wall(wall)
-            if wall is None:
-                return None
-            instant = self._instant(wall)
-            if instant > after:  # not so in a repeated hour's second pass
-                return instant
-        return None
-
-
 @dataclass(slots=True)
 class _Entry:
-    schedule: Schedule | None  # None: state loaded from disk, not set in this process yet
-    trigger: str  # trigger_text: a changed trigger resets anchor and last fire
+    trigger: Trigger | None  # None: state loaded from disk, not set in this process yet
+    text: str  # the trigger's text, as saved: a changed trigger resets anchor and last fire
     anchor: datetime
     last_fire: datetime | None
-    zone: tzinfo
-    cron: _Cron | None = None
     held: tuple[datetime, int] | None = None  # (fire time, missed) held by overlap: queue
 
-    def kind(self) -> TriggerType:
-        assert self.schedule is not None
-        if self.schedule.cron is not None:
-            return "cron"
-        return "every" if self.schedule.every is not None else "at"
-
-    def next_after(self, after: datetime) -> datetime | None:
-        """The first fire time strictly after `after`, not counting what is recorded."""
-        s = self.schedule
-        assert s is not None
-        if self.cron is not None:
-            return self.cron.next_after(after)
-        if s.every is not None:
-            step = _every_us(s.every)
-            k = max(1, (after - self.anchor) // _US // step + 1)
-            return (self.anchor + k * step * _US).astimezone(self.zone)
-        assert s.at is not None
-        at = _aware(s.at, self.zone)
-        return at.astimezone(self.zone) if at > after and self.last_fire is None else None
-
     def fire(self, name: str, fire_time: datetime, missed: int) -> Fire:
-        local = fire_time.astimezone(self.zone)
-        return Fire(name, local, self.kind(), missed, local.date().isoformat())
+        assert self.trigger is not None
+        local = fire_time.astimezone(self.trigger.zone)
+        return Fire(name, local, self.trigger.kind, missed, local.date().isoformat())
 
     def mark(self, fire_time: datetime) -> bool:
         """Make `fire_time` the last fire; False when an equal or later one is recorded."""
@@ -293,56 +125,6 @@ class _Entry:
             return False
         self.last_fire = fire_time.astimezone(UTC)
         return True
-
-    def pending(self, now: datetime) -> tuple[int, datetime] | None:
-        """(how many fire times are due, up to MISSED_CAP + 1; the newest one), or None."""
-        s = self.schedule
-        assert s is not None
-        if s.at is not None:
-            at = _aware(s.at, self.zone)
-            return (1, at.astimezone(self.zone)) if self.last_fire is None and at <= now else None
-        base = self.anchor if self.last_fire is None else max(self.anchor, self.last_fire)
-        if s.every is not None:
-            step = _every_us(s.every)
-            first = max(1, (base - self.anchor) // _US // step + 1)
-            last = (now - self.anchor) // _US // step
-            if last < first:
-                return None
-            latest = (self.anchor + last * step * _US).astimezone(self.zone)
-            return min(last - first + 1, MISSED_CAP + 1), latest
-        assert self.cron is not None
-        count = 0
-        newest: datetime | None = None
-        t: datetime | None = self.cron.next_after(base)
-        while t is not None and t <= now:
-            count, newest = count + 1, t
-            if count > MISSED_CAP:
-                return count, self._newest_at_or_before(t, now)
-            t = self.cron.next_after(t)
-        return None if newest is None else (count, newest)
-
-    def _newest_at_or_before(self, lo: datetime, now: datetime) -> datetime:
-        """The last cron fire time <= now, given `lo`, a fire time <= now: bisection."""
-        assert self.cron is not None
-        hi = now  # no fire time in (hi, now]
-        while True:
-            nxt = self.cron.next_after(lo)
-            if nxt is None or nxt > hi:
-                return lo
-            mid = lo + (hi - lo) / 2
-            found = self.cron.next_after(mid)
-            if found is not None and found <= hi:
-                lo = found
-            else:
-                hi = mid
-
-
-def _every_us(seconds: float) -> int:
-    return max(1, round(seconds * 1_000_000))
-
-
-def _aware(dt: datetime, zone: tzinfo) -> datetime:
-    return dt if dt.tzinfo is not None else dt.replace(tzinfo=zone)
 
 
 def _check_aware(now: datetime) -> None:
@@ -360,11 +142,10 @@ class Schedules:
             try:
                 last = raw["last_fire"]
                 self._entries[name] = _Entry(
-                    schedule=None,
-                    trigger=str(raw["trigger"]),
+                    trigger=None,
+                    text=str(raw["trigger"]),
                     anchor=datetime.fromisoformat(raw["anchor"]),
                     last_fire=None if last is None else datetime.fromisoformat(last),
-                    zone=UTC,
                     held=self._read_held(name, raw.get("held")),
                 )
             except (KeyError, TypeError, ValueError) as e:
@@ -409,7 +190,7 @@ class Schedules:
                 if e.last_fire is None
                 else e.last_fire.astimezone(UTC).isoformat(),
                 "anchor": e.anchor.astimezone(UTC).isoformat(),
-                "trigger": e.trigger,
+                "trigger": e.text,
             }
             if e.held is not None:
                 fire_time, missed = e.held
@@ -440,16 +221,12 @@ class Schedules:
         they restart at `accepted_at` (an `every` grid starts there), and a held fire of the
         old trigger is dropped."""
         _check_aware(accepted_at)
-        text = trigger_text(schedule)
-        zone = ZoneInfo(schedule.timezone)
-        cron = _Cron(schedule.cron, zone) if schedule.cron is not None else None
+        trigger = Trigger(schedule)
         old = self._entries.get(name)
-        if old is not None and old.trigger == text:
-            self._entries[name] = _Entry(
-                schedule, text, old.anchor, old.last_fire, zone, cron, old.held
-            )
+        if old is not None and old.text == trigger.text:
+            self._entries[name] = _Entry(trigger, trigger.text, old.anchor, old.last_fire, old.held)
             return
-        self._entries[name] = _Entry(schedule, text, accepted_at.astimezone(UTC), None, zone, cron)
+        self._entries[name] = _Entry(trigger, trigger.text, accepted_at.astimezone(UTC), None)
         self.save()
 
     def remove(self, name: str) -> bool:
@@ -469,10 +246,12 @@ class Schedules:
         return gone
 
     def names(self) -> list[str]:
-        return sorted(n for n, e in self._entries.items() if e.schedule is not None)
+        return sorted(n for n, e in self._entries.items() if e.trigger is not None)
 
-    def _active(self) -> list[tuple[str, _Entry]]:
-        return [(n, e) for n, e in sorted(self._entries.items()) if e.schedule is not None]
+    def _active(self) -> list[tuple[str, _Entry, Trigger]]:
+        return [
+            (n, e, e.trigger) for n, e in sorted(self._entries.items()) if e.trigger is not None
+        ]
 
     def due(self, now: datetime) -> Due:
         """What to fire now. Pure: records nothing; the same `now` gives the same answer.
@@ -487,10 +266,9 @@ class Schedules:
         fires: list[Fire] = []
         skipped: list[tuple[str, datetime]] = []
         misfired: dict[str, int] = {}
-        for name, e in self._active():
-            s = e.schedule
-            assert s is not None
-            found = e.pending(now)
+        for name, e, trigger in self._active():
+            s = trigger.schedule
+            found = trigger.due_count(now, e.anchor, e.last_fire)
             if found is None:
                 continue
             count, newest = found
@@ -531,7 +309,7 @@ class Schedules:
     def held(self, name: str) -> Fire | None:
         """The fire `hold` keeps for `name`, until `release`."""
         e = self._entries.get(name)
-        if e is None or e.held is None or e.schedule is None:
+        if e is None or e.held is None or e.trigger is None:
             return None
         return e.fire(name, *e.held)
 
@@ -547,18 +325,18 @@ class Schedules:
         `misfire: skip` dropped it) and nothing is held. They never fire again."""
         return [
             n
-            for n, e in self._active()
-            if e.kind() == "at" and e.last_fire is not None and e.held is None
+            for n, e, trigger in self._active()
+            if trigger.kind == "at" and e.last_fire is not None and e.held is None
         ]
 
     def next_fire(self, name: str, now: datetime) -> datetime | None:
         """The next fire time after `now` (and after the last fire), in the schedule's zone."""
         _check_aware(now)
         e = self._entries.get(name)
-        if e is None or e.schedule is None:
+        if e is None or e.trigger is None:
             raise KeyError(name)
         after = max(now, e.anchor if e.last_fire is None else max(e.anchor, e.last_fire))
-        return e.next_after(after)
+        return e.trigger.next_after(after, e.anchor, e.last_fire)
 
     def next_wakeup(self, now: datetime) -> datetime | None:
         times = [t for n in self.names() if (t := self.next_fire(n, now)) is not None]
@@ -567,7 +345,7 @@ class Schedules:
     def listing(self, now: datetime) -> list[tuple[str, str, str | None]]:
         """(name, trigger text, next fire in RFC 3339 with the schedule's zone offset)."""
         rows: list[tuple[str, str, str | None]] = []
-        for name, e in self._active():
+        for name, e, _trigger in self._active():
             nxt = self.next_fire(name, now)
-            rows.append((name, e.trigger, None if nxt is None else rfc3339_local(nxt)))
+            rows.append((name, e.text, None if nxt is None else rfc3339_local(nxt)))
         return rows

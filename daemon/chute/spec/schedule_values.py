@@ -81,7 +81,7 @@ CRON_PATTERN = (
 
 class Cron(Type):
     """Five crontab fields. The schema's pattern holds each field's values; APScheduler (and
-    chute.scheduling.schedules for weekdays) also checks what a pattern cannot: a range's order and
+    chute.scheduling.cron for weekdays) also checks what a pattern cannot: a range's order and
     a step wider than the field."""
 
     hint = "5 fields: minute hour day month weekday, like '0 2 * * *'"
@@ -97,7 +97,7 @@ class Cron(Type):
             return cx.report(
                 node.line, path, f"{node.value!r} has {len(parts)} fields; expected {self.hint}"
             )
-        from chute.scheduling.schedules import (
+        from chute.scheduling.cron import (
             crontab_weekdays,  # crontab numbering: 0 and 7 are Sunday
         )
 
