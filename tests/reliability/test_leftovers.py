@@ -135,6 +135,34 @@ def test_a_call_stage_has_its_side_effect_once_per_attempt_across_a_kill_9(
     assert d2.stop() == 0
 
 
+def test_a_call_worker_dies_with_its_daemon_not_at_the_next_start(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A call's worker must not finish its call after a kill -9 of the daemon, whenever the
+    next start comes: the forkserver ends with the daemon and the worker with the forkserver
+    (a worker that kept the forkserver's liveness pipe open kept both alive)."""
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    (calls / "ledgermod.py").write_text(LEDGER)
+    ledger, pids = tmp_path / "ledger", tmp_path / "pids"
+    spec = (
+        "apiVersion: chute/v1\nkind: Job\nmetadata: {name: ledger}\nspec:\n"
+        f"  workdir: {calls}\n  call: ledgermod:slow\n"
+        f"  with: {{ledger: {ledger}, pids: {pids}, seconds: 60}}\n"
+    )
+    d = daemon_factory(CONFIG).start()
+    drop(spool, "ledger.yaml", spec)
+    wait_for("the call to start", lambda: pids.exists() and pids.read_text().endswith("\n"), 30)
+    worker, child = map(int, pids.read_text().split())
+    d.stop(signal.SIGKILL)
+    wait_for("the worker to die with its daemon", lambda: not pid_alive(worker), 20)
+    assert [line.split()[0] for line in ledger.read_text().splitlines()] == ["start"]
+    d2 = daemon_factory(CONFIG).start()  # what the call started is the next start's to end
+    assert not pid_alive(child)
+    assert final_run(spool, "incoming/ledger.yaml", timeout=120)["state"] == "succeeded"
+    assert d2.stop() == 0
+
+
 def test_a_daemon_start_leaves_a_live_chute_run_alone(
     spool: Path,
     daemon_factory: Callable[..., Daemon],

@@ -134,6 +134,16 @@ PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     # prctl fails only for a bad signal number (EINVAL): nothing to report.
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The forkserver ends when its liveness pipe reads EOF, and every child it forks gets
+    # the pipe's write end (so that it could use the forkserver in turn): while a worker
+    # holds it, the forkserver outlives a killed daemon, and so does the worker. A worker
+    # gives it up; a call that uses a forkserver of its own starts a new one.
+    server: Any = forkserver._forkserver  # private, the same from 3.4 to 3.13
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+        server._forkserver_address = None
+        server._forkserver_pid = None
 
 
 def _join(cgroup: str | None) -> str | None:
