@@ -259,9 +259,9 @@ def test_a_daemon_outside_the_root_group_moves_itself_into_a_leaf_first(
     service = base / f"service-{os.getpid()}"  # stands for systemd's chute.service
     service.mkdir()
     code = (
-        "import sys; from pathlib import Path; from chute.execution import cgroups\n"
+        "import sys; from pathlib import Path; from chute.execution import cgroups, procfs\n"
         "group = cgroups.setup(Path(sys.argv[1]), 'daemon', leaf=True, note=print)\n"
-        "print(cgroups.cgroup_name())\n"
+        "print(procfs.cgroup_of())\n"
         "group.close()\n"
     )
     try:

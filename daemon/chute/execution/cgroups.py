@@ -61,12 +61,13 @@ import hashlib
 import logging
 import os
 import re
-import select
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from chute.execution import procfs
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Hierarchy:
 
     def group_of(self, pid: int | str) -> Path | None:
         """The folder of the group process `pid` is in, or None (gone, or outside the mount)."""
-        cgroup = cgroup_name(pid)
+        cgroup = procfs.cgroup_of(pid)
         return None if cgroup is None else self.path_of(cgroup)
 
     def holds(self, group: Path, pid: int) -> bool:
@@ -114,35 +115,11 @@ class Hierarchy:
         return path.is_absolute() and ".." not in path.parts and self.mount in path.parents
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as \\ooo."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 @functools.cache
 def hierarchy() -> Hierarchy | None:
     """The first cgroup2 mount in /proc/self/mountinfo, or None."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                left, sep, right = line.partition(" - ")
-                if sep and right.split(" ", 1)[0] == "cgroup2":
-                    fields = left.split(" ")
-                    return Hierarchy(mount=Path(_unescape(fields[4])), root=_unescape(fields[3]))
-    except OSError:
-        return None
-    return None
-
-
-def cgroup_name(pid: int | str = "self") -> str | None:
-    """The v2 group of a process as /proc/<pid>/cgroup says it ("/a/b"), or None."""
-    raw = _read(Path(f"/proc/{pid}/cgroup"))
-    if raw is None:
-        return None
-    for line in raw.splitlines():
-        if line.startswith(b"0::"):
-            return line[3:].decode(errors="replace")
-    return None
+    found = procfs.mount_of("cgroup2")
+    return None if found is None else Hierarchy(mount=Path(found[0]), root=found[1])
 
 
 def spool_group(spool_root: Path) -> str:
@@ -176,7 +153,7 @@ def base(*, leaf: bool) -> Path | None:
     hier = hierarchy()
     if hier is None:
         return None
-    cgroup = cgroup_name()
+    cgroup = procfs.cgroup_of()
     own = None if cgroup is None else hier.path_of(cgroup)
     if own is not None and leaf and own.name == DAEMON and own != hier.mount:
         own = own.parent
@@ -204,19 +181,6 @@ def owner_groups(spool_root: Path, *, leaf: bool) -> dict[str, Path]:
 # -- one group --------------------------------------------------------------------------
 
 
-def _read(path: Path) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
-        return None
-    try:
-        return os.read(fd, 1 << 20)
-    except (ProcessLookupError, OSError):
-        return None
-    finally:
-        os.close(fd)
-
-
 def _write(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -227,7 +191,7 @@ def _write(path: Path, data: bytes) -> None:
 
 def populated(group: Path) -> bool:
     """Whether a process is left in `group` or its subgroups (zombies do not count)."""
-    raw = _read(group / "cgroup.events")
+    raw = procfs.read(group / "cgroup.events")
     return raw is not None and b"populated 1" in raw
 
 
@@ -235,14 +199,10 @@ def members(group: Path) -> list[int]:
     """Pids in `group` and its subgroups, as cgroup.procs lists them now."""
     pids: list[int] = []
     for folder, _, _ in os.walk(group):
-        raw = _read(Path(folder) / "cgroup.procs")
+        raw = procfs.read(Path(folder) / "cgroup.procs")
         if raw:
             pids.extend(int(pid) for pid in raw.split())
     return pids
-
-
-def _exited(pidfd: int) -> bool:
-    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def signal_members(group: Path, sig: int) -> int:
@@ -258,7 +218,7 @@ def signal_members(group: Path, sig: int) -> int:
         except OSError:
             continue  # gone already
         try:
-            if hier.holds(group, pid) and not _exited(pidfd):
+            if hier.holds(group, pid) and not procfs.exited(pidfd):
                 signal.pidfd_send_signal(pidfd, sig)
                 sent += 1
         except ProcessLookupError:
@@ -370,7 +330,7 @@ def setup(
         return "no cgroup v2 hierarchy is mounted (/proc/self/mountinfo)"
     here = base(leaf=leaf)
     if here is None:
-        return f"this process's cgroup ({cgroup_name()}) is not under {hier.mount}"
+        return f"this process's cgroup ({procfs.cgroup_of()}) is not under {hier.mount}"
     if leaf and here != hier.mount and hier.group_of("self") != here / DAEMON:
         try:
             (here / DAEMON).mkdir(exist_ok=True)

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 import psutil
 
 from chute.clock import Clock
-from chute.execution import cgroups, runner
+from chute.execution import cgroups, procfs, runner
 from chute.execution.executor import Result, Task
 from chute.execution.owners import Owner
 from chute.execution.pool import Pool
@@ -531,7 +531,7 @@ class LocalExecutor:
         main one, the kernel's find_new_reaper), whichever thread started its task, and the
         spawner threads' own children are the task leaders, known by pid. Reading one file
         instead of one per thread is most of a sweep's cost, paid on every task's end."""
-        kids = runner.children_of("self", thread=None if all_threads else os.getpid())
+        kids = procfs.children("self", thread=None if all_threads else os.getpid())
         if kids is None:  # no CONFIG_PROC_CHILDREN: the slow way, a scan of /proc
             kids = [p.pid for p in psutil.Process().children()]
         return kids
@@ -542,7 +542,7 @@ class LocalExecutor:
         for pid in self._children():
             if pid in known:
                 continue
-            st = runner.proc_stat(pid)
+            st = procfs.stat(pid)
             if st is not None and not (st.state == "Z" and st.pgid == self._daemon_pgid):
                 return True
         return False
@@ -564,10 +564,11 @@ class LocalExecutor:
                 continue
             if pid in workers:
                 continue
-            st = runner.proc_stat(pid)
+            st = procfs.stat(pid)
             if st is None:
                 continue
-            cookie = None if st.state == "Z" else runner.task_cookie(pid)
+            found = None if st.state == "Z" else procfs.cookie(pid)
+            cookie = None if found is None else found.key
             if pending and (
                 cookie in self._spawning or (cookie is None and st.pgid in (pid, self._daemon_pgid))
             ):

@@ -51,7 +51,6 @@ import fcntl
 import logging
 import os
 import re
-import select
 import signal
 import time
 from collections.abc import Callable
@@ -61,40 +60,20 @@ from pathlib import Path
 import orjson
 
 from chute.clock import rfc3339
-from chute.execution import cgroups
-from chute.execution.runner import TASK_KEY_VAR, read_proc
+from chute.execution import cgroups, procfs
 from chute.faults import crash_point
 from chute.store import atomic, rundir
 from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
-TICKS = os.sysconf("SC_CLK_TCK")
 START_SLACK = 1.0  # seconds between a recorded start and the process's start time in /proc
 FOREGROUND = "foreground"  # state/foreground/<run_id>
-RUN_DIR_VAR = "CHUTE_RUN_DIR"
 SWEEP_GRACE = 1.0
 """The most the daemon's periodic sweep waits between SIGTERM and SIGKILL to a dead `chute
 run`'s tasks, and again after SIGKILL: it waits on the daemon's loop."""
 _RUN_ID = re.compile(r"\d{8}_\d{6}_[0-9a-f]{6}")
 _WAIT_STEP = 0.02
-
-
-def boot_clock() -> float:
-    """Seconds since boot, the clock of a process's start time in /proc/<pid>/stat."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-def _start_time(pid: int) -> float | None:
-    """Field 22 of /proc/<pid>/stat, in seconds since boot."""
-    raw = read_proc(f"/proc/{pid}/stat")
-    if not raw:
-        return None
-    return int(raw[raw.rindex(b")") + 2 :].split()[19]) / TICKS
-
-
-def _exited(pidfd: int) -> bool:
-    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 # -- records ------------------------------------------------------------------------------
@@ -120,10 +99,10 @@ class Record:
     def task(self, key: str, pgid: int) -> None:
         # The boot-clock time of the spawn, not /proc/<pid>/stat of the new child (reading
         # that while it execs cost as much as the spawn): it is matched within START_SLACK.
-        self._put(f"{pgid} {boot_clock():.3f} {key}\n")
+        self._put(f"{pgid} {procfs.boot_clock():.3f} {key}\n")
 
     def worker(self, pid: int) -> None:
-        self._put(f"worker {pid} {boot_clock():.3f}\n")
+        self._put(f"worker {pid} {procfs.boot_clock():.3f}\n")
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -213,7 +192,7 @@ def start_foreground(spool: Spool, run_id: str) -> Owner:
     folder = spool.state / FOREGROUND
     folder.mkdir(exist_ok=True)
     lock = folder / run_id
-    fd = atomic.create_locked(lock, f"owner {os.getpid()} {boot_clock():.3f}\n".encode())
+    fd = atomic.create_locked(lock, f"owner {os.getpid()} {procfs.boot_clock():.3f}\n".encode())
     record = Record(fd)
     owner = f"{cgroups.FOREGROUND_PREFIX}{run_id}"
     group = cgroups.setup(spool.root, owner, leaf=False, note=record.cgroup)
@@ -225,20 +204,12 @@ def start_foreground(spool: Spool, run_id: str) -> Owner:
 # -- leftovers ----------------------------------------------------------------------------
 
 
-def _cookie(pid: int) -> tuple[str, str] | None:
+def _run_of(pid: int) -> tuple[str, str] | None:
     """(run folder, run id) of the task whose cookie the process's environment carries."""
-    try:
-        raw = read_proc(f"/proc/{pid}/environ")
-    except PermissionError:
+    found = procfs.cookie(pid)
+    if found is None or found.run_dir is None:
         return None
-    if not raw or (TASK_KEY_VAR.encode() + b"=") not in raw:
-        return None
-    prefix = RUN_DIR_VAR.encode() + b"="
-    for entry in raw.split(b"\0"):
-        if entry.startswith(prefix):
-            run_dir = entry[len(prefix) :].decode(errors="replace")
-            return run_dir, os.path.basename(run_dir)
-    return None
+    return found.run_dir, os.path.basename(found.run_dir)
 
 
 class _Live:
@@ -299,12 +270,12 @@ class _Leftovers:
 
     def add_task(self, pid: int, run_dir: str, live: _Live) -> None:
         """A process carrying the cookie of a task of the run at `run_dir`."""
-        self._hold(pid, lambda: (c := _cookie(pid)) is not None and c[0] == run_dir, live)
+        self._hold(pid, lambda: (c := _run_of(pid)) is not None and c[0] == run_dir, live)
 
     @staticmethod
     def _started(pid: int, started: float) -> bool:
-        now = _start_time(pid)
-        return now is not None and abs(now - started) <= START_SLACK
+        st = procfs.stat(pid)
+        return st is not None and abs(st.start - started) <= START_SLACK
 
     def _hold(self, pid: int, still: Callable[[], bool], live: _Live, leader: bool = False) -> None:
         if pid in self.pidfds or pid == os.getpid():
@@ -315,9 +286,9 @@ class _Leftovers:
             return
         # Checked again through /proc after the pidfd exists, then the pidfd is still live:
         # /proc spoke of the pidfd's process, so the signals go to the process checked.
-        cookie = _cookie(pid)
-        ok = still() and (cookie is None or not live(cookie[1]))
-        if not ok or _exited(pidfd):
+        run = _run_of(pid)
+        ok = still() and (run is None or not live(run[1]))
+        if not ok or procfs.exited(pidfd):
             os.close(pidfd)
             return
         self.pidfds[pid] = pidfd
@@ -332,7 +303,7 @@ class _Leftovers:
             else:
                 cgroups.signal_members(group, sig)
         for pid, pidfd in self.pidfds.items():
-            if _exited(pidfd):
+            if procfs.exited(pidfd):
                 continue
             with contextlib.suppress(ProcessLookupError):
                 if pid in self.leaders:
@@ -341,7 +312,7 @@ class _Leftovers:
 
     def alive(self) -> bool:
         return any(cgroups.populated(g) for g in self.groups) or any(
-            not _exited(fd) for fd in self.pidfds.values()
+            not procfs.exited(fd) for fd in self.pidfds.values()
         )
 
     def close(self) -> None:
@@ -436,22 +407,17 @@ def _foreground_owners(spool: Spool) -> tuple[set[str], list[_Dead]]:
 def _task_processes(spool: Spool) -> list[tuple[int, str, str]]:
     """(pid, run folder, run id) of processes carrying the cookie of a task of a run of this
     spool, found in /proc; not this process nor its ancestors."""
-    mine = {os.getpid()}
-    pid = os.getppid()
-    while pid > 1 and pid not in mine:
-        mine.add(pid)
-        raw = read_proc(f"/proc/{pid}/stat")
-        pid = int(raw[raw.rindex(b")") + 2 :].split()[1]) if raw else 0
+    mine = procfs.ancestors()
     runs = os.path.realpath(spool.runs)
     found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) in mine:
+    for pid in procfs.pids():
+        if pid in mine:
             continue
-        cookie = _cookie(int(name))
-        if cookie is None or not _RUN_ID.fullmatch(cookie[1]):
+        run = _run_of(pid)
+        if run is None or not _RUN_ID.fullmatch(run[1]):
             continue
-        if os.path.realpath(os.path.dirname(cookie[0])) == runs:
-            found.append((int(name), cookie[0], cookie[1]))
+        if os.path.realpath(os.path.dirname(run[0])) == runs:
+            found.append((pid, run[0], run[1]))
     return found
 
 

@@ -67,14 +67,13 @@ import orjson
 import psutil
 
 from chute.clock import Clock
+from chute.execution import procfs
 from chute.execution.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Mark, Result, Task
 from chute.execution.runner import (
     DEFAULT_LOG_LIMIT,
-    TASK_KEY_VAR,
     SpawnError,
     StopReason,
     cap_note,
-    children_of,
     describe_end,
     kill,
     make_folders,
@@ -318,7 +317,7 @@ def _import(module: str) -> tuple[Any, str | None]:
 
 def _reap_leftovers(grace: float) -> None:
     """End what the call started and left running: nothing outlives its task."""
-    if not children_of(os.getpid()):  # the cheap check, for the usual case
+    if not procfs.children(os.getpid()):  # the cheap check, for the usual case
         return
     kids = psutil.Process().children(recursive=True)
     for p in kids:
@@ -365,7 +364,7 @@ def _run_call(task: Task, grace: float) -> Reply:
     if not module_name or not fn_name:
         return 1, f"call {task.call!r} is not 'module:function'", None
     env = dict(task.env)
-    env[TASK_KEY_VAR] = task.key
+    env[procfs.TASK_KEY_VAR] = task.key
     with contextlib.ExitStack() as stack:
         make_folders(task)
         stack.enter_context(_output_to(open_log(task.log_path, append=True)))

@@ -5,9 +5,7 @@ group, and in its own cgroup when it has one: a shell joins it before the comman
 chute.execution.cgroups.join_argv) and its pidfd, the task's deadline and its SIGTERM → grace →
 SIGKILL escalation (the SIGKILL to its process group and its cgroup),
 the task's output pipe and the copy of it into the log up to the log limit (LogPipe), and
-turning the exit into a Result (CHUTE_OUTPUT read, checked and removed). Also the small
-/proc readers the orphan sweep uses (our children, a process's state and group, its
-CHUTE_TASK_KEY cookie, its tree).
+turning the exit into a Result (CHUTE_OUTPUT read, checked and removed).
 Not here: the selector loop and the orphan sweep (chute.execution.local), `call:` tasks
 (chute.execution.pool).
 
@@ -51,13 +49,12 @@ import os
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import orjson
 
-from chute.execution import cgroups
+from chute.execution import cgroups, procfs
 from chute.execution.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Result, Task
 from chute.store import atomic, taskfiles
 from chute.units import format_size
@@ -71,9 +68,6 @@ CAP_NOTE = "\n--- chute: log capped at {limit}; the rest of the output was disca
 
 CHUNK = 1 << 20  # bytes moved per selector event; the discard pipe is grown to this size
 DRAIN_STEPS = 64  # pipe reads at the Result, for data still buffered (bounded: see drain)
-
-TASK_KEY_VAR = "CHUTE_TASK_KEY"
-"""The cookie every task's environment carries, so the sweep can tell whose orphan it is."""
 
 StopReason = Literal["timeout", "cancel"]
 
@@ -474,7 +468,7 @@ def spawn(
     assert task.command is not None, f"run: task {task.key} has no command"
     cmd = task.command
     env = dict(task.env)
-    env[TASK_KEY_VAR] = task.key
+    env[procfs.TASK_KEY_VAR] = task.key
     if cgroup is None:
         argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
     else:
@@ -548,84 +542,6 @@ def _check_program(program: str, path: str, cwd: str | None) -> None:
             raise _cannot_start(program, errno.ENOENT, {"PATH": path})
 
 
-# --- /proc readers for the orphan sweep -------------------------------------------------
-
-
-HAS_PROC_CHILDREN = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
-
-
-def children_of(pid: int | str, *, thread: int | None = None) -> list[int] | None:
-    """Direct children of `pid` from /proc/<pid>/task/*/children (with `thread`: of that
-    thread alone); None without that file.
-
-    The file needs CONFIG_PROC_CHILDREN; every distribution kernel has it.
-    """
-    base = f"/proc/{pid}/task"
-    if thread is not None:
-        tids: list[str] = [str(thread)]
-    else:
-        try:
-            tids = os.listdir(base)
-        except FileNotFoundError:
-            return []
-    kids: list[int] = []
-    for tid in tids:
-        raw = read_proc(f"{base}/{tid}/children")
-        if raw is None:
-            if not HAS_PROC_CHILDREN:
-                return None
-            continue
-        kids.extend(map(int, raw.split()))
-    return kids
-
-
-def read_proc(path: str) -> bytes | None:
-    """A whole /proc file, or None when its process is gone. Unbuffered: the orphan sweep
-    reads a few of these on every task's end, and open() costs several times os.open."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    except ProcessLookupError:
-        return None
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
-@dataclass(frozen=True, slots=True)
-class ProcStat:
-    state: str  # R, S, D, Z, ...
-    pgid: int
-
-
-def proc_stat(pid: int) -> ProcStat | None:
-    raw = read_proc(f"/proc/{pid}/stat")
-    if not raw:
-        return None
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return ProcStat(state=fields[0].decode(), pgid=int(fields[2]))
-
-
-def task_cookie(pid: int) -> str | None:
-    """The CHUTE_TASK_KEY in the process's environment as it was at exec, if any."""
-    try:
-        raw = read_proc(f"/proc/{pid}/environ")
-    except PermissionError:
-        return None
-    if raw is None:
-        return None
-    prefix = TASK_KEY_VAR.encode() + b"="
-    for entry in raw.split(b"\0"):
-        if entry.startswith(prefix):
-            return entry[len(prefix) :].decode(errors="replace")
-    return None
-
-
 def signal_tree(pid: int, sig: int) -> None:
     """`sig` to `pid` and its descendants, parents first (they cannot fork replacements)."""
     todo = [pid]
@@ -635,6 +551,6 @@ def signal_tree(pid: int, sig: int) -> None:
         if p in seen:
             continue
         seen.add(p)
-        kids = children_of(p) or []
+        kids = procfs.children(p) or []
         kill(p, sig)
         todo.extend(kids)
