@@ -540,17 +540,3 @@ def _check_program(program: str, path: str, cwd: str | None) -> None:
         dirs = [os.path.join(cwd or ".", d) for d in path.split(os.pathsep)]
         if shutil.which(program, path=os.pathsep.join(dirs)) is None:
             raise _cannot_start(program, errno.ENOENT, {"PATH": path})
-
-
-def signal_tree(pid: int, sig: int) -> None:
-    """`sig` to `pid` and its descendants, parents first (they cannot fork replacements)."""
-    todo = [pid]
-    seen: set[int] = set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        kids = procfs.children(p) or []
-        kill(p, sig)
-        todo.extend(kids)
