@@ -33,7 +33,7 @@ from chute.config import Config, ConfigError, load_config
 from chute.engine import reasons, runs
 from chute.engine.dag import STAGE_OK
 from chute.engine.loop import ActiveRun, Engine
-from chute.execution import owners
+from chute.execution import leftovers, owners
 from chute.execution.executor import Result
 from chute.execution.local import LocalExecutor
 from chute.intake import control, submission
@@ -1053,7 +1053,7 @@ def cmd_unschedule(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     config = _config(args)
     spool = _spool(args, config)
-    for run_id in owners.end_dead_foreground(spool, config.kill_grace):
+    for run_id in leftovers.end_dead_foreground(spool, config.kill_grace):
         print(f"{run_id} interrupted: the `chute run` that ran it is gone")
     rules = retention.Rules.of(config)
     removed = retention.gc(spool, rules, now=time.time(), sweep=True)

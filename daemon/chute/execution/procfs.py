@@ -6,7 +6,7 @@ cgroup2 mount) and of a cgroup's files; the boot clock that start times are coun
 the task cookie itself: CHUTE_TASK_KEY, which every task's environment carries
 (chute.execution.runner, chute.execution.pool), beside the CHUTE_RUN_DIR of its run.
 Not here: what the readings mean (the orphan sweep: chute.execution.local; a dead owner's
-leftovers: chute.execution.owners; groups: chute.execution.cgroups), and signals.
+leftovers: chute.execution.leftovers; groups: chute.execution.cgroups), and signals.
 Diagnostics: none: a process or group that is gone reads as None (or no children), and the
 caller decides what that means.
 Limits: a pid read here can name another process by the next read. A caller that signals

@@ -3,7 +3,7 @@
 Owns: the daemon's role of child subreaper, the orphans it tracks (a pidfd each, watched by
 the caller's reactor) and their SIGTERM → grace → SIGKILL. Not here: the tasks themselves
 and when to sweep (chute.execution.local), the /proc readings (chute.execution.procfs), a
-dead owner's leftovers after a crash (chute.execution.owners).
+dead owner's leftovers after a crash (chute.execution.leftovers).
 
 No process a task started outlives the task. A task's main process leads its own process
 group; when it ends (any reason) the group gets SIGTERM while the unreaped main process
