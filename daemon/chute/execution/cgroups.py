@@ -13,7 +13,7 @@ the owner's lock in state/ says whether it still lives (chute.execution.owners).
 the root group (systemd with Delegate=yes) first moves itself into the leaf <base>/daemon:
 a group with processes of its own cannot hand controllers to its children, and limits per
 task will need them. Not here: which owner is dead (chute.execution.owners); the processes
-(chute.execution.runner, chute.execution.pool, chute.execution.local).
+(chute.execution.runner, chute.execution.worker, chute.execution.local).
 
 Joining before the program runs: a cgroup fences only what joined it before it forked
 (PITFALLS). Python 3.11 has no clone3(CLONE_INTO_CGROUP), so a run: task moves itself
@@ -27,7 +27,7 @@ none of the daemon's). A `preexec_fn` instead cost 0.3–0.5 ms more of the daem
 (Popen must fork instead of vfork) and runs Python in the forked child of a threaded
 process; writing the pid from the parent after Popen is as cheap as the shell, but leaves
 a window in which the task may fork outside its group. A call: worker joins its owner's
-pool group itself, first thing after it is forked (chute.execution.pool).
+pool group itself, first thing after it is forked (chute.execution.worker).
 A task whose move fails does not run: its shell exits JOIN_FAILED after JOIN_NOTE in its
 log (chute.execution.runner names the group in the Result's error); a group that cannot be made
 fails the task's start.

@@ -4,8 +4,8 @@ Owns: every read of /proc in chute.execution (a process's state, parent, group a
 time; its children; its cgroup; the task cookie in its environment; the process ids; the
 cgroup2 mount) and of a cgroup's files; the boot clock that start times are counted on;
 the task cookie itself: CHUTE_TASK_KEY, which every task's environment carries
-(chute.execution.runner, chute.execution.pool), beside the CHUTE_RUN_DIR of its run.
-Not here: what the readings mean (the orphan sweep: chute.execution.local; a dead owner's
+(chute.execution.runner, chute.execution.worker), beside the CHUTE_RUN_DIR of its run.
+Not here: what the readings mean (the orphan sweep: chute.execution.sweep; a dead owner's
 leftovers: chute.execution.leftovers; groups: chute.execution.cgroups), and signals.
 Diagnostics: none: a process or group that is gone reads as None (or no children), and the
 caller decides what that means.
