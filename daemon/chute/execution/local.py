@@ -12,7 +12,7 @@ No process a task started outlives the task (chute.execution.sweep says how). A 
 Result is given when its main process is reaped and no orphan of it remains (or at most
 DRAIN_LIMIT after its SIGKILL, for a process stuck in the kernel, with an ERROR line),
 never later for want of EOF on its output pipe: what the pipe holds then is drained without
-blocking and the pipe closed (chute.execution.runner.LogPipe caps the log at `log_limit`).
+blocking and the pipe closed (chute.execution.logpipe caps the log at `log_limit`).
 Main processes are reaped by Popen.poll, never waitpid(-1).
 
 Cgroups, when the owner has them (chute.execution.cgroups: a writable cgroup v2 group): each run:
@@ -50,9 +50,10 @@ from collections.abc import Callable
 from chute.clock import Clock
 from chute.execution import cgroups, runner
 from chute.execution.executor import Result, Task
+from chute.execution.logpipe import DEFAULT_LOG_LIMIT
 from chute.execution.owners import Owner
 from chute.execution.pool import Pool
-from chute.execution.runner import RunProcess
+from chute.execution.runprocess import RunProcess, killpg
 from chute.execution.spawners import Spawners
 from chute.execution.sweep import Orphans
 from chute.reactor import Reactor
@@ -81,7 +82,7 @@ class LocalExecutor:
         max_workers: int,
         clock: Clock | None = None,
         owner: Owner | None = None,
-        log_limit: int = runner.DEFAULT_LOG_LIMIT,
+        log_limit: int = DEFAULT_LOG_LIMIT,
     ):
         """`owner`: who starts these tasks (chute.execution.owners): each run: task gets a cgroup of
         its own under the owner's, and the call: workers join its pool group, when the
@@ -178,7 +179,7 @@ class LocalExecutor:
         self._stop_spawners()
         for proc in self._runs.values():
             if proc.running:
-                runner.killpg(proc.pgid, signal.SIGTERM)
+                killpg(proc.pgid, signal.SIGTERM)
         self._pool.close(self._grace)
         self._orphans.restart()  # SIGTERM now, whoever's it is
         end = time.monotonic() + self._grace
@@ -197,7 +198,7 @@ class LocalExecutor:
             killed = True
             end = time.monotonic() + DRAIN_LIMIT
             for proc in self._leaders.values():
-                runner.killpg(proc.pgid, signal.SIGKILL)
+                killpg(proc.pgid, signal.SIGKILL)
             self._orphans.kill()
         for proc in self._leaders.values():
             self._reactor.unregister(proc.pidfd)

@@ -40,14 +40,9 @@ from pathlib import Path
 from chute.clock import Clock
 from chute.execution import worker
 from chute.execution.executor import Result, Task
-from chute.execution.runner import (
-    DEFAULT_LOG_LIMIT,
-    SpawnError,
-    StopReason,
-    describe_end,
-    kill,
-    stop_message,
-)
+from chute.execution.logpipe import DEFAULT_LOG_LIMIT
+from chute.execution.runner import SpawnError
+from chute.execution.runprocess import StopReason, describe_end, kill, stop_message
 from chute.reactor import Reactor
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 
 from chute.execution.executor import Result, Task
-from chute.execution.runner import RunProcess
+from chute.execution.runprocess import RunProcess
 from chute.scheduling.topology import format_cpulist
 
 MAX_SPAWNERS = 128  # spawner threads kept (one per core set); the least recently used goes

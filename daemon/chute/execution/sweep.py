@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import psutil
 
 from chute.execution import procfs
-from chute.execution.runner import kill
+from chute.execution.runprocess import kill
 from chute.reactor import Reactor
 
 log = logging.getLogger(__name__)

@@ -52,13 +52,8 @@ import psutil
 
 from chute.execution import procfs
 from chute.execution.executor import MAX_OUTPUT_BYTES, OUTPUT_TOO_BIG, Mark, Task
-from chute.execution.runner import (
-    DEFAULT_LOG_LIMIT,
-    SpawnError,
-    cap_note,
-    make_folders,
-    open_log,
-)
+from chute.execution.logpipe import DEFAULT_LOG_LIMIT, cap_note
+from chute.execution.runner import SpawnError, make_folders, open_log
 from chute.store import atomic, outputs, taskfiles
 
 Reply = tuple[int, str | None, bytes | None]  # exit_code, error, output
