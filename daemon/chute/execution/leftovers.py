@@ -328,12 +328,12 @@ def _interrupt(spool: Spool, run_id: str, owner_pid: int | None) -> bool:
         f"process{who} that ran it ended before the run did; a foreground run is not resumed "
         f"(`chute retry {run_id}` makes a new run from it)"
     )
-    now = time.time()
-    rec["finished_at"] = rfc3339(now)
+    wall = time.time()
+    rec["finished_at"] = rfc3339(wall)
     from chute.engine.runs import settle_manifest  # the engine imports the executor, and so us
 
     # The manifest first, then the final run.json that says the run is over: nothing left
     # open in it (chute.engine.runs.settle_manifest), then the lock file goes.
-    settle_manifest(spool.runs / run_id, rec["error"], now)
+    settle_manifest(spool.runs / run_id, rec["error"], wall)
     atomic.write_json(path, rec)
     return True

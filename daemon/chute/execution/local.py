@@ -143,27 +143,27 @@ class LocalExecutor:
         else:
             self._pool.cancel(key)
 
-    def tick(self, now: float) -> float | None:
-        """Do what is due at `now` (deadlines, SIGKILLs after the grace, the orphan sweep)
+    def tick(self, mono: float) -> float | None:
+        """Do what is due at `mono` (deadlines, SIGKILLs after the grace, the orphan sweep)
         and give the Results of tasks whose processes are all gone; returns the seconds
         until the next call is due (None: only a descriptor of ours can change anything).
         Called by the loop after every wait of the reactor."""
-        self._on_time(now)
-        mono = time.monotonic()
+        self._on_time(mono)
+        real = time.monotonic()  # the sweeps' pace is real time, whatever the clock says
         # Orphans appear when a process of a task ends: sweep (/proc reads) when a leader
         # ended, whose task cannot finish before its orphans are known, and at least every
         # SWEEP_EVERY for the rest; not on every wake-up (a 1 GB writer's output makes
         # thousands, a burst of runs thousands more).
-        if self._leader_ended or mono >= self._swept_at + SWEEP_EVERY:
+        if self._leader_ended or real >= self._swept_at + SWEEP_EVERY:
             self._leader_ended = False
-            self._swept_at = mono
-            self._sweep(now, closing=False)
-        self._finish_drained(now)
+            self._swept_at = real
+            self._sweep(mono, closing=False)
+        self._finish_drained(mono)
         due = self._next_time()
         if self._runs or self._orphans or self._pool.live_keys():
-            sweep = now + max(0.0, self._swept_at + SWEEP_EVERY - mono)
+            sweep = mono + max(0.0, self._swept_at + SWEEP_EVERY - real)
             due = sweep if due is None else min(due, sweep)
-        return None if due is None else max(0.0, due - now)
+        return None if due is None else max(0.0, due - mono)
 
     def configure(self, *, kill_grace: float, log_limit: int, max_workers: int) -> None:
         """New `kill_grace` and `log_limit` for tasks started from now on, and a new size
@@ -219,10 +219,10 @@ class LocalExecutor:
     def _closing_step(self, wait: float) -> None:
         """In close(): wait up to `wait` seconds for our processes to end, then sweep."""
         self._reactor.wait(max(0.0, wait))
-        now = self._clock.monotonic()
+        mono = self._clock.monotonic()
         self._swept_at = time.monotonic()
-        self._sweep(now, closing=True)
-        self._finish_drained(now)
+        self._sweep(mono, closing=True)
+        self._finish_drained(mono)
 
     # --- spawning -----------------------------------------------------------------------
 
@@ -239,7 +239,7 @@ class LocalExecutor:
             proc = runner.spawn(
                 task,
                 stdin=self._devnull,
-                now=self._clock.monotonic(),
+                mono=self._clock.monotonic(),
                 grace=self._grace,
                 log_limit=self._log_limit,
                 cgroup=group,
@@ -301,11 +301,11 @@ class LocalExecutor:
             times.append(pool_time)
         return min(times) if times else None
 
-    def _on_time(self, now: float) -> None:
+    def _on_time(self, mono: float) -> None:
         for proc in self._runs.values():
-            proc.on_time(now)
-        self._orphans.on_time(now)
-        self._pool.on_time(now)
+            proc.on_time(mono)
+        self._orphans.on_time(mono)
+        self._pool.on_time(mono)
 
     def _on_leader(self, proc: RunProcess) -> None:
         if not proc.reap(self._clock.monotonic()):
@@ -328,7 +328,7 @@ class LocalExecutor:
     def _unregister_output(self, proc: RunProcess) -> None:
         self._reactor.unregister(proc.log.read_fd)
 
-    def _finish_drained(self, now: float) -> None:
+    def _finish_drained(self, mono: float) -> None:
         for key, proc in list(self._runs.items()):
             if proc.running:
                 continue
@@ -336,21 +336,21 @@ class LocalExecutor:
             # every task that ends meanwhile waits for it too (it dies within the grace).
             if self._orphans.left(key):
                 assert proc.kill_at is not None
-                if now < proc.kill_at + DRAIN_LIMIT:
+                if mono < proc.kill_at + DRAIN_LIMIT:
                     continue
                 log.error(
                     "task %s ended but %d of its processes survived SIGKILL; giving its result",
                     key,
                     self._orphans.left(key),
                 )
-            if proc.cgroup is not None and not self._group_removed(proc, now):
+            if proc.cgroup is not None and not self._group_removed(proc, mono):
                 continue
             del self._runs[key]
             self._pgids.pop(proc.pgid, None)
             self._end_output(proc)
             self._emit(proc.result(self._orphans.sigkilled(key)))
 
-    def _group_removed(self, proc: RunProcess, now: float) -> bool:
+    def _group_removed(self, proc: RunProcess, mono: float) -> bool:
         """Remove an ended task's cgroup: at once when nothing is left in it (the sweep saw
         all of the task's processes end); else what is left, which the sweep could not see,
         gets SIGKILL and the Result waits for it (at most DRAIN_LIMIT)."""
@@ -363,14 +363,14 @@ class LocalExecutor:
             log.error("cannot remove cgroup %s: %s", proc.cgroup, exc.strerror)
             return True
         if proc.cgroup_killed_at is None:
-            proc.cgroup_killed_at = now
+            proc.cgroup_killed_at = mono
             self._emptying.add(proc.key)
             log.debug(
                 "task %s ended with processes left in %s; killing them", proc.key, proc.cgroup
             )
             cgroups.kill(proc.cgroup)
             return False
-        if now < proc.cgroup_killed_at + DRAIN_LIMIT:
+        if mono < proc.cgroup_killed_at + DRAIN_LIMIT:
             return False
         self._emptying.discard(proc.key)
         log.error(
@@ -383,7 +383,7 @@ class LocalExecutor:
 
     # --- orphans -----------------------------------------------------------------------
 
-    def _sweep(self, now: float, closing: bool) -> None:
+    def _sweep(self, mono: float, closing: bool) -> None:
         """Track the orphans of our tasks; SIGTERM to those whose task ended (all, closing)."""
         self._register_spawned()
         self._orphans.sweep(
@@ -397,7 +397,7 @@ class LocalExecutor:
         live: set[str] = set()
         if not closing:
             live = {k for k, p in self._runs.items() if p.running} | self._pool.live_keys()
-        self._orphans.end(now, live=live, kill_at=self._kill_at, grace=self._grace)
+        self._orphans.end(mono, live=live, kill_at=self._kill_at, grace=self._grace)
 
     def _kill_at(self, key: str) -> float | None:
         """When task `key` gets (or got) its SIGKILL, if it is still ours and has one."""

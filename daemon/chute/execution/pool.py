@@ -151,27 +151,27 @@ class Pool:
             times.append(self._idle[0].idle_since + self._idle_timeout)
         return min(times) if times else None
 
-    def on_time(self, now: float) -> None:
+    def on_time(self, mono: float) -> None:
         for w in list(self._workers.values()):
             if w.task is not None and w.reason is None and w.deadline is not None:
-                if now >= w.deadline:
-                    self._stop(w, "timeout", now)
+                if mono >= w.deadline:
+                    self._stop(w, "timeout", mono)
             elif (
                 w.reason is not None
                 and not w.sigkilled
                 and w.kill_at is not None
-                and (now >= w.kill_at)
+                and (mono >= w.kill_at)
             ):
                 w.sigkilled = True
                 kill(w.pid, signal.SIGKILL)
-        while self._idle and now >= self._idle[0].idle_since + self._idle_timeout:
+        while self._idle and mono >= self._idle[0].idle_since + self._idle_timeout:
             self._retire(self._idle.pop(0))
 
-    def _stop(self, w: _Worker, reason: StopReason, now: float) -> None:
+    def _stop(self, w: _Worker, reason: StopReason, mono: float) -> None:
         if w.reason is not None:
             return
         w.reason = reason
-        w.kill_at = now + self._grace
+        w.kill_at = mono + self._grace
         kill(w.pid, signal.SIGTERM)
 
     def _dispatch(self) -> None:
@@ -200,8 +200,8 @@ class Pool:
                 continue
             w.task = task
             w.cores = task.cores
-            now = self._clock.monotonic()
-            w.deadline = now + task.timeout if task.timeout is not None else None
+            mono = self._clock.monotonic()
+            w.deadline = mono + task.timeout if task.timeout is not None else None
 
     def _idle_worker(self, cores: tuple[int, ...]) -> _Worker:
         """The idle worker last used on these cores (it need not move), else the most

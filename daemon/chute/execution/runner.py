@@ -103,7 +103,7 @@ def spawn(
     task: Task,
     *,
     stdin: int,
-    now: float,
+    mono: float,
     grace: float,
     log_limit: int = DEFAULT_LOG_LIMIT,
     cgroup: Path | None = None,
@@ -168,7 +168,7 @@ def spawn(
         raise
     out.child_started()
     try:
-        return RunProcess(task, popen, out, now, grace, cgroup)
+        return RunProcess(task, popen, out, mono, grace, cgroup)
     except OSError:
         popen.kill()
         popen.wait()

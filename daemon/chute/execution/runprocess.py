@@ -124,7 +124,7 @@ class RunProcess:
         task: Task,
         popen: subprocess.Popen[bytes],
         log: LogPipe,
-        now: float,
+        mono: float,
         grace: float,
         cgroup: Path | None = None,
     ):
@@ -138,7 +138,7 @@ class RunProcess:
         self.pgid = popen.pid  # process_group=0: the main process leads its own group
         self.pidfd = os.pidfd_open(popen.pid)
         self.grace = grace
-        self.deadline = now + task.timeout if task.timeout is not None else None
+        self.deadline = mono + task.timeout if task.timeout is not None else None
         self.reason: StopReason | None = None
         self.kill_at: float | None = None  # SIGKILL for the group and the task's orphans
         self.sigkilled = False
@@ -158,26 +158,26 @@ class RunProcess:
             return self.deadline
         return None if self.sigkilled else self.kill_at
 
-    def on_time(self, now: float) -> None:
+    def on_time(self, mono: float) -> None:
         if not self.running:
             return
-        if self.reason is None and self.deadline is not None and now >= self.deadline:
-            self.stop("timeout", now)
-        elif self.kill_at is not None and now >= self.kill_at and not self.sigkilled:
+        if self.reason is None and self.deadline is not None and mono >= self.deadline:
+            self.stop("timeout", mono)
+        elif self.kill_at is not None and mono >= self.kill_at and not self.sigkilled:
             self.sigkilled = True
             killpg(self.pgid, signal.SIGKILL)
             if self.cgroup is not None:
                 cgroups.kill(self.cgroup)  # and whatever of the task left the group
 
-    def stop(self, reason: StopReason, now: float) -> None:
+    def stop(self, reason: StopReason, mono: float) -> None:
         """SIGTERM to the whole group now; `on_time` sends SIGKILL after the grace."""
         if not self.running or self.reason is not None:
             return
         self.reason = reason
-        self.kill_at = now + self.grace
+        self.kill_at = mono + self.grace
         killpg(self.pgid, signal.SIGTERM)
 
-    def reap(self, now: float) -> bool:
+    def reap(self, mono: float) -> bool:
         """Collect the main process after its pidfd turned readable; False if it had not ended.
 
         The rest of the group gets SIGTERM first, while the unreaped zombie still holds the
@@ -189,7 +189,7 @@ class RunProcess:
             return False
         self.returncode = returncode
         if self.kill_at is None:
-            self.kill_at = now + self.grace
+            self.kill_at = mono + self.grace
         self.output, self.output_error = read_output(self.task.output_path)
         return True
 
