@@ -9,8 +9,8 @@ Owns: chute's folders in the cgroup v2 hierarchy (its mount found in /proc/self/
 <base> is the group the owner process was in when it started; <spool id> a hash of the
 spool's real path, so daemons on two spools never touch each other's groups; <owner> is
 `daemon` or `foreground-<run_id>` (`chute run`, or `chute retry` without a daemon), and
-the owner's lock in state/ says whether it still lives (chute.execution.owners). A daemon outside
-the root group (systemd with Delegate=yes) first moves itself into the leaf <base>/daemon:
+the owner's lock in state/ says whether it still lives (chute.execution.owners). A daemon
+outside the root group (systemd with Delegate=yes) first moves itself into the leaf <base>/daemon:
 a group with processes of its own cannot hand controllers to its children, and limits per
 task will need them. Not here: which owner is dead (chute.execution.owners); the processes
 (chute.execution.runner, chute.execution.worker, chute.execution.local).
@@ -19,14 +19,12 @@ Joining before the program runs: a cgroup fences only what joined it before it f
 (PITFALLS). Python 3.11 has no clone3(CLONE_INTO_CGROUP), so a run: task moves itself
 before the user's command runs: `/bin/sh -c 'echo 0 >…/cgroup.procs || …; <the script>'`
 for a string command (one line: the script's line numbers do not move) and `/bin/sh -c
-'echo 0 >"$0" || …; exec "$@"' …/cgroup.procs <argv…>` for argv (join_argv). Measured per
-`sh -c true` task on the 2-core machine, where a burst pays for the daemon's CPU: the
-group's mkdir and rmdir cost ~0.05 ms of it (26 + 24 µs), the shell's write ~0.03 ms of
-the task's own; an argv command pays one more exec of /bin/sh (~0.5 ms of the task's CPU,
-none of the daemon's). A `preexec_fn` instead cost 0.3–0.5 ms more of the daemon's CPU
-(Popen must fork instead of vfork) and runs Python in the forked child of a threaded
-process; writing the pid from the parent after Popen is as cheap as the shell, but leaves
-a window in which the task may fork outside its group. A call: worker joins its owner's
+'echo 0 >"$0" || …; exec "$@"' …/cgroup.procs <argv…>` for argv (join_argv). The daemon
+pays only the group's mkdir and rmdir; the write, and for an argv command one more exec of
+/bin/sh, are the task's own CPU. A `preexec_fn` instead would make Popen fork instead of
+vfork, on the daemon's CPU, and run Python in the forked child of a threaded process;
+writing the pid from the parent after Popen leaves a window in which the task may fork
+outside its group. A call: worker joins its owner's
 pool group itself, first thing after it is forked (chute.execution.worker).
 A task whose move fails does not run: its shell exits JOIN_FAILED after JOIN_NOTE in its
 log (chute.execution.runner names the group in the Result's error); a group that cannot be made
@@ -42,8 +40,9 @@ records its group's path (chute.execution.owners) before making it, so a restart
 Diagnostics: where no group can be made (no cgroup2 mount, no write access: under
 systemd, Delegate=yes) `setup` returns the reason, which the daemon logs once at start;
 tasks are then fenced as before (process groups, the subreaper, the task cookie).
-Leftovers: `owner_groups` lists a spool's owner groups; chute.execution.owners decides which owner
-is dead and ends them (`signal_members`, `kill`, `wait_empty`, `remove_tree`).
+Leftovers: `owner_groups` lists a spool's owner groups; chute.execution.owners decides which
+owner is dead and chute.execution.leftovers ends them (`signal_members`, `kill`,
+`wait_empty`, `remove_tree`).
 Limits: call: tasks share their owner's pool group (a worker runs many calls): nothing
 per call: task. A limit per task (memory, pids) goes into the group between
 OwnerGroup.task() and the spawn (both in the spawner thread, chute.execution.local); the controllers

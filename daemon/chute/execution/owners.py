@@ -67,9 +67,9 @@ class Record:
         self._put(f"cgroup {path}\n")
 
     def task(self, key: str, pgid: int) -> None:
-        # The boot-clock time of the spawn, not /proc/<pid>/stat of the new child (reading
-        # that while it execs cost as much as the spawn): it is matched within
-        # chute.execution.leftovers.START_SLACK.
+        # The boot-clock time of the spawn, not /proc/<pid>/stat of the new child: no
+        # /proc read on the spawner's thread per task, for a time that is only matched
+        # within chute.execution.leftovers.START_SLACK.
         self._put(f"{pgid} {procfs.boot_clock():.3f} {key}\n")
 
     def worker(self, pid: int) -> None:

@@ -36,8 +36,9 @@ HAS_PROC_CHILDREN = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 def read(path: str | Path) -> bytes | None:
     """A whole /proc or cgroup file, or None when its process or group is gone.
 
-    Unbuffered: the orphan sweep reads a few of these on every task's end, and open() costs
-    several times os.open. PermissionError (another user's environment) is the caller's."""
+    Unbuffered: the orphan sweep reads a few of these on every task's end, and a buffered
+    file object is work a one-shot read does not need. PermissionError (another user's
+    environment) is the caller's."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
