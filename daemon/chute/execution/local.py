@@ -111,7 +111,7 @@ class LocalExecutor:
             max_workers=max_workers,
             kill_grace=kill_grace,
             clock=self._clock,
-            loop=reactor,
+            reactor=reactor,
             emit=self._emit,
             log_limit=log_limit,
             cgroup=self._groups.pool if self._groups is not None else None,

@@ -83,7 +83,7 @@ class Pool:
         max_workers: int,
         kill_grace: float,
         clock: Clock,
-        loop: Reactor,
+        reactor: Reactor,
         emit: Callable[[Result], None],
         max_idle: int | None = None,
         idle_timeout: float = 300.0,
@@ -101,7 +101,7 @@ class Pool:
         self._grace = kill_grace
         self._log_limit = log_limit
         self._clock = clock
-        self._loop = loop
+        self._reactor = reactor
         self._emit = emit
         self._queue: deque[Task] = deque()
         self._workers: dict[int, _Worker] = {}  # by pid
@@ -223,14 +223,14 @@ class Pool:
         if self._on_worker is not None:
             self._on_worker(w.pid)
         self._workers[w.pid] = w
-        self._loop.register(parent_end, lambda: self._on_reply(w))
-        self._loop.register(w.sentinel, lambda: self._on_exit(w))
+        self._reactor.register(parent_end, lambda: self._on_reply(w))
+        self._reactor.register(w.sentinel, lambda: self._on_exit(w))
         log.debug("worker pid=%d started", w.pid)
         return w
 
     def _close_conn(self, w: _Worker) -> None:
         if w.conn is not None:
-            self._loop.unregister(w.conn)
+            self._reactor.unregister(w.conn)
             w.conn.close()
             w.conn = None
 
@@ -280,7 +280,7 @@ class Pool:
         if w.conn is not None and w.task is not None and w.reason is None and w.conn.poll(0):
             self._on_reply(w)  # it answered, then died: the task itself succeeded
         self._close_conn(w)
-        self._loop.unregister(w.sentinel)
+        self._reactor.unregister(w.sentinel)
         w.process.join(5)
         code = w.process.exitcode
         if code is not None:
@@ -337,7 +337,7 @@ class Pool:
                 kill(w.pid, signal.SIGKILL)
                 w.process.join(5)
             self._close_conn(w)
-            self._loop.unregister(w.sentinel)
+            self._reactor.unregister(w.sentinel)
             if w.process.exitcode is not None:
                 w.process.close()
             else:
