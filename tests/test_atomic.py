@@ -1,4 +1,4 @@
-"""Durable writes: atomic replacement, symlinks, and the group-commit writer thread."""
+"""Durable writes: atomic replacement, symlinks, group commits and the writer thread."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chute.store import atomic
+from chute.store import atomic, groupcommit, writer
 from conftest import tmpfs
 
 
@@ -70,7 +70,7 @@ def test_remove_temp_leftovers_deletes_only_temps(tmp_path: Path) -> None:
 
 
 def test_committer_keeps_submission_order_and_last_version_wins(tmp_path: Path) -> None:
-    c = atomic.Committer()
+    c = writer.Committer()
     try:
         done: list[str] = []
         c.submit([(tmp_path / "a", b"1")], on_done=lambda: done.append("first"))
@@ -106,8 +106,8 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
 def test_committer_holds_a_batch_the_disk_has_no_room_for_and_retries_it_until_it_lands(
     full_disk: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(atomic, "RETRY_DELAY", 0.05)
-    c = atomic.Committer()
+    monkeypatch.setattr(writer, "RETRY_DELAY", 0.05)
+    c = writer.Committer()
     try:
         landed = threading.Event()
         c.submit([(full_disk / "run.json", b"{}" * 4096)], on_done=landed.set)
@@ -135,9 +135,9 @@ def test_a_path_that_fails_on_its_own_is_dropped_with_its_scope_and_the_rest_lan
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
     (tmp_path / "a" / "manifest.json").mkdir()  # a task made it a folder
-    reported: list[list[atomic.Unwritten]] = []
-    seen: list[dict[object, atomic.Unwritten]] = []
-    c = atomic.Committer(scope=lambda p: p.parent.name, on_unwritten=reported.append)
+    reported: list[list[groupcommit.Unwritten]] = []
+    seen: list[dict[object, groupcommit.Unwritten]] = []
+    c = writer.Committer(scope=lambda p: p.parent.name, on_unwritten=reported.append)
     try:
         c.submit(
             [
@@ -194,8 +194,8 @@ def test_a_temp_name_a_task_made_a_fifo_or_a_link_neither_blocks_nor_redirects_a
 def test_close_gives_up_after_its_timeout_while_the_disk_stays_full(
     full_disk: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(atomic, "RETRY_DELAY", 0.05)
-    c = atomic.Committer()
+    monkeypatch.setattr(writer, "RETRY_DELAY", 0.05)
+    c = writer.Committer()
     done = threading.Event()
     c.submit([(full_disk / "run.json", b"{}" * 4096)], on_done=done.set)
     t0 = time.monotonic()
@@ -210,7 +210,7 @@ def test_close_gives_up_after_its_timeout_while_the_disk_stays_full(
 
 
 def test_committer_on_a_filesystem_of_its_own_keeps_order_too(tmp_path: Path) -> None:
-    c = atomic.Committer(syncfs=[tmp_path])
+    c = writer.Committer(syncfs=[tmp_path])
     try:
         done: list[str] = []
         atomic.write_volatile(tmp_path / "mark", b"m")
@@ -235,9 +235,9 @@ def test_committer_on_a_filesystem_of_its_own_keeps_order_too(tmp_path: Path) ->
 BATCH = """
 import sys
 from pathlib import Path
-from chute.store import atomic
+from chute.store import writer
 root = Path(sys.argv[1])
-c = atomic.Committer(syncfs=[root] if sys.argv[2] == "syncfs" else [])
+c = writer.Committer(syncfs=[root] if sys.argv[2] == "syncfs" else [])
 c.submit([(root / f"f{i}", b"x" * 100) for i in range(50)], folders=[root])
 c.close()
 """
@@ -270,7 +270,7 @@ def test_own_filesystems_syncs_whole_only_what_is_a_filesystem_of_its_own(
 ) -> None:
     runs = tmp_path / "runs"
     runs.mkdir()
-    assert atomic.own_filesystems("fsync", [Path("/")]) == []
-    assert atomic.own_filesystems("auto", [tmp_path, runs]) == []  # not a mount point
-    assert atomic.own_filesystems("syncfs", [tmp_path, runs]) == [tmp_path]  # one filesystem
-    assert atomic.own_filesystems("auto", [Path("/")]) == [Path("/")]
+    assert groupcommit.own_filesystems("fsync", [Path("/")]) == []
+    assert groupcommit.own_filesystems("auto", [tmp_path, runs]) == []  # not a mount point
+    assert groupcommit.own_filesystems("syncfs", [tmp_path, runs]) == [tmp_path]  # one filesystem
+    assert groupcommit.own_filesystems("auto", [Path("/")]) == [Path("/")]

@@ -176,7 +176,7 @@ def test_a_task_that_cannot_join_its_group_does_not_run(tmp_path: Path) -> None:
     task = run_task(tmp_path, "t", f"touch {marker}")
     devnull = os.open(os.devnull, os.O_RDONLY)
     try:
-        proc = runner.spawn(task, stdin=devnull, now=0.0, grace=1.0, cgroup=tmp_path / "gone")
+        proc = runner.spawn(task, stdin=devnull, mono=0.0, grace=1.0, cgroup=tmp_path / "gone")
         proc.popen.wait(timeout=10)
         assert proc.reap(0.0)
         proc.log.drain()
@@ -259,9 +259,9 @@ def test_a_daemon_outside_the_root_group_moves_itself_into_a_leaf_first(
     service = base / f"service-{os.getpid()}"  # stands for systemd's chute.service
     service.mkdir()
     code = (
-        "import sys; from pathlib import Path; from chute.execution import cgroups\n"
+        "import sys; from pathlib import Path; from chute.execution import cgroups, procfs\n"
         "group = cgroups.setup(Path(sys.argv[1]), 'daemon', leaf=True, note=print)\n"
-        "print(cgroups.cgroup_name())\n"
+        "print(procfs.cgroup_of())\n"
         "group.close()\n"
     )
     try:

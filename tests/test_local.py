@@ -991,7 +991,7 @@ def test_a_task_cancelled_before_its_spawn_is_registered_ends_cancelled(
 def test_spawner_threads_are_kept_for_the_most_recent_core_sets(
     make_executor: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("chute.execution.local.MAX_SPAWNERS", 2)
+    monkeypatch.setattr("chute.execution.spawners.MAX_SPAWNERS", 2)
     ex = make_executor()
 
     def spawners() -> list[str]:
@@ -1020,7 +1020,7 @@ def test_a_retired_spawner_still_starts_what_it_was_given(
 ) -> None:
     """Each start below needs another core set than the one before, so with one spawner
     kept, each retires the last while its task may still wait in its queue."""
-    monkeypatch.setattr("chute.execution.local.MAX_SPAWNERS", 1)
+    monkeypatch.setattr("chute.execution.spawners.MAX_SPAWNERS", 1)
     ex = make_executor()
     keys = [f"t{i}" for i in range(12)]
     for i, key in enumerate(keys):

@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from chute.execution import owners
+from chute.execution import leftovers, owners
 from chute.store.spool import Spool
 from conftest import load_json, pid_alive, wait_for
 
@@ -52,7 +52,7 @@ def test_a_dead_daemons_recorded_groups_and_workers_are_ended_and_a_recycled_pid
 
         members = wait_for("the leader's background sleep", lambda: len(group()) == 2 and group())
         with caplog.at_level(logging.WARNING):
-            owners.end_leftovers(root, grace=1.0)
+            leftovers.end_leftovers(root, grace=1.0)
         assert leader.wait(timeout=5) == -15
         assert worker.wait(timeout=5) == -15
         assert not any(pid_alive(p) for p in members)
@@ -72,7 +72,7 @@ def test_a_live_foreground_owner_is_left_alone_and_its_lock_goes_with_it(root: S
         lock = root.state / "foreground" / RUN_ID
         assert lock.read_text().startswith(f"owner {os.getpid()} ")
         assert [p.name for p in lock.parent.iterdir()] == [RUN_ID]  # no temp name left
-        assert owners.end_dead_foreground(root, grace=1.0) == []
+        assert leftovers.end_dead_foreground(root, grace=1.0) == []
         assert lock.exists()
     finally:
         if owner.cgroup is not None:
@@ -92,7 +92,7 @@ def test_a_dead_foreground_run_is_interrupted_once_and_a_final_one_is_left_as_it
         )
         (root.state / "foreground").mkdir(exist_ok=True)
         (root.state / "foreground" / run_id).write_text("owner 4242 10.0\n")  # nobody holds it
-    assert owners.end_dead_foreground(root, grace=1.0) == [RUN_ID]
+    assert leftovers.end_dead_foreground(root, grace=1.0) == [RUN_ID]
     rec = load_json(root.runs / RUN_ID / "run.json")
     assert rec["state"] == "interrupted"
     assert rec["error"] == (
@@ -101,4 +101,4 @@ def test_a_dead_foreground_run_is_interrupted_once_and_a_final_one_is_left_as_it
     )
     assert load_json(root.runs / done_id / "run.json")["state"] == "succeeded"
     assert list((root.state / "foreground").iterdir()) == []
-    assert owners.end_dead_foreground(root, grace=1.0) == []
+    assert leftovers.end_dead_foreground(root, grace=1.0) == []

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from chute.clock import parse_rfc3339
-from chute.execution.runner import DEFAULT_LOG_LIMIT, cap_note
+from chute.execution.logpipe import DEFAULT_LOG_LIMIT, cap_note
 from conftest import chute_env, load_json, pid_alive, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, final_run, healthz, job, runs_of
 

@@ -32,7 +32,7 @@ from chute import names
 from chute.cli import common
 from chute.cli.common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, UsageError
 from chute.engine import runs
-from chute.execution import owners
+from chute.execution import leftovers
 from chute.intake import control
 from chute.intake.rejections import ERROR_SUFFIX
 from chute.observe import logs
@@ -292,7 +292,7 @@ def cmd_unschedule(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     config = common.config(args)
     spool = common.spool(args, config)
-    for run_id in owners.end_dead_foreground(spool, config.kill_grace):
+    for run_id in leftovers.end_dead_foreground(spool, config.kill_grace):
         print(f"{run_id} interrupted: the `chute run` that ran it is gone")
     rules = retention.Rules.of(config)
     removed = retention.gc(spool, rules, now=time.time(), sweep=True)

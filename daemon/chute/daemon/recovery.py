@@ -3,7 +3,8 @@
 Owns: the order of recovery (temp leftovers, interrupted intake and rejected requests,
 schedules, then each run of queue/) and containing a failure to what it concerns. Not here:
 what recovery decides for one run (chute.engine.runs.recover), for one claim
-(chute.intake.recovery), what a dead owner left running (chute.execution.owners, done before this).
+(chute.intake.recovery), what a dead owner left running (chute.execution.leftovers, done
+before this).
 Crash safety: an accepted run is known by its queue/<run_id>.yaml, removed only after the
 run's final run.json is durable, so queue/ lists exactly the runs to resume: queued ones
 start, stopped or running ones resume in place from their finished stages (output.json

@@ -3,7 +3,7 @@
 Owns: the finished runs whose report.html is still to be drawn and when it is drawn; when
 retention runs and what it remembers between passes. Not here: drawing a page
 (chute.observe.report), what retention removes (chute.store.retention), ending what dead `chute
-run`s left (chute.execution.owners).
+run`s left (chute.execution.leftovers).
 Crash safety: a page is a derived file; a run whose page a crash lost simply has none
 (`chute show` draws its text timeline from run.json and manifest.json anyway). Retention's
 own steps are crash-safe (chute.store.retention).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from chute.config import Config
 from chute.engine.loop import Engine
-from chute.execution import owners
+from chute.execution import leftovers
 from chute.observe import report
 from chute.store import retention
 from chute.store.spool import Spool
@@ -86,7 +86,7 @@ class Retention:
     def run(self, config: Config, now: float) -> float:
         """One pass, at most GC_BATCH removals, after ending what dead `chute run`s left;
         returns the seconds until the next pass."""
-        owners.end_dead_foreground(self.spool, config.kill_grace, budget=owners.SWEEP_GRACE)
+        leftovers.end_dead_foreground(self.spool, config.kill_grace, budget=leftovers.SWEEP_GRACE)
         removed = retention.gc(
             self.spool,
             retention.Rules.of(config),

@@ -6,7 +6,7 @@ manifest.json are written, and the report of why units wait (`waiting`, once a s
 its words: chute.engine.reasons). Not here: stage states (chute.engine.dag), the units waiting for
 CPUs and which of them the allocator sees (chute.engine.waitlist), processes
 (chute.execution.local), which cores (chute.scheduling.allocator).
-Crash safety: all writes of one loop step go out in one group commit (chute.store.atomic), a
+Crash safety: all writes of one loop step go out in one group commit (chute.store.writer), a
 unit's output.json before the manifest that points at it, and a run's final manifest
 before its final run.json. A stage's output.json is its idempotent "done" mark: it is
 written once, after the task ended, so a crash leaves the stage done or not run (a call:
@@ -56,7 +56,7 @@ from chute.faults import crash_point
 from chute.scheduling import allocator
 from chute.scheduling.topology import Topology, format_cpulist
 from chute.spec.model import Pipeline
-from chute.store import atomic
+from chute.store import atomic, groupcommit, writer
 from chute.store.outputs import data_hash, digest, document, relocate, scan_artifacts
 from chute.store.spool import Spool
 
@@ -151,7 +151,7 @@ class Engine:
         syncfs: Sequence[Path] = (),
         wake: Callable[[], None] = lambda: None,
     ) -> None:
-        """`syncfs`: filesystems to sync whole per group commit (atomic.own_filesystems).
+        """`syncfs`: filesystems to sync whole per group commit (groupcommit.own_filesystems).
         `wake`: makes the loop step soon; the writer thread calls it when it hands the loop
         something (a file it could not write, a finished run whose end did not land)."""
         self.spool = spool
@@ -177,9 +177,9 @@ class Engine:
         self._runs_parts = spool.runs.parts
         # Filled by the writer thread: paths it could not write (on_unwritten), and runs
         # whose final files were among them (the finishing callback).
-        self._unwritten: deque[atomic.Unwritten] = deque()
-        self._refinish: deque[tuple[ActiveRun, atomic.Unwritten]] = deque()
-        self._committer = atomic.Committer(
+        self._unwritten: deque[groupcommit.Unwritten] = deque()
+        self._refinish: deque[tuple[ActiveRun, groupcommit.Unwritten]] = deque()
+        self._committer = writer.Committer(
             syncfs=syncfs, scope=self._run_of, on_unwritten=self._on_unwritten
         )
         self.draining = False  # stopping: start nothing new, let running tasks end
@@ -1009,7 +1009,7 @@ class Engine:
         parts, base = path.parts, self._runs_parts
         return parts[len(base)] if len(parts) > len(base) and parts[: len(base)] == base else None
 
-    def _on_unwritten(self, unwritten: list[atomic.Unwritten]) -> None:
+    def _on_unwritten(self, unwritten: list[groupcommit.Unwritten]) -> None:
         """In the writer thread: hand what it could not write to the loop."""
         self._unwritten.extend(unwritten)
         self._wake()
@@ -1042,7 +1042,7 @@ class Engine:
         self._check.add(run.run_id)  # the next step finishes it once its tasks are gone
         self._dirty(run, urgent=True)
 
-    def _rewrite_final(self, run: ActiveRun, lost: atomic.Unwritten) -> None:
+    def _rewrite_final(self, run: ActiveRun, lost: groupcommit.Unwritten) -> None:
         """A finished run whose final files did not all land (`lost` says which and why):
         its run.json is written once more, alone, saying the run failed and why. If that
         cannot be (run.json itself, or the run folder, is what failed), the run is dropped:

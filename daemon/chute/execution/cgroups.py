@@ -9,25 +9,23 @@ Owns: chute's folders in the cgroup v2 hierarchy (its mount found in /proc/self/
 <base> is the group the owner process was in when it started; <spool id> a hash of the
 spool's real path, so daemons on two spools never touch each other's groups; <owner> is
 `daemon` or `foreground-<run_id>` (`chute run`, or `chute retry` without a daemon), and
-the owner's lock in state/ says whether it still lives (chute.execution.owners). A daemon outside
-the root group (systemd with Delegate=yes) first moves itself into the leaf <base>/daemon:
+the owner's lock in state/ says whether it still lives (chute.execution.owners). A daemon
+outside the root group (systemd with Delegate=yes) first moves itself into the leaf <base>/daemon:
 a group with processes of its own cannot hand controllers to its children, and limits per
 task will need them. Not here: which owner is dead (chute.execution.owners); the processes
-(chute.execution.runner, chute.execution.pool, chute.execution.local).
+(chute.execution.runner, chute.execution.worker, chute.execution.local).
 
 Joining before the program runs: a cgroup fences only what joined it before it forked
 (PITFALLS). Python 3.11 has no clone3(CLONE_INTO_CGROUP), so a run: task moves itself
 before the user's command runs: `/bin/sh -c 'echo 0 >…/cgroup.procs || …; <the script>'`
 for a string command (one line: the script's line numbers do not move) and `/bin/sh -c
-'echo 0 >"$0" || …; exec "$@"' …/cgroup.procs <argv…>` for argv (join_argv). Measured per
-`sh -c true` task on the 2-core machine, where a burst pays for the daemon's CPU: the
-group's mkdir and rmdir cost ~0.05 ms of it (26 + 24 µs), the shell's write ~0.03 ms of
-the task's own; an argv command pays one more exec of /bin/sh (~0.5 ms of the task's CPU,
-none of the daemon's). A `preexec_fn` instead cost 0.3–0.5 ms more of the daemon's CPU
-(Popen must fork instead of vfork) and runs Python in the forked child of a threaded
-process; writing the pid from the parent after Popen is as cheap as the shell, but leaves
-a window in which the task may fork outside its group. A call: worker joins its owner's
-pool group itself, first thing after it is forked (chute.execution.pool).
+'echo 0 >"$0" || …; exec "$@"' …/cgroup.procs <argv…>` for argv (join_argv). The daemon
+pays only the group's mkdir and rmdir; the write, and for an argv command one more exec of
+/bin/sh, are the task's own CPU. A `preexec_fn` instead would make Popen fork instead of
+vfork, on the daemon's CPU, and run Python in the forked child of a threaded process;
+writing the pid from the parent after Popen leaves a window in which the task may fork
+outside its group. A call: worker joins its owner's
+pool group itself, first thing after it is forked (chute.execution.worker).
 A task whose move fails does not run: its shell exits JOIN_FAILED after JOIN_NOTE in its
 log (chute.execution.runner names the group in the Result's error); a group that cannot be made
 fails the task's start.
@@ -42,8 +40,9 @@ records its group's path (chute.execution.owners) before making it, so a restart
 Diagnostics: where no group can be made (no cgroup2 mount, no write access: under
 systemd, Delegate=yes) `setup` returns the reason, which the daemon logs once at start;
 tasks are then fenced as before (process groups, the subreaper, the task cookie).
-Leftovers: `owner_groups` lists a spool's owner groups; chute.execution.owners decides which owner
-is dead and ends them (`signal_members`, `kill`, `wait_empty`, `remove_tree`).
+Leftovers: `owner_groups` lists a spool's owner groups; chute.execution.owners decides which
+owner is dead and chute.execution.leftovers ends them (`signal_members`, `kill`,
+`wait_empty`, `remove_tree`).
 Limits: call: tasks share their owner's pool group (a worker runs many calls): nothing
 per call: task. A limit per task (memory, pids) goes into the group between
 OwnerGroup.task() and the spawn (both in the spawner thread, chute.execution.local); the controllers
@@ -61,12 +60,13 @@ import hashlib
 import logging
 import os
 import re
-import select
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from chute.execution import procfs
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Hierarchy:
 
     def group_of(self, pid: int | str) -> Path | None:
         """The folder of the group process `pid` is in, or None (gone, or outside the mount)."""
-        cgroup = cgroup_name(pid)
+        cgroup = procfs.cgroup_of(pid)
         return None if cgroup is None else self.path_of(cgroup)
 
     def holds(self, group: Path, pid: int) -> bool:
@@ -114,35 +114,11 @@ class Hierarchy:
         return path.is_absolute() and ".." not in path.parts and self.mount in path.parents
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as \\ooo."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 @functools.cache
 def hierarchy() -> Hierarchy | None:
     """The first cgroup2 mount in /proc/self/mountinfo, or None."""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                left, sep, right = line.partition(" - ")
-                if sep and right.split(" ", 1)[0] == "cgroup2":
-                    fields = left.split(" ")
-                    return Hierarchy(mount=Path(_unescape(fields[4])), root=_unescape(fields[3]))
-    except OSError:
-        return None
-    return None
-
-
-def cgroup_name(pid: int | str = "self") -> str | None:
-    """The v2 group of a process as /proc/<pid>/cgroup says it ("/a/b"), or None."""
-    raw = _read(Path(f"/proc/{pid}/cgroup"))
-    if raw is None:
-        return None
-    for line in raw.splitlines():
-        if line.startswith(b"0::"):
-            return line[3:].decode(errors="replace")
-    return None
+    found = procfs.mount_of("cgroup2")
+    return None if found is None else Hierarchy(mount=Path(found[0]), root=found[1])
 
 
 def spool_group(spool_root: Path) -> str:
@@ -176,7 +152,7 @@ def base(*, leaf: bool) -> Path | None:
     hier = hierarchy()
     if hier is None:
         return None
-    cgroup = cgroup_name()
+    cgroup = procfs.cgroup_of()
     own = None if cgroup is None else hier.path_of(cgroup)
     if own is not None and leaf and own.name == DAEMON and own != hier.mount:
         own = own.parent
@@ -204,19 +180,6 @@ def owner_groups(spool_root: Path, *, leaf: bool) -> dict[str, Path]:
 # -- one group --------------------------------------------------------------------------
 
 
-def _read(path: Path) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
-        return None
-    try:
-        return os.read(fd, 1 << 20)
-    except (ProcessLookupError, OSError):
-        return None
-    finally:
-        os.close(fd)
-
-
 def _write(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -227,7 +190,7 @@ def _write(path: Path, data: bytes) -> None:
 
 def populated(group: Path) -> bool:
     """Whether a process is left in `group` or its subgroups (zombies do not count)."""
-    raw = _read(group / "cgroup.events")
+    raw = procfs.read(group / "cgroup.events")
     return raw is not None and b"populated 1" in raw
 
 
@@ -235,14 +198,10 @@ def members(group: Path) -> list[int]:
     """Pids in `group` and its subgroups, as cgroup.procs lists them now."""
     pids: list[int] = []
     for folder, _, _ in os.walk(group):
-        raw = _read(Path(folder) / "cgroup.procs")
+        raw = procfs.read(Path(folder) / "cgroup.procs")
         if raw:
             pids.extend(int(pid) for pid in raw.split())
     return pids
-
-
-def _exited(pidfd: int) -> bool:
-    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def signal_members(group: Path, sig: int) -> int:
@@ -258,7 +217,7 @@ def signal_members(group: Path, sig: int) -> int:
         except OSError:
             continue  # gone already
         try:
-            if hier.holds(group, pid) and not _exited(pidfd):
+            if hier.holds(group, pid) and not procfs.exited(pidfd):
                 signal.pidfd_send_signal(pidfd, sig)
                 sent += 1
         except ProcessLookupError:
@@ -370,7 +329,7 @@ def setup(
         return "no cgroup v2 hierarchy is mounted (/proc/self/mountinfo)"
     here = base(leaf=leaf)
     if here is None:
-        return f"this process's cgroup ({cgroup_name()}) is not under {hier.mount}"
+        return f"this process's cgroup ({procfs.cgroup_of()}) is not under {hier.mount}"
     if leaf and here != hier.mount and hier.group_of("self") != here / DAEMON:
         try:
             (here / DAEMON).mkdir(exist_ok=True)

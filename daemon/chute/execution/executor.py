@@ -101,8 +101,8 @@ class Executor(Protocol):
     def cancel(self, key: str) -> None:
         """End a started task: SIGTERM, grace, SIGKILL; its Result has cancelled=True."""
 
-    def tick(self, now: float) -> float | None:
-        """Do what is due at `now` (monotonic: deadlines, kill escalations) and hand over the
+    def tick(self, mono: float) -> float | None:
+        """Do what is due at `mono` (monotonic: deadlines, kill escalations) and hand over the
         Results that are ready; returns the seconds until the next call is due (None: only
         an event of one of its descriptors can change anything). The loop calls it after
         each wait."""

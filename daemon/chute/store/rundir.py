@@ -32,7 +32,7 @@ import orjson
 
 from chute import __version__, names
 from chute.clock import rfc3339
-from chute.store import atomic, taskfiles
+from chute.store import atomic, groupcommit, taskfiles
 from chute.store.spool import Spool
 
 RUN_STATES = ("queued", "running", "stopped", "succeeded", "failed", "cancelled", "interrupted")
@@ -144,7 +144,7 @@ def create_many(
         files.append((run_dir / "run.json", atomic.dumps(record)))
     if durable:
         # Handover: once run.json (queued) is durable the run exists.
-        atomic.write_many(files, folders=pending.folders)
+        groupcommit.write_many(files, folders=pending.folders)
         pending.folders.clear()
     else:
         for path, data in files:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chute.config import Config
-from chute.store import atomic
+from chute.store import groupcommit
 
 FOLDERS = (
     "incoming",
@@ -99,4 +99,4 @@ def resolve_spool(arg: str | Path | None, config: Config) -> Spool:
 def sync_roots(config: Config, spool: Spool) -> list[Path]:
     """Filesystems the run writes go to sync whole (config `sync`); [] means an fsync per
     file and folder."""
-    return atomic.own_filesystems(config.sync, [spool.root, spool.runs])
+    return groupcommit.own_filesystems(config.sync, [spool.root, spool.runs])
