@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from chute.engine.backoff import retry_delay, should_retry
 from chute.engine.dag import Reused, RunGraph, Unit
-from chute.engine.retry import retry_delay, should_retry
 from chute.execution.executor import Result
 from chute.spec.model import Fallback, Pipeline, Retries, Shards, Stage
 

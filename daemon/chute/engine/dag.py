@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chute.clock import rfc3339
-from chute.engine.retry import retry_delay, should_retry
+from chute.engine.backoff import retry_delay, should_retry
 from chute.execution.executor import Result
 from chute.spec.model import Pipeline, Stage
 

@@ -1,4 +1,5 @@
-"""Retry decisions: pure functions of the spec's `retries` and what the attempt did."""
+"""Backoff: whether a failed attempt gets another, and after how long (pure functions of the
+spec's `retries` and what the attempt did)."""
 
 from __future__ import annotations
 
