@@ -42,7 +42,7 @@ from chute.reactor import Reactor
 from chute.scheduling.topology import Topology, format_cpulist, parse_cpulist, read_topology
 from chute.spec import SpecError, json_schema, load_bytes, load_file
 from chute.spec.model import Pipeline
-from chute.store import retention, rundir, taskfiles
+from chute.store import queue, retention, rundir, taskfiles
 from chute.store.spool import Spool, resolve_spool, sync_roots
 from chute.units import format_duration, format_size
 
@@ -897,9 +897,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     waiting = {w["run_id"]: w for w in st.get("waiting", [])}
     rows = [["RUN", "PIPELINE", "STATE", "CREATED", "WAITING FOR", "QUEUE"]]
-    for path in sorted(spool.queue.glob("*.yaml"))[:50]:
+    for run_id in queue.run_ids(spool)[:50]:
         try:
-            rec = rundir.read_json(spool.runs / path.stem / "run.json")
+            rec = rundir.read_json(spool.runs / run_id / "run.json")
         except (OSError, orjson.JSONDecodeError):
             continue
         w = waiting.get(rec["run_id"], {})

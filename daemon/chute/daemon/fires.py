@@ -35,7 +35,7 @@ from chute.observe.metrics import Metrics
 from chute.scheduling.schedules import Fire, Schedules, overlap_decision
 from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
-from chute.store import atomic
+from chute.store import atomic, queue
 from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -246,9 +246,7 @@ class Fires:
     def _fire_made(self, run_id: str) -> bool:
         """Whether a fire's run was made already: waiting or running (its queue file), or
         run to the end since."""
-        return (self.spool.queue / f"{run_id}.yaml").exists() or runs.finished_on_disk(
-            self.spool.runs / run_id
-        )
+        return queue.exists(self.spool, run_id) or runs.finished_on_disk(self.spool.runs / run_id)
 
     def _start_fire(self, st: _Loaded, fire: Fire) -> bool:
         """Make the fire's run; False when the spool cannot be written (retried later)."""
@@ -305,7 +303,7 @@ class Fires:
         # Crash point: the fire's run exists (run.json queued), not its queue file, and the
         # fire is not recorded: the next start offers the fire again and queues this run.
         crash_point("schedules.run_made")
-        atomic.write_bytes(self.spool.queue / f"{run_id}.yaml", st.raw)
+        queue.make(self.spool, run_id, st.raw)
         st.active.add(run_id)
         self.engine.add(run)
         extra = f" (standing for {fire.missed} missed)" if fire.missed else ""

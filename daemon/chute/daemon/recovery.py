@@ -26,7 +26,7 @@ from chute.intake import control
 from chute.intake.drops import Intake, Outcome
 from chute.observe.metrics import Metrics
 from chute.spec import SpecError
-from chute.store import atomic
+from chute.store import atomic, queue
 from chute.store.spool import Spool
 
 from .fires import Fires
@@ -77,8 +77,7 @@ def recover(
     fires.load()
     resumed = interrupted = 0
     cpus, memory = node
-    for path in sorted(spool.queue.glob("*.yaml")):
-        run_id = path.stem
+    for run_id in queue.run_ids(spool):
         try:
             got = runs.recover(
                 spool,
@@ -127,8 +126,8 @@ def _failed(spool: Spool, run_id: str, exc: Exception, clock: Clock, metrics: Me
             outcome = "marked failed"
         else:
             outcome = (
-                f"its run.json cannot be written, so queue/{run_id}.yaml is set aside as "
-                f"queue/{run_id}.yaml{runs.UNRECOVERABLE_SUFFIX}: look at runs/{run_id}/"
+                f"its run.json cannot be written, so {queue.name(run_id)} is set aside as "
+                f"{queue.name(run_id)}{queue.ASIDE_SUFFIX}: look at runs/{run_id}/"
             )
     if isinstance(exc, runs.Unrecoverable | SpecError | OSError | ValueError):
         log.error("%s recovery failed: %s; %s", run_id, reason, outcome)

@@ -25,6 +25,7 @@ from chute.engine import runs
 from chute.engine.loop import Engine
 from chute.intake import control
 from chute.observe.metrics import Metrics
+from chute.store import queue
 from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class Requests:
             self.engine.cancel(run_id)
             log.info("%s cancel requested", run_id)
             return True
-        if (self.spool.queue / f"{run_id}.yaml").exists() and not runs.finished_on_disk(run_dir):
+        if queue.exists(self.spool, run_id) and not runs.finished_on_disk(run_dir):
             return False  # accepted, not handed to the engine yet: the next pass cancels it
         log.info("%s cancel requested but the run is not active", run_id)
         return True
@@ -160,7 +161,7 @@ class Requests:
                 plan,
                 now=self.clock.now(),
                 new_id=request.new_run_id,
-                queue=True,
+                queue_file=True,
                 submitted_by=runs.submitter(requester),
             )
         except runs.RetryRefused as exc:

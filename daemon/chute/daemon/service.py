@@ -40,6 +40,7 @@ from chute.observe.http import HttpError, Server, health, read_token, serve
 from chute.observe.metrics import Metrics
 from chute.observe.notify import Notifier
 from chute.reactor import Reactor
+from chute.store import queue
 from chute.store.spool import Spool, sync_roots
 
 from . import reload as reloading
@@ -433,12 +434,9 @@ class Daemon:
 
     def _finished(self, run: ActiveRun) -> None:
         """In the writer thread, once a run's final run.json is durable."""
-        # Handover: run.json says the run is over (durable); the queue copy can go. Here,
-        # not on the loop: an unlink was 5% of the loop in a burst of runs.
-        try:
-            os.unlink(self.spool.queue / f"{run.run_id}.yaml")
-        except FileNotFoundError:
-            pass
+        # Handover: run.json says the run is over (durable); the queue file can go. Here,
+        # not on the loop: the unlink waits on the filesystem, as the writer thread does.
+        queue.remove(self.spool, run.run_id)
         self.reactor.post(lambda: self._ended(run))
 
     def _ended(self, run: ActiveRun) -> None:

@@ -3,8 +3,8 @@ what start-up does with a run it finds in queue/.
 
 Owns: the step from "a validated spec" to "an ActiveRun the engine can drive", a retry
 (which stages of an earlier run it keeps, copying them), a run's cancel mark, and the
-recovery decision for one queued run. Not here: the folder's files (chute.store.rundir), the
-loop (chute.engine.loop), control requests (chute.intake.control).
+recovery decision for one queued run. Not here: the folder's files (chute.store.rundir),
+queue/ (chute.store.queue), the loop (chute.engine.loop), control requests (chute.intake.control).
 Crash safety: the run folder with spec.yaml and run.json exists durably before the run is
 handed to the engine (chute.store.rundir.create). A retry's run records what it retries
 (trigger {"type": "retry", "source": <old id>}); each kept stage is copied to
@@ -48,7 +48,7 @@ from chute.engine.loop import ActiveRun
 from chute.faults import crash_point
 from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
-from chute.store import atomic, rundir, taskfiles
+from chute.store import atomic, queue, rundir, taskfiles
 from chute.store.outputs import relocate
 from chute.store.spool import Spool
 
@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 REUSABLE = ("succeeded", "cached")
 CANCEL_MARK = "cancel.json"
 COPY_PREFIX = ".copy-"
-UNRECOVERABLE_SUFFIX = ".unrecoverable"  # queue/<id>.yaml.unrecoverable: set aside by recovery
 
 
 USER_TTL = 60.0  # seconds a uid's user name is reused (a lookup reads /etc/passwd)
@@ -405,11 +404,11 @@ def make_retry(
     *,
     now: datetime,
     new_id: str | None = None,
-    queue: bool = False,
+    queue_file: bool = False,
     submitted_by: dict[str, Any] | None = None,
 ) -> ActiveRun | None:
     """The new run of `plan`: its folder (state queued, trigger retry of plan.old_id), the
-    kept stages copied in, and with `queue` its queue/<id>.yaml (the daemon's runs);
+    kept stages copied in, and with `queue_file` its queue/<id>.yaml (the daemon's runs);
     `submitted_by` is whose run it is (default: this process's user).
 
     Replayed with the same `new_id` after a crash, it finds the run it made and finishes
@@ -441,7 +440,7 @@ def make_retry(
     else:
         if record.get("trigger") != trigger:
             raise RetryRefused(f"{new_id}: that run id is taken by another run")
-        if record.get("state") != "queued" or (spool.queue / f"{new_id}.yaml").exists():
+        if record.get("state") != "queued" or queue.exists(spool, new_id):
             return None
         log.info("%s finishing the retry of %s a crash interrupted", new_id, plan.old_id)
         run = ActiveRun(
@@ -453,10 +452,10 @@ def make_retry(
             accepted=_accepted(record),
         )
     copy_reused(plan.old_dir, folder, list(plan.reused), run_id=new_id)
-    if queue:
+    if queue_file:
         # Handover: the queue file makes the run known to recovery; until it exists, a
         # replayed request finishes the run instead.
-        atomic.write_bytes(spool.queue / f"{new_id}.yaml", plan.raw)
+        queue.make(spool, new_id, plan.raw)
     return run
 
 
@@ -470,7 +469,7 @@ def abandon_retry(spool: Spool, new_id: str, old_id: str, reason: str, now: floa
         record is None
         or record.get("trigger") != {"type": "retry", "source": old_id}
         or record.get("state") != "queued"
-        or (spool.queue / f"{new_id}.yaml").exists()
+        or queue.exists(spool, new_id)
     ):
         return False
     record.update(state="failed", error=f"retry not finished: {reason}", finished_at=rfc3339(now))
@@ -524,10 +523,7 @@ def cancel_stopped(spool: Spool, run_id: str, now: float) -> dict[str, Any]:
     settle_manifest(folder, "cancelled", now)  # a stopped run's, before run.json says over
     # Handover: run.json says the run is over; the queue file may go (recovery drops it).
     atomic.write_json(folder / "run.json", record)
-    try:
-        os.unlink(spool.queue / f"{run_id}.yaml")
-    except FileNotFoundError:
-        pass
+    queue.remove(spool, run_id)
     return dict(record)
 
 
@@ -643,9 +639,8 @@ def recover(
     this for each). Raises Unrecoverable (or SpecError, OSError) when the run cannot be
     resumed: the caller ends it with recovery_failed()."""
     if not names.is_run_id(run_id):
-        raise Unrecoverable(f"queue/{run_id}.yaml is not named by a run id")
+        raise Unrecoverable(f"{queue.name(run_id)} is not named by a run id")
     folder = spool.runs / run_id
-    queued = spool.queue / f"{run_id}.yaml"
     rec = _run_record(folder)
     state = rec["state"]
     # An `interrupted` run with its queue file and no finished_at was stopped by a chute
@@ -653,7 +648,7 @@ def recover(
     if state in ("succeeded", "failed", "cancelled") or (
         state == "interrupted" and rec.get("finished_at")
     ):
-        queued.unlink()  # finished before the crash; only the queue copy was left
+        queue.remove(spool, run_id)  # finished before the crash; only the queue file was left
         return Recovery(state)
     cancel = cancel_marked(folder)
     started = state != "queued" or started_on_disk(folder)
@@ -664,7 +659,7 @@ def recover(
         rec["error"] = reason
         rec["finished_at"] = rfc3339(now)
         atomic.write_json(folder / "run.json", rec)
-        queued.unlink()
+        queue.remove(spool, run_id)
         return Recovery("interrupted")
     run = resume_run(spool, run_id, node_cpus=node_cpus, node_memory=node_memory)
     if started and not cancel:
@@ -681,8 +676,7 @@ def recovery_failed(spool: Spool, run_id: str, reason: str, now: float) -> bool:
     """End a run recovery could not resume: run.json says failed with `error: "recovery
     failed: <reason>"` (cancelled, when a cancel was recorded), then its queue file goes.
     False when run.json cannot be written (missing, not an object, not writable): then the
-    queue file is set aside as queue/<id>.yaml.unrecoverable, so no restart loops on it."""
-    queued = spool.queue / f"{run_id}.yaml"
+    queue file is set aside (chute.store.queue.set_aside), so no restart loops on it."""
     try:
         if not names.is_run_id(run_id):
             raise Unrecoverable("not a run id")
@@ -699,12 +693,9 @@ def recovery_failed(spool: Spool, run_id: str, reason: str, now: float) -> bool:
             log.warning("%s: manifest not settled: %s", run_id, _why(exc))
         atomic.write_json(folder / "run.json", rec)
     except (Unrecoverable, OSError):
-        os.rename(queued, queued.with_name(queued.name + UNRECOVERABLE_SUFFIX))
+        queue.set_aside(spool, run_id)
         return False
-    try:
-        queued.unlink()
-    except FileNotFoundError:
-        pass
+    queue.remove(spool, run_id)
     return True
 
 
@@ -714,12 +705,11 @@ def queue_made(
     """A run made before a crash and never queued (run.json queued, no queue file): write
     its queue file and return it to drive; None when it is queued already or went on."""
     folder = spool.runs / names.run_id(run_id)
-    queued = spool.queue / f"{run_id}.yaml"
-    if _run_record(folder)["state"] != "queued" or queued.exists():
+    if _run_record(folder)["state"] != "queued" or queue.exists(spool, run_id):
         return None
     run = resume_run(spool, run_id, node_cpus=node_cpus, node_memory=node_memory)
     # Handover: the queue file makes the run known to recovery.
-    atomic.write_bytes(queued, spec_bytes)
+    queue.make(spool, run_id, spec_bytes)
     return run
 
 

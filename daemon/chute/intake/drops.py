@@ -78,7 +78,7 @@ from chute.names import is_run_id
 from chute.spec import Issue, SpecError, load_bytes
 from chute.spec.load import read_upto
 from chute.spec.model import Pipeline
-from chute.store import atomic, rundir
+from chute.store import atomic, queue, rundir
 from chute.store.spool import Spool
 from chute.units import format_size
 
@@ -764,7 +764,6 @@ class Intake:
             if record.get("state") != "queued":  # handed over already
                 os.unlink(claim)
                 return None
-            queued = self.spool.queue / f"{run_id}.yaml"
             try:
                 data = (run_dir / "spec.yaml").read_bytes()
             except FileNotFoundError:
@@ -773,12 +772,15 @@ class Intake:
                 # Not synced before a power loss: the claim holds the bytes that were accepted.
                 data = claim.read_bytes()
                 atomic.write_bytes(run_dir / "spec.yaml", data)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(queued)  # a link to the damaged copy
+                queue.remove(self.spool, run_id)  # a link to the damaged copy
                 log.warning("%s recovered: spec.yaml was missing or damaged; rewrote it", run_id)
-            if not queued.exists():
-                atomic.write_bytes(queued, data)
-                log.info("%s recovered: wrote %s a crash left out", run_id, queued)
+            if not queue.exists(self.spool, run_id):
+                queue.make(self.spool, run_id, data)
+                log.info(
+                    "%s recovered: wrote %s a crash left out",
+                    run_id,
+                    queue.path(self.spool, run_id),
+                )
             os.unlink(claim)
             if not announce:
                 return None

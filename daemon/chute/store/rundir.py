@@ -4,8 +4,8 @@ Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/lates
 finding a run by name. Its tasks may have changed anything in a run folder: its JSON files
 are read as a task's files (chute.store.taskfiles), and a folder is removed however deep a task
 nested it (remove_tree).
-Not here: deciding states (chute.engine), durable writes (chute.store.atomic), which runs
-retention removes and when (chute.store.retention).
+Not here: deciding states (chute.engine), a run's queue file (chute.store.queue), durable
+writes (chute.store.atomic), which runs retention removes and when (chute.store.retention).
 Crash safety: the folder is created with spec.yaml and run.json (state queued) in one group
 commit before the run is acknowledged; every later file is replaced atomically, so a reader
 sees a whole run.json or the previous one. `latest` links are replaced by rename.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import errno
 import itertools
 import os
 import secrets
@@ -32,7 +31,7 @@ import orjson
 
 from chute import __version__, names
 from chute.clock import rfc3339
-from chute.store import atomic, taskfiles
+from chute.store import atomic, queue, taskfiles
 from chute.store.spool import Spool
 
 RUN_STATES = ("queued", "running", "stopped", "succeeded", "failed", "cancelled", "interrupted")
@@ -118,9 +117,9 @@ def create_many(
     durable: bool = True,
 ) -> atomic.Unsynced:
     """Make the run folders of `items` ((run.json record, spec bytes) each) in one group
-    commit; with `queue_copies`, also queue/<run_id>.yaml for each, as a hard link of the run's
-    spec.yaml (the same bytes: no second file to write and sync). Then point `latest` at the
-    newest. FileExistsError: a run id is taken (a folder with its run.json).
+    commit; with `queue_copies`, also their queue files (chute.store.queue.link_many: hard
+    links of their spec.yaml). Then point `latest` at the newest. FileExistsError: a run id
+    is taken (a folder with its run.json).
 
     Not `durable`: the files are only put in place (write_volatile), and what must be synced
     is returned for the caller's writer thread; until it is, a power loss may leave a folder
@@ -151,17 +150,7 @@ def create_many(
             atomic.write_volatile(path, data)
             pending.files.append(path)
     if queue_copies:
-        for record, spec_bytes in items:
-            run_id = str(record["run_id"])
-            target = spool.queue / f"{run_id}.yaml"
-            try:
-                os.link(spool.runs / run_id / "spec.yaml", target)
-            except FileExistsError:
-                pass  # made before a crash
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:  # runs_dir on another filesystem: copy
-                    raise
-                atomic.write_bytes(target, spec_bytes)
+        queue.link_many(spool, [(str(record["run_id"]), data) for record, data in items])
         # Handover: the queue file tells the daemon (now or after a restart) the run waits.
         pending.folders.add(spool.queue)
         if durable:
