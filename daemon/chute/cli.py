@@ -31,8 +31,9 @@ from chute import names
 from chute.clock import Clock
 from chute.config import Config, ConfigError, load_config
 from chute.engine import reasons, runs
-from chute.engine.dag import STAGE_OK
-from chute.engine.loop import ActiveRun, Engine
+from chute.engine.loop import Engine
+from chute.engine.runs import ActiveRun
+from chute.engine.stage import STAGE_OK
 from chute.execution import owners
 from chute.execution.executor import Result
 from chute.execution.local import LocalExecutor

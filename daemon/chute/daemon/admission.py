@@ -26,7 +26,8 @@ import threading
 from collections.abc import Callable, Iterable
 
 from chute.engine.dag import RunGraph
-from chute.engine.loop import ActiveRun, Engine
+from chute.engine.loop import Engine
+from chute.engine.runs import ActiveRun
 from chute.intake.drops import (
     Accepted,
     Claimed,

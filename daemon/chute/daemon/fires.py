@@ -28,7 +28,8 @@ from typing import Any
 
 from chute.clock import Clock, rfc3339
 from chute.engine import reasons, runs
-from chute.engine.loop import ActiveRun, Engine
+from chute.engine.loop import Engine
+from chute.engine.runs import ActiveRun
 from chute.faults import crash_point
 from chute.intake import access
 from chute.observe.metrics import Metrics

@@ -30,7 +30,8 @@ from types import FrameType
 from chute import __version__
 from chute.clock import Clock
 from chute.config import Config
-from chute.engine.loop import ActiveRun, Engine
+from chute.engine.loop import Engine
+from chute.engine.runs import ActiveRun
 from chute.execution import owners
 from chute.execution.executor import Result
 from chute.execution.local import LocalExecutor

@@ -34,7 +34,7 @@ import shutil
 import stat
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,8 @@ import orjson
 
 from chute import names
 from chute.clock import parse_rfc3339, rfc3339
-from chute.engine.dag import STAGE_FINAL, UNIT_FINAL, Reused, RunGraph
-from chute.engine.loop import ActiveRun
+from chute.engine.dag import RunGraph
+from chute.engine.stage import STAGE_FINAL, UNIT_FINAL, Reused
 from chute.faults import crash_point
 from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
@@ -57,6 +57,29 @@ log = logging.getLogger(__name__)
 REUSABLE = ("succeeded", "cached")
 CANCEL_MARK = "cancel.json"
 COPY_PREFIX = ".copy-"
+
+
+@dataclass(slots=True, eq=False)
+class ActiveRun:
+    """A run the engine is driving."""
+
+    run_id: str
+    pipeline: Pipeline
+    graph: RunGraph
+    dir: Path
+    record: dict[str, Any]  # its run.json, as the engine last changed it
+    accepted: float  # epoch seconds: when its file was accepted (orders the queue)
+    # Per-run state of the loop, dropped with the run (a daemon lives for months):
+    stage_index: dict[str, int] = field(default_factory=dict)  # topological position
+    made: set[Path] = field(default_factory=set)  # stage folders known to exist
+    dropped_at: float | None = None  # epoch s its file was dropped (intake latency), if known
+    record_stale: bool = False  # `record` changed since run.json was last written
+    rewritten: bool = False  # its final run.json was written again after a failed write
+    manifest_cost: float = 0.0  # seconds its last manifest took to make (sets the next wait)
+
+    @property
+    def state(self) -> str:
+        return str(self.record["state"])
 
 
 USER_TTL = 60.0  # seconds a uid's user name is reused (a lookup reads /etc/passwd)

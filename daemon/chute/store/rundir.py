@@ -65,8 +65,15 @@ def new_run_id(now: datetime) -> str:
 
 
 def stage_dir(run_dir: Path, stage: str, shard: int | None = None) -> Path:
+    """A unit's folder: stages/<stage>, or stages/<stage>/<shard> for a shard."""
     base = run_dir / "stages" / stage
     return base if shard is None else base / str(shard)
+
+
+def stage_dirs(run_dir: Path, stage: str, shard: int | None = None) -> tuple[Path, ...]:
+    """The folders a unit's task needs, parents first: its stage's, its own, its artifacts/."""
+    folder = stage_dir(run_dir, stage, shard)
+    return tuple(dict.fromkeys((run_dir / "stages" / stage, folder, folder / "artifacts")))
 
 
 def new_record(
