@@ -30,7 +30,7 @@ import orjson
 from chute import names
 from chute.clock import Clock
 from chute.config import Config, ConfigError, load_config
-from chute.engine import reasons, runs
+from chute.engine import reasons, recovery, retry, runs
 from chute.engine.loop import Engine
 from chute.engine.runs import ActiveRun
 from chute.engine.stage import STAGE_OK
@@ -295,14 +295,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     clock = Clock()
 
     def make(run_id: str) -> ActiveRun:
-        return runs.create_run(
-            spool,
+        new = runs.new_run(
             pipeline,
             raw,
             trigger={"type": "run", "source": str(Path(args.file).absolute())},
             now=clock.now(),
             run_id=run_id,
         )
+        return runs.make_run(spool, new)
 
     return _foreground(spool, config, topo, make)
 
@@ -392,10 +392,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if args.from_stage is not None:
         _checked(names.name, args.from_stage, "stage name")
     try:
-        plan = runs.plan_retry(
+        plan = retry.plan_retry(
             old_dir, args.from_stage, node_cpus=len(topo.cpus), node_memory=topo.memory
         )
-    except runs.RetryRefused as exc:
+    except retry.RetryRefused as exc:
         raise UsageError(str(exc)) from None
     if _daemon_pid(spool) is not None:
         new_id = rundir.new_run_id(Clock().now())
@@ -413,7 +413,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     clock = Clock()
 
     def make(run_id: str) -> ActiveRun:
-        run = runs.make_retry(spool, plan, now=clock.now(), new_id=run_id)
+        run = retry.make_retry(spool, plan, now=clock.now(), new_id=run_id)
         assert run is not None  # a new run id: nothing made before
         log.info(
             "%s retry of %s keeps %d stage(s): %s",
@@ -978,7 +978,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         if rec["state"] in ("succeeded", "failed", "cancelled"):
             print(f"{run_id} already {rec['state']}")
             return EXIT_OK
-        runs.cancel_stopped(spool, run_id, time.time())
+        recovery.cancel_stopped(spool, run_id, time.time())
     finally:
         os.close(lock)
     print(f"{run_id} cancelled")

@@ -25,9 +25,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterable
 
-from chute.engine.dag import RunGraph
 from chute.engine.loop import Engine
-from chute.engine.runs import ActiveRun
+from chute.engine.runs import active_run
 from chute.intake.drops import (
     Accepted,
     Claimed,
@@ -199,17 +198,14 @@ class Admission:
         if isinstance(outcome, Accepted | Scheduled):
             self.metrics.file_accepted()
         if isinstance(outcome, Accepted):
-            self.engine.add(
-                ActiveRun(
-                    run_id=outcome.run_id,
-                    pipeline=outcome.pipeline,
-                    graph=RunGraph(outcome.run_id, outcome.pipeline),
-                    dir=self.spool.runs / outcome.run_id,
-                    record=outcome.record,
-                    accepted=outcome.accepted_at.timestamp(),
-                    dropped_at=outcome.dropped_at,
-                )
+            run = active_run(
+                self.spool,
+                outcome.record,
+                outcome.pipeline,
+                accepted=outcome.accepted_at.timestamp(),
+                dropped_at=outcome.dropped_at,
             )
+            self.engine.add(run)
         elif isinstance(outcome, Scheduled):
             self._on_scheduled(outcome)
         elif isinstance(outcome, Rejected):

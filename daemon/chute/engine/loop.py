@@ -10,7 +10,7 @@ waiting for CPUs and which of them the allocator sees (chute.engine.waitlist), p
 (chute.execution.local), which cores (chute.scheduling.allocator).
 Crash safety: see chute.engine.writes (the order of a step's writes) and
 chute.engine.results (done-marks). A run folder with stage folders and a run.json still
-`queued` had started: recovery counts it so (chute.engine.runs.started_on_disk). A
+`queued` had started: recovery counts it so (chute.engine.recovery.started_on_disk). A
 stopping daemon (`interrupt`) ends the open attempts of the runs it leaves, so their
 manifests never say a task runs that does not.
 Diagnostics: a task's own failure is recorded in the manifest. A run folder is hostile

@@ -72,6 +72,7 @@ from typing import Any
 
 from chute.clock import Clock, parse_rfc3339, rfc3339
 from chute.config import Config
+from chute.engine import runs
 from chute.engine.runs import submitter
 from chute.intake import access
 from chute.names import is_run_id
@@ -366,9 +367,11 @@ class Intake:
         return outcomes, handover
 
     def _make_runs(self, accepts: list[_Accept], *, durable: bool) -> Handover:
-        unsynced = rundir.create_many(
-            self.spool, [(a.record, a.data) for a in accepts], queue_copies=True, durable=durable
-        )
+        news = [
+            runs.NewRun(a.record, a.accepted.pipeline, a.data, a.accepted.accepted_at.timestamp())
+            for a in accepts
+        ]
+        unsynced = runs.make_runs(self.spool, news, queue_files=True, durable=durable)
         # Until release(), a rescan must leave these claims alone: finishing one would hand
         # its run over a second time.
         self._handing.update(a.claim.name for a in accepts)
@@ -623,16 +626,14 @@ class Intake:
         now = self.clock.now()
         source = f"incoming/{_json_safe(name)}"
         by = submitter(look.st.st_uid)
-        record = rundir.new_record(
-            run_id=run_id,
-            pipeline=pipeline.name,
-            kind=pipeline.kind,
+        record = runs.new_run(
+            pipeline,
+            look.data,
             trigger={"type": "drop", "source": source, "file_id": file_id(look.st)},
+            now=now,
+            run_id=run_id,
             submitted_by=by,
-            spec_sha256=hashlib.sha256(look.data).hexdigest(),
-            created_at=now,
-            run_date=now.astimezone().date().isoformat(),
-        )
+        ).record
         accepted = Accepted(run_id, pipeline, look.data, source, by, now, dropped_at, record)
         return _Accept(record, look.data, claim, accepted)
 

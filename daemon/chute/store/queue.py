@@ -5,7 +5,7 @@ Owns: queue/, one file per run the daemon accepted and has not seen end, holding
 spec bytes (a hard link of runs/<id>/spec.yaml where both are on one filesystem, else a
 copy): making it, asking whether a run has one, listing them, removing one, setting one
 aside. Not here: the run folder (chute.store.rundir), a run's state and what recovery does
-with it (chute.engine.runs), when the daemon lists queue/ (chute.daemon.recovery).
+with it (chute.engine.recovery), when the daemon lists queue/ (chute.daemon.recovery).
 Crash safety: the queue file is how a starting daemon knows a run is not over. It is made
 only once the run's folder, with run.json `queued`, is durable, and is durable itself before
 the run is handed to the engine; it is removed only once the run's final run.json is

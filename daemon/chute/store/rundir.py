@@ -1,11 +1,12 @@
 """A run's folder: run.json, manifest.json, spec.yaml, stages/, and the `latest` links.
 
-Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/latest,
-finding a run by name. Its tasks may have changed anything in a run folder: its JSON files
-are read as a task's files (chute.store.taskfiles), and a folder is removed however deep a task
-nested it (remove_tree).
-Not here: deciding states (chute.engine), a run's queue file (chute.store.queue), durable
-writes (chute.store.atomic), which runs retention removes and when (chute.store.retention).
+Owns: runs/<run_id>/ and its files' formats (stages/<stage>[/<shard>]/ included), making
+run folders, runs/latest, pipelines/<name>/latest, finding a run by name. Its tasks may have
+changed anything in a run folder: its files are read as a task's files
+(chute.store.taskfiles), and a folder is removed however deep a task nested it (remove_tree).
+Not here: deciding states and which runs to make (chute.engine), a run's queue file
+(chute.store.queue), durable writes (chute.store.atomic), which runs retention removes and
+when (chute.store.retention).
 Crash safety: the folder is created with spec.yaml and run.json (state queued) in one group
 commit before the run is acknowledged; every later file is replaced atomically, so a reader
 sees a whole run.json or the previous one. `latest` links are replaced by rename.
@@ -31,7 +32,7 @@ import orjson
 
 from chute import __version__, names
 from chute.clock import rfc3339
-from chute.store import atomic, queue, taskfiles
+from chute.store import atomic, taskfiles
 from chute.store.spool import Spool
 
 RUN_STATES = ("queued", "running", "stopped", "succeeded", "failed", "cancelled", "interrupted")
@@ -110,23 +111,12 @@ def new_record(
     }
 
 
-def create(spool: Spool, record: dict[str, Any], spec_bytes: bytes) -> Path:
-    """Make runs/<id>/ with spec.yaml and run.json, durably, then point the latest links at it."""
-    create_many(spool, [(record, spec_bytes)])
-    return spool.runs / str(record["run_id"])
-
-
-def create_many(
-    spool: Spool,
-    items: list[tuple[dict[str, Any], bytes]],
-    *,
-    queue_copies: bool = False,
-    durable: bool = True,
+def make_folders(
+    spool: Spool, items: list[tuple[dict[str, Any], bytes]], *, durable: bool = True
 ) -> atomic.Unsynced:
     """Make the run folders of `items` ((run.json record, spec bytes) each) in one group
-    commit; with `queue_copies`, also their queue files (chute.store.queue.link_many: hard
-    links of their spec.yaml). Then point `latest` at the newest. FileExistsError: a run id
-    is taken (a folder with its run.json).
+    commit: runs/<id>/ with stages/, spec.yaml and run.json. FileExistsError: a run id is
+    taken (a folder with its run.json); a folder without one is half made and made again.
 
     Not `durable`: the files are only put in place (write_volatile), and what must be synced
     is returned for the caller's writer thread; until it is, a power loss may leave a folder
@@ -156,20 +146,19 @@ def create_many(
         for path, data in files:
             atomic.write_volatile(path, data)
             pending.files.append(path)
-    if queue_copies:
-        queue.link_many(spool, [(str(record["run_id"]), data) for record, data in items])
-        # Handover: the queue file tells the daemon (now or after a restart) the run waits.
-        pending.folders.add(spool.queue)
-        if durable:
-            pending.sync()
-            pending.folders.clear()
+    return pending
+
+
+def point_latest(spool: Spool, records: list[dict[str, Any]]) -> None:
+    """Point runs/latest at the last of `records`, and each pipeline's latest at its last."""
+    if not records:
+        return
     newest: dict[str, str] = {}
-    for record, _ in items:
+    for record in records:
         newest[str(record["pipeline"])] = str(record["run_id"])
     for pipeline, run_id in newest.items():
         _point_pipeline_latest(spool, run_id, pipeline)
-    atomic.replace_symlink(spool.runs / "latest", str(items[-1][0]["run_id"]))
-    return pending
+    atomic.replace_symlink(spool.runs / "latest", str(records[-1]["run_id"]))
 
 
 def _point_pipeline_latest(spool: Spool, run_id: str, pipeline: str) -> None:
@@ -189,10 +178,16 @@ JSON_LIMIT = 256 << 20
 """Bytes a run's JSON file may have when read back (a manifest of 10,000 shards: ~30 MB)."""
 
 
+def read_bytes(path: Path) -> bytes:
+    """A file of a run folder, read as a task's file (chute.store.taskfiles: a task may have
+    put a FIFO or a folder in its place): OSError when it is not a regular file within
+    JSON_LIMIT."""
+    return taskfiles.read_regular(str(path), JSON_LIMIT)
+
+
 def read_json(path: Path) -> Any:
-    """A run's JSON file, read as a task's file (chute.store.taskfiles: a task may have put a FIFO
-    or a folder in its place): OSError when it is not a regular file within JSON_LIMIT."""
-    return orjson.loads(taskfiles.read_regular(str(path), JSON_LIMIT))
+    """A run's JSON file, read as read_bytes reads it."""
+    return orjson.loads(read_bytes(path))
 
 
 def run_ids(spool: Spool) -> list[str]:
