@@ -1,6 +1,6 @@
 """A run never needs another run's folder: a cache hit and a retry's kept stage get their own
 copies of the stage's files, and the paths in their outputs name them (engine/cache.py,
-outputs.relocate, engine/runs.py)."""
+outputs.relocate, engine/copies.py)."""
 
 from __future__ import annotations
 

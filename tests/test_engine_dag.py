@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from chute.engine.dag import Reused, RunGraph, Unit
-from chute.engine.retry import retry_delay, should_retry
+from chute.engine.backoff import retry_delay, should_retry
+from chute.engine.dag import RunGraph
+from chute.engine.stage import Reused, Unit
 from chute.execution.executor import Result
 from chute.spec.model import Fallback, Pipeline, Retries, Shards, Stage
 
@@ -68,7 +69,7 @@ def test_dependent_becomes_ready_only_when_its_own_dependency_succeeds() -> None
 def test_retry_waits_its_delay_on_the_given_clock() -> None:
     g = graph(Stage("a", retries=Retries(max=1, delay=5.0)))
     (a,) = start_all(g)
-    g.finish(a, fail(a), now=10.0, wall=10.0)
+    g.finish(a, fail(a), mono=10.0, wall=10.0)
     assert g.take_ready(14.9) == []
     assert g.next_retry() == 15.0
     (again,) = g.take_ready(15.0)
@@ -215,7 +216,7 @@ def test_a_shards_manifest_entry_follows_every_change_of_the_shard() -> None:
     assert (entry()["state"], len(entry()["attempts"])) == ("running", 1)
     g.finish(first, fail(first), 1.0, 1.0)
     assert entry()["state"] == "pending"
-    assert entry()["attempts"] == [first.attempts[0].record()]
+    assert entry()["attempts"] == [first.attempts[0].entry()]
     (again,) = g.take_ready(6.0)
     g.start(again, (1,), 6.0)
     assert (entry()["state"], entry()["cores"], entry()["attempts_total"]) == ("running", [1], 2)

@@ -676,7 +676,7 @@ def make_run(root: Spool, run_id: str, data: bytes = JOB, state: str = "queued")
         created_at=NOW,
         run_date="2026-11-22",
     )
-    rundir.create(root, record, data)
+    rundir.make_folders(root, [(record, data)])
     if state != "queued":
         atomic.write_json(root.runs / run_id / "run.json", {**record, "state": state})
 

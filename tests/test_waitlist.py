@@ -1,6 +1,6 @@
 """chute.engine.waitlist: queue order across runs, and candidates that decide as the whole queue.
 
-Pure tests: units of chute.engine.dag, requests and grants of chute.scheduling.allocator, no
+Pure tests: units of chute.engine.stage, requests and grants of chute.scheduling.allocator, no
 processes. The oracle is the queue as DESIGN.md states it: every waiting unit of every run in one
 list sorted by (priority desc, accepted, topological order) — what the engine kept before.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chute.engine.dag import Unit
+from chute.engine.stage import Unit
 from chute.engine.waitlist import ORDER_SPAN, Waitlist
 from chute.scheduling.allocator import POLICIES, Grant, Request, allocate, queue_key
 from chute.scheduling.topology import Topology

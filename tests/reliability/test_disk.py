@@ -182,7 +182,7 @@ def test_sigterm_while_writes_fail_ends_the_daemon_in_time_and_a_restart_redoes_
     assert d.proc is not None
     t0 = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
-    # stop_timeout, kill_grace, then at most engine.loop.CLOSE_LIMIT (5 s) for the writes.
+    # stop_timeout, kill_grace, then at most engine.writes.CLOSE_LIMIT (5 s) for the writes.
     assert d.stop(timeout=30) == 0
     took = time.monotonic() - t0
     assert took < 15, took

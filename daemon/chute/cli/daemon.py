@@ -31,12 +31,12 @@ import orjson
 from chute import names
 from chute.cli import common
 from chute.cli.common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, UsageError
-from chute.engine import runs
+from chute.engine import recovery
 from chute.execution import leftovers
 from chute.intake import control
 from chute.intake.rejections import ERROR_SUFFIX
 from chute.observe import logs
-from chute.store import retention, rundir
+from chute.store import queue, retention, rundir
 from chute.store.spool import Spool
 from chute.units import format_duration, format_size
 
@@ -173,9 +173,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     waiting = {w["run_id"]: w for w in st.get("waiting", [])}
     rows = [["RUN", "PIPELINE", "STATE", "CREATED", "WAITING FOR", "QUEUE"]]
-    for path in sorted(spool.queue.glob("*.yaml"))[:50]:
+    for run_id in queue.run_ids(spool)[:50]:
         try:
-            rec = rundir.read_json(spool.runs / path.stem / "run.json")
+            rec = rundir.read_json(spool.runs / run_id / "run.json")
         except (OSError, orjson.JSONDecodeError):
             continue
         w = waiting.get(rec["run_id"], {})
@@ -224,7 +224,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         if state in ("succeeded", "failed", "cancelled"):
             print(f"{run_id} already {state}")
             return EXIT_OK
-        runs.cancel_stopped(spool, run_id, time.time())
+        recovery.cancel_stopped(spool, run_id, time.time())
     finally:
         os.close(lock)
     print(f"{run_id} cancelled")

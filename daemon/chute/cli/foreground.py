@@ -30,9 +30,10 @@ from chute.cli.show import summary
 from chute.cli.submit import follow_run, hand_over
 from chute.clock import Clock
 from chute.config import Config
-from chute.engine import runs
-from chute.engine.dag import STAGE_OK
-from chute.engine.loop import ActiveRun, Engine
+from chute.engine import retry, runs
+from chute.engine.loop import Engine
+from chute.engine.runs import ActiveRun
+from chute.engine.stage import STAGE_OK
 from chute.execution import owners
 from chute.execution.executor import Result
 from chute.execution.local import LocalExecutor
@@ -181,14 +182,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     clock = Clock()
 
     def make(run_id: str) -> ActiveRun:
-        return runs.create_run(
-            spool,
+        new = runs.new_run(
             pipeline,
             raw,
             trigger={"type": "run", "source": str(Path(args.file).absolute())},
             now=clock.now(),
             run_id=run_id,
         )
+        return runs.make_run(spool, new)
 
     return _foreground(spool, config, topo, make)
 
@@ -235,10 +236,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if args.from_stage is not None:
         common.checked_name(names.name, args.from_stage, "stage name")
     try:
-        plan = runs.plan_retry(
+        plan = retry.plan_retry(
             old_dir, args.from_stage, node_cpus=len(topo.cpus), node_memory=topo.memory
         )
-    except runs.RetryRefused as exc:
+    except retry.RetryRefused as exc:
         raise UsageError(str(exc)) from None
     if daemon_pid(spool) is not None:
         new_id = rundir.new_run_id(Clock().now())
@@ -253,7 +254,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     clock = Clock()
 
     def make(run_id: str) -> ActiveRun:
-        run = runs.make_retry(spool, plan, now=clock.now(), new_id=run_id)
+        run = retry.make_retry(spool, plan, now=clock.now(), new_id=run_id)
         assert run is not None  # a new run id: nothing made before
         log.info(
             "%s retry of %s keeps %d stage(s): %s",

@@ -27,7 +27,7 @@ from chute.cli import common
 from chute.cli.common import EXIT_FAILED, EXIT_OK, UsageError
 from chute.cli.daemon import daemon_status
 from chute.engine import reasons
-from chute.engine.dag import STAGE_OK
+from chute.engine.stage import STAGE_OK
 from chute.observe import report
 from chute.scheduling.topology import format_cpulist
 from chute.spec import SpecError, load_bytes

@@ -28,7 +28,7 @@ from chute.cli import common
 from chute.cli.common import EXIT_FAILED, EXIT_OK, UsageError
 from chute.cli.daemon import daemon_pid
 from chute.cli.show import summary
-from chute.engine.dag import STAGE_OK
+from chute.engine.stage import STAGE_OK
 from chute.intake import control, submission
 from chute.spec.model import Pipeline
 from chute.store import rundir

@@ -25,8 +25,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterable
 
-from chute.engine.dag import RunGraph
-from chute.engine.loop import ActiveRun, Engine
+from chute.engine.loop import Engine
+from chute.engine.runs import active_run
 from chute.intake.decision import Accepted, Claimed, Outcome, Scheduled
 from chute.intake.drops import Handover, Intake
 from chute.intake.rejections import Rejected
@@ -195,16 +195,13 @@ class Admission:
             self.metrics.file_accepted()
         if isinstance(outcome, Accepted):
             self.metrics.file_accepted(outcome.dropped_at, outcome.accepted_at.timestamp())
-            self.engine.add(
-                ActiveRun(
-                    run_id=outcome.run_id,
-                    pipeline=outcome.pipeline,
-                    graph=RunGraph(outcome.run_id, outcome.pipeline),
-                    dir=self.spool.runs / outcome.run_id,
-                    record=outcome.record,
-                    accepted=outcome.accepted_at.timestamp(),
-                )
+            run = active_run(
+                self.spool,
+                outcome.record,
+                outcome.pipeline,
+                accepted=outcome.accepted_at.timestamp(),
             )
+            self.engine.add(run)
         elif isinstance(outcome, Scheduled):
             self._on_scheduled(outcome)
         elif isinstance(outcome, Rejected):

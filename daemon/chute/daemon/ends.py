@@ -13,12 +13,12 @@ a crash in between leaves a finished run in queue/, which the next start only un
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 from chute.clock import Clock
-from chute.engine.loop import ActiveRun
+from chute.engine.runs import ActiveRun
 from chute.observe.metrics import Metrics
+from chute.store import queue
 from chute.store.spool import Spool
 
 from .upkeep import Reports
@@ -51,10 +51,7 @@ class RunEnds:
         """In the writer thread, once a run's final run.json is durable."""
         # Handover: run.json says the run is over (durable); the queue copy can go. Here,
         # not on the loop: a burst of runs ending would make the loop wait on each unlink.
-        try:
-            os.unlink(self.spool.queue / f"{run.run_id}.yaml")
-        except FileNotFoundError:
-            pass
+        queue.remove(self.spool, run.run_id)
         self._post(lambda: self._on_loop(run))
 
     def _on_loop(self, run: ActiveRun) -> None:

@@ -5,7 +5,7 @@ finished yet), turning due fires into runs by the overlap rules, releasing a fir
 `overlap: queue` once its schedule's run ends, and removing an `at` schedule once its fire
 is handled. Not here: fire times, misfires and the held/last-fire state on disk
 (chute.scheduling.schedules), the overlap rule itself (chute.scheduling.schedules.overlap_decision,
-pure), making a run's folder (chute.engine.runs).
+pure), making a run (chute.engine.runs).
 Crash safety: a fire makes its run under an id derived from (schedule, fire time) before
 the fire is recorded, so a crash in between makes the same id again, which exists: no
 second run (a run made but not queued is queued then, never removed). A held fire is in
@@ -28,14 +28,16 @@ from typing import Any
 
 from chute.clock import Clock, rfc3339
 from chute.engine import reasons, runs
-from chute.engine.loop import ActiveRun, Engine
+from chute.engine.loop import Engine
+from chute.engine.recovery import finished_on_disk
+from chute.engine.runs import ActiveRun
 from chute.faults import crash_point
 from chute.intake import access
 from chute.observe.metrics import Metrics
 from chute.scheduling.schedules import Fire, Schedules, overlap_decision
 from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
-from chute.store import atomic
+from chute.store import atomic, queue
 from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -246,9 +248,7 @@ class Fires:
     def _fire_made(self, run_id: str) -> bool:
         """Whether a fire's run was made already: waiting or running (its queue file), or
         run to the end since."""
-        return (self.spool.queue / f"{run_id}.yaml").exists() or runs.finished_on_disk(
-            self.spool.runs / run_id
-        )
+        return queue.exists(self.spool, run_id) or finished_on_disk(self.spool.runs / run_id)
 
     def _start_fire(self, st: _Loaded, fire: Fire) -> bool:
         """Make the fire's run; False when the spool cannot be written (retried later)."""
@@ -287,8 +287,7 @@ class Fires:
                 st.active.add(run_id)
                 self.engine.add(made)
             return
-        run = runs.create_run(  # a folder without run.json is half made: create makes it again
-            self.spool,
+        new = runs.new_run(
             st.pipeline,
             st.raw,
             trigger={
@@ -302,10 +301,11 @@ class Fires:
             run_date=fire.run_date,
             run_id=run_id,
         )
+        run = runs.make_run(self.spool, new)  # a folder without run.json is made again
         # Crash point: the fire's run exists (run.json queued), not its queue file, and the
         # fire is not recorded: the next start offers the fire again and queues this run.
         crash_point("schedules.run_made")
-        atomic.write_bytes(self.spool.queue / f"{run_id}.yaml", st.raw)
+        queue.make(self.spool, run_id, st.raw)
         st.active.add(run_id)
         self.engine.add(run)
         extra = f" (standing for {fire.missed} missed)" if fire.missed else ""

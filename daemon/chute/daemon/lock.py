@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from chute.engine import runs
+from chute.engine.runs import submitter
 from chute.store.spool import Spool
 
 
@@ -33,7 +33,7 @@ def unwritable(spool: Spool, exc: OSError) -> str:
     code = errno.errorcode.get(exc.errno or 0, "?")
     return (
         f"cannot write {where}: {exc.strerror} ({code}); the daemon writes every folder of its "
-        f"spool: make it writable by {runs.submitter()['user'] or os.getuid()} and mounted "
+        f"spool: make it writable by {submitter()['user'] or os.getuid()} and mounted "
         f"read-write, or {fix}"
     )
 

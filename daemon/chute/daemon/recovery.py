@@ -2,7 +2,7 @@
 
 Owns: the order of recovery (temp leftovers, interrupted intake and rejected requests,
 schedules, then each run of queue/) and containing a failure to what it concerns. Not here:
-what recovery decides for one run (chute.engine.runs.recover), for one claim
+what recovery decides for one run (chute.engine.recovery.recover), for one claim
 (chute.intake.recovery), what a dead owner left running (chute.execution.leftovers, done
 before this).
 Crash safety: an accepted run is known by its queue/<run_id>.yaml, removed only after the
@@ -21,14 +21,15 @@ import logging
 from collections.abc import Callable
 
 from chute.clock import Clock
-from chute.engine import runs
+from chute.engine import recovery
 from chute.engine.loop import Engine
+from chute.engine.runs import Unrecoverable
 from chute.intake import control
 from chute.intake.decision import Outcome
 from chute.intake.drops import Intake
 from chute.observe.metrics import Metrics
 from chute.spec import SpecError
-from chute.store import atomic
+from chute.store import atomic, queue
 from chute.store.spool import Spool
 
 from .fires import Fires
@@ -79,14 +80,13 @@ def recover(
     fires.load()
     resumed = interrupted = 0
     cpus, memory = node
-    for path in sorted(spool.queue.glob("*.yaml")):
-        run_id = path.stem
+    for run_id in queue.run_ids(spool):
         try:
-            got = runs.recover(
+            got = recovery.recover(
                 spool,
                 run_id,
                 on_restart=on_restart,
-                now=clock.time(),
+                wall=clock.time(),
                 node_cpus=cpus,
                 node_memory=memory,
             )
@@ -117,7 +117,7 @@ def _failed(spool: Spool, run_id: str, exc: Exception, clock: Clock, metrics: Me
     queue file set aside) and say so in one line, with a traceback for a chute bug."""
     reason = reason_of(exc)
     try:
-        marked = runs.recovery_failed(spool, run_id, reason, clock.time())
+        marked = recovery.recovery_failed(spool, run_id, reason, clock.time())
     except OSError as err:
         outcome = (
             f"and its queue file cannot be set aside ({err.strerror}): it is tried again "
@@ -129,10 +129,10 @@ def _failed(spool: Spool, run_id: str, exc: Exception, clock: Clock, metrics: Me
             outcome = "marked failed"
         else:
             outcome = (
-                f"its run.json cannot be written, so queue/{run_id}.yaml is set aside as "
-                f"queue/{run_id}.yaml{runs.UNRECOVERABLE_SUFFIX}: look at runs/{run_id}/"
+                f"its run.json cannot be written, so {queue.name(run_id)} is set aside as "
+                f"{queue.name(run_id)}{queue.ASIDE_SUFFIX}: look at runs/{run_id}/"
             )
-    if isinstance(exc, runs.Unrecoverable | SpecError | OSError | ValueError):
+    if isinstance(exc, Unrecoverable | SpecError | OSError | ValueError):
         log.error("%s recovery failed: %s; %s", run_id, reason, outcome)
     else:
         log.exception("%s recovery failed (a chute bug): %s; %s", run_id, reason, outcome)

@@ -3,7 +3,7 @@
 Owns: what each request does to the daemon's runs and schedules, and what becomes of a
 request that cannot be carried out (rejected, or kept for a later pass). Not here: reading
 and checking a request, who may make it, and moving it to rejected/ (chute.intake.control);
-making a retry's run (chute.engine.runs).
+making a retry's run (chute.engine.retry).
 Crash safety: a request's effect is durable before its file is removed (a cancel as
 runs/<id>/cancel.json, a retry as its run's folder and queue file, an unschedule as the
 schedule file's removal, synced), so a request a crash interrupts is carried out once at
@@ -21,10 +21,12 @@ from collections.abc import Callable
 
 from chute.clock import Clock
 from chute.config import Config
-from chute.engine import runs
+from chute.engine import recovery, retry
 from chute.engine.loop import Engine
+from chute.engine.runs import submitter
 from chute.intake import control
 from chute.observe.metrics import Metrics
+from chute.store import queue
 from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -140,11 +142,11 @@ class Requests:
         if run_id in self.engine.runs:
             # Handover: the mark is durable before the cancel is acted on, so a restart ends
             # the run cancelled rather than resuming it.
-            runs.mark_cancelled(run_dir, self.clock.time())
+            recovery.mark_cancelled(run_dir, self.clock.time())
             self.engine.cancel(run_id)
             log.info("%s cancel requested", run_id)
             return True
-        if (self.spool.queue / f"{run_id}.yaml").exists() and not runs.finished_on_disk(run_dir):
+        if queue.exists(self.spool, run_id) and not recovery.finished_on_disk(run_dir):
             return False  # accepted, not handed to the engine yet: the next pass cancels it
         log.info("%s cancel requested but the run is not active", run_id)
         return True
@@ -152,22 +154,22 @@ class Requests:
     def _retry(self, request: control.Retry, requester: int) -> None:
         cpus, memory = self.node()
         try:
-            plan = runs.plan_retry(
+            plan = retry.plan_retry(
                 self.spool.runs / request.run,
                 request.from_stage,
                 node_cpus=cpus,
                 node_memory=memory,
             )
-            run = runs.make_retry(  # the retry is its requester's run, as `chute run` is
+            run = retry.make_retry(  # the retry is its requester's run, as `chute run` is
                 self.spool,
                 plan,
                 now=self.clock.now(),
                 new_id=request.new_run_id,
-                queue=True,
-                submitted_by=runs.submitter(requester),
+                queue_file=True,
+                submitted_by=submitter(requester),
             )
-        except runs.RetryRefused as exc:
-            if runs.abandon_retry(
+        except retry.RetryRefused as exc:
+            if retry.abandon_retry(
                 self.spool, request.new_run_id, request.run, str(exc), self.clock.time()
             ):
                 log.warning("%s ended failed: its retry cannot be finished", request.new_run_id)

@@ -10,7 +10,7 @@ made it (retention may remove that run):
 The files are shared by hard link with the run that made them and every run that used them,
 so they are made read-only: a task that wants to change an artifact it was given writes a
 new file. Not here: when the cache is consulted and kept, and the group commit that makes an
-entry durable (chute.engine.loop); rewriting the data's paths (chute.store.outputs.relocate).
+entry durable (chute.engine.results); rewriting the data's paths (chute.store.outputs.relocate).
 Crash safety: entry.json is the entry's commit point, one file written atomically after its
 files are in place (their names and contents synced in the same group commit, before it):
 without it there is no entry, with it the entry is whole, and it pairs an output with the
@@ -43,6 +43,7 @@ import orjson
 
 from chute.spec.model import Stage
 from chute.store import atomic, taskfiles
+from chute.store.outputs import stored_hash
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,7 @@ class Entry:
 
     @property
     def output_hash(self) -> str | None:
-        meta = self.doc.get("_meta")
-        value = meta.get("output_hash") if isinstance(meta, dict) else None
-        return value if isinstance(value, str) else None
+        return stored_hash(self.doc)
 
 
 def lookup(cache_dir: Path, key: str) -> Entry | None:

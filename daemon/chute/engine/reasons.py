@@ -1,12 +1,12 @@
 """Why work waits: the reasons, and the report the engine publishes with its status.
 
-Owns: the words for what a task, stage or run not started waits for, the report
-Engine.waiting makes (runs in queue order, each with its waiting stages), and that
-report's JSON form, which state/status.json, `chute status`, `chute show` and
+Owns: the words for what a task, stage or run not started waits for, the report of the
+engine's waiting units (`report`: runs in queue order, each with its waiting stages), and
+that report's JSON form, which state/status.json, `chute status`, `chute show` and
 GET /api/v1/runs/<id> share. Not here: deciding a reason (chute.scheduling.allocator says why a
 request does not fit, chute.engine.waitlist which stage it concerns, chute.engine.loop
 what pauses the engine), writing the status (the daemon).
-Pure: no I/O, no clock; times are epoch seconds given in.
+Pure: no I/O, no clock; times are given in (`wall` epoch seconds, `mono` monotonic).
 
 Reasons (`for`):
 - cpus: too few free cores when its turn came.
@@ -26,12 +26,16 @@ TASK_REASONS are the first six: the label set of chute_tasks_waiting{reason}.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from chute.clock import rfc3339
+from chute.engine.dag import RunGraph
+from chute.engine.running import free_of
+from chute.engine.waitlist import Waitlist
 from chute.scheduling import allocator
+from chute.scheduling.topology import Topology
 from chute.units import format_size
 
 DISK, STOPPING, RETRY, DEPENDENCY, HELD, SCHEDULE = (
@@ -97,7 +101,7 @@ class RunWait:
 
 @dataclass(slots=True)
 class Waiting:
-    """Engine.waiting's report: runs in queue order, ready tasks by reason (TASK_REASONS),
+    """`report`'s answer: runs in queue order, ready tasks by reason (TASK_REASONS),
     tasks waiting out a retry delay, and the cores and memory free now."""
 
     free: int
@@ -105,6 +109,60 @@ class Waiting:
     runs: list[RunWait] = field(default_factory=list)
     tasks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TASK_REASONS, 0))
     retrying: int = 0
+
+
+def report(
+    waitlist: Waitlist[Any],
+    grants: list[allocator.Grant],
+    topology: Topology,
+    policy: str,
+    *,
+    paused: str | None,
+    retrying: Sequence[tuple[str, RunGraph]],
+    mono: float,
+    wall: float,
+) -> Waiting:
+    """Why the units that have not started wait, run by run in queue order: the
+    allocator's reasons for the units it would see now (a decision made, and not acted on;
+    `grants`: the running tasks'), `paused` (STOPPING, DISK) over every one of them, and the
+    units of `retrying` ((run id, its graph), in run id order) waiting out a retry delay."""
+    free, free_memory = free_of(topology, grants)
+    whole, whole_memory = len(topology.cpus), topology.memory
+    why: dict[str, str] = {}
+    starts: list[tuple[allocator.Request, tuple[int, ...]]] = []
+    if len(waitlist) and free:
+        picked = waitlist.candidates(free, free_memory, whole, whole_memory, policy)
+        requests = [req for _, _, req in picked]
+        starts = allocator.allocate(requests, grants, topology, policy, mono, why)
+    out = Waiting(free=free, free_memory=free_memory)
+    by_run: dict[str, list[StageWait]] = {}
+    for g in waitlist.explain(
+        why, {r.key for r, _ in starts}, free, free_memory, whole, whole_memory
+    ):
+        reason = paused or g.reason
+        out.tasks[reason] += g.units
+        stage = g.owner.pipeline.stages[g.position]
+        wait = StageWait(stage.name, reason, g.since, g.units, g.cpus, g.memory)
+        if g.run_id not in by_run:
+            by_run[g.run_id] = []
+            out.runs.append(RunWait(g.run_id, reason, g.since, g.rank))
+        by_run[g.run_id].append(wait)
+    for run_id, graph in retrying:
+        for t, unit in sorted(graph.delayed(), key=lambda e: e[0]):
+            out.retrying += 1
+            last = unit.attempts[-1] if unit.attempts else None
+            since = last.finished_at if last is not None and last.finished_at else wall
+            spec = graph.stages[unit.stage].spec
+            wait = StageWait(unit.stage, RETRY, since, 1, spec.cpus, spec.memory, wall + t - mono)
+            if run_id not in by_run:
+                by_run[run_id] = []
+                out.runs.append(RunWait(run_id, RETRY, since, None))
+            by_run[run_id].append(wait)
+    for r in out.runs:
+        r.stages = merged(by_run[r.run_id])
+        if len(r.stages) > 1:
+            r.since = min(s.since for s in r.stages)
+    return out
 
 
 def merged(stages: list[StageWait]) -> list[StageWait]:

@@ -3,7 +3,7 @@
 Owns: the waiting units of every active run in the queue order — priority
 descending, then accepted time, then topological order (a stage's position in its run, then
 the shard index) — and choosing which of them to hand the allocator. Not here: cores and
-placement (chute.scheduling.allocator), unit states (chute.engine.dag), starting tasks
+placement (chute.scheduling.allocator), unit states (chute.engine.stage), starting tasks
 (chute.engine.loop).
 Pure: no I/O and no clock.
 Shape: a run's waiting units are kept per stage, in a *group* sorted by shard; every unit of
@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
-from chute.engine.dag import Unit
+from chute.engine.stage import Unit
 from chute.scheduling import allocator
 from chute.spec.fields import MAX_SHARDS
 

@@ -330,10 +330,10 @@ def _interrupt(spool: Spool, run_id: str, owner_pid: int | None) -> bool:
     )
     wall = time.time()
     rec["finished_at"] = rfc3339(wall)
-    from chute.engine.runs import settle_manifest  # the engine imports the executor, and so us
+    from chute.engine.recovery import settle_manifest  # the engine imports the executor
 
     # The manifest first, then the final run.json that says the run is over: nothing left
-    # open in it (chute.engine.runs.settle_manifest), then the lock file goes.
+    # open in it (chute.engine.recovery.settle_manifest), then the lock file goes.
     settle_manifest(spool.runs / run_id, rec["error"], wall)
     atomic.write_json(path, rec)
     return True

@@ -17,7 +17,6 @@ Diagnostics: an added or replaced schedule is one INFO line; a rejection one WAR
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 
 from chute.clock import Clock, rfc3339
 from chute.config import Config
+from chute.engine import runs
 from chute.engine.runs import submitter
 from chute.intake import access
 from chute.intake.filenames import NOT_YAML, file_id, is_spec_name, json_safe, show
@@ -34,7 +34,7 @@ from chute.intake.inspection import Inspection
 from chute.intake.rejections import Rejected, reject_claim
 from chute.spec import Issue, SpecError, load_bytes
 from chute.spec.model import Pipeline
-from chute.store import atomic, rundir
+from chute.store import atomic
 from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -139,16 +139,14 @@ class Decider:
         seen = claimed.inspection
         source = f"incoming/{json_safe(claimed.name)}"
         by = submitter(seen.st.st_uid)
-        record = rundir.new_record(
-            run_id=claimed.run_id,
-            pipeline=pipeline.name,
-            kind=pipeline.kind,
+        record = runs.new_run(
+            pipeline,
+            seen.data,
             trigger={"type": "drop", "source": source, "file_id": file_id(seen.st)},
+            now=now,
+            run_id=claimed.run_id,
             submitted_by=by,
-            spec_sha256=hashlib.sha256(seen.data).hexdigest(),
-            created_at=now,
-            run_date=now.astimezone().date().isoformat(),
-        )
+        ).record
         return Accepted(
             claimed.run_id, pipeline, seen.data, source, by, now, claimed.dropped_at, record
         )

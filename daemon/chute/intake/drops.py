@@ -60,6 +60,7 @@ from pathlib import Path
 
 from chute.clock import Clock
 from chute.config import Config
+from chute.engine import runs
 from chute.intake.decision import Accepted, Claimed, Decider, Outcome, RunToMake
 from chute.intake.filenames import claim_name, is_candidate, show
 from chute.intake.inspection import Gone, Inspector, NotReady
@@ -274,12 +275,16 @@ class Intake:
         return decided.accepted
 
     def _make_runs(self, to_make: list[RunToMake], *, durable: bool) -> Handover:
-        unsynced = rundir.create_many(
-            self.spool,
-            [(r.accepted.record, r.accepted.spec_bytes) for r in to_make],
-            queue_copies=True,
-            durable=durable,
-        )
+        news = [
+            runs.NewRun(
+                r.accepted.record,
+                r.accepted.pipeline,
+                r.accepted.spec_bytes,
+                r.accepted.accepted_at.timestamp(),
+            )
+            for r in to_make
+        ]
+        unsynced = runs.make_runs(self.spool, news, queue_files=True, durable=durable)
         # Until release(), a rescan must leave these claims alone: finishing one would hand
         # its run over a second time.
         self._handing.update(r.claimed.claim.name for r in to_make)

@@ -17,7 +17,6 @@ WARNING line, left alone.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -33,7 +32,7 @@ from chute.intake.inspection import Gone, NotReady
 from chute.intake.rejections import report_drop, unreported
 from chute.spec import Issue
 from chute.spec.model import Pipeline
-from chute.store import atomic, rundir
+from chute.store import atomic, queue, rundir
 
 if TYPE_CHECKING:
     from chute.intake.drops import Intake
@@ -120,7 +119,7 @@ class Recovery:
             if record.get("state") != "queued":  # handed over already
                 os.unlink(claim)
                 return None
-            queued = self.intake.spool.queue / f"{run_id}.yaml"
+            spool = self.intake.spool
             try:
                 data = (run_dir / "spec.yaml").read_bytes()
             except FileNotFoundError:
@@ -129,12 +128,13 @@ class Recovery:
                 # Not synced before a power loss: the claim holds the bytes that were accepted.
                 data = claim.read_bytes()
                 atomic.write_bytes(run_dir / "spec.yaml", data)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(queued)  # a link to the damaged copy
+                queue.remove(spool, run_id)  # a link to the damaged copy
                 log.warning("%s recovered: spec.yaml was missing or damaged; rewrote it", run_id)
-            if not queued.exists():
-                atomic.write_bytes(queued, data)
-                log.info("%s recovered: wrote %s a crash left out", run_id, queued)
+            if not queue.exists(spool, run_id):
+                queue.make(spool, run_id, data)
+                log.info(
+                    "%s recovered: wrote %s a crash left out", run_id, queue.path(spool, run_id)
+                )
             os.unlink(claim)
             if not announce:
                 return None

@@ -36,6 +36,13 @@ def data_hash(data: Any) -> str:
     return digest(orjson.dumps(data, option=orjson.OPT_SORT_KEYS))
 
 
+def stored_hash(doc: dict[str, Any]) -> str | None:
+    """The output_hash an output.json document records (`_meta`), None if it has none."""
+    meta = doc.get("_meta")
+    value = meta.get("output_hash") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def document(
     *,
     stage: str,

@@ -64,7 +64,7 @@ from chute import names
 from chute.config import Config
 from chute.faults import crash_point
 from chute.intake.rejections import ERROR_SUFFIX
-from chute.store import rundir
+from chute.store import queue, rundir
 from chute.store.spool import Spool
 
 GC_PREFIX = ".gc-"  # runs/.gc-<id>, cache/.gc-<key>: being removed (renamed out of view first)
@@ -182,7 +182,7 @@ def _runs(
         record = _final_record(spool.runs / run_id)
         if record is None:
             continue  # not finished, or not a run.json chute wrote: never removed
-        if (spool.queue / f"{run_id}.yaml").exists():
+        if queue.exists(spool, run_id):
             continue  # accepted and not done (an interrupted run that will resume)
         if now - record[0] <= rules.max_age and kept_within_age(run_id):
             continue

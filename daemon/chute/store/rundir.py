@@ -1,11 +1,12 @@
 """A run's folder: run.json, manifest.json, spec.yaml, stages/, and the `latest` links.
 
-Owns: runs/<run_id>/ and its files' formats, runs/latest, pipelines/<name>/latest,
-finding a run by name. Its tasks may have changed anything in a run folder: its JSON files
-are read as a task's files (chute.store.taskfiles), and a folder is removed however deep a task
-nested it (remove_tree).
-Not here: deciding states (chute.engine), durable writes (chute.store.atomic), which runs
-retention removes and when (chute.store.retention).
+Owns: runs/<run_id>/ and its files' formats (stages/<stage>[/<shard>]/ included), making
+run folders, runs/latest, pipelines/<name>/latest, finding a run by name. Its tasks may have
+changed anything in a run folder: its files are read as a task's files
+(chute.store.taskfiles), and a folder is removed however deep a task nested it (remove_tree).
+Not here: deciding states and which runs to make (chute.engine), a run's queue file
+(chute.store.queue), durable writes (chute.store.atomic), which runs retention removes and
+when (chute.store.retention).
 Crash safety: the folder is created with spec.yaml and run.json (state queued) in one group
 commit before the run is acknowledged; every later file is replaced atomically, so a reader
 sees a whole run.json or the previous one. `latest` links are replaced by rename.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import errno
 import itertools
 import os
 import secrets
@@ -66,8 +66,15 @@ def new_run_id(now: datetime) -> str:
 
 
 def stage_dir(run_dir: Path, stage: str, shard: int | None = None) -> Path:
+    """A unit's folder: stages/<stage>, or stages/<stage>/<shard> for a shard."""
     base = run_dir / "stages" / stage
     return base if shard is None else base / str(shard)
+
+
+def stage_dirs(run_dir: Path, stage: str, shard: int | None = None) -> tuple[Path, ...]:
+    """The folders a unit's task needs, parents first: its stage's, its own, its artifacts/."""
+    folder = stage_dir(run_dir, stage, shard)
+    return tuple(dict.fromkeys((run_dir / "stages" / stage, folder, folder / "artifacts")))
 
 
 def new_record(
@@ -104,23 +111,12 @@ def new_record(
     }
 
 
-def create(spool: Spool, record: dict[str, Any], spec_bytes: bytes) -> Path:
-    """Make runs/<id>/ with spec.yaml and run.json, durably, then point the latest links at it."""
-    create_many(spool, [(record, spec_bytes)])
-    return spool.runs / str(record["run_id"])
-
-
-def create_many(
-    spool: Spool,
-    items: list[tuple[dict[str, Any], bytes]],
-    *,
-    queue_copies: bool = False,
-    durable: bool = True,
+def make_folders(
+    spool: Spool, items: list[tuple[dict[str, Any], bytes]], *, durable: bool = True
 ) -> atomic.Unsynced:
     """Make the run folders of `items` ((run.json record, spec bytes) each) in one group
-    commit; with `queue_copies`, also queue/<run_id>.yaml for each, as a hard link of the run's
-    spec.yaml (the same bytes: no second file to write and sync). Then point `latest` at the
-    newest. FileExistsError: a run id is taken (a folder with its run.json).
+    commit: runs/<id>/ with stages/, spec.yaml and run.json. FileExistsError: a run id is
+    taken (a folder with its run.json); a folder without one is half made and made again.
 
     Not `durable`: the files are only put in place (write_volatile), and what must be synced
     is returned for the caller's writer thread; until it is, a power loss may leave a folder
@@ -150,30 +146,19 @@ def create_many(
         for path, data in files:
             atomic.write_volatile(path, data)
             pending.files.append(path)
-    if queue_copies:
-        for record, spec_bytes in items:
-            run_id = str(record["run_id"])
-            target = spool.queue / f"{run_id}.yaml"
-            try:
-                os.link(spool.runs / run_id / "spec.yaml", target)
-            except FileExistsError:
-                pass  # made before a crash
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:  # runs_dir on another filesystem: copy
-                    raise
-                atomic.write_bytes(target, spec_bytes)
-        # Handover: the queue file tells the daemon (now or after a restart) the run waits.
-        pending.folders.add(spool.queue)
-        if durable:
-            pending.sync()
-            pending.folders.clear()
+    return pending
+
+
+def point_latest(spool: Spool, records: list[dict[str, Any]]) -> None:
+    """Point runs/latest at the last of `records`, and each pipeline's latest at its last."""
+    if not records:
+        return
     newest: dict[str, str] = {}
-    for record, _ in items:
+    for record in records:
         newest[str(record["pipeline"])] = str(record["run_id"])
     for pipeline, run_id in newest.items():
         _point_pipeline_latest(spool, run_id, pipeline)
-    atomic.replace_symlink(spool.runs / "latest", str(items[-1][0]["run_id"]))
-    return pending
+    atomic.replace_symlink(spool.runs / "latest", str(records[-1]["run_id"]))
 
 
 def _point_pipeline_latest(spool: Spool, run_id: str, pipeline: str) -> None:
@@ -193,10 +178,16 @@ JSON_LIMIT = 256 << 20
 """Bytes a run's JSON file may have when read back (a manifest of 10,000 shards: ~30 MB)."""
 
 
+def read_bytes(path: Path) -> bytes:
+    """A file of a run folder, read as a task's file (chute.store.taskfiles: a task may have
+    put a FIFO or a folder in its place): OSError when it is not a regular file within
+    JSON_LIMIT."""
+    return taskfiles.read_regular(str(path), JSON_LIMIT)
+
+
 def read_json(path: Path) -> Any:
-    """A run's JSON file, read as a task's file (chute.store.taskfiles: a task may have put a FIFO
-    or a folder in its place): OSError when it is not a regular file within JSON_LIMIT."""
-    return orjson.loads(taskfiles.read_regular(str(path), JSON_LIMIT))
+    """A run's JSON file, read as read_bytes reads it."""
+    return orjson.loads(read_bytes(path))
 
 
 def run_ids(spool: Spool) -> list[str]:

@@ -11,8 +11,9 @@ Crash safety: nothing is written here.
 Diagnostics: a path that is not a regular file raises NotRegular, a file over its bound
 TooBig; both are OSErrors, so a caller that turns every OSError into the attempt's error
 (`<what> <path>: <strerror>`) gets one line that says what is there.
-Limits: the last component is checked, not the folders above it: a task that swaps one of
-those for a link while chute reads is reading files its own user could read anyway.
+Limits: open_regular checks the last component, not the folders above it: a task that
+swaps one of those for a link while chute reads is reading files its own user could read
+anyway. open_beneath checks every component, for what chute copies into another run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import errno
 import fcntl
 import os
 import stat
+from pathlib import Path
 
 # A path a task replaced is told apart from other errors after a failed open: O_NOFOLLOW on
 # a link gives ELOOP, a write-only open of a FIFO without a reader ENXIO, of a folder EISDIR.
@@ -111,5 +113,25 @@ def read_regular(path: str, limit: int) -> bytes:
             if total > limit:  # it grew after fstat: a process still writes
                 raise TooBig(path, total, limit)
         return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+"""Opening a folder of a run without following a link (ELOOP, or ENOTDIR, when one is there)."""
+
+
+def open_beneath(root: Path, parts: tuple[str, ...], flags: int = 0) -> int:
+    """Open root/parts[0]/…/parts[-1] without following a symlink at any step (ELOOP or
+    ENOTDIR when one is there); the last part with `flags` (default: a file to read, never
+    blocking: a FIFO opens, and fstat says what it is)."""
+    fd = os.open(root, DIR_FLAGS)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        last_flags = flags or (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open(parts[-1], last_flags, dir_fd=fd)
     finally:
         os.close(fd)
