@@ -105,9 +105,9 @@ def slow(ledger, pids, seconds):
 """
 
 
-def test_a_call_stage_has_its_side_effect_once_per_attempt_across_a_kill_9(
-    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path, fence: list[str]
-) -> None:
+def ledger_call(tmp_path: Path, seconds: float) -> tuple[str, Path, Path]:
+    """A Job whose call appends to a ledger, starts a `sleep 300` and sleeps `seconds`:
+    (its spec, the ledger, the file of the worker's and the child's pids)."""
     calls = tmp_path / "calls"
     calls.mkdir()
     (calls / "ledgermod.py").write_text(LEDGER)
@@ -115,8 +115,15 @@ def test_a_call_stage_has_its_side_effect_once_per_attempt_across_a_kill_9(
     spec = (
         "apiVersion: chute/v1\nkind: Job\nmetadata: {name: ledger}\nspec:\n"
         f"  workdir: {calls}\n  call: ledgermod:slow\n"
-        f"  with: {{ledger: {ledger}, pids: {pids}, seconds: 2}}\n"
+        f"  with: {{ledger: {ledger}, pids: {pids}, seconds: {seconds}}}\n"
     )
+    return spec, ledger, pids
+
+
+def test_a_call_stage_has_its_side_effect_once_per_attempt_across_a_kill_9(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path, fence: list[str]
+) -> None:
+    spec, ledger, pids = ledger_call(tmp_path, seconds=5)
     d = daemon_factory(CONFIG, prefix=fence).start()
     drop(spool, "ledger.yaml", spec)
     wait_for("the call to start", lambda: pids.exists() and pids.read_text().endswith("\n"), 30)
@@ -141,15 +148,7 @@ def test_a_call_worker_dies_with_its_daemon_not_at_the_next_start(
     """A call's worker must not finish its call after a kill -9 of the daemon, whenever the
     next start comes: the forkserver ends with the daemon and the worker with the forkserver
     (a worker that kept the forkserver's liveness pipe open kept both alive)."""
-    calls = tmp_path / "calls"
-    calls.mkdir()
-    (calls / "ledgermod.py").write_text(LEDGER)
-    ledger, pids = tmp_path / "ledger", tmp_path / "pids"
-    spec = (
-        "apiVersion: chute/v1\nkind: Job\nmetadata: {name: ledger}\nspec:\n"
-        f"  workdir: {calls}\n  call: ledgermod:slow\n"
-        f"  with: {{ledger: {ledger}, pids: {pids}, seconds: 60}}\n"
-    )
+    spec, ledger, pids = ledger_call(tmp_path, seconds=60)
     d = daemon_factory(CONFIG).start()
     drop(spool, "ledger.yaml", spec)
     wait_for("the call to start", lambda: pids.exists() and pids.read_text().endswith("\n"), 30)
