@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from chute import __version__
 from chute.cli.common import EXIT_FAILED, EXIT_USAGE, UsageError
 from chute.cli.daemon import (
     cmd_cancel,
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="chute",
         description="chute: drop YAML job and pipeline files into a spool; chute runs them.",
         parents=[_options(top=True)],
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"chute {__version__}",  # what the metric chute_build_info says
+        help="print `chute <version>` and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _options(top=False)
