@@ -130,6 +130,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = common.config(args)
     spool = common.spool(args, config)
     pid = daemon_pid(spool)
+    if args.json:  # status.json as the daemon wrote it; null without one (or before it has)
+        common.print_json(None if pid is None else read_status(spool))
+        return EXIT_NOT_RUNNING if pid is None else EXIT_OK
     if pid is None:
         print(f"chute daemon is not running on {spool.root}")
         return EXIT_NOT_RUNNING
@@ -264,8 +267,11 @@ def cmd_schedules(args: argparse.Namespace) -> int:
             schedules.set(
                 path.stem, pipeline.schedule, datetime.fromtimestamp(path.stat().st_mtime, UTC)
             )
-        for name, trigger, nxt in schedules.listing(now):
-            rows.append([name, trigger, nxt or "never"])
+        listing = schedules.listing(now)
+    if args.json:
+        common.print_json([{"name": n, "trigger": t, "next_fire": x} for n, t, x in listing])
+        return EXIT_OK
+    rows += [[name, trigger, nxt or "never"] for name, trigger, nxt in listing]
     print("\n".join(common.table(rows)))
     return EXIT_OK
 

@@ -153,8 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "submit",
         cmd_submit,
-        "chute submit FILE... [--wait]: validate files, drop them into incoming/ and print "
-        "the run each became",
+        "chute submit FILE... [--wait] [--json]: validate files, drop them into incoming/ and "
+        "print the run each became",
         "chute submit spool/examples/etl.yaml --wait",
     )
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -163,23 +163,33 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="follow the run with live progress; exit with its result",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON array: each file's outcome (and with --wait its run's end)",
+    )
 
-    add(
+    p = add(
         "status",
         cmd_status,
-        "chute status: is the daemon up (exit 3 if not), CPUs by NUMA node, queued and running",
+        "chute status [--json]: is the daemon up (exit 3 if not), CPUs by NUMA node, queued "
+        "and running",
         "chute status",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print state/status.json (null when no daemon runs)"
     )
 
     p = add(
         "runs",
         cmd_runs,
-        "chute runs [--pipeline N] [--state S] [--limit N]: list runs, newest first",
+        "chute runs [--pipeline N] [--state S] [--limit N] [--json]: list runs, newest first",
         "chute runs --state failed",
     )
     p.add_argument("--pipeline", metavar="NAME")
     p.add_argument("--state", choices=rundir.RUN_STATES)
     p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="print a JSON array of the runs' run.json")
 
     p = add(
         "cancel",
@@ -189,11 +199,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", metavar="RUN")
 
-    add(
+    p = add(
         "schedules",
         cmd_schedules,
-        "chute schedules: recurring definitions with their next fire times",
+        "chute schedules [--json]: recurring definitions with their next fire times",
         "chute schedules",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON array of {name, trigger, next_fire}"
     )
 
     p = add(

@@ -190,7 +190,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             if entry is None
             else {k: entry[k] for k in ("for", "since", "position")},
         }
-        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        common.print_json(doc)
     else:
         print(summary(run_dir, daemon_status(spool)))
         timeline = report.text_timeline(run_dir)
@@ -309,9 +309,9 @@ def _follow_logs(run_dir: Path, stage: str | None) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     config = common.config(args)
     spool = common.spool(args, config)
-    rows = [["RUN", "PIPELINE", "STATE", "TRIGGER", "CREATED", "DURATION"]]
+    records: list[tuple[str, dict[str, Any]]] = []
     for run_id in reversed(rundir.run_ids(spool)):
-        if len(rows) > args.limit:
+        if len(records) >= args.limit:
             break
         try:
             rec = rundir.read_json(spool.runs / run_id / "run.json")
@@ -321,6 +321,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
             continue
         if args.state and rec["state"] != args.state:
             continue
+        records.append((run_id, rec))
+    if args.json:  # each run's run.json as it is (`chute schema run` describes it)
+        common.print_json([rec for _, rec in records])
+        return EXIT_OK
+    rows = [["RUN", "PIPELINE", "STATE", "TRIGGER", "CREATED", "DURATION"]]
+    for run_id, rec in records:
         dur = rec.get("duration_seconds")
         rows.append(
             [
