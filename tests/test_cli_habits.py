@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import pytest
 
-from conftest import EXAMPLES, REPO, Chute, chute_env, load_json
+from conftest import EXAMPLES, REPO, Chute, chute_env, load_json, wait_for
 from daemon_proc import Daemon, daemon_factory, job
 
 __all__ = ["daemon_factory"]  # a fixture, used by name
@@ -110,3 +111,106 @@ def test_json_documents_of_submit_runs_status_and_schedules(
     (entry,) = orjson.loads(schedules.out)
     assert (entry["name"], entry["trigger"]) == ("nightly-cleanup", "cron 0 2 * * * Asia/Shanghai")
     assert entry["next_fire"].endswith("T02:00:00+08:00")
+
+
+def _states(spool: Path) -> dict[str, tuple[str, str]]:
+    """run id -> (pipeline, state), from each run.json."""
+    out = {}
+    for path in (spool / "runs").glob("2*/run.json"):
+        rec = load_json(path)
+        out[path.parent.name] = (rec["pipeline"], rec["state"])
+    return out
+
+
+def test_cancel_by_selector_cancels_each_run_it_selects_and_no_other(
+    spool: Path, tmp_path: Path, daemon_factory: Callable[..., Daemon], chute: Chute
+) -> None:
+    daemon_factory("cpus: 1\n").start()
+    files = []
+    for name, pipeline in (("a1", "alpha"), ("a2", "alpha"), ("a3", "alpha"), ("b1", "beta")):
+        files.append(tmp_path / f"{name}.yaml")
+        files[-1].write_text(job(pipeline, "sleep 60"))
+    assert chute("submit", *map(str, files)).code == 0
+
+    def settled() -> dict[str, tuple[str, str]] | None:
+        states = _states(spool)
+        counts = sorted(s for _, s in states.values())
+        return states if counts == ["queued", "queued", "queued", "running"] else None
+
+    before = wait_for("one run running, three queued", settled, timeout=30)
+    running = next(i for i, (_, s) in before.items() if s == "running")
+    queued_alpha = sorted(i for i, (p, s) in before.items() if (p, s) == ("alpha", "queued"))
+
+    done = chute("cancel", "--pipeline", "alpha", "--state", "queued")
+    assert (done.code, done.err) == (0, "")
+    assert done.out == "".join(f"{i} cancelled\n" for i in queued_alpha)
+    after = _states(spool)
+    assert {i for i, (_, s) in after.items() if s == "cancelled"} == set(queued_alpha)
+
+    done = chute("cancel", "--state", "running")
+    assert (done.code, done.out) == (0, f"{running} cancelled\n")
+
+    rest = sorted(i for i, (_, s) in _states(spool).items() if s not in ("cancelled",))
+    done = chute("cancel", queued_alpha[0], *rest)
+    assert done.code == 0
+    lines = done.out.splitlines()
+    assert f"{queued_alpha[0]} already cancelled" in lines
+    assert all(f"{i} cancelled" in lines for i in rest)
+    assert {s for _, s in _states(spool).values()} == {"cancelled"}
+
+    nothing = chute("cancel", "--pipeline", "alpha")
+    assert (nothing.code, nothing.out) == (0, "no run left to cancel matches --pipeline alpha\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            [],
+            "chute cancel: name a run (RUN...), or select runs with --pipeline NAME and/or "
+            "--state queued|running",
+        ),
+        (
+            ["--state", "done"],
+            "--state: 'done' is not a state cancel selects by; choose queued or running",
+        ),
+        (
+            ["--pipeline", "../x"],
+            "../x: not a pipeline name; a name of lowercase letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 63), like nightly-etl",
+        ),
+    ],
+    ids=["nothing", "unknown-state", "bad-pipeline-name"],
+)
+def test_cancel_refuses_no_selection_an_unknown_state_and_a_bad_name(
+    spool: Path, chute: Chute, args: list[str], message: str
+) -> None:
+    done = chute("cancel", *args)
+    assert (done.code, done.out, done.err) == (2, "", message + "\n")
+
+
+def test_cancel_without_a_daemon_cancels_each_selected_run(spool: Path, chute: Chute) -> None:
+    ids = [f"20261122_10150{i}_000000" for i in range(3)]
+    for run_id, pipeline in zip(ids, ("victim", "victim", "other"), strict=True):
+        folder = spool / "runs" / run_id
+        folder.mkdir(parents=True)
+        (folder / "spec.yaml").write_text(job(pipeline, "true"))
+        (folder / "run.json").write_bytes(
+            orjson.dumps(
+                {
+                    "run_id": run_id,
+                    "pipeline": pipeline,
+                    "kind": "Job",
+                    "state": "queued",
+                    "trigger": {"type": "drop"},
+                    "created_at": "2026-11-22T10:15:00.000Z",
+                    "finished_at": None,
+                }
+            )
+        )
+        (spool / "queue").mkdir(exist_ok=True)
+        (spool / "queue" / f"{run_id}.yaml").write_text("waiting")
+    done = chute("cancel", "--pipeline", "victim")
+    assert (done.code, done.out) == (0, f"{ids[0]} cancelled\n{ids[1]} cancelled\n")
+    assert [_states(spool)[i][1] for i in ids] == ["cancelled", "cancelled", "queued"]
+    assert sorted(p.stem for p in (spool / "queue").iterdir()) == [ids[2]]

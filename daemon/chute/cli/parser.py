@@ -194,10 +194,17 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "cancel",
         cmd_cancel,
-        "chute cancel RUN: stop a queued or running run (idempotent)",
-        "chute cancel latest",
+        "chute cancel RUN... | --pipeline NAME | --state queued|running: stop queued or "
+        "running runs (idempotent)",
+        "chute cancel --pipeline nightly-etl --state queued",
     )
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("runs", nargs="*", metavar="RUN")
+    p.add_argument("--pipeline", metavar="NAME", help="the runs of pipeline NAME not ended")
+    p.add_argument(
+        "--state",
+        metavar="STATE",
+        help="the runs in STATE, queued or running (with --pipeline, of that pipeline)",
+    )
 
     p = add(
         "schedules",
