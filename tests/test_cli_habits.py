@@ -3,6 +3,7 @@ listings, cancelling by selector, log tails, durations and where the daemon list
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -214,3 +215,51 @@ def test_cancel_without_a_daemon_cancels_each_selected_run(spool: Path, chute: C
     assert (done.code, done.out) == (0, f"{ids[0]} cancelled\n{ids[1]} cancelled\n")
     assert [_states(spool)[i][1] for i in ids] == ["cancelled", "cancelled", "queued"]
     assert sorted(p.stem for p in (spool / "queue").iterdir()) == [ids[2]]
+
+
+def test_logs_tail_and_since_select_lines_and_attempts(
+    chute: Chute, spool: Path, tmp_path: Path
+) -> None:
+    flaky = tmp_path / "flaky.yaml"
+    flaky.write_text(
+        job(
+            "flaky",
+            "n=$(cat count 2>/dev/null || echo 0); echo $((n + 1)) > count; "
+            'echo "try $n one"; echo "try $n two"; [ "$n" -ge 2 ]',
+            "  retries: {max: 2, delay: 1s}\n",
+        )
+    )
+    ran = chute("run", str(flaky))
+    assert ran.code == 0, ran.err
+    log = (spool / "runs" / "latest" / "stages" / "flaky" / "log").read_text()
+    headers = re.findall(r"^--- chute: attempt (\d) at (\S+) ---$", log, re.MULTILINE)
+    assert [n for n, _ in headers] == ["2", "3"]
+    third = log[log.index("--- chute: attempt 3") :]
+    second = log[log.index("--- chute: attempt 2") :]
+
+    def out(*args: str) -> str:
+        done = chute("logs", "latest", "flaky", *args)
+        assert (done.code, done.err) == (0, ""), done.err
+        return done.out
+
+    assert out("-n", "2") == "try 2 one\ntry 2 two\n"
+    assert out("-n", "0") == ""
+    assert out("--since", headers[1][1]) == third
+    assert out("--since", headers[0][1]) == second
+    # the first attempt started (manifest) before the second's header: a time between them
+    started = load_json(spool / "runs" / "latest" / "manifest.json")["stages"][0]["attempts"][0]
+    assert out("--since", started["started_at"]) == log
+    assert out("--since", "1h") == log
+    assert out("--since", "1h", "-n", "1") == "try 2 two\n"
+    assert out("--since", "2099-01-01T00:00:00Z") == ""
+    whole = chute("logs", "latest", "--since", headers[1][1], "-n", "3")
+    assert whole.out == "==> flaky <==\n" + "".join(third.splitlines(keepends=True)[-3:])
+
+    bad = chute("logs", "latest", "--since", "soon")
+    assert (bad.code, bad.out) == (2, "")
+    assert bad.err == (
+        "--since: 'soon' is neither a duration like 500ms, 30s, 20m, 1h or 2d nor a time like "
+        "2026-12-07T21:50:00Z (local time without an offset)\n"
+    )
+    negative = chute("logs", "latest", "-n", "-1")
+    assert (negative.code, negative.err) == (2, "-n: -1 is not a count of lines; give 0 or more\n")

@@ -121,12 +121,19 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "logs",
         cmd_logs,
-        "chute logs RUN [STAGE] [-f]: print a run's stage logs",
-        "chute logs latest extract",
+        "chute logs RUN [STAGE] [-f] [-n N] [--since DURATION|TIME]: print a run's stage logs",
+        "chute logs latest extract -n 20",
     )
     p.add_argument("run", metavar="RUN")
     p.add_argument("stage", nargs="?", metavar="STAGE")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+    p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines of each log")
+    p.add_argument(
+        "--since",
+        metavar="DURATION|TIME",
+        help="only the attempts that started at or after TIME (or DURATION ago): an "
+        "attempt's lines carry no time, its header does",
+    )
 
     p = add(
         "retry",
