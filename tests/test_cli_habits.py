@@ -263,3 +263,36 @@ def test_logs_tail_and_since_select_lines_and_attempts(
     )
     negative = chute("logs", "latest", "-n", "-1")
     assert (negative.code, negative.err) == (2, "-n: -1 is not a count of lines; give 0 or more\n")
+
+
+def test_compound_durations_in_a_spec_and_the_config(tmp_path: Path, chute: Chute) -> None:
+    spec = tmp_path / "long.yaml"
+    spec.write_text(
+        job("long", "true", "  timeout: 1h30m\n  retries: {max: 1, delay: 90min}\n")
+        + "  schedule: {every: 1d12h}\n"
+    )
+    config = tmp_path / "chute.yaml"
+    config.write_text("kill_grace: 1m30s\nretention: {max_age: 2w}\n")
+    done = chute("validate", str(spec), "--config", str(config))
+    assert (done.code, done.err) == (0, "")
+    assert done.out.startswith(f"{spec}: ok: Job long, 1 stage, scheduled (every 36h)\n")
+
+    spec.write_text(job("long", "true", "  timeout: 2h 30m\n"))
+    config.write_text("kill_grace: 1m 30s\n")
+    rule = (
+        "a compound duration has whole numbers, no spaces, units from the largest down (w, d, "
+        "h, m or min, s, ms), each once, and each part after the first less than one of the "
+        "unit before it, like 1h30m or 1d12h"
+    )
+    bad_spec = chute("validate", str(spec))
+    assert (bad_spec.code, bad_spec.err) == (
+        2,
+        f"{spec}:6: spec.timeout: '2h 30m' is not a duration like 500ms, 30s, 20m, 1h or 2d: "
+        f"{rule}\n",
+    )
+    bad_config = chute("validate", str(EXAMPLES / "hello.yaml"), "--config", str(config))
+    assert (bad_config.code, bad_config.err) == (
+        2,
+        f"{config}: kill_grace: '1m 30s' is not a duration like 500ms, 30s, 20m, 1h or 2d: "
+        f"{rule}\n",
+    )
