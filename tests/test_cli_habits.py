@@ -296,3 +296,41 @@ def test_compound_durations_in_a_spec_and_the_config(tmp_path: Path, chute: Chut
         f"{config}: kill_grace: '1m 30s' is not a duration like 500ms, 30s, 20m, 1h or 2d: "
         f"{rule}\n",
     )
+
+
+def test_json_log_lines_of_chute_run_carry_run_stage_and_state(
+    spool: Path, tmp_path: Path, chute: Chute
+) -> None:
+    config = tmp_path / "chute.yaml"
+    config.write_text("log_format: json\n")
+    done = chute("run", str(EXAMPLES / "hello.yaml"), "--config", str(config))
+    assert done.code == 0, done.err
+    lines = [orjson.loads(line) for line in done.err.splitlines()]
+    run_id = (spool / "runs" / "latest").readlink().name
+    for doc in lines:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["time"]), doc
+    fields = [{k: d.get(k) for k in ("run_id", "stage", "state")} for d in lines]
+    assert {"run_id": run_id, "stage": None, "state": None} in fields  # run started
+    assert {"run_id": run_id, "stage": "hello", "state": "succeeded"} in fields
+    assert all(d["message"].startswith(run_id) for d in lines if d.get("run_id"))
+
+
+def test_json_log_lines_of_the_daemon_carry_run_stage_and_state(
+    spool: Path, tmp_path: Path, daemon_factory: Callable[..., Daemon], chute: Chute
+) -> None:
+    daemon = daemon_factory("log_format: json\n").start()
+    done = chute("submit", str(EXAMPLES / "hello.yaml"), "--wait")
+    assert done.code == 0, done.err
+    run_id = (spool / "runs" / "latest").readlink().name
+
+    def finished() -> list[dict[str, object]] | None:
+        lines = [orjson.loads(x) for x in daemon.log.read_text().splitlines()]
+        ends = [d for d in lines if d.get("run_id") == run_id and "stage" not in d]
+        return lines if any(d.get("state") == "succeeded" for d in ends) else None
+
+    lines = wait_for("the run's finished line", finished)
+    assert any(
+        (d.get("run_id"), d.get("stage"), d.get("state")) == (run_id, "hello", "succeeded")
+        for d in lines
+    )
+    assert all(re.fullmatch(r"[-0-9]{10}T[:0-9]{8}\.[0-9]{3}Z", str(d["time"])) for d in lines)

@@ -11,6 +11,7 @@ chute.store.rundir, chute.names); asking the daemon (chute.cli.daemon).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ import orjson
 
 from chute import names
 from chute.config import Config, ConfigError, load_config
+from chute.observe import logs
 from chute.scheduling.topology import Topology, read_topology
 from chute.spec import SpecError, load_file
 from chute.spec.model import Pipeline
@@ -35,10 +37,15 @@ class UsageError(Exception):
 
 
 def config(args: argparse.Namespace) -> Config:
+    """The config `args` name; its `log_format` applies to the command's log lines from
+    here on (`chute run` logs as the daemon would)."""
     try:
-        return load_config(args.config)
+        loaded = load_config(args.config)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    if loaded.log_format != "text":
+        logs.setup(logging.getLogger().level, loaded.log_format)
+    return loaded
 
 
 def spool(args: argparse.Namespace, config: Config) -> Spool:
