@@ -4,17 +4,19 @@ listings, cancelling by selector, log tails, durations and where the daemon list
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from subprocess import Popen
 
 import orjson
 import pytest
 
 from conftest import EXAMPLES, REPO, Chute, chute_env, load_json, wait_for
-from daemon_proc import Daemon, daemon_factory, job
+from daemon_proc import Daemon, daemon_factory, http_address, job
 
 __all__ = ["daemon_factory"]  # a fixture, used by name
 
@@ -334,3 +336,66 @@ def test_json_log_lines_of_the_daemon_carry_run_stage_and_state(
         for d in lines
     )
     assert all(re.fullmatch(r"[-0-9]{10}T[:0-9]{8}\.[0-9]{3}Z", str(d["time"])) for d in lines)
+
+
+def _daemon(
+    spool: Path, config: Path, *args: str, env: dict[str, str] | None = None
+) -> Popen[bytes]:
+    log = open(spool.parent / "daemon.log", "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chute", "daemon", "--spool", str(spool), "--config", str(config),
+         *args],
+        env=chute_env(env),
+        stdout=log,
+        stderr=log,
+    )  # fmt: skip
+    log.close()
+    return proc
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "host"),
+    [
+        ([], {}, "127.0.0.1"),
+        ([], {"CHUTE_LISTEN": "127.0.0.2:0"}, "127.0.0.2"),
+        (["--listen", "127.0.0.3:0"], {"CHUTE_LISTEN": "127.0.0.2:0"}, "127.0.0.3"),
+    ],
+    ids=["config", "env-over-config", "option-over-env"],
+)
+def test_listen_option_over_env_over_config_and_through_a_reload(
+    spool: Path, tmp_path: Path, args: list[str], env: dict[str, str], host: str
+) -> None:
+    config = tmp_path / "chute.yaml"
+    config.write_text("http: {listen: '127.0.0.1:0'}\n")
+    proc = _daemon(spool, config, *args, env=env)
+    try:
+        assert http_address(spool).startswith(f"{host}:")
+        proc.send_signal(signal.SIGHUP)
+        log = spool.parent / "daemon.log"
+        wait_for("the reload", lambda: "config reloaded" in log.read_text())
+        assert "changed: takes effect after a restart" not in log.read_text()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--listen", "nowhere"], {}, "--listen: 'nowhere' is not host:port"),
+        ([], {"CHUTE_LISTEN": "localhost"}, "CHUTE_LISTEN: 'localhost' is not host:port"),
+    ],
+    ids=["option", "env"],
+)
+def test_a_bad_listen_address_is_named_by_where_it_was_given(
+    spool: Path, tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    config = tmp_path / "chute.yaml"
+    config.write_text("http: {listen: '127.0.0.1:0'}\n")
+    done = _cli("daemon", "--spool", str(spool), "--config", str(config), *args, env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2,
+        "",
+        f"{message} (e.g. 127.0.0.1:9842, [::1]:9842)\n",
+    )
+    assert not (spool / "state").exists()

@@ -15,6 +15,7 @@ its error.json; a daemon's state/ this user may not read is one line that says w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ import orjson
 from chute import names
 from chute.cli import common
 from chute.cli.common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, UsageError
+from chute.config import LISTEN_OPTION
 from chute.engine import runs
 from chute.execution import owners
 from chute.intake import control
@@ -115,8 +117,18 @@ def _raise_if_rejected(spool: Spool, request: Path) -> None:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     from chute.daemon import Daemon, SpoolLocked
+    from chute.observe.http import HttpError, parse_listen
 
-    config = common.config(args)
+    config = common.config(args)  # $CHUTE_LISTEN applied (chute.config)
+    if args.listen is not None:
+        config = dataclasses.replace(
+            config, http_listen=args.listen, http_listen_from=LISTEN_OPTION
+        )
+    if config.http_listen_from != "http.listen":  # a mistake there is this command's
+        try:
+            parse_listen(config.http_listen, config.http_listen_from)
+        except HttpError as exc:
+            raise UsageError(str(exc)) from None
     spool = common.spool(args, config)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logs.setup(level, config.log_format)

@@ -150,11 +150,16 @@ def _parser() -> argparse.ArgumentParser:
         "--wait", action="store_true", help="with a daemon: follow the new run to its end"
     )
 
-    add(
+    p = add(
         "daemon",
         cmd_daemon,
-        "chute daemon: run the spool daemon in the foreground",
-        "chute daemon --spool spool",
+        "chute daemon [--listen ADDR]: run the spool daemon in the foreground",
+        "chute daemon --spool spool --listen 127.0.0.1:9843",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="ADDR",
+        help="host:port of the HTTP endpoint, over $CHUTE_LISTEN and the config's http.listen",
     )
 
     p = add(
