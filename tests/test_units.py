@@ -13,8 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chute.units import (
+    DURATION_PATTERN,
     decimal_at_least,
     decimal_at_most,
+    duration_at_least,
+    duration_at_most,
     duration_pattern,
     duration_seconds,
     format_duration,
@@ -109,8 +112,63 @@ def test_a_bound_as_a_pattern_matches_exactly_the_numbers_within_it(number: str)
         assert bool(re.fullmatch(decimal_at_least(bound), number)) == (value >= bound), bound
         strict = decimal_at_least(bound, strict=True)
         assert bool(re.fullmatch(strict, number)) == (value > bound), bound
-    for whole in (0, 1, 9, 10, 19, 100, 36_500, 3_153_600_000):
+        assert bool(re.fullmatch(decimal_at_most(bound), number)) == (value <= bound), bound
+    for whole in (0, 1, 9, 10, 19, 100, 36_500, 3_153_600_000, Fraction(36_500, 7)):
         assert bool(re.fullmatch(decimal_at_most(whole), number)) == (value <= whole), whole
+
+
+_LIMIT = Fraction(36_500 * 86_400)
+# Parts near each place's edges, so that sums land on both sides of the bounds.
+_PART_NUMBERS = st.sampled_from(
+    ["0", "00", "1", "01", "2", "6", "7", "23", "24", "59", "60", "999", "1000", "5214", "36499",
+     "36500", "876000", "1.5", "0.5"]
+)  # fmt: skip
+_COMPOUNDS = st.lists(
+    st.tuples(_PART_NUMBERS, st.sampled_from(["w", "d", "h", "m", "min", "s", "ms"])),
+    min_size=1,
+    max_size=4,
+).map(lambda parts: "".join(n + u for n, u in parts))
+
+
+@settings(max_examples=1500, deadline=None, database=None)
+@given(_COMPOUNDS)
+def test_duration_patterns_say_what_the_parser_and_its_bounds_say(text: str) -> None:
+    try:
+        seconds: Fraction | None = duration_seconds(text)
+    except ValueError:
+        seconds = None
+    assert bool(re.fullmatch(DURATION_PATTERN, text)) == (seconds is not None)
+    within = seconds is not None and seconds <= _LIMIT
+    assert bool(re.fullmatch(duration_at_most(_LIMIT), text)) == within
+    for bound, strict in ((Fraction(1), False), (Fraction(0), True), (Fraction(1, 1000), False)):
+        reached = seconds is not None and (seconds > bound if strict else seconds >= bound)
+        assert bool(re.fullmatch(duration_at_least(bound, strict=strict), text)) == reached
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1h30m", 5400), ("90min", 5400), ("1d12h", 129_600), ("2w", 1_209_600),
+     ("1m30s500ms", Fraction(181, 2)), ("0h5m", 300),
+     ("1w6d23h59m59s999ms", Fraction("1209599.999"))],
+)  # fmt: skip
+def test_compound_durations_read_as_go_and_systemd_users_write_them(
+    text: str, seconds: int | Fraction
+) -> None:
+    assert duration_seconds(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text", ["2h 30m", "1h90m", "1.5h30m", "30m1h", "1h1h", "1d24h", "1s1000ms"]
+)
+def test_a_compound_that_breaks_a_rule_is_told_the_rules(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^'") as info:
+        duration_seconds(text)
+    assert str(info.value) == (
+        f"{text!r} is not a duration like 500ms, 30s, 20m, 1h or 2d: a compound duration has "
+        "whole numbers, no spaces, units from the largest down (w, d, h, m or min, s, ms), each "
+        "once, and each part after the first less than one of the unit before it, like 1h30m "
+        "or 1d12h"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The daemon's configuration: one YAML file, every key optional, unknown keys refused.
 
-Owns: reading `--config`, `$CHUTE_CONFIG` or /etc/chute/chute.yaml into a frozen Config.
+Owns: reading `--config`, `$CHUTE_CONFIG` or /etc/chute/chute.yaml into a frozen Config,
+and `$CHUTE_LISTEN` over its http.listen (the Config says which gave the address).
 The file is read as spec files are (chute.spec.load: YAML 1.2, so `yes` is a string; no
 aliases; a key written twice is an error), and durations and sizes need their unit (`30s`,
 `4096B`), as in specs (chute.units).
@@ -11,6 +12,7 @@ the CLI prints it and exits 2.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from collections.abc import Mapping
@@ -22,6 +24,8 @@ from chute.spec.load import SpecError, load_plain
 from chute.units import no_unit, parse_duration, parse_size
 
 SYSTEM_CONFIG = Path("/etc/chute/chute.yaml")
+LISTEN_ENV = "CHUTE_LISTEN"  # overrides http.listen
+LISTEN_OPTION = "--listen"  # `chute daemon --listen`: overrides both
 POLICIES = ("fifo-first-fit", "best-fit", "backfill")
 
 
@@ -49,6 +53,7 @@ class Config:
     admins_users: tuple[str, ...] = ()
     admins_groups: tuple[str, ...] = ()
     http_listen: str = "127.0.0.1:9842"
+    http_listen_from: str = "http.listen"  # or LISTEN_ENV, or `--listen` (chute daemon)
     http_token_file: Path | None = None
     keep_runs: int = 1000
     max_age: float = 30 * 86400.0
@@ -281,7 +286,8 @@ def parse_config(data: Mapping[str, Any], source: Path | None = None) -> Config:
 
 
 def load_config(path: Path | str | None = None) -> Config:
-    """`path`, else $CHUTE_CONFIG, else /etc/chute/chute.yaml when it exists, else defaults."""
+    """`path`, else $CHUTE_CONFIG, else /etc/chute/chute.yaml when it exists, else defaults;
+    then $CHUTE_LISTEN, when set, in place of http.listen."""
     if path is None:
         env = os.environ.get("CHUTE_CONFIG")
         if env:
@@ -289,8 +295,21 @@ def load_config(path: Path | str | None = None) -> Config:
         elif SYSTEM_CONFIG.exists():
             path = SYSTEM_CONFIG
         else:
-            return Config()
+            return _listen_override(Config())
     path = Path(path)
+    return _listen_override(_from_file(path))
+
+
+def _listen_override(config: Config) -> Config:
+    """$CHUTE_LISTEN, when set, in place of http.listen (`chute daemon --listen` goes before
+    both)."""
+    listen = os.environ.get(LISTEN_ENV)
+    if not listen:
+        return config
+    return dataclasses.replace(config, http_listen=listen, http_listen_from=LISTEN_ENV)
+
+
+def _from_file(path: Path) -> Config:
     try:
         text = path.read_bytes()
     except OSError as exc:

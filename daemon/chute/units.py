@@ -1,12 +1,18 @@
-"""Durations (`500ms`, `30s`, `20m`, `1h`, `2d`) and sizes (`512MiB`, `4GiB`): one parser for both.
+"""Durations (`500ms`, `30s`, `20m`, `90min`, `1h30m`, `2w`) and sizes (`512MiB`, `4GiB`): one
+parser for both.
 
 Owns: the text forms of time spans and byte counts used by spec files and the config, and
 the regular expressions that say the same in a JSON Schema (ECMA-262 syntax: only ASCII
 digits, no `\\d`, no `\\s`), including bounds on the value (`every` at least 1s) written as
 patterns over the digits. Not here: where those values are allowed (chute.spec, chute.config).
+A duration is one number and its unit (`1.5h`, `30 s`), or a compound as Go and systemd
+users write it: whole numbers, no spaces, units from the largest down, each once, each part
+after the first less than one of the unit before it (`1h30m`, `1d12h`, `2m30s500ms`), so
+that a bound is a pattern too.
 Diagnostics: a unit is required; a bare number (`30`, quoted or not) is a ValueError that
-says which unit to add. Values are computed exactly (no float rounding, no overflow), so a
-bound checked here and the same bound as a pattern agree on every input.
+says which unit to add; a compound that breaks its rules gets them all. Values are computed
+exactly (no float rounding, no overflow), so a bound checked here and the same bound as a
+pattern agree on every input.
 """
 
 from __future__ import annotations
@@ -23,9 +29,20 @@ DURATION_UNITS = {
     "ms": Fraction(1, 1000),
     "s": Fraction(1),
     "m": Fraction(60),
+    "min": Fraction(60),
     "h": Fraction(3600),
     "d": Fraction(86400),
+    "w": Fraction(7 * 86400),
 }
+# A compound's places, largest first: (the unit as a pattern, its seconds).
+_PLACES = [
+    ("w", Fraction(7 * 86400)),
+    ("d", Fraction(86400)),
+    ("h", Fraction(3600)),
+    ("(?:min|m)", Fraction(60)),
+    ("s", Fraction(1)),
+    ("ms", Fraction(1, 1000)),
+]
 SIZE_UNITS = {
     "B": 1,
     "KiB": 1 << 10,
@@ -37,13 +54,20 @@ SIZE_UNITS = {
     "GB": 10**9,
     "TB": 10**12,
 }
-_DURATION = re.compile(rf"^ *({NUMBER}) *(ms|s|m|h|d) *$")
+_UNIT = "ms|min|s|m|h|d|w"  # ms and min before m: the first that fits is taken
+_DURATION = re.compile(rf"^ *({NUMBER}) *({_UNIT}) *$")
+_PART = re.compile(rf"({NUMBER}) *({_UNIT})")
+_PARTS = re.compile(rf"^ *(?:{NUMBER} *(?:{_UNIT}) *)+$")  # what may be meant as a compound
 _SIZE = re.compile(rf"^ *({NUMBER}) *({'|'.join(SIZE_UNITS)}) *$")
 _BARE = re.compile(rf"^ *({NUMBER}) *$")
-DURATION_PATTERN = _DURATION.pattern
 SIZE_PATTERN = _SIZE.pattern
 
 DURATION_HINT = "a duration like 500ms, 30s, 20m, 1h or 2d"
+COMPOUND_RULE = (
+    "a compound duration has whole numbers, no spaces, units from the largest down (w, d, h, "
+    "m or min, s, ms), each once, and each part after the first less than one of the unit "
+    "before it, like 1h30m or 1d12h"
+)
 SIZE_HINT = "a size like 512MiB or 4GiB"
 
 
@@ -58,12 +82,18 @@ def no_unit(shown: str, number: str, kind: str) -> str:
 def duration_seconds(text: str) -> Fraction:
     """The exact seconds in `text`; ValueError names the accepted forms."""
     m = _DURATION.fullmatch(text)  # fullmatch: `$` alone would let a trailing newline in
-    if not m:
-        bare = _BARE.fullmatch(text)
-        if bare:
-            raise ValueError(no_unit(repr(text), bare.group(1), "duration"))
-        raise ValueError(f"{text!r} is not {DURATION_HINT}")
-    return Fraction(Decimal(m.group(1))) * DURATION_UNITS[m.group(2)]
+    if m:
+        return Fraction(Decimal(m.group(1))) * DURATION_UNITS[m.group(2)]
+    if _COMPOUND.fullmatch(text):
+        return sum(
+            (Fraction(int(n)) * DURATION_UNITS[u] for n, u in _PART.findall(text)), Fraction(0)
+        )
+    bare = _BARE.fullmatch(text)
+    if bare:
+        raise ValueError(no_unit(repr(text), bare.group(1), "duration"))
+    if _PARTS.fullmatch(text):
+        raise ValueError(f"{_short(text)!r} is not {DURATION_HINT}: {COMPOUND_RULE}")
+    raise ValueError(f"{text!r} is not {DURATION_HINT}")
 
 
 def parse_duration(text: str) -> float:
@@ -95,10 +125,110 @@ def _short(text: str) -> str:
 
 
 def duration_pattern(number: Callable[[Fraction], str]) -> str:
-    """A duration whose number, for each unit, matches `number(seconds per unit)`."""
+    """A duration of one number and its unit whose number, for each unit, matches
+    `number(seconds per unit)`."""
     units = sorted(DURATION_UNITS, key=len, reverse=True)
     either = "|".join(f"(?:{number(DURATION_UNITS[u])}) *{u}" for u in units)
     return f"^ *(?:{either}) *$"
+
+
+def _below(n: int) -> str:
+    """Whole numbers < n (n >= 1), leading zeros allowed."""
+    return "|".join(_whole_under(n))
+
+
+def _rest(i: int) -> str:
+    """A compound's parts after place i: each optional, each under the place before it."""
+    return "".join(
+        f"(?:(?:{_below(int(_PLACES[j - 1][1] / _PLACES[j][1]))}){_PLACES[j][0]})?"
+        for j in range(i + 1, len(_PLACES))
+    )
+
+
+def _compound(first: Callable[[int], str]) -> str:
+    """Compounds (as pattern text, no anchors): for each place i a compound may start at,
+    `first(i)` is the pattern of the compound that starts there ("" for none)."""
+    return "|".join(p for p in (first(i) for i in range(len(_PLACES) - 1)) if p)
+
+
+def duration_at_most(limit: Fraction) -> str:
+    """The durations, of one unit or compound, of at most `limit` seconds."""
+
+    def first(i: int) -> str:
+        unit, seconds = _PLACES[i]
+        whole = int(limit // seconds)
+        left = int((limit - whole * seconds) * 1000)  # in ms: the smallest place
+        digits = []
+        for _, place in _PLACES[i + 1 :]:
+            digits.append(int(left // (place * 1000)))
+            left -= digits[-1] * int(place * 1000)
+        under = f"(?:{_below(whole)}){unit}{_rest(i)}" if whole else ""
+        equal = f"{'0*' + str(whole) if whole else '0+'}{unit}{_at_most(i + 1, digits)}"
+        return f"{under}|{equal}" if under else equal
+
+    single = duration_pattern(lambda unit: decimal_at_most(limit / unit))
+    return f"^ *(?:{_core(single)}|{_compound(first)}) *$"
+
+
+def _at_most(i: int, digits: list[int]) -> str:
+    """The parts after place i - 1 whose value, read as digits, is at most `digits`."""
+    if not digits:
+        return ""
+    unit = _PLACES[i][0]
+    if digits[0] == 0:
+        return f"(?:0+{unit})?{_at_most(i + 1, digits[1:])}"
+    return (
+        f"(?:(?:(?:{_below(digits[0])}){unit})?{_rest(i)}"
+        f"|0*{digits[0]}{unit}{_at_most(i + 1, digits[1:])})"
+    )
+
+
+def duration_at_least(bound: Fraction, *, strict: bool = False) -> str:
+    """The durations, of one unit or compound, of at least `bound` seconds (more, with
+    `strict`). A compound's parts are whole and each is under the place before it, so one
+    part alone reaches a bound of at most 1s whenever the sum does (and the milliseconds
+    part, under 1000, reaches only a bound of at most 1ms)."""
+    if bound > 1 or (Fraction(1, 1000) < bound < 1) or (bound == 0 and not strict):
+        raise ValueError("a compound's lower bound is a pattern only for 0 (strict), <=1ms or 1s")
+
+    def reaches(i: int) -> str:
+        """Whole numbers in place i (i > 0: under the place before it) that reach the bound."""
+        seconds = _PLACES[i][1]
+        if seconds * 1 < bound or (i == len(_PLACES) - 1 and bound >= 1):
+            return ""
+        nonzero = "0*[1-9][0-9]*"
+        if i == 0:
+            return nonzero
+        return "|".join(p for p in _whole_under(int(_PLACES[i - 1][1] / seconds)) if p != "0+")
+
+    def some(i: int) -> str:
+        """Parts from place i on, one of which reaches the bound."""
+        if i == len(_PLACES):
+            return ""
+        unit, here = _PLACES[i][0], reaches(i)
+        options = [f"(?:{here}){unit}{_rest(i)}"] if here else []
+        later = some(i + 1)
+        if later:
+            options.append(f"(?:0+{unit})?{later}")
+        return f"(?:{'|'.join(options)})" if options else ""
+
+    def first(i: int) -> str:
+        unit = _PLACES[i][0]
+        options = [f"(?:0*[1-9][0-9]*){unit}{_rest(i)}"] if _PLACES[i][1] >= bound else []
+        later = some(i + 1)
+        if later:
+            options.append(f"0+{unit}{later}")
+        return "|".join(options)
+
+    single = duration_pattern(lambda unit: decimal_at_least(bound / unit, strict=strict))
+    return f"^ *(?:{_core(single)}|{_compound(first)}) *$"
+
+
+def _core(pattern: str) -> str:
+    """A whole-text pattern (`^ *...` to `... *$`) without its anchors and spaces."""
+    if not (pattern.startswith("^ *") and pattern.endswith(" *$")):
+        raise ValueError(f"not a whole-text pattern: {pattern[:40]}")
+    return pattern[3:-3]
 
 
 def decimal_at_least(bound: Fraction, *, strict: bool = False) -> str:
@@ -132,10 +262,32 @@ def decimal_at_least(bound: Fraction, *, strict: bool = False) -> str:
     return "|".join(higher)
 
 
-def decimal_at_most(bound: int) -> str:
-    """A pattern for the numbers of NUMBER's form that are <= the whole number `bound`."""
+def decimal_at_most(bound: Fraction | int) -> str:
+    """A pattern for the numbers of NUMBER's form that are <= `bound`: below its integer
+    part, any fraction; equal to it, a fraction that is at most the bound's decimal digits
+    (a prefix of them, or smaller at the first digit that differs)."""
     if bound < 0:
         raise ValueError("bound must be >= 0")
+    whole = int(bound)  # floor, for bound >= 0
+    under = _whole_under(whole)
+    parts = [f"(?:{'|'.join(under)})(?:\\.[0-9]+)?"] if under else []
+    prefix, period = _expansion(Fraction(bound) - whole)
+    fractions = [prefix[:i] for i in range(1, len(prefix) + 1)]
+    fractions.append(f"{prefix}(?:{period})*" if prefix else f"(?:{period})+")
+    for i, digit in enumerate(prefix):
+        if digit != "0":
+            fractions.append(f"{prefix[:i]}[0-{int(digit) - 1}][0-9]*")
+    for i, digit in enumerate(period):
+        if i:
+            fractions.append(f"{prefix}(?:{period})*{period[:i]}")
+        if digit != "0":
+            fractions.append(f"{prefix}(?:{period})*{period[:i]}[0-{int(digit) - 1}][0-9]*")
+    parts.append(f"{'0*' + str(whole) if whole else '0+'}(?:\\.(?:{'|'.join(fractions)}))?")
+    return "|".join(parts)
+
+
+def _whole_under(bound: int) -> list[str]:
+    """Patterns (alternatives) of the whole numbers < `bound`, leading zeros allowed."""
     text = str(bound)
     under: list[str] = ["0+"] if bound else []
     if len(text) > 1:
@@ -145,9 +297,7 @@ def decimal_at_most(bound: int) -> str:
         if int(digit) > low:
             rest = len(text) - i - 1
             under.append(f"0*{text[:i]}[{low}-{int(digit) - 1}][0-9]{{{rest}}}")
-    parts = [f"(?:{'|'.join(under)})(?:\\.[0-9]+)?"] if under else []
-    parts.append(f"{'0*' + text if bound else '0+'}(?:\\.0+)?")
-    return "|".join(parts)
+    return under
 
 
 def _int_over(n: int) -> str:
@@ -205,3 +355,7 @@ def format_size(n: int) -> str:
             text = f"{n / factor:.3g}"
             return f"{text if '.' in text else f'{n / factor:.2f}'}{unit}"
     return f"{n}B"
+
+
+_COMPOUND = re.compile(f"^ *(?:{_compound(lambda i: f'[0-9]+{_PLACES[i][0]}{_rest(i)}')}) *$")
+DURATION_PATTERN = f"^ *(?:{_core(_DURATION.pattern)}|{_core(_COMPOUND.pattern)}) *$"

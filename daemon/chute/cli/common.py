@@ -3,19 +3,25 @@
 Owns: the exit codes, UsageError (a caller's mistake: one line per problem, exit 2), and
 turning a command's arguments into a config, a spool, the node's topology, a checked
 pipeline, a run folder or a checked name, each mistake as a UsageError; the text table
-the listings print. Not here: what those are (chute.config, chute.store.spool,
-chute.scheduling.topology, chute.spec, chute.store.rundir, chute.names); asking the daemon
-(chute.cli.daemon).
+the listings print, and the JSON document `--json` prints instead. Not here: what those
+are (chute.config, chute.store.spool, chute.scheduling.topology, chute.spec,
+chute.store.rundir, chute.names); asking the daemon (chute.cli.daemon).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from chute import names
 from chute.config import Config, ConfigError, load_config
+from chute.observe import logs
 from chute.scheduling.topology import Topology, read_topology
 from chute.spec import SpecError, load_file
 from chute.spec.model import Pipeline
@@ -31,10 +37,15 @@ class UsageError(Exception):
 
 
 def config(args: argparse.Namespace) -> Config:
+    """The config `args` name; its `log_format` applies to the command's log lines from
+    here on (`chute run` logs as the daemon would)."""
     try:
-        return load_config(args.config)
+        loaded = load_config(args.config)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    if loaded.log_format != "text":
+        logs.setup(logging.getLogger().level, loaded.log_format)
+    return loaded
 
 
 def spool(args: argparse.Namespace, config: Config) -> Spool:
@@ -81,3 +92,8 @@ def table(rows: Sequence[Sequence[str]]) -> list[str]:
     """`rows` (the first is the header) as lines of left-aligned columns."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def print_json(doc: Any) -> None:
+    """`doc` as the one JSON document a `--json` command prints on stdout."""
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")

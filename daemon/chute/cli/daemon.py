@@ -15,6 +15,7 @@ its error.json; a daemon's state/ this user may not read is one line that says w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -30,7 +31,8 @@ import orjson
 
 from chute import names
 from chute.cli import common
-from chute.cli.common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, UsageError
+from chute.cli.common import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, UsageError
+from chute.config import LISTEN_OPTION
 from chute.engine import recovery
 from chute.execution import leftovers
 from chute.intake import control
@@ -115,8 +117,18 @@ def _raise_if_rejected(spool: Spool, request: Path) -> None:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     from chute.daemon import Daemon, SpoolLocked
+    from chute.observe.http import HttpError, parse_listen
 
-    config = common.config(args)
+    config = common.config(args)  # $CHUTE_LISTEN applied (chute.config)
+    if args.listen is not None:
+        config = dataclasses.replace(
+            config, http_listen=args.listen, http_listen_from=LISTEN_OPTION
+        )
+    if config.http_listen_from != "http.listen":  # a mistake there is this command's
+        try:
+            parse_listen(config.http_listen, config.http_listen_from)
+        except HttpError as exc:
+            raise UsageError(str(exc)) from None
     spool = common.spool(args, config)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logs.setup(level, config.log_format)
@@ -130,6 +142,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = common.config(args)
     spool = common.spool(args, config)
     pid = daemon_pid(spool)
+    if args.json:  # status.json as the daemon wrote it; null without one (or before it has)
+        common.print_json(None if pid is None else read_status(spool))
+        return EXIT_NOT_RUNNING if pid is None else EXIT_OK
     if pid is None:
         print(f"chute daemon is not running on {spool.root}")
         return EXIT_NOT_RUNNING
@@ -194,41 +209,104 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CANCEL_STATES = ("queued", "running")  # what `cancel --state` selects by
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     from chute.daemon import lock_if_free
 
     config = common.config(args)
     spool = common.spool(args, config)
-    folder = common.find_run(spool, args.run)
-    run_id = folder.name
-    state = _state(folder)
-    if state in ("succeeded", "failed", "cancelled"):
-        print(f"{run_id} already {state}")
-        return EXIT_OK
+    folders = _to_cancel(spool, args)
+    code = EXIT_OK
+    todo: list[Path] = []
+    for folder in folders:
+        state = _state(folder)
+        if state in rundir.FINAL_RUN_STATES:
+            print(f"{folder.name} already {state}")
+        else:
+            todo.append(folder)
+    if not todo:
+        return code
     lock = None if daemon_pid(spool) is not None else lock_if_free(spool)
     if lock is None:
-        request = control.submit(spool, control.Cancel(run_id))
+        # One durable request per run, all written before any wait: the daemon ends them
+        # side by side, and each is acknowledged once its run has ended.
+        requests = [(folder, control.submit(spool, control.Cancel(folder.name))) for folder in todo]
+        deadline = time.monotonic() + config.kill_grace + CANCEL_WAIT
+        for folder, request in requests:
 
-        def ended() -> bool:
-            return _state(folder) in rundir.FINAL_RUN_STATES
+            def ended(folder: Path = folder) -> bool:
+                return _state(folder) in rundir.FINAL_RUN_STATES
 
-        if wait_for(spool, request, ended, config.kill_grace + CANCEL_WAIT):
-            print(f"{run_id} {_state(folder)}")
-            return EXIT_OK
-        print(f"{run_id}: cancel requested; the daemon has not finished it yet", file=sys.stderr)
-        return EXIT_FAILED
+            try:
+                if wait_for(spool, request, ended, max(0.0, deadline - time.monotonic())):
+                    print(f"{folder.name} {_state(folder)}")
+                    continue
+            except UsageError as exc:  # the daemon refused this one: say so, follow the rest
+                print(exc, file=sys.stderr)
+                code = max(code, EXIT_USAGE)
+                continue
+            print(
+                f"{folder.name}: cancel requested; the daemon has not finished it yet",
+                file=sys.stderr,
+            )
+            code = max(code, EXIT_FAILED)
+        return code
     # No daemon, and none starts while we hold its lock: nothing runs; a queued or
     # interrupted run just will not start again.
     try:
-        state = _state(folder)
-        if state in ("succeeded", "failed", "cancelled"):
-            print(f"{run_id} already {state}")
-            return EXIT_OK
-        recovery.cancel_stopped(spool, run_id, time.time())
+        for folder in todo:
+            state = _state(folder)
+            if state in rundir.FINAL_RUN_STATES:
+                print(f"{folder.name} already {state}")
+                continue
+            recovery.cancel_stopped(spool, folder.name, time.time())
+            print(f"{folder.name} cancelled")
     finally:
         os.close(lock)
-    print(f"{run_id} cancelled")
-    return EXIT_OK
+    return code
+
+
+def _to_cancel(spool: Spool, args: argparse.Namespace) -> list[Path]:
+    """The run folders `chute cancel` acts on: the runs named, then those the selectors
+    (--pipeline, --state) pick among the runs not ended, each once, oldest first. Every
+    name is checked before anything is cancelled."""
+    if not args.runs and args.pipeline is None and args.state is None:
+        raise UsageError(
+            "chute cancel: name a run (RUN...), or select runs with --pipeline NAME and/or "
+            f"--state {'|'.join(CANCEL_STATES)}"
+        )
+    if args.state is not None and args.state not in CANCEL_STATES:
+        raise UsageError(
+            f"--state: {args.state!r} is not a state cancel selects by; choose "
+            f"{' or '.join(CANCEL_STATES)}"
+        )
+    if args.pipeline is not None:
+        common.checked_name(names.name, args.pipeline, "pipeline name")
+    folders = [common.find_run(spool, ref) for ref in args.runs]
+    if args.pipeline is not None or args.state is not None:
+        for run_id in rundir.run_ids(spool):
+            try:
+                rec = rundir.read_json(spool.runs / run_id / "run.json")
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            if rec.get("state") in rundir.FINAL_RUN_STATES:
+                continue
+            if args.state is not None and rec.get("state") != args.state:
+                continue
+            if args.pipeline is not None and rec.get("pipeline") != args.pipeline:
+                continue
+            folders.append(spool.runs / run_id)
+        if len(folders) == len(args.runs):
+            print(f"no run left to cancel matches {_selectors(args)}")
+    unique = {f.name: f for f in folders}
+    return [unique[name] for name in sorted(unique)]
+
+
+def _selectors(args: argparse.Namespace) -> str:
+    chosen = [("--pipeline", args.pipeline), ("--state", args.state)]
+    return " ".join(f"{option} {value}" for option, value in chosen if value is not None)
 
 
 def _state(folder: Path) -> str:
@@ -264,8 +342,11 @@ def cmd_schedules(args: argparse.Namespace) -> int:
             schedules.set(
                 path.stem, pipeline.schedule, datetime.fromtimestamp(path.stat().st_mtime, UTC)
             )
-        for name, trigger, nxt in schedules.listing(now):
-            rows.append([name, trigger, nxt or "never"])
+        listing = schedules.listing(now)
+    if args.json:
+        common.print_json([{"name": n, "trigger": t, "next_fire": x} for n, t, x in listing])
+        return EXIT_OK
+    rows += [[name, trigger, nxt or "never"] for name, trigger, nxt in listing]
     print("\n".join(common.table(rows)))
     return EXIT_OK
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from chute import __version__
 from chute.cli.common import EXIT_FAILED, EXIT_USAGE, UsageError
 from chute.cli.daemon import (
     cmd_cancel,
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="chute",
         description="chute: drop YAML job and pipeline files into a spool; chute runs them.",
         parents=[_options(top=True)],
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"chute {__version__}",  # what the metric chute_build_info says
+        help="print `chute <version>` and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _options(top=False)
@@ -114,12 +121,19 @@ def _parser() -> argparse.ArgumentParser:
     p = add(
         "logs",
         cmd_logs,
-        "chute logs RUN [STAGE] [-f]: print a run's stage logs",
-        "chute logs latest extract",
+        "chute logs RUN [STAGE] [-f] [-n N] [--since DURATION|TIME]: print a run's stage logs",
+        "chute logs latest extract -n 20",
     )
     p.add_argument("run", metavar="RUN")
     p.add_argument("stage", nargs="?", metavar="STAGE")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
+    p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines of each log")
+    p.add_argument(
+        "--since",
+        metavar="DURATION|TIME",
+        help="only the attempts that started at or after TIME (or DURATION ago): an "
+        "attempt's lines carry no time, its header does",
+    )
 
     p = add(
         "retry",
@@ -136,18 +150,23 @@ def _parser() -> argparse.ArgumentParser:
         "--wait", action="store_true", help="with a daemon: follow the new run to its end"
     )
 
-    add(
+    p = add(
         "daemon",
         cmd_daemon,
-        "chute daemon: run the spool daemon in the foreground",
-        "chute daemon --spool spool",
+        "chute daemon [--listen ADDR]: run the spool daemon in the foreground",
+        "chute daemon --spool spool --listen 127.0.0.1:9843",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="ADDR",
+        help="host:port of the HTTP endpoint, over $CHUTE_LISTEN and the config's http.listen",
     )
 
     p = add(
         "submit",
         cmd_submit,
-        "chute submit FILE... [--wait]: validate files, drop them into incoming/ and print "
-        "the run each became",
+        "chute submit FILE... [--wait] [--json]: validate files, drop them into incoming/ and "
+        "print the run each became",
         "chute submit spool/examples/etl.yaml --wait",
     )
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -156,37 +175,57 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="follow the run with live progress; exit with its result",
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON array: each file's outcome (and with --wait its run's end)",
+    )
 
-    add(
+    p = add(
         "status",
         cmd_status,
-        "chute status: is the daemon up (exit 3 if not), CPUs by NUMA node, queued and running",
+        "chute status [--json]: is the daemon up (exit 3 if not), CPUs by NUMA node, queued "
+        "and running",
         "chute status",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print state/status.json (null when no daemon runs)"
     )
 
     p = add(
         "runs",
         cmd_runs,
-        "chute runs [--pipeline N] [--state S] [--limit N]: list runs, newest first",
+        "chute runs [--pipeline N] [--state S] [--limit N] [--json]: list runs, newest first",
         "chute runs --state failed",
     )
     p.add_argument("--pipeline", metavar="NAME")
     p.add_argument("--state", choices=rundir.RUN_STATES)
     p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="print a JSON array of the runs' run.json")
 
     p = add(
         "cancel",
         cmd_cancel,
-        "chute cancel RUN: stop a queued or running run (idempotent)",
-        "chute cancel latest",
+        "chute cancel RUN... | --pipeline NAME | --state queued|running: stop queued or "
+        "running runs (idempotent)",
+        "chute cancel --pipeline nightly-etl --state queued",
     )
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("runs", nargs="*", metavar="RUN")
+    p.add_argument("--pipeline", metavar="NAME", help="the runs of pipeline NAME not ended")
+    p.add_argument(
+        "--state",
+        metavar="STATE",
+        help="the runs in STATE, queued or running (with --pipeline, of that pipeline)",
+    )
 
-    add(
+    p = add(
         "schedules",
         cmd_schedules,
-        "chute schedules: recurring definitions with their next fire times",
+        "chute schedules [--json]: recurring definitions with their next fire times",
         "chute schedules",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON array of {name, trigger, next_fire}"
     )
 
     p = add(

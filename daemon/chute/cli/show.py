@@ -1,7 +1,8 @@
 """What runs did, read from their folders: `chute show`, `chute logs` and `chute runs`.
 
 Owns: the execution summary (a row per stage and shard, the tally, and for a run not
-finished what it waits for), printing and following stage logs, and the list of runs.
+finished what it waits for), printing and following stage logs (all, or the attempts
+started since a time, or their last lines), and the list of runs.
 Not here: the run folder's files (chute.store.rundir), the reasons work waits
 (chute.engine.reasons), the timeline and report.html (chute.observe.report), the daemon's
 status.json (chute.cli.daemon).
@@ -17,6 +18,7 @@ import os
 import re
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +28,20 @@ from chute import names
 from chute.cli import common
 from chute.cli.common import EXIT_FAILED, EXIT_OK, UsageError
 from chute.cli.daemon import daemon_status
+from chute.clock import parse_rfc3339
 from chute.engine import reasons
 from chute.engine.stage import STAGE_OK
 from chute.observe import report
 from chute.scheduling.topology import format_cpulist
 from chute.spec import SpecError, load_bytes
 from chute.store import rundir, taskfiles
-from chute.units import format_duration
+from chute.units import DURATION_HINT, format_duration, parse_duration
 
 SPEC_LIMIT = 64 << 20  # bytes of a run's spec.yaml read back (intake took max_file_size)
 SHARD_REF = re.compile(r"(.+)\[(\d+)\]")  # `measure[1]`, as log headers name a shard
+# The line the engine writes before every attempt after the first, and before a fallback
+# (chute.engine.loop): its time is when that attempt started.
+ATTEMPT_HEADER = re.compile(rb"--- chute: (?:attempt [0-9]+|fallback) at (\S+) ---")
 LOG_POLL = 0.2  # seconds between looks at growing logs
 
 
@@ -190,7 +196,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             if entry is None
             else {k: entry[k] for k in ("for", "since", "position")},
         }
-        sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        common.print_json(doc)
     else:
         print(summary(run_dir, daemon_status(spool)))
         timeline = report.text_timeline(run_dir)
@@ -260,28 +266,104 @@ def cmd_logs(args: argparse.Namespace) -> int:
     spool = common.spool(args, config)
     run_dir = common.find_run(spool, args.run)
     files = _log_files(run_dir, args.stage)
+    if args.lines is not None and args.lines < 0:
+        raise UsageError(f"-n: {args.lines} is not a count of lines; give 0 or more")
+    since = None if args.since is None else _since(args.since)
+    pick = _Pick(run_dir, args.lines, since)
     if args.follow:
-        return _follow_logs(run_dir, args.stage)
+        return _follow_logs(run_dir, args.stage, pick)
     code = EXIT_OK
     for name, path in files:
         if len(files) > 1 or args.stage is None:
             print(f"==> {name} <==")
         try:
-            with open(_open_log(path), errors="replace") as f:
-                text = f.read()
+            with open(_open_log(path), "rb") as f:
+                data = f.read()
         except OSError as exc:
             sys.stdout.flush()
             print(_unreadable_log(path, exc), file=sys.stderr)
             code = EXIT_FAILED
             continue
-        sys.stdout.write(text)
+        sys.stdout.write(pick(name, data).decode(errors="replace"))
     return code
 
 
-def _follow_logs(run_dir: Path, stage: str | None) -> int:
-    """Print logs as they grow until the run has ended; exit 1 if one could not be read."""
+def _since(text: str) -> float:
+    """`--since`: a duration back from now (`2h`, `1h30m`) or a time (`2026-12-07T21:50Z`;
+    without an offset, local time), as epoch seconds."""
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text[:-1] + "Z" if text.endswith("z") else text)
+    except ValueError:
+        raise UsageError(
+            f"--since: {text!r} is neither {DURATION_HINT} nor a time like "
+            "2026-12-07T21:50:00Z (local time without an offset)"
+        ) from None
+    return when.timestamp()  # a naive datetime is local time
+
+
+class _Pick:
+    """What `chute logs` prints of a log: with `since`, the attempts that started at or
+    after it (an attempt after the first starts at its header line, whose time it carries;
+    the first started when the manifest says, else when the run did); then with `lines`,
+    the last that many lines of that."""
+
+    def __init__(self, run_dir: Path, lines: int | None, since: float | None) -> None:
+        self.lines, self.since = lines, since
+        self._firsts: dict[str, float] | None = None
+        self._run_dir = run_dir
+
+    def __call__(self, name: str, data: bytes) -> bytes:
+        if self.since is not None:
+            data = self._attempts_since(name, data, self.since)
+        if self.lines is not None:
+            kept = data.splitlines(keepends=True)[-self.lines :] if self.lines else []
+            data = b"".join(kept)
+        return data
+
+    def _attempts_since(self, name: str, data: bytes, since: float) -> bytes:
+        starts = [(0, self._first_start(name))]
+        for m in ATTEMPT_HEADER.finditer(data):
+            if m.start() == 0 or data[m.start() - 1 : m.start()] == b"\n":
+                try:
+                    starts.append((m.start(), parse_rfc3339(m.group(1).decode()).timestamp()))
+                except ValueError:
+                    continue  # a task printed something like a header: its text, not one
+        for offset, started in starts:
+            if started >= since:
+                return data[offset:]
+        return b""
+
+    def _first_start(self, name: str) -> float:
+        """When the first attempt of the log `name` (`stage` or `stage[i]`) started."""
+        if self._firsts is None:
+            self._firsts = {}
+            try:
+                manifest = rundir.read_json(self._run_dir / "manifest.json")
+                for s in manifest["stages"]:
+                    for key, entry in [(s["name"], s)] + [
+                        (f"{s['name']}[{sh['index']}]", sh) for sh in s["shards"]
+                    ]:
+                        if entry["attempts"] and entry["attempts"][0].get("started_at"):
+                            started = parse_rfc3339(entry["attempts"][0]["started_at"])
+                            self._firsts[key] = started.timestamp()
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        if name in self._firsts:
+            return self._firsts[name]
+        rec = rundir.read_json(self._run_dir / "run.json")
+        return parse_rfc3339(rec.get("started_at") or rec["created_at"]).timestamp()
+
+
+def _follow_logs(run_dir: Path, stage: str | None, pick: _Pick) -> int:
+    """Print logs as they grow until the run has ended; exit 1 if one could not be read.
+    Of the logs there at the start, `pick` says what is printed before what they gain."""
     offsets: dict[Path, int] = {}
     unreadable: set[Path] = set()  # said once each, then left alone
+    first = True
     while True:
         final = rundir.read_json(run_dir / "run.json")["state"] in rundir.FINAL_RUN_STATES
         for name, path in _log_files(run_dir, stage):
@@ -297,21 +379,24 @@ def _follow_logs(run_dir: Path, stage: str | None) -> int:
                 print(_unreadable_log(path, exc), file=sys.stderr)
                 unreadable.add(path)
                 continue
+            if first:
+                chunk = pick(name, chunk)
             if chunk:
                 for line in chunk.decode(errors="replace").splitlines():
                     print(f"{name}: {line}")
                 sys.stdout.flush()
         if final:
             return EXIT_FAILED if unreadable else EXIT_OK
+        first = False
         time.sleep(LOG_POLL)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
     config = common.config(args)
     spool = common.spool(args, config)
-    rows = [["RUN", "PIPELINE", "STATE", "TRIGGER", "CREATED", "DURATION"]]
+    records: list[tuple[str, dict[str, Any]]] = []
     for run_id in reversed(rundir.run_ids(spool)):
-        if len(rows) > args.limit:
+        if len(records) >= args.limit:
             break
         try:
             rec = rundir.read_json(spool.runs / run_id / "run.json")
@@ -321,6 +406,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
             continue
         if args.state and rec["state"] != args.state:
             continue
+        records.append((run_id, rec))
+    if args.json:  # each run's run.json as it is (`chute schema run` describes it)
+        common.print_json([rec for _, rec in records])
+        return EXIT_OK
+    rows = [["RUN", "PIPELINE", "STATE", "TRIGGER", "CREATED", "DURATION"]]
+    for run_id, rec in records:
         dur = rec.get("duration_seconds")
         rows.append(
             [

@@ -2,11 +2,11 @@
 beside a daemon.
 
 Owns: what `submit` prints of each file's outcome (its run, schedule or rejection) and the
-exit code it means, following a run the daemon drives (a live line on a terminal, the
-summary at its end), and `chute run` handing its file over (Ctrl-C cancels the run, a
-second stops following it). Not here: placing a file and learning its outcome
-(chute.intake.submission), the cancel request (chute.intake.control), the summary
-(chute.cli.show).
+exit code it means (with --json, one document of every file's outcome instead), following
+a run the daemon drives (a live line on a terminal, the summary at its end), and `chute
+run` handing its file over (Ctrl-C cancels the run, a second stops following it). Not
+here: placing a file and learning its outcome (chute.intake.submission), the cancel
+request (chute.intake.control), the summary (chute.cli.show).
 Diagnostics: a file that does not validate is a UsageError and nothing is submitted; a
 rejected or vanished file exits 1 with the reason on stderr.
 """
@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import orjson
 
@@ -63,45 +64,76 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if pid is None and args.wait:
         raise UsageError(f"no chute daemon runs on {spool.root}; start one, or use chute run")
     placed: list[submission.Placed] = []
+    report: list[dict[str, Any]] = []  # --json: one entry per file
+    say = _quiet if args.json else print
     try:
         for path, raw, pipeline in loaded:
             schedule = pipeline.name if pipeline.schedule is not None else None
             placed.append(submission.place(spool, path, raw, schedule=schedule))
-            print(f"submitted {path} as incoming/{placed[-1].name}")
-        if pid is None:
-            files = "the file waits" if len(placed) == 1 else "the files wait"
-            print(f"no chute daemon runs on {spool.root}: {files} in incoming/ until one starts")
-            return EXIT_OK
-        if pid == -1 and not args.wait:
+            say(f"submitted {path} as incoming/{placed[-1].name}")
+            report.append({"file": str(path), "incoming": placed[-1].name})
+        if pid is None or (pid == -1 and not args.wait):
+            if pid is None:
+                files = "the file waits" if len(placed) == 1 else "the files wait"
+                say(f"no chute daemon runs on {spool.root}: {files} in incoming/ until one starts")
+            if args.json:
+                common.print_json(
+                    [{**r, **_outcome(submission.Verdict("waiting"))} for r in report]
+                )
             return EXIT_OK
         deadline = None if args.wait else time.monotonic() + SUBMIT_WAIT
         code = EXIT_OK
-        for one in placed:
+        for one, entry in zip(placed, report, strict=True):
             verdict = submission.verdict(spool, one, deadline=deadline)
             one.close()
-            code = max(code, _tell(one, verdict))
+            told = _tell(one, verdict, say)
+            entry.update(_outcome(verdict))
+            if args.wait:
+                entry.update(state=None, exit_code=told)
             if args.wait and verdict.kind == "run":
-                code = max(code, follow_run(spool, verdict.detail))
+                told = max(told, follow_run(spool, verdict.detail, quiet=args.json))
+                final = rundir.read_json(spool.runs / verdict.detail / "run.json")["state"]
+                entry.update(state=final, exit_code=told)
+            code = max(code, told)
+        if args.json:
+            common.print_json(report)
         return code
     finally:
         for one in placed:
             one.close()
 
 
-def _tell(placed: submission.Placed, verdict: submission.Verdict) -> int:
-    """Print what the daemon made of a submitted file; the exit code it means."""
+def _quiet(*args: object) -> None:
+    """`print` for a command that prints one JSON document instead."""
+
+
+def _outcome(verdict: submission.Verdict) -> dict[str, Any]:
+    """What `submit --json` says of a file the daemon has judged (or not yet)."""
+    return {
+        "outcome": verdict.kind,
+        "run_id": verdict.detail if verdict.kind == "run" else None,
+        "schedule": verdict.detail if verdict.kind == "schedule" else None,
+        "error": verdict.detail if verdict.kind in ("rejected", "unreadable") else None,
+    }
+
+
+def _tell(
+    placed: submission.Placed, verdict: submission.Verdict, say: Callable[..., None] = print
+) -> int:
+    """Print what the daemon made of a submitted file (by `say`; stderr always); the exit
+    code it means."""
     where = f"incoming/{placed.name}"
     if verdict.kind == "run":
-        print(f"{where} accepted as run {verdict.detail}")
+        say(f"{where} accepted as run {verdict.detail}")
     elif verdict.kind == "schedule":
-        print(f"{where} scheduled as {verdict.detail}")
+        say(f"{where} scheduled as {verdict.detail}")
     elif verdict.kind == "waiting":
-        print(
+        say(
             f"{where} not taken by the daemon within {SUBMIT_WAIT:.0f}s: it waits there, and "
             "`chute runs` lists its run once taken"
         )
     elif verdict.kind == "unreadable":
-        print(f"{where}: its run id cannot be learned: {verdict.detail}: not readable by you")
+        say(f"{where}: its run id cannot be learned: {verdict.detail}: not readable by you")
     elif verdict.kind == "rejected":
         print(f"{where} rejected: {verdict.detail}", file=sys.stderr)
         return EXIT_FAILED
@@ -115,11 +147,14 @@ def _tell(placed: submission.Placed, verdict: submission.Verdict) -> int:
     return EXIT_OK
 
 
-def follow_run(spool: Spool, run_id: str, cancel: Callable[[], bool] | None = None) -> int:
-    """Follow a run the daemon drives: live progress on a terminal, the summary at the end.
-    Once `cancel` says so, ask the daemon to cancel it (and follow it to its end)."""
+def follow_run(
+    spool: Spool, run_id: str, cancel: Callable[[], bool] | None = None, *, quiet: bool = False
+) -> int:
+    """Follow a run the daemon drives: live progress on a terminal, the summary at the end
+    (neither when `quiet`). Once `cancel` says so, ask the daemon to cancel it (and follow
+    it to its end)."""
     folder = spool.runs / run_id
-    tty = sys.stdout.isatty()
+    tty = sys.stdout.isatty() and not quiet
     last = ""
     cancelling = False
     while True:
@@ -149,7 +184,8 @@ def follow_run(spool: Spool, run_id: str, cancel: Callable[[], bool] | None = No
         time.sleep(FOLLOW_POLL)
     if tty:
         sys.stdout.write("\n")
-    print(summary(folder))
+    if not quiet:
+        print(summary(folder))
     return EXIT_OK if rec["state"] == "succeeded" else EXIT_FAILED
 
 

@@ -11,10 +11,11 @@ a key that needs a restart is one WARNING line. systemd hears RELOADING=1, then 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
-from chute.config import Config, ConfigError, load_config
+from chute.config import LISTEN_OPTION, Config, ConfigError, load_config
 from chute.observe import logs
 from chute.observe.http import HttpError, read_token
 from chute.scheduling.topology import Topology, read_topology
@@ -45,6 +46,8 @@ def reload(d: Daemon) -> None:
         d.notifier.ready(d.status.text())
         return
     old = d.config
+    if old.http_listen_from == LISTEN_OPTION:  # the command line's, for the daemon's life
+        new = dataclasses.replace(new, http_listen=old.http_listen, http_listen_from=LISTEN_OPTION)
     for key in RESTART_KEYS:
         if getattr(new, key) != getattr(old, key):
             log.warning("config %s changed: takes effect after a restart", key)

@@ -153,6 +153,7 @@ class Daemon:
                 registry=self.metrics.registry,
                 health=self.health.answer,
                 token=read_token(cfg.http_token_file),
+                named=cfg.http_listen_from,
             )
         except HttpError as exc:
             log.error("%s", exc)

@@ -87,14 +87,13 @@ def read_token(path: Path | None) -> str | None:
     return token
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` → (host, port); HttpError says what is wrong."""
+def parse_listen(listen: str, named: str = "http.listen") -> tuple[str, int]:
+    """`host:port` or `[v6]:port` → (host, port); HttpError says what is wrong, naming
+    where the address was given (`named`)."""
     host, sep, port = listen.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise HttpError(
-            f"http.listen: {listen!r} is not host:port (e.g. 127.0.0.1:9842, [::1]:9842)"
-        )
+        raise HttpError(f"{named}: {listen!r} is not host:port (e.g. 127.0.0.1:9842, [::1]:9842)")
     return host, int(port)
 
 
@@ -177,19 +176,21 @@ def serve(
     registry: CollectorRegistry,
     health: Callable[[], str | None],
     token: str | None,
+    named: str = "http.listen",
 ) -> Server:
-    """Bind `listen` (not serving yet: call start()); HttpError names http.listen."""
-    address = parse_listen(listen)
+    """Bind `listen` (not serving yet: call start()); HttpError names where it was given
+    (`named`: http.listen, --listen or CHUTE_LISTEN)."""
+    address = parse_listen(listen, named)
     try:
         return Server(address, spool=spool, registry=registry, health=health, token=token)
     except OSError as exc:
         hint = (
-            "stop what holds the port or set http.listen to another host:port"
+            f"stop what holds the port or set {named} to another host:port"
             if exc.errno == errno.EADDRINUSE
-            else "set http.listen to an address of this machine"
+            else f"set {named} to an address of this machine"
         )
         raise HttpError(
-            f"http.listen {listen}: cannot listen: {exc.strerror} (errno {exc.errno}); {hint}"
+            f"{named} {listen}: cannot listen: {exc.strerror} (errno {exc.errno}); {hint}"
         ) from None
 
 

@@ -2,7 +2,10 @@
 
 Owns: the logging setup of every chute command. Under systemd ($JOURNAL_STREAM set) lines
 carry no timestamp and start with the sd-daemon level prefix (<3> error, <4> warning,
-<6> info, <7> debug) so `journalctl -p` filters; `log_format: json` prints JSON lines.
+<6> info, <7> debug) so `journalctl -p` filters; `log_format: json` prints JSON lines, with
+the time in milliseconds (UTC) and, for a line about a run or stage, `run_id`, `stage` and
+`state` as fields: a call's `extra=` gives them, else they are read from the line as every
+chute line is written (the run id first, or `run <id>`; `stage <name>`; `state=<state>`).
 The daemon's loop holds its INFO and DEBUG lines and writes them in one go before each wait
 (hold/write_held): a burst of runs logs three lines per run, and a write(2) of each from the
 loop was a wait for the GIL each. A line is thus late by at most one turn of the loop;
@@ -13,11 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from typing import TextIO
 
 import orjson
+
+from chute.clock import rfc3339
+from chute.names import NAME_PATTERN, RUN_ID_PATTERN
 
 _SD_LEVEL = {
     logging.CRITICAL: "<2>",
@@ -35,14 +42,29 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines())
 
 
+# What a line is about, as chute writes its lines: the subject first, then key=value.
+_FIELDS = {
+    "run_id": re.compile(rf"^({RUN_ID_PATTERN})\b|\brun ({RUN_ID_PATTERN})\b"),
+    "stage": re.compile(rf"\bstage ({NAME_PATTERN})(?![a-z0-9._-])"),
+    "state": re.compile(r"\bstate=([a-z_]+)"),
+}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+        message = record.getMessage()
+        doc: dict[str, object] = {
+            "time": rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": message,
         }
+        for field, pattern in _FIELDS.items():
+            given = getattr(record, field, None)
+            if given is not None:
+                doc[field] = given
+            elif found := pattern.search(message):
+                doc[field] = found.group(found.lastindex or 1)
         if record.exc_info:
             doc["traceback"] = self.formatException(record.exc_info)
         return orjson.dumps(doc).decode()

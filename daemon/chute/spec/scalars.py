@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from datetime import date
 from decimal import Decimal
 from fractions import Fraction
@@ -35,9 +34,8 @@ from chute.units import (  # the parser's own patterns, so the schema cannot dri
     NUMBER,
     SIZE_HINT,
     SIZE_PATTERN,
-    decimal_at_least,
-    decimal_at_most,
-    duration_pattern,
+    duration_at_least,
+    duration_at_most,
     duration_seconds,
     no_unit,
     parse_size,
@@ -284,20 +282,11 @@ class Duration(Type):
         return float(seconds)
 
     def schema(self, defs: dict[str, Any]) -> dict[str, Any]:
-        longest = Fraction(MAX_DURATION_DAYS * 86400)
-
-        def at_most(unit: Fraction) -> str:
-            return decimal_at_most(int(longest / unit))
-
-        patterns = [duration_pattern(at_most)]
-        low: Callable[[Fraction], str] | None = None
+        patterns = [duration_at_most(Fraction(MAX_DURATION_DAYS * 86400))]
         if self.minimum is not None:
-            minimum = Fraction(self.minimum)
-            low = lambda unit: decimal_at_least(minimum / unit)  # noqa: E731
+            patterns.append(duration_at_least(Fraction(self.minimum)))
         elif self.positive:
-            low = lambda unit: decimal_at_least(Fraction(0), strict=True)  # noqa: E731
-        if low is not None:
-            patterns.append(duration_pattern(low))
+            patterns.append(duration_at_least(Fraction(0), strict=True))
         if len(patterns) == 1:
             return {"type": "string", "pattern": patterns[0]}
         return {"type": "string", "allOf": [{"pattern": p} for p in patterns]}
