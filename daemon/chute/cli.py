@@ -399,13 +399,15 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if _daemon_pid(spool) is not None:
         new_id = rundir.new_run_id(Clock().now())
         request = _control(spool, control.Retry(plan.old_id, args.from_stage, new_id))
+        if not _retry_made(spool, request, new_id):
+            print(
+                f"retry of {plan.old_id} requested as {new_id}, but the daemon has not made "
+                f"the run within {RETRY_WAIT:.0f}s; {request} stays until it does, or refuses "
+                "it (see the daemon's log)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         print(f"retry of {plan.old_id} submitted as {new_id}")
-        deadline = time.monotonic() + 30
-        while not (spool.runs / new_id / "run.json").exists():  # made, or refused
-            _raise_if_rejected(spool, request)
-            if time.monotonic() > deadline:
-                raise UsageError(f"{new_id}: the daemon did not start the retry (see its log)")
-            time.sleep(0.05)
         if not args.wait:
             return EXIT_OK
         return _follow_run(spool, new_id)
@@ -706,6 +708,28 @@ def _unreadable(spool: Spool, exc: OSError) -> str:
 
 def _control(spool: Spool, request: control.Request) -> Path:
     return control.submit(spool, request)
+
+
+RETRY_WAIT = 60.0  # seconds `chute retry` waits for the daemon to make the retry's run
+
+
+def _retry_made(spool: Spool, request: Path, new_id: str) -> bool:
+    """Wait until the daemon has made the run `request` asks for durably (its queue file
+    written, or the request done); UsageError with the daemon's reason when it refused the
+    request (the run to retry was removed meanwhile); False after RETRY_WAIT.
+
+    The run id is printed only then: a request in control/ is carried out after a crash, but
+    the daemon may still refuse it, and an id printed must become a run."""
+    deadline = time.monotonic() + RETRY_WAIT
+    while time.monotonic() < deadline:
+        if (spool.queue / f"{new_id}.yaml").exists():
+            return True
+        if not request.exists():
+            _raise_if_rejected(spool, request)
+            if not (spool.rejected / request.name).exists():
+                return True  # done: the daemon removes a request once its effect is durable
+        time.sleep(0.05)
+    return False
 
 
 def _raise_if_rejected(spool: Spool, request: Path) -> None:
@@ -1056,7 +1080,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for run_id in owners.end_dead_foreground(spool, config.kill_grace):
         print(f"{run_id} interrupted: the `chute run` that ran it is gone")
     rules = retention.Rules.of(config)
-    removed = retention.gc(spool, rules, now=time.time(), sweep=True)
+    # A run a retry request in control/ names stays until the daemon has made the retry.
+    removed = retention.gc(
+        spool, rules, now=time.time(), active=control.retried_runs(spool), sweep=True
+    )
     size = "no bound" if rules.cache_max_size is None else format_size(rules.cache_max_size)
     print(
         f"removed {len(removed.runs)} run(s) (keep_runs {rules.keep_runs}, "
