@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -728,6 +729,74 @@ def test_a_fire_whose_run_was_made_but_not_queued_is_finished_not_made_again(
     assert rec["created_at"] == made["created_at"]  # the same run, finished, not made again
     assert ran.read_text().splitlines()[0] == made["run_id"]
     assert ran.read_text().splitlines().count(made["run_id"]) == 1
+    assert d2.stop() == 0
+
+
+def _tick_made_not_queued(
+    spool: Path, daemon_factory: Callable[..., Daemon], ran: Path
+) -> dict[str, Any]:
+    """An `every: 1s` schedule whose first fire's run was made, and the daemon killed before
+    that run was queued: that run's record."""
+    d = daemon_factory(env={"CHUTE_CRASH_AT": "schedules.run_made"}).start()
+    drop(
+        spool, "tick.yaml", job("tick", f"echo $CHUTE_RUN_ID >> {ran}", "  schedule: {every: 1s}\n")
+    )
+    assert d.proc is not None
+    assert d.proc.wait(timeout=30) == -signal.SIGKILL
+    (made,) = runs_of(spool)
+    assert made["state"] == "queued"
+    assert not (spool / "queue" / f"{made['run_id']}.yaml").exists()
+    return made
+
+
+def _later_fires_due(made: dict[str, Any]) -> None:
+    """The daemon stays down until two more fire times of the schedule have passed."""
+    fire = datetime.fromisoformat(made["trigger"]["fire_time"].replace("Z", "+00:00"))
+    wait_for(
+        "two more fire times to pass", lambda: datetime.now(UTC) > fire + timedelta(seconds=2.5)
+    )
+
+
+def test_a_fire_made_but_not_queued_is_finished_though_newer_fires_are_due_at_restart(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    made = _tick_made_not_queued(spool, daemon_factory, ran)
+    _later_fires_due(made)  # the next start's newest due fire is another one
+    d2 = daemon_factory().start()
+    rec = wait_for(
+        "the half-made fire's run to end",
+        lambda: (
+            (r := load_json(spool / "runs" / made["run_id"] / "run.json"))["state"] == "succeeded"
+            and r
+        ),
+        30,
+    )
+    assert rec["created_at"] == made["created_at"]  # the same run, finished, not made again
+    assert ran.read_text().splitlines().count(made["run_id"]) == 1
+    assert chute("unschedule", "tick", timeout=30).code == 0
+    wait_for("the schedule's runs to end", lambda: not any((spool / "queue").iterdir()), 30)
+    fires = [r for r in runs_of(spool) if r["trigger"]["type"] == "every"]
+    assert {r["state"] for r in fires} == {"succeeded"}  # none left queued
+    assert d2.stop() == 0
+
+
+def test_a_fire_made_but_not_queued_ends_cancelled_when_its_schedule_went_meanwhile(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    made = _tick_made_not_queued(spool, daemon_factory, ran)
+    (spool / "schedules" / "tick.yaml").unlink()  # the operator removed it while chute was down
+    d2 = daemon_factory().start()
+    rec = load_json(spool / "runs" / made["run_id"] / "run.json")
+    fire = made["trigger"]["fire_time"]
+    assert (rec["state"], rec["error"]) == (
+        "cancelled",
+        f"schedule tick was removed or changed before the run of its fire at {fire} was queued",
+    )
+    assert f"{made['run_id']} cancelled: schedule tick was removed" in d2.log.read_text()
+    assert not ran.exists()
+    assert runs_of(spool) == [rec]  # nothing else fired
     assert d2.stop() == 0
 
 
