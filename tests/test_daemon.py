@@ -781,6 +781,29 @@ def test_a_fire_made_but_not_queued_is_finished_though_newer_fires_are_due_at_re
     assert d2.stop() == 0
 
 
+def test_a_request_being_written_as_the_daemon_starts_is_not_removed_under_its_writer(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
+) -> None:
+    """A CLI writes its request to a temp name, then renames it into control/; the daemon's
+    start-up removes the temp files a crash left there, but not one whose writer lives."""
+    d = daemon_factory().start()
+    drop(spool, "tick.yaml", job("tick", "true", "  schedule: {every: 1h}\n"))
+    wait_for("the schedule file", (spool / "schedules" / "tick.yaml").exists)
+    assert d.stop() == 0
+    writer = subprocess.Popen(["sleep", "60"])  # a `chute unschedule` between write and rename
+    try:
+        temp = spool / "control" / f".tmp-1-{writer.pid}-unschedule.json.{writer.pid}"
+        temp.write_bytes(b'{"action": "unschedule", "name": "tick"}')
+        d2 = daemon_factory().start()
+        os.rename(temp, spool / "control" / f"1-{writer.pid}-unschedule.json")
+    finally:
+        writer.kill()
+        writer.wait()
+    wait_for("the request carried out", lambda: not (spool / "schedules" / "tick.yaml").exists())
+    wait_for("its log line", lambda: "schedule tick unscheduled by request" in d2.log.read_text())
+    assert d2.stop() == 0
+
+
 def test_a_fire_made_but_not_queued_ends_cancelled_when_its_schedule_went_meanwhile(
     spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
 ) -> None:
