@@ -204,6 +204,8 @@ class Fires:
             assert sched is not None
             held = self.table.held(fire.name) is not None
             decision = overlap_decision(sched.overlap, bool(st.active), held)
+            if decision == "run" and held:
+                continue  # the held fire's run could not be made yet: this one waits for it
             if decision == "run":
                 # Handover: the fire is recorded and held before its run is made, and let go
                 # once that run is queued: after a crash in between the same fire's run is
