@@ -431,9 +431,9 @@ class Storm:
         return True
 
     def unschedule(self, tag: str) -> Ask:
-        ask = self.cli("unschedule", tag)
-        assert ask.code == 0, f"unschedule {tag}: exit {ask.code}: {ask.err}"
-        return ask
+        """`chute unschedule`; exit 1 (no daemon took it within 10 s, while they were killed)
+        leaves the request to the next one: settling waits for schedules/ to empty."""
+        return self.cli("unschedule", tag)
 
     def wait_asks(self) -> None:
         for f in self.pending:
@@ -751,6 +751,8 @@ def check(storm: Storm) -> Tally:
         if ask.what != "unschedule":
             continue
         tag = ask.args[0]
+        if ask.code == 1 and "the daemon has not done it yet" in ask.err:
+            continue  # not acknowledged: its request was carried out later
         if ask.code != 0:
             problems.append(f"unschedule {tag}: exit {ask.code}: {ask.err.strip()[-300:]}")
             continue

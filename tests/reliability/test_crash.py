@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +29,16 @@ import pytest
 
 from conftest import wait_for
 from daemon_proc import Daemon, assert_settled, daemon_factory, drop
-from reliability.storm import CRASH_POINTS, GATED, Busy, Storm, check, running
+from reliability.storm import (
+    CRASH_POINTS,
+    GATED,
+    TASK,
+    Busy,
+    Storm,
+    check,
+    read_ledger,
+    running,
+)
 
 __all__ = ["daemon_factory"]
 
@@ -202,3 +213,37 @@ def test_kill_9_storm_over_every_operation_keeps_each_acknowledged_request_once(
         f"checks {time.monotonic() - settled:.0f}s"
     )
     assert sum(1 for life in storm.lives if life.how.startswith("killed")) >= 20
+
+
+def test_the_storm_ledger_sees_a_stage_started_while_another_start_of_it_lives(
+    tmp_path: Path,
+) -> None:
+    """The instrument itself: two starts of one stage of one run at once (as a resumed call
+    beside its crashed daemon's worker would be) leave an `overlap` line, and so do two runs
+    of one `group` (an `overlap: skip` schedule)."""
+    ledger = tmp_path / "ledger"
+
+    def task(run_id: str, flags: str) -> subprocess.Popen[bytes]:
+        env = {"CHUTE_RUN_ID": run_id, "CHUTE_STAGE": "b", "CHUTE_SHARD_INDEX": "0"}
+        argv = [sys.executable, "-S", str(TASK), str(ledger), "chain00001", flags]
+        return subprocess.Popen(argv, env=env)
+
+    first = task("20261207_000000_aaaaaa", "sleep=60,group=g")
+    try:
+        wait_for("the first start", lambda: ledger.exists() and b" start " in ledger.read_bytes())
+        same_run = task("20261207_000000_aaaaaa", "sleep=0")
+        other_run = task("20261207_000001_bbbbbb", "sleep=0,group=g")
+        assert (same_run.wait(timeout=30), other_run.wait(timeout=30)) == (0, 0)
+    finally:
+        first.kill()
+        first.wait()
+    lines = [(e.run_id[-1], e.n, e.event, e.pid) for e in read_ledger(ledger)]
+    assert sorted(lines) == [
+        ("a", 1, "start", first.pid),
+        ("a", 2, "end", same_run.pid),
+        ("a", 2, "overlap", first.pid),  # the second start of that stage saw the first alive
+        ("a", 2, "start", same_run.pid),
+        ("b", 1, "end", other_run.pid),
+        ("b", 1, "overlap", first.pid),  # another run of the group saw it too
+        ("b", 1, "start", other_run.pid),
+    ]
