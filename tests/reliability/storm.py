@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from conftest import chute_env, spool_cgroups, wait_for
 from daemon_proc import Daemon, drop
 
 TASK = Path(__file__).with_name("ledger_task.py")
+RUN_ID = re.compile(r"\d{8}_\d{6}_[0-9a-f]{6}")
 FINAL = ("succeeded", "failed", "cancelled", "interrupted")
 CRASH_POINTS = (
     "control.recorded",
@@ -544,6 +546,7 @@ class Tally:
     retries: int = 0
     foreground_retries: int = 0
     refused_retries: int = 0
+    refusals: Counter[str] = field(default_factory=Counter)  # why retries were refused
     fires: dict[str, int] = field(default_factory=dict)
     starts: int = 0
     restarted_stages: int = 0
@@ -554,7 +557,8 @@ class Tally:
         return (
             f"{self.lives} daemon lives, {self.drops} drops ({self.rejected} rejected), "
             f"{self.runs} runs seen, {self.cancels} cancels, {self.retries} retries "
-            f"({self.foreground_retries} in the foreground, {self.refused_retries} refused), "
+            f"({self.foreground_retries} in the foreground, {self.refused_retries} refused: "
+            f"{dict(self.refusals)}), "
             f"fires {self.fires}, "
             f"{self.starts} task starts ({self.restarted_stages} started again after a crash), "
             f"{self.resumed} runs resumed"
@@ -715,6 +719,8 @@ def check(storm: Storm) -> Tally:
             tally.foreground_retries += 1
         if new_id is None:
             tally.refused_retries += 1
+            why = (ask.err.strip().splitlines() or [f"exit {ask.code}, no message"])[-1]
+            tally.refusals[RUN_ID.sub("<id>", why)[:90]] += 1
             if ask.code != 2:  # refused: the run was removed, or not final yet
                 problems.append(f"retry {old}: exit {ask.code}: {ask.err.strip()[-300:]}")
             continue
