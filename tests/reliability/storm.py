@@ -253,7 +253,11 @@ class Storm:
         self.lives: list[Life] = []
         self.cancelled: set[str] = set()  # run ids a cancel was asked for
         self.watcher = Watcher(spool / "runs")
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="storm-cli")
+        # Cancels wait for their runs to end; retries and gc have threads of their own, so
+        # they run when asked, not once the cancels before them are done (their runs would
+        # be gone by then: retention keeps few).
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="storm-cancel")
+        self.quick = ThreadPoolExecutor(max_workers=2, thread_name_prefix="storm-cli")
         self.pending: list[Future[None]] = []
         self.daemon: Daemon | None = None
         self._count = 0
@@ -387,7 +391,8 @@ class Storm:
 
     def later(self, what: str, *args: str) -> None:
         """Run `chute what args` in a thread of the storm's pool (a cancel waits for its run)."""
-        self.pending.append(self.pool.submit(self.cli, what, *args))
+        pool = self.pool if what == "cancel" else self.quick
+        self.pending.append(pool.submit(self.cli, what, *args))
 
     def cancel(self, run_id: str) -> None:
         self.cancelled.add(run_id)
@@ -417,7 +422,7 @@ class Storm:
             for r in seen.values()
             if r.get("pipeline") in ("chain", "flaky", "broken") and r.get("state") in FINAL
         )
-        done = [r for r in done if (self.spool / "runs" / r).exists()][-10:]
+        done = [r for r in done if (self.spool / "runs" / r).exists()][-3:]
         if not done:
             return False
         run_id = self.rng.choice(done)  # retention may still remove it: the CLI says so
@@ -791,4 +796,5 @@ def running(storm: Storm) -> Iterator[Storm]:
         yield storm
     finally:
         storm.pool.shutdown(wait=True)
+        storm.quick.shutdown(wait=True)
         storm.watcher.close()
