@@ -62,11 +62,24 @@ def test_a_placed_file_never_replaces_one_already_there_and_keeps_its_identity(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.1.yaml", "job.yaml"]
 
 
-def test_remove_temp_leftovers_deletes_only_temps(tmp_path: Path) -> None:
-    (tmp_path / ".tmp-run.json.123").write_bytes(b"half")
-    (tmp_path / "run.json").write_bytes(b"{}")
-    assert atomic.remove_temp_leftovers(tmp_path) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+def test_remove_temp_leftovers_deletes_only_temps_of_writers_gone(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])  # its pid is most likely nobody's now
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / f".tmp-run.json.{dead.pid}").write_bytes(b"half")  # a crashed writer's
+        (tmp_path / f".tmp-latest.{os.getpid()}").write_bytes(b"")  # an earlier life's
+        (tmp_path / ".tmp-odd").write_bytes(b"")  # no pid: not ours to keep either
+        (tmp_path / f".tmp-1-2-cancel.json.{live.pid}").write_bytes(b"{")  # being written
+        (tmp_path / "run.json").write_bytes(b"{}")
+        assert atomic.remove_temp_leftovers(tmp_path) == 3
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            f".tmp-1-2-cancel.json.{live.pid}",
+            "run.json",
+        ]
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_committer_keeps_submission_order_and_last_version_wins(tmp_path: Path) -> None:

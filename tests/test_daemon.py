@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -491,12 +492,13 @@ def test_a_retry_killed_mid_way_is_finished_once_under_the_id_the_cli_printed(
     old = final_run(spool, "incoming/rt.yaml")
     assert old["state"] == "failed"
     (tmp_path / "go").touch()
-    done = chute("retry", old["run_id"])
-    assert done.code == 0, done.err
-    new_id = done.out.split()[-1]
+    retry = start_chute(spool, "retry", old["run_id"])
     assert d.proc is not None
     assert d.proc.wait(timeout=30) == -signal.SIGKILL  # the crash point fired
     d2 = daemon_factory().start()
+    out, err = retry.communicate(timeout=90)  # the id once its run is queued, after the crash
+    assert retry.returncode == 0, err
+    new_id = out.split()[-1]
     rec = wait_for(
         "the retry to end",
         lambda: (
@@ -539,16 +541,99 @@ def test_a_kill_9_while_a_retry_copies_big_artifacts_loses_no_run(
     old = final_run(spool, "incoming/big.yaml", timeout=120)
     assert old["state"] == "failed"
     (tmp_path / "go").touch()
-    done = chute("retry", old["run_id"])
-    new_id = done.out.split()[-1]
-    wait_for("the retry's run folder", (spool / "runs" / new_id / "run.json").exists, 30)
+    retry = start_chute(spool, "retry", old["run_id"])
+
+    def made() -> str | None:
+        return next((r["run_id"] for r in runs_of(spool) if r["trigger"]["type"] == "retry"), None)
+
+    new_id = wait_for("the retry's run folder", made, 30)
     d.stop(signal.SIGKILL)  # while it copies: the folder exists, its queue file does not
     assert not (spool / "queue" / f"{new_id}.yaml").exists()
+    assert retry.poll() is None  # no id printed for a run not queued yet
     d2 = daemon_factory().start()
+    out, err = retry.communicate(timeout=120)
+    assert (retry.returncode, out) == (0, f"retry of {old['run_id']} submitted as {new_id}\n"), err
     rec = final_run(spool, old["run_id"], timeout=120)  # the retry's trigger source
     assert (rec["run_id"], rec["state"]) == (new_id, "succeeded")
     assert len(list((spool / "runs" / new_id / "stages" / "make" / "artifacts").iterdir())) == 400
     assert d2.stop() == 0
+
+
+def start_chute(spool: Path, *args: str, config: Path | None = None) -> subprocess.Popen[str]:
+    """`chute ARGS --spool SPOOL` in the background."""
+    extra = ["--config", str(config)] if config is not None else []
+    return subprocess.Popen(
+        [sys.executable, "-m", "chute", *args, "--spool", str(spool), *extra],
+        env=chute_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _stopped_with_a_retry_waiting(spool: Path, d: Daemon, old_id: str) -> subprocess.Popen[str]:
+    """SIGSTOP the daemon, then `chute retry OLD` in the background, once its request waits
+    in control/ (the daemon takes it after SIGCONT)."""
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGSTOP)
+    retry = start_chute(spool, "retry", old_id)
+    wait_for("the retry request in control/", lambda: any((spool / "control").glob("*.json")), 30)
+    return retry
+
+
+def test_retention_keeps_a_run_a_waiting_retry_request_names(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
+) -> None:
+    gc_config = tmp_path / "gc.yaml"  # `chute gc`'s alone: the daemon's retention keeps all
+    gc_config.write_text("retention: {keep_runs: 1, max_age: 30d}\n")
+    d = daemon_factory().start()
+    drop(spool, "first.yaml", job("same", "true"))
+    old = final_run(spool, "incoming/first.yaml")
+    drop(spool, "second.yaml", job("same", "true"))
+    final_run(spool, "incoming/second.yaml")  # the newest: `old` is beyond keep_runs
+    retry = _stopped_with_a_retry_waiting(spool, d, old["run_id"])
+    try:
+        gc = chute("gc", env={"CHUTE_CONFIG": str(gc_config)})
+        assert (gc.code, gc.out.splitlines()[0]) == (
+            0,
+            "removed 0 run(s) (keep_runs 1, max_age 30d)",
+        ), gc.err
+        assert (spool / "runs" / old["run_id"] / "run.json").exists()
+    finally:
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGCONT)
+    out, err = retry.communicate(timeout=90)
+    assert retry.returncode == 0, err
+    assert out.startswith(f"retry of {old['run_id']} submitted as ")
+    rec = final_run(spool, old["run_id"])  # the retry's trigger source
+    assert (rec["run_id"], rec["state"]) == (out.split()[-1], "succeeded")
+    gc = chute("gc", env={"CHUTE_CONFIG": str(gc_config)})  # once the retry is made, it may go
+    assert gc.out.startswith("removed 2 run(s)"), gc.out  # the old run and `second`
+    assert d.stop() == 0
+
+
+def test_a_retry_the_daemon_refuses_prints_no_run_id(
+    spool: Path, daemon_factory: Callable[..., Daemon]
+) -> None:
+    """The run goes after the CLI checked it and before the daemon takes the request (a
+    remover that looked at control/ before the request was there): the daemon refuses, and
+    the CLI says so instead of printing an id that never becomes a run."""
+    d = daemon_factory().start()
+    drop(spool, "first.yaml", job("same", "true"))
+    old = final_run(spool, "incoming/first.yaml")
+    retry = _stopped_with_a_retry_waiting(spool, d, old["run_id"])
+    shutil.rmtree(spool / "runs" / old["run_id"])
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGCONT)
+    out, err = retry.communicate(timeout=90)
+    assert (retry.returncode, out) == (2, ""), err
+    request = next((spool / "rejected").glob("*-retry.json")).name
+    assert err == (
+        f"the daemon refused the request: retry refused: {old['run_id']}: no such run (its "
+        f"folder or run.json is gone) ({spool / 'rejected' / request}.error.json)\n"
+    )
+    assert [r["trigger"]["type"] for r in runs_of(spool)] == []  # no run, not even half made
+    assert d.stop() == 0
 
 
 @pytest.mark.parametrize("kill", ["during-grace", "control.recorded"])
@@ -644,6 +729,97 @@ def test_a_fire_whose_run_was_made_but_not_queued_is_finished_not_made_again(
     assert rec["created_at"] == made["created_at"]  # the same run, finished, not made again
     assert ran.read_text().splitlines()[0] == made["run_id"]
     assert ran.read_text().splitlines().count(made["run_id"]) == 1
+    assert d2.stop() == 0
+
+
+def _tick_made_not_queued(
+    spool: Path, daemon_factory: Callable[..., Daemon], ran: Path
+) -> dict[str, Any]:
+    """An `every: 1s` schedule whose first fire's run was made, and the daemon killed before
+    that run was queued: that run's record."""
+    d = daemon_factory(env={"CHUTE_CRASH_AT": "schedules.run_made"}).start()
+    drop(
+        spool, "tick.yaml", job("tick", f"echo $CHUTE_RUN_ID >> {ran}", "  schedule: {every: 1s}\n")
+    )
+    assert d.proc is not None
+    assert d.proc.wait(timeout=30) == -signal.SIGKILL
+    (made,) = runs_of(spool)
+    assert made["state"] == "queued"
+    assert not (spool / "queue" / f"{made['run_id']}.yaml").exists()
+    return made
+
+
+def _later_fires_due(made: dict[str, Any]) -> None:
+    """The daemon stays down until two more fire times of the schedule have passed."""
+    fire = datetime.fromisoformat(made["trigger"]["fire_time"].replace("Z", "+00:00"))
+    wait_for(
+        "two more fire times to pass", lambda: datetime.now(UTC) > fire + timedelta(seconds=2.5)
+    )
+
+
+def test_a_fire_made_but_not_queued_is_finished_though_newer_fires_are_due_at_restart(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    made = _tick_made_not_queued(spool, daemon_factory, ran)
+    _later_fires_due(made)  # the next start's newest due fire is another one
+    d2 = daemon_factory().start()
+    rec = wait_for(
+        "the half-made fire's run to end",
+        lambda: (
+            (r := load_json(spool / "runs" / made["run_id"] / "run.json"))["state"] == "succeeded"
+            and r
+        ),
+        30,
+    )
+    assert rec["created_at"] == made["created_at"]  # the same run, finished, not made again
+    assert ran.read_text().splitlines().count(made["run_id"]) == 1
+    assert chute("unschedule", "tick", timeout=30).code == 0
+    wait_for("the schedule's runs to end", lambda: not any((spool / "queue").iterdir()), 30)
+    fires = [r for r in runs_of(spool) if r["trigger"]["type"] == "every"]
+    assert {r["state"] for r in fires} == {"succeeded"}  # none left queued
+    assert d2.stop() == 0
+
+
+def test_a_request_being_written_as_the_daemon_starts_is_not_removed_under_its_writer(
+    spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
+) -> None:
+    """A CLI writes its request to a temp name, then renames it into control/; the daemon's
+    start-up removes the temp files a crash left there, but not one whose writer lives."""
+    d = daemon_factory().start()
+    drop(spool, "tick.yaml", job("tick", "true", "  schedule: {every: 1h}\n"))
+    wait_for("the schedule file", (spool / "schedules" / "tick.yaml").exists)
+    assert d.stop() == 0
+    writer = subprocess.Popen(["sleep", "60"])  # a `chute unschedule` between write and rename
+    try:
+        temp = spool / "control" / f".tmp-1-{writer.pid}-unschedule.json.{writer.pid}"
+        temp.write_bytes(b'{"action": "unschedule", "name": "tick"}')
+        d2 = daemon_factory().start()
+        os.rename(temp, spool / "control" / f"1-{writer.pid}-unschedule.json")
+    finally:
+        writer.kill()
+        writer.wait()
+    wait_for("the request carried out", lambda: not (spool / "schedules" / "tick.yaml").exists())
+    wait_for("its log line", lambda: "schedule tick unscheduled by request" in d2.log.read_text())
+    assert d2.stop() == 0
+
+
+def test_a_fire_made_but_not_queued_ends_cancelled_when_its_schedule_went_meanwhile(
+    spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    made = _tick_made_not_queued(spool, daemon_factory, ran)
+    (spool / "schedules" / "tick.yaml").unlink()  # the operator removed it while chute was down
+    d2 = daemon_factory().start()
+    rec = load_json(spool / "runs" / made["run_id"] / "run.json")
+    fire = made["trigger"]["fire_time"]
+    assert (rec["state"], rec["error"]) == (
+        "cancelled",
+        f"schedule tick was removed or changed before the run of its fire at {fire} was queued",
+    )
+    assert f"{made['run_id']} cancelled: schedule tick was removed" in d2.log.read_text()
+    assert not ran.exists()
+    assert runs_of(spool) == [rec]  # nothing else fired
     assert d2.stop() == 0
 
 

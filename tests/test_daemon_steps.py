@@ -18,6 +18,7 @@ import pytest
 from chute.clock import Clock
 from chute.config import load_config
 from chute.daemon import Daemon
+from chute.scheduling.schedules import fire_run_id
 from chute.store.spool import resolve_spool
 from conftest import load_json
 from daemon_proc import drop, job, runs_of
@@ -203,3 +204,36 @@ def test_a_cancel_request_is_carried_out_at_the_next_control_pass(
     turn(d, clock, lambda: states(spool, "incoming/c.yaml") == ["cancelled"], "the cancel")
     assert load_json(spool / "runs" / rec["run_id"] / "cancel.json")
     assert list((spool / "control").iterdir()) == []
+
+
+def test_a_fire_whose_run_cannot_be_made_stays_held_and_newer_fires_wait_for_it(
+    spool: Path, clock: ManualClock, daemon: Callable[[str], Daemon]
+) -> None:
+    """A file where the fire's run folder goes makes that one run fail to be made (not the
+    whole spool): the fire stays held, a newer fire does not take its place, and once the
+    folder can be made both runs are made, in order."""
+    d = daemon("")
+    drop(spool, "a.yaml", job("a", "true", "  schedule: {every: 10s, overlap: allow}\n"))
+    turn(d, clock, lambda: (spool / "schedules" / "a.yaml").exists(), "the schedule")
+    first = d.fires.table.next_fire("a", clock.now())
+    assert first is not None
+    first_id = fire_run_id("a", first)
+    (spool / "runs").mkdir(exist_ok=True)
+    (spool / "runs" / first_id).write_bytes(b"in the way")
+    clock.advance(10)
+    d.step(clock.monotonic())
+    held = d.fires.table.held("a")
+    assert held is not None
+    assert held.run_id() == first_id
+    clock.advance(10)  # the next fire is due while the first one's run is not made
+    d.step(clock.monotonic())
+    held = d.fires.table.held("a")
+    assert held is not None
+    assert held.run_id() == first_id
+    assert runs_of(spool, "schedules/a.yaml") == []
+    (spool / "runs" / first_id).unlink()
+    turn(d, clock, lambda: len(runs_of(spool, "schedules/a.yaml")) == 2, "both fires' runs")
+    made = sorted(r["run_id"] for r in runs_of(spool, "schedules/a.yaml"))
+    assert made[0] == first_id
+    assert made[1] == fire_run_id("a", first + timedelta(seconds=10))
+    assert d.fires.table.held("a") is None

@@ -532,9 +532,29 @@ def test_a_new_trigger_drops_the_held_fire_of_the_old_one(state: Path) -> None:
     s.hold(fire)
     s.set("job", every(60, overlap="skip"), T("2026-11-23T10:01:30+00:00"))
     assert s.held("job") == fire  # same trigger, another overlap: still held
+    assert s.take_dropped() == []
     s.set("job", every(120, overlap="queue"), T("2026-11-23T10:01:40+00:00"))
     assert s.held("job") is None
     assert "held" not in orjson.loads((state / STATE_FILE).read_bytes())["job"]
+    assert s.take_dropped() == [("job", fire.fire_time)]  # the daemon ends a half-made run
+    assert s.take_dropped() == []
+
+
+@pytest.mark.parametrize("how", ["remove", "retain"])
+def test_a_held_fire_let_go_with_its_schedule_is_listed_once(state: Path, how: str) -> None:
+    s = one(state, every(60), "2026-11-23T10:00:00+00:00")
+    s.set("other", every(60), T("2026-11-23T10:00:00+00:00"))
+    [fire, other] = sorted(s.due(T("2026-11-23T10:01:00+00:00")).fires, key=lambda f: f.name)
+    s.hold(fire)
+    s.record("other", other.fire_time)  # recorded, not held: nothing to let go
+    if how == "remove":
+        s.remove("job")
+        s.remove("other")
+    else:
+        s = Schedules(state)  # a restart: the files went while the daemon was down
+        assert s.retain([]) == ["job", "other"]
+    assert s.take_dropped() == [("job", fire.fire_time)]
+    assert s.take_dropped() == []
 
 
 def test_a_state_file_that_cannot_be_written_is_one_error_and_written_later(

@@ -376,7 +376,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for run_id in leftovers.end_dead_foreground(spool, config.kill_grace):
         print(f"{run_id} interrupted: the `chute run` that ran it is gone")
     rules = retention.Rules.of(config)
-    removed = retention.gc(spool, rules, now=time.time(), sweep=True)
+    # A run a retry request in control/ names stays until the daemon has made the retry.
+    removed = retention.gc(
+        spool, rules, now=time.time(), active=control.retried_runs(spool), sweep=True
+    )
     size = "no bound" if rules.cache_max_size is None else format_size(rules.cache_max_size)
     print(
         f"removed {len(removed.runs)} run(s) (keep_runs {rules.keep_runs}, "

@@ -41,14 +41,14 @@ from chute.intake import control
 from chute.observe import report
 from chute.reactor import Reactor
 from chute.scheduling.topology import Topology, format_cpulist, parse_cpulist, read_topology
-from chute.store import rundir
+from chute.store import queue, rundir
 from chute.store.spool import Spool, sync_roots
 
 log = logging.getLogger("chute")
 
 PROGRESS_EVERY = 0.1  # seconds between redraws of the progress line
 STATUS_WAIT = 5.0  # seconds `--here` waits for a daemon just started to write status.json
-RETRY_WAIT = 30.0  # seconds `retry` waits for the daemon to make the new run
+RETRY_WAIT = 60.0  # seconds `retry` waits for the daemon to make the new run
 
 
 class Progress:
@@ -228,6 +228,15 @@ def _cores_left(spool: Spool, config: Config, topo: Topology, pid: int) -> Topol
         raise UsageError(f"config: {exc}") from None
 
 
+def _retry_made(spool: Spool, request: Path, new_id: str) -> bool:
+    """Whether the daemon has made the run `request` asks for: its queue file is written, or
+    the request is gone without a rejection (the daemon removes a request once its effect
+    is durable)."""
+    if queue.exists(spool, new_id):
+        return True
+    return not request.exists() and not (spool.rejected / request.name).exists()
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     config = common.config(args)
     spool = common.spool(args, config)
@@ -244,10 +253,18 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if daemon_pid(spool) is not None:
         new_id = rundir.new_run_id(Clock().now())
         request = control.submit(spool, control.Retry(plan.old_id, args.from_stage, new_id))
+        # The id is printed only once the run is made durably (its queue file, or the
+        # request done): a request in control/ is carried out after a crash, but the daemon
+        # may still refuse it, and an id printed must become a run.
+        if not wait_for(spool, request, lambda: _retry_made(spool, request, new_id), RETRY_WAIT):
+            print(
+                f"retry of {plan.old_id} requested as {new_id}, but the daemon has not made "
+                f"the run within {RETRY_WAIT:.0f}s; {request} stays until it does, or refuses "
+                "it (see the daemon's log)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         print(f"retry of {plan.old_id} submitted as {new_id}")
-        made = (spool.runs / new_id / "run.json").exists  # made, or refused
-        if not wait_for(spool, request, made, RETRY_WAIT):
-            raise UsageError(f"{new_id}: the daemon did not start the retry (see its log)")
         if not args.wait:
             return EXIT_OK
         return follow_run(spool, new_id)

@@ -1,18 +1,22 @@
 """Schedules at run time: which schedules are loaded, their fires made into runs.
 
 Owns: the schedules the daemon holds (each one's spec and bytes, and the runs of it not
-finished yet), turning due fires into runs by the overlap rules, releasing a fire held by
-`overlap: queue` once its schedule's run ends, and removing an `at` schedule once its fire
-is handled. Not here: fire times, misfires and the held/last-fire state on disk
+finished yet), turning due fires into runs by the overlap rules, releasing a held fire once
+its run is queued (one `overlap: queue` holds, once its schedule's run ends), ending a run
+a crash left half made for a fire its schedule let go, and removing an `at` schedule once
+its fire is handled. Not here: fire times, misfires and the held/last-fire state on disk
 (chute.scheduling.schedules), the overlap rule itself (chute.scheduling.schedules.overlap_decision,
 pure), making a run (chute.engine.runs).
-Crash safety: a fire makes its run under an id derived from (schedule, fire time) before
-the fire is recorded, so a crash in between makes the same id again, which exists: no
-second run (a run made but not queued is queued then, never removed). A held fire is in
-state/schedules.json with the fire that held it. An `at` schedule's file is removed only
+Crash safety: a fire is recorded and held (state/schedules.json) before its run is made
+under an id derived from (schedule, fire time), and let go once that run is queued, so a
+crash in between finishes that same run at the next start (`_start_held`), whatever newer
+fire times are due by then: no second run, none left half made (a run made but not queued
+is queued then, never removed; if its schedule went or changed its trigger meanwhile, it
+ends cancelled, saying why). An `at` schedule's file is removed only
 after its fire is recorded, so a crash in between removes it at the next start.
-Diagnostics: a fire whose run cannot be made (a full disk) is one ERROR line and is offered
-again (within grace it runs late); a schedule file that cannot be loaded is one line.
+Diagnostics: a fire whose run cannot be made (a full disk) is one ERROR line and stays
+held: its run is made once the spool is writable (newer fires of its schedule wait for
+it); a schedule file that cannot be loaded is one line.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ from typing import Any
 from chute.clock import Clock, rfc3339
 from chute.engine import reasons, runs
 from chute.engine.loop import Engine
-from chute.engine.recovery import finished_on_disk
+from chute.engine.recovery import end_unqueued, finished_on_disk
 from chute.engine.runs import ActiveRun
 from chute.faults import crash_point
 from chute.intake import access
 from chute.observe.metrics import Metrics
-from chute.scheduling.schedules import Fire, Schedules, overlap_decision
+from chute.scheduling.schedules import Fire, Schedules, fire_run_id, overlap_decision
 from chute.spec import SpecError, load_bytes
 from chute.spec.model import Pipeline
 from chute.store import atomic, queue
@@ -107,6 +111,7 @@ class Fires:
             forgotten = []
         if forgotten:
             log.info("forgot state of schedules whose files are gone: %s", ", ".join(forgotten))
+        self._end_dropped_fires()
         self._remove_spent()  # fired before a crash that came before their removal
 
     def set(self, name: str, pipeline: Pipeline, raw: bytes, accepted_at: datetime) -> None:
@@ -115,6 +120,7 @@ class Fires:
         old = self._loaded.get(name)
         self._loaded[name] = _Loaded(pipeline, raw, active=old.active if old else set())
         self.table.set(name, pipeline.schedule, accepted_at)
+        self._end_dropped_fires()
         nxt = self.table.next_fire(name, self.clock.now())
         log.info(
             "schedule %s %s next=%s",
@@ -127,6 +133,28 @@ class Fires:
         if self._loaded.pop(name, None) is not None:
             self.table.remove(name)
             log.info("schedule %s removed", name)
+            self._end_dropped_fires()
+
+    def _end_dropped_fires(self) -> None:
+        """A held fire whose schedule went (or changed its trigger) is not run: a run that a
+        crash (or a full disk) left made but not queued for it ends cancelled, saying why,
+        instead of staying queued for ever."""
+        for name, fire_time in self.table.take_dropped():
+            run_id = fire_run_id(name, fire_time)
+            reason = (
+                f"schedule {name} was removed or changed before the run of its fire at "
+                f"{rfc3339(fire_time.timestamp())} was queued"
+            )
+            try:
+                ended = end_unqueued(
+                    self.spool, run_id, f"schedules/{name}.yaml", reason, self.clock.time()
+                )
+            except OSError as exc:
+                log.error("%s: cannot end it (%s): %s", run_id, exc.strerror, reason)
+                continue
+            if ended:
+                self.metrics.run_finished("cancelled", None)
+                log.warning("%s cancelled: %s", run_id, reason)
 
     def sync_with_folder(self) -> None:
         """schedules/ is the truth: a file deleted while events were missed unschedules."""
@@ -178,9 +206,15 @@ class Fires:
             assert sched is not None
             held = self.table.held(fire.name) is not None
             decision = overlap_decision(sched.overlap, bool(st.active), held)
+            if decision == "run" and held:
+                continue  # the held fire's run could not be made yet: this one waits for it
             if decision == "run":
-                if not self._start_fire(st, fire):
-                    continue  # not recorded: due() offers it again once the spool is writable
+                # Handover: the fire is recorded and held before its run is made, and let go
+                # once that run is queued: after a crash in between the same fire's run is
+                # finished (_start_held), whatever newer fire times are due by then.
+                self.table.hold(fire)
+                if self._start_fire(st, fire):
+                    self.table.release(fire.name)
             elif decision == "queue":
                 self.table.hold(fire)
                 log.info(
@@ -199,7 +233,8 @@ class Fires:
             self._remove_spent()
 
     def held_report(self) -> list[dict[str, Any]]:
-        """Fires held by `overlap: queue`, for status.json."""
+        """Held fires (by `overlap: queue`, or whose run is not queued yet), for
+        status.json."""
         out: list[dict[str, Any]] = []
         for name, st in sorted(self._loaded.items()):
             fire = self.table.held(name)
@@ -236,13 +271,17 @@ class Fires:
         self.metrics.schedules_fired(0, n)
 
     def _start_held(self, name: str, st: _Loaded) -> None:
-        """Start the fire overlap: queue holds for `name` once its previous run has ended.
-        One whose run exists already (a crash came before its release) is only released,
-        so the next fire can be held in its place."""
+        """Start the fire held for `name`: one overlap: queue keeps until the previous run has
+        ended, or one whose run a crash (or a full disk) interrupted while it was made
+        (with overlap: allow at once, else once the schedule's runs have ended). One whose
+        run exists already (a crash came before its release) is only released, so the next
+        fire can be held in its place."""
         fire = self.table.held(name)
         if fire is None:
             return
-        if self._fire_made(fire.run_id()) or (not st.active and self._start_fire(st, fire)):
+        sched = st.pipeline.schedule
+        free = not st.active or (sched is not None and sched.overlap == "allow")
+        if self._fire_made(fire.run_id()) or (free and self._start_fire(st, fire)):
             self.table.release(name)
 
     def _fire_made(self, run_id: str) -> bool:
@@ -302,8 +341,8 @@ class Fires:
             run_id=run_id,
         )
         run = runs.make_run(self.spool, new)  # a folder without run.json is made again
-        # Crash point: the fire's run exists (run.json queued), not its queue file, and the
-        # fire is not recorded: the next start offers the fire again and queues this run.
+        # Crash point: the fire's run exists (run.json queued), not its queue file; the fire
+        # is recorded and held: the next start queues this run (_start_held).
         crash_point("schedules.run_made")
         queue.make(self.spool, run_id, st.raw)
         st.active.add(run_id)

@@ -2,8 +2,9 @@
 
 Owns: the finished runs whose report.html is still to be drawn and when it is drawn; when
 retention runs and what it remembers between passes. Not here: drawing a page
-(chute.observe.report), what retention removes (chute.store.retention), ending what dead `chute
-run`s left (chute.execution.leftovers).
+(chute.observe.report), what retention removes (chute.store.retention; it keeps the runs
+the daemon holds and those a waiting retry request names, chute.intake.control), ending
+what dead `chute run`s left (chute.execution.leftovers).
 Crash safety: a page is a derived file; a run whose page a crash lost simply has none
 (`chute show` draws its text timeline from run.json and manifest.json anyway). Retention's
 own steps are crash-safe (chute.store.retention).
@@ -19,6 +20,7 @@ from pathlib import Path
 from chute.config import Config
 from chute.engine.loop import Engine
 from chute.execution import leftovers
+from chute.intake import control
 from chute.observe import report
 from chute.store import retention
 from chute.store.spool import Spool
@@ -92,7 +94,7 @@ class Retention:
             retention.Rules.of(config),
             now=now,
             limit=GC_BATCH,
-            active=self.engine.runs.keys(),
+            active=self.engine.runs.keys() | control.retried_runs(self.spool),
             sweep=not self._swept,
             sizes=self._cache_sizes,
         )

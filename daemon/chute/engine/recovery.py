@@ -149,6 +149,29 @@ def cancel_stopped(spool: Spool, run_id: str, wall: float) -> dict[str, Any]:
     return dict(record)
 
 
+def end_unqueued(spool: Spool, run_id: str, source: str, reason: str, wall: float) -> bool:
+    """End a run that was made (run.json queued) but never queued, and that nothing will
+    queue any more (the schedule whose fire made it is gone): run.json says cancelled, with
+    `reason`. Only a run of `source` (its trigger's source) in that state is touched; False
+    when there is none."""
+    folder = spool.runs / names.run_id(run_id)
+    try:
+        record = rundir.read_json(folder / "run.json")
+    except FileNotFoundError:
+        return False
+    if (
+        not isinstance(record, dict)
+        or record.get("state") != "queued"
+        or not isinstance(record.get("trigger"), dict)
+        or record["trigger"].get("source") != source
+        or queue.exists(spool, run_id)
+    ):
+        return False
+    record.update(state="cancelled", error=reason, finished_at=rfc3339(wall))
+    atomic.write_json(folder / "run.json", record)
+    return True
+
+
 def started_on_disk(run_dir: Path) -> bool:
     """Whether a run that run.json still calls `queued` had started: run.json turns `running`
     only with the run's first manifest (chute.engine.writes: soon after its first task), so a

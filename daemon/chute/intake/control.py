@@ -3,8 +3,11 @@
 Owns: control/ (writing a request, reading and checking one), the form of each action
 (cancel, retry, unschedule), moving a bad request to rejected/, and removing a schedule
 file on request. Not here: what a request does to runs (the daemon, chute.engine.runs).
-Crash safety: the request file, written atomically (atomic.drop), is the acknowledgement
-the CLI gives its user. The daemon makes a request's effect durable first (a cancel mark in
+Crash safety: the request file is written atomically (atomic.drop) before the CLI reports
+anything, and the CLI acknowledges only the effect: a cancel once the run has ended, an
+unschedule once the schedule file is gone, a retry once its run is queued (the daemon can
+still refuse a retry whose run was removed after the CLI checked it: that id is never
+printed). The daemon makes a request's effect durable first (a cancel mark in
 the run folder, a retry's run folder and queue file, a schedule file's removal with its
 folder synced), then removes the file (`finish`; crash point `control.recorded` just
 before). A crash before the removal replays the request, and each handler finds its own
@@ -16,6 +19,8 @@ read through; a file with other names, or writable by anyone, is refused, as int
 such drops); `authorize` applies chute.execution.owners' rules: the submitter of the run or
 schedule, root, the daemon's user or an admin. The CLI knows its request's name, so it finds a
 refusal at rejected/<name>.error.json and prints its reason.
+Retention keeps the runs that waiting retry requests name (retried_runs), so a retry is
+refused only when its run went between the CLI's check and its request.
 Diagnostics: a bad request (not JSON, not an object, an unknown action, missing, unknown or
 mistyped fields, a name not of its kind's form, over MAX_SIZE, a symlink, FIFO, folder or
 hard link, world-writable, or from someone who may not) goes to rejected/<name> beside
@@ -118,6 +123,21 @@ def pending(spool: Spool) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(n for n in entries if not n.startswith(".") and n.endswith(SUFFIX))
+
+
+def retried_runs(spool: Spool) -> set[str]:
+    """The runs that retry requests waiting in control/ name: retention keeps them until
+    the daemon has made the retries (unreadable or bad requests are the daemon's to
+    reject, and name nothing here)."""
+    out: set[str] = set()
+    for name in pending(spool):
+        try:
+            request, _ = read(spool, name)
+        except (BadRequest, OSError):
+            continue
+        if isinstance(request, Retry):
+            out.add(request.run)
+    return out
 
 
 def read(spool: Spool, name: str) -> tuple[Request, int]:

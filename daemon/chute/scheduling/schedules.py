@@ -14,12 +14,16 @@ sleeps past fire times after a backward clock jump (apscheduler #339) and whose 
 misfire grace is 1 s. Here every answer takes `now` (timezone-aware) as an argument.
 
 Exactly once: `due(now)` proposes at most one fire per schedule, keyed by (name, fire
-time) through its deterministic `run_id`; the daemon creates that run (a second create
-is a no-op), then `record`s the fire time. A crash before `record` proposes the same fire
-again: same run id, no second run. `due` never proposes a fire time at or before the
-recorded last fire, so a backward clock jump cannot fire one twice. A fire `overlap: queue`
-holds is recorded and held in one write (`hold`), so a restart keeps it; the daemon
-`release`s it once its run exists.
+time) through its deterministic `run_id`. A fire that is to run is recorded and held in
+one write (`hold`) before the daemon makes its run, and `release`d once that run is
+queued; a fire `overlap: queue` keeps waiting is held the same way. So a crash while a run
+is being made leaves its fire held, and the daemon finishes that same run at the next
+start, even when newer fire times are due by then (`due` would propose the newest of them
+instead, and the half-made run would be left queued for ever). A skipped fire is just
+`record`ed. `due` never proposes a fire time at or before the recorded last fire, so a
+backward clock jump cannot fire one twice. A held fire that `set` (a changed trigger),
+`remove` or `retain` lets go is listed by `take_dropped`: the daemon ends a run a crash
+left half made for it.
 Crash safety: schedules.json is replaced atomically (chute.store.atomic.write_json) by `set`
 (new or changed schedule), `record`, `hold`, `release`, `remove` and `retain`.
 Diagnostics: an unreadable schedules.json is an environment problem: one ERROR line, and
@@ -64,9 +68,7 @@ class Fire:
     run_date: str  # YYYY-MM-DD of fire_time in the schedule's zone: CHUTE_RUN_DATE
 
     def run_id(self) -> str:
-        """`20261122_101500_a1b2c3`: fire time in UTC, then sha256(name)[:6]."""
-        stamp = self.fire_time.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
-        return f"{stamp}_{hashlib.sha256(self.name.encode()).hexdigest()[:6]}"
+        return fire_run_id(self.name, self.fire_time)
 
     @property
     def missed_text(self) -> str:
@@ -85,6 +87,13 @@ class Due:
     def misfires(self) -> int:
         """chute_schedule_misfires_total's share, once every fire and skip is recorded."""
         return sum(self.misfired.values())
+
+
+def fire_run_id(name: str, fire_time: datetime) -> str:
+    """The run id of a fire: `20261122_101500_a1b2c3`, its time in UTC, then
+    sha256(name)[:6]."""
+    stamp = fire_time.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
+    return f"{stamp}_{hashlib.sha256(name.encode()).hexdigest()[:6]}"
 
 
 def overlap_decision(policy: str, previous_running: bool, fire_pending: bool) -> Decision:
@@ -112,7 +121,7 @@ class _Entry:
     text: str  # the trigger's text, as saved: a changed trigger resets anchor and last fire
     anchor: datetime
     last_fire: datetime | None
-    held: tuple[datetime, int] | None = None  # (fire time, missed) held by overlap: queue
+    held: tuple[datetime, int] | None = None  # (fire time, missed): its run is not queued yet
 
     def fire(self, name: str, fire_time: datetime, missed: int) -> Fire:
         assert self.trigger is not None
@@ -153,6 +162,7 @@ class Schedules:
                     "%s: entry %r unreadable (%s); forgetting its last fire", self.path, name, e
                 )
         self.unsaved = False  # the last write failed: memory is ahead of the file
+        self._dropped: list[tuple[str, datetime]] = []  # held fires let go: take_dropped
 
     def _read_held(self, name: str, held: Any) -> tuple[datetime, int] | None:
         """A held fire as saved; a bad one is dropped alone (the last fire stays)."""
@@ -226,12 +236,15 @@ class Schedules:
         if old is not None and old.text == trigger.text:
             self._entries[name] = _Entry(trigger, trigger.text, old.anchor, old.last_fire, old.held)
             return
+        self._let_go(name, old)
         self._entries[name] = _Entry(trigger, trigger.text, accepted_at.astimezone(UTC), None)
         self.save()
 
     def remove(self, name: str) -> bool:
-        if self._entries.pop(name, None) is None:
+        old = self._entries.pop(name, None)
+        if old is None:
             return False
+        self._let_go(name, old)
         self.save()
         return True
 
@@ -240,7 +253,7 @@ class Schedules:
         down), so one dropped again later starts afresh. Returns the forgotten names."""
         gone = sorted(n for n in self._entries if n not in names)
         for n in gone:
-            del self._entries[n]
+            self._let_go(n, self._entries.pop(n))
         if gone:
             self.save()
         return gone
@@ -297,14 +310,25 @@ class Schedules:
             self.save()
 
     def hold(self, fire: Fire) -> None:
-        """Record `fire` and keep it to run once the schedule's running run ends (overlap:
-        queue), in one write: a restart in between neither loses nor repeats it."""
+        """Record `fire` and keep it until its run is queued (`release`), in one write: a
+        restart in between neither loses nor repeats it. Every fire is held so, a fire that
+        `overlap: queue` keeps waiting for the schedule's running run too."""
         e = self._entries.get(fire.name)
         if e is None:
             return
         e.mark(fire.fire_time)
         e.held = (fire.fire_time.astimezone(UTC), fire.missed)
         self.save()
+
+    def _let_go(self, name: str, entry: _Entry | None) -> None:
+        if entry is not None and entry.held is not None:
+            self._dropped.append((name, entry.held[0]))
+
+    def take_dropped(self) -> list[tuple[str, datetime]]:
+        """(name, fire time) of the held fires let go since the last call: their schedule was
+        removed, or its trigger changed, before their runs were queued."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
 
     def held(self, name: str) -> Fire | None:
         """The fire `hold` keeps for `name`, until `release`."""

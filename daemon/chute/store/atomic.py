@@ -8,7 +8,8 @@ a batch of files made durable together (chute.store.groupcommit), and the writer
 that commits batches for the daemon's loop (chute.store.writer).
 Crash safety: a reader sees the old file or the new one, never a mix; after `write_*`
 returns, the new name survives power loss (its folder was fsynced). A temp leftover
-from a crash starts with `.tmp-` and is ignored by every reader.
+from a crash starts with `.tmp-` and is ignored by every reader; it ends with its writer's
+pid, so a cleanup leaves a live writer's temp alone (remove_temp_leftovers).
 Temp files are created with O_EXCL|O_NOFOLLOW: a run folder is a task's to scribble in,
 and a FIFO or a link a task put at a temp name must neither block a write nor redirect it.
 Diagnostics: OSError propagates to the caller, which knows the handover that failed;
@@ -311,17 +312,36 @@ def replace_symlink(link: Path, target: str) -> None:
 
 
 def remove_temp_leftovers(folder: Path) -> int:
-    """Delete `.tmp-*` files a crash left in `folder`; returns how many."""
+    """Delete `.tmp-*` files a crash left in `folder`; returns how many.
+
+    A temp name ends with its writer's pid: one whose writer still lives (another process,
+    such as a `chute cancel` writing its request into control/ while the daemon starts) is
+    being written, and is left alone. A recycled pid only keeps a leftover for a later pass."""
     count = 0
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
         return 0
     for entry in entries:
-        if entry.name.startswith(TMP_PREFIX):
+        if entry.name.startswith(TMP_PREFIX) and not _writer_lives(entry.name):
             try:
                 os.unlink(entry.path)
                 count += 1
             except FileNotFoundError:
                 pass
     return count
+
+
+def _writer_lives(temp: str) -> bool:
+    """Whether the process whose pid ends the temp name `temp` lives (not this one: nothing
+    of ours is being written while a folder's leftovers are removed)."""
+    pid = temp.rpartition(".")[2]
+    if not pid.isdigit() or int(pid) in (0, os.getpid()):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
