@@ -718,18 +718,20 @@ def test_a_fire_whose_run_was_made_but_not_queued_is_finished_not_made_again(
     assert made["state"] == "queued"
     assert not (spool / "queue" / f"{made['run_id']}.yaml").exists()
     d2 = daemon_factory().start()
-    rec = wait_for(
-        "the fire's run to end",
-        lambda: (
-            (r := load_json(spool / "runs" / made["run_id"] / "run.json"))["state"] == "succeeded"
-            and r
-        ),
-        30,
-    )
+    rec = _succeeded(spool, made["run_id"], "the fire's run to end")
     assert rec["created_at"] == made["created_at"]  # the same run, finished, not made again
     assert ran.read_text().splitlines()[0] == made["run_id"]
     assert ran.read_text().splitlines().count(made["run_id"]) == 1
     assert d2.stop() == 0
+
+
+def _succeeded(spool: Path, run_id: str, what: str) -> dict[str, Any]:
+    """Wait (30 s at most) for run `run_id` to succeed; its run.json."""
+    path = spool / "runs" / run_id / "run.json"
+    done: dict[str, Any] = wait_for(
+        what, lambda: (r := load_json(path))["state"] == "succeeded" and r, 30
+    )
+    return done
 
 
 def _tick_made_not_queued(
@@ -764,14 +766,7 @@ def test_a_fire_made_but_not_queued_is_finished_though_newer_fires_are_due_at_re
     made = _tick_made_not_queued(spool, daemon_factory, ran)
     _later_fires_due(made)  # the next start's newest due fire is another one
     d2 = daemon_factory().start()
-    rec = wait_for(
-        "the half-made fire's run to end",
-        lambda: (
-            (r := load_json(spool / "runs" / made["run_id"] / "run.json"))["state"] == "succeeded"
-            and r
-        ),
-        30,
-    )
+    rec = _succeeded(spool, made["run_id"], "the half-made fire's run to end")
     assert rec["created_at"] == made["created_at"]  # the same run, finished, not made again
     assert ran.read_text().splitlines().count(made["run_id"]) == 1
     assert chute("unschedule", "tick", timeout=30).code == 0

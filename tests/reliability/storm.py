@@ -389,6 +389,21 @@ class Storm:
             self.asks.append(ask)
         return ask
 
+    def act(self, rng: random.Random, shares: dict[str, float], kinds: dict[str, int]) -> None:
+        """One user action, drawn by `shares` of "drop" (a kind drawn by `kinds`' weights),
+        "cancel", "retry", "gc" and "at" (an `at` schedule up to 30 s ahead)."""
+        what = rng.choices(list(shares), list(shares.values()))[0]
+        if what == "drop":
+            self.drop(rng.choices(list(kinds), list(kinds.values()))[0])
+        elif what == "cancel":
+            self.cancel_some()
+        elif what == "retry":
+            self.retry_some()
+        elif what == "gc":
+            self.later("gc")
+        else:
+            self.schedule_at(rng.uniform(1, 30))
+
     def later(self, what: str, *args: str) -> None:
         """Run `chute what args` in a thread of the storm's pool (a cancel waits for its run)."""
         pool = self.pool if what == "cancel" else self.quick

@@ -143,21 +143,12 @@ def storm_operations(storm: Storm, seconds: float, rng: random.Random) -> None:
     for _ in range(6):
         storm.schedule_at(rng.uniform(3, seconds))
     unschedule_at = {0.4: "al", 0.6: "qu", 0.8: "sk"}
-    kinds, weights = zip(*DROP_KINDS.items(), strict=True)
     while (elapsed := time.monotonic() - began) < seconds:
         for share, kind in list(unschedule_at.items()):
             if elapsed >= share * seconds:
                 del unschedule_at[share]
                 storm.unschedule(next(t for t, k in storm.schedules.items() if k == kind))
-        roll = rng.random()
-        if roll < 0.5:
-            storm.drop(rng.choices(kinds, weights)[0])
-        elif roll < 0.72:
-            storm.cancel_some()
-        elif roll < 0.95:
-            storm.retry_some()
-        else:
-            storm.later("gc")
+        storm.act(rng, {"drop": 0.5, "cancel": 0.22, "retry": 0.23, "gc": 0.05}, DROP_KINDS)
         time.sleep(rng.uniform(0.1, 0.6))
     for kind in unschedule_at.values():
         storm.unschedule(next(t for t, k in storm.schedules.items() if k == kind))

@@ -60,19 +60,10 @@ def soak_operations(storm: Storm, seconds: float, rng: random.Random) -> None:
         storm.schedule("sk", "{every: 1s, overlap: skip}"),
         storm.schedule("al", "{every: 1s, overlap: allow}"),
     ]
-    kinds, weights = zip(*DROP_KINDS.items(), strict=True)
     while time.monotonic() - began < seconds:
-        roll = rng.random()
-        if roll < 0.5:
-            storm.drop(rng.choices(kinds, weights)[0])
-        elif roll < 0.75:
-            storm.cancel_some()
-        elif roll < 0.95:
-            storm.retry_some()
-        elif roll < 0.98:
-            storm.later("gc")
-        else:
-            storm.schedule_at(rng.uniform(1, 30))
+        storm.act(
+            rng, {"drop": 0.5, "cancel": 0.25, "retry": 0.2, "gc": 0.03, "at": 0.02}, DROP_KINDS
+        )
         time.sleep(rng.uniform(0.2, 1.5))
     for tag in every:
         storm.unschedule(tag)
