@@ -3,6 +3,7 @@ listings, cancelling by selector, log tails, durations and where the daemon list
 
 from __future__ import annotations
 
+import argparse
 import re
 import signal
 import subprocess
@@ -399,3 +400,17 @@ def test_a_bad_listen_address_is_named_by_where_it_was_given(
         f"{message} (e.g. 127.0.0.1:9842, [::1]:9842)\n",
     )
     assert not (spool / "state").exists()
+
+
+def test_every_positional_argument_of_every_command_has_help() -> None:
+    from chute.cli.parser import _parser
+
+    parser = _parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        (name, a.dest)
+        for name, sub in commands.choices.items()
+        for a in sub._actions
+        if not a.option_strings and not a.help
+    ]
+    assert missing == []

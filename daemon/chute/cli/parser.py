@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "chute validate FILE...: check files; print errors or the stage plan",
         "chute validate spool/examples/etl.yaml",
     )
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="Job or Pipeline files to check")
 
     p = add(
         "run",
@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         "when one runs on the spool)",
         "chute run spool/examples/etl.yaml",
     )
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the Job or Pipeline file to run")
     p.add_argument(
         "--here",
         action="store_true",
@@ -115,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
         "chute show RUN|latest: the execution summary of a run",
         "chute show latest",
     )
-    p.add_argument("run", metavar="RUN")
+    p.add_argument(
+        "run", metavar="RUN", help="a run id, a unique prefix of one, latest or PIPELINE/latest"
+    )
     p.add_argument("--json", action="store_true", help="print run.json and manifest.json")
 
     p = add(
@@ -124,8 +126,15 @@ def _parser() -> argparse.ArgumentParser:
         "chute logs RUN [STAGE] [-f] [-n N] [--since DURATION|TIME]: print a run's stage logs",
         "chute logs latest extract -n 20",
     )
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("stage", nargs="?", metavar="STAGE")
+    p.add_argument(
+        "run", metavar="RUN", help="a run id, a unique prefix of one, latest or PIPELINE/latest"
+    )
+    p.add_argument(
+        "stage",
+        nargs="?",
+        metavar="STAGE",
+        help="one stage, or one shard as 'name[N]' (default: all)",
+    )
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run ends")
     p.add_argument("-n", "--lines", type=int, metavar="N", help="only the last N lines of each log")
     p.add_argument(
@@ -141,7 +150,11 @@ def _parser() -> argparse.ArgumentParser:
         "chute retry RUN [--from STAGE]: a new run that keeps the old run's succeeded stages",
         "chute retry latest --from validate",
     )
-    p.add_argument("run", metavar="RUN")
+    p.add_argument(
+        "run",
+        metavar="RUN",
+        help="the run to retry: a run id, a unique prefix of one, latest or PIPELINE/latest",
+    )
     p.add_argument(
         "--from", dest="from_stage", metavar="STAGE", help="run STAGE and what follows it again"
     )
@@ -169,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         "print the run each became",
         "chute submit spool/examples/etl.yaml --wait",
     )
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="Job or Pipeline files to submit")
     p.add_argument(
         "--wait",
         action="store_true",
@@ -210,7 +223,12 @@ def _parser() -> argparse.ArgumentParser:
         "running runs (idempotent)",
         "chute cancel --pipeline nightly-etl --state queued",
     )
-    p.add_argument("runs", nargs="*", metavar="RUN")
+    p.add_argument(
+        "runs",
+        nargs="*",
+        metavar="RUN",
+        help="runs to cancel: a run id, a unique prefix of one, latest or PIPELINE/latest",
+    )
     p.add_argument("--pipeline", metavar="NAME", help="the runs of pipeline NAME not ended")
     p.add_argument(
         "--state",
@@ -234,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
         "chute unschedule NAME: remove a recurring definition",
         "chute unschedule nightly-cleanup",
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the schedule's name (its file's metadata.name)")
 
     add(
         "gc",
@@ -249,7 +267,11 @@ def _parser() -> argparse.ArgumentParser:
         "chute schema spec|run|manifest|output: print a JSON Schema",
         "chute schema spec > chute.schema.json",
     )
-    p.add_argument("what", choices=("spec", "run", "manifest", "output"))
+    p.add_argument(
+        "what",
+        choices=("spec", "run", "manifest", "output"),
+        help="a spec file, run.json, manifest.json or output.json",
+    )
     return parser
 
 
