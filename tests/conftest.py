@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -166,6 +167,17 @@ def no_leaked_cgroups(request: pytest.FixtureRequest) -> Iterator[None]:
         time.sleep(0.05)
 
 
+def _reap_orphans(me: psutil.Process) -> None:
+    """Reap the zombies among this process's children. Once an in-process executor has made
+    pytest a subreaper, what a daemon killed with -9 left (its forkserver, workers, resource
+    tracker) is reparented here when it exits; nobody else waits for it. The test's own
+    children were waited for by its fixtures, which end before this one."""
+    for child in me.children():
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            if child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fail a test that leaves child processes or threads behind (watchdog's model)."""
@@ -177,6 +189,7 @@ def no_leaks() -> Iterator[None]:
         kids = [c for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE]
         extra = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
         if not kids and not extra:
+            _reap_orphans(me)
             return
         if time.monotonic() > deadline:
             for c in kids:

@@ -329,13 +329,20 @@ def test_task_and_its_grandchild_are_pinned_to_the_task_cores(
     assert os.sched_getaffinity(0) == before
 
 
+def new_children(before: set[int], recursive: bool = False) -> list[psutil.Process]:
+    """This process's children (zombies included) that were not there `before`: an orphan
+    an earlier test's killed daemon left to this subreaper is not this test's."""
+    return [p for p in psutil.Process().children(recursive=recursive) if p.pid not in before]
+
+
 def test_fifty_concurrent_tasks_are_all_reaped(executor: PolledExecutor, tmp_path: Path) -> None:
+    before = {p.pid for p in psutil.Process().children()}
     keys = [f"t{i}" for i in range(50)]
     for key in keys:
         executor.start(run_task(tmp_path, key, ("true",)))
     got = results(executor, *keys)
     assert all(r.ok for r in got.values())
-    assert psutil.Process().children() == []
+    assert new_children(before) == []
 
 
 @pytest.mark.slow
@@ -425,6 +432,7 @@ def test_call_log_past_the_limit_is_cut_back_after_the_call(
 
 
 def test_close_leaves_no_process_of_ours(make_executor: Any, tmp_path: Path) -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     ex = make_executor()
     write_module(tmp_path, "slow", "import time\ndef run():\n    time.sleep(1000)\n")
     ex.start(run_task(tmp_path, "a", "setsid sleep 1000 & sleep 1000"))
@@ -432,7 +440,7 @@ def test_close_leaves_no_process_of_ours(make_executor: Any, tmp_path: Path) -> 
     ex.start(call_task(tmp_path, "c", "slow:run"))
     wait_log(ex, tmp_path, "b", "ready")
     ex.close()
-    assert psutil.Process().children(recursive=True) == []
+    assert new_children(before, recursive=True) == []
 
 
 # --- call: tasks ---------------------------------------------------------------------
