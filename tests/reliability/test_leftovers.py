@@ -158,8 +158,7 @@ def test_a_call_worker_dies_with_its_daemon_not_at_the_next_start(
     assert [line.split()[0] for line in ledger.read_text().splitlines()] == ["start"]
     d2 = daemon_factory(CONFIG).start()  # what the call started is the next start's to end
     assert not pid_alive(child)
-    assert final_run(spool, "incoming/ledger.yaml", timeout=120)["state"] == "succeeded"
-    assert d2.stop() == 0
+    assert d2.stop() == 0  # the call resumed runs 60 s: stopped (stop_timeout 1s), not awaited
 
 
 def test_a_daemon_start_leaves_a_live_chute_run_alone(
