@@ -154,6 +154,7 @@ def _refusal(site: Site, done: Done) -> dict[str, object]:
     return doc
 
 
+@pytest.mark.slow
 def test_a_run_is_cancelled_or_retried_only_by_its_submitter_root_or_an_admin(
     people: People, site: Site
 ) -> None:
@@ -202,6 +203,7 @@ def test_a_run_is_cancelled_or_retried_only_by_its_submitter_root_or_an_admin(
     assert "Traceback" not in site.daemon.log.read_text()
 
 
+@pytest.mark.slow
 def test_a_schedule_is_unscheduled_or_replaced_only_by_its_submitter(
     people: People, site: Site
 ) -> None:
@@ -234,6 +236,7 @@ def test_a_schedule_is_unscheduled_or_replaced_only_by_its_submitter(
     assert taken.out.endswith("incoming/mine.yaml scheduled as tick\n"), taken.err
 
 
+@pytest.mark.slow
 def test_the_runs_a_schedule_fires_are_its_submitters_to_cancel(people: People, site: Site) -> None:
     alice, bob = people.alice, people.bob
     spec = site.write("often.yaml", job("often", "sleep 60", "  schedule: {every: 1s}\n"))

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from conftest import Chute, wait_for
 from daemon_proc import Daemon, daemon_factory, drop, runs_of
 
@@ -19,6 +21,7 @@ def at_job(name: str, when: datetime, extra: str = "") -> str:
     )
 
 
+@pytest.mark.slow
 def test_an_at_schedule_that_fired_is_removed_and_not_listed(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:

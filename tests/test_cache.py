@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from chute.store.outputs import relocate
 from conftest import Chute, load_json
 from daemon_proc import Daemon, assert_settled, daemon_factory, drop, final_run
@@ -137,6 +139,7 @@ def test_a_cache_entry_whose_files_are_gone_is_a_miss_and_is_made_again(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_retried_run_names_its_own_copies_and_outlives_the_run_it_retried(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:

@@ -157,6 +157,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("command", list(SPOOL_COMMANDS), ids=list(SPOOL_COMMANDS))
 @pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.slow
 def test_config_and_spool_mean_the_same_before_or_after_the_command(
     tmp_path: Path, command: str, where: str
 ) -> None:
@@ -389,6 +390,7 @@ HOSTILE_ARGS = {
 
 
 @pytest.mark.parametrize(("args", "message"), HOSTILE_ARGS.values(), ids=HOSTILE_ARGS.keys())
+@pytest.mark.slow
 def test_a_name_of_the_wrong_form_is_refused_before_it_touches_a_file(
     spool: Path, chute: Chute, targets: Path, args: list[str], message: str
 ) -> None:

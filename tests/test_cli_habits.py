@@ -60,6 +60,7 @@ def test_json_listings_without_a_daemon_keep_their_exit_codes(spool: Path, chute
     assert [orjson.loads(chute(c, "--json").out) for c in ("runs", "schedules")] == [[], []]
 
 
+@pytest.mark.slow
 def test_json_documents_of_submit_runs_status_and_schedules(
     spool: Path, tmp_path: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:
@@ -126,6 +127,7 @@ def _states(spool: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_cancel_by_selector_cancels_each_run_it_selects_and_no_other(
     spool: Path, tmp_path: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:
@@ -220,6 +222,7 @@ def test_cancel_without_a_daemon_cancels_each_selected_run(spool: Path, chute: C
     assert sorted(p.stem for p in (spool / "queue").iterdir()) == [ids[2]]
 
 
+@pytest.mark.slow
 def test_logs_tail_and_since_select_lines_and_attempts(
     chute: Chute, spool: Path, tmp_path: Path
 ) -> None:

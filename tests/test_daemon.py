@@ -252,6 +252,7 @@ def test_notify_socket_gets_ready_watchdog_and_stopping(
     assert "STOPPING=1" in d.messages
 
 
+@pytest.mark.slow
 def test_every_schedule_fires_and_unschedule_stops_it(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:
@@ -383,6 +384,7 @@ def test_sighup_reloads_the_config_and_says_what_needs_a_restart(
     assert "policy: 'nope' is not one of" in text
 
 
+@pytest.mark.slow
 def test_sighup_applies_cpus_stop_timeout_and_log_limit_to_what_comes_next(
     spool: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
@@ -420,6 +422,7 @@ def test_sighup_applies_cpus_stop_timeout_and_log_limit_to_what_comes_next(
 
 
 @pytest.mark.parametrize("on_restart", ["fail", "resume"])
+@pytest.mark.slow
 def test_a_crash_before_run_json_says_running_still_counts_the_run_started(
     spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path, on_restart: str
 ) -> None:
@@ -483,6 +486,7 @@ def _retry_spec(tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize("crash_at", ["retry.copied", "control.recorded"])
+@pytest.mark.slow
 def test_a_retry_killed_mid_way_is_finished_once_under_the_id_the_cli_printed(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path, crash_at: str
 ) -> None:
@@ -637,6 +641,7 @@ def test_a_retry_the_daemon_refuses_prints_no_run_id(
 
 
 @pytest.mark.parametrize("kill", ["during-grace", "control.recorded"])
+@pytest.mark.slow
 def test_a_cancel_survives_a_kill_9_and_the_stage_never_runs_again(
     spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path, kill: str
 ) -> None:
@@ -681,6 +686,7 @@ def test_a_cancel_survives_a_kill_9_and_the_stage_never_runs_again(
     assert d2.stop() == 0
 
 
+@pytest.mark.slow
 def test_an_unschedule_survives_a_kill_9_before_its_request_is_removed(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:
@@ -704,6 +710,7 @@ def test_an_unschedule_survives_a_kill_9_before_its_request_is_removed(
     assert d2.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_fire_whose_run_was_made_but_not_queued_is_finished_not_made_again(
     spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
 ) -> None:
@@ -759,6 +766,7 @@ def _later_fires_due(made: dict[str, Any]) -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_fire_made_but_not_queued_is_finished_though_newer_fires_are_due_at_restart(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -940,6 +948,7 @@ def test_waiting_tasks_start_by_priority_then_acceptance_then_stage_and_shard_ac
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_files_wait_in_incoming_while_the_daemon_holds_its_bound_of_tasks(
     spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
 ) -> None:

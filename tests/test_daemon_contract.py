@@ -53,6 +53,7 @@ def test_cancel_of_an_unknown_run_exits_2_and_names_the_closest(spool: Path, chu
     assert load_json(spool / "runs" / real / "run.json")["state"] == "succeeded"
 
 
+@pytest.mark.slow
 def test_cancel_without_a_daemon_cancels_a_queued_run_and_a_restart_never_runs_it(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -152,6 +153,7 @@ def overlapping(iv: list[tuple[float, float]]) -> bool:
 
 
 @pytest.mark.parametrize("overlap", ["skip", "allow"], ids=["skip", "allow"])
+@pytest.mark.slow
 def test_schedule_overlap_skip_never_overlaps_and_allow_does(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, overlap: str
 ) -> None:
@@ -178,6 +180,7 @@ def held_at(spool: Path, name: str) -> float | None:
     return None if held is None else parse_rfc3339(held["fire_time"]).timestamp()
 
 
+@pytest.mark.slow
 def test_schedule_overlap_queue_holds_one_fire_through_a_kill_and_runs_it_after(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -216,6 +219,7 @@ def test_schedule_overlap_queue_holds_one_fire_through_a_kill_and_runs_it_after(
     assert not overlapping(spans(spool, source))
 
 
+@pytest.mark.slow
 def test_a_held_fire_whose_run_was_made_before_a_crash_is_released_not_run_again(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -295,6 +299,7 @@ def test_metrics_count_tasks_waiting_for_cpus_and_runs_not_started(
 # -- retention -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_daemon_applies_retention_itself_and_keeps_every_latest(
     spool: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:

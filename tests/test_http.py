@@ -257,6 +257,7 @@ def test_slow_clients_hold_no_thread_and_healthz_answers_at_once(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_request_gets_five_seconds_in_all_not_per_byte(
     served: tuple[Daemon, str, Path],
 ) -> None:

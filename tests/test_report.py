@@ -149,6 +149,7 @@ def state_of(bar: dict[str, str]) -> str:
 # -- the page from real runs -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_chute_run_writes_a_report_that_fetches_nothing(runs: Runs) -> None:
     text = (runs.first / "report.html").read_text()
     for needle in ("http://", "https://", "//", "@import"):
@@ -629,6 +630,7 @@ def test_chromium_runs_the_script_without_error(runs: Runs, tmp_path: Path, whic
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_chromium_renders_the_odd_runs(odd_run: Path, tmp_path: Path) -> None:
     dom = chromium(tmp_path, "--dump-dom", (odd_run / "report.html").as_uri())
     assert body_of(dom) == {"data-ready": "1"}  # set by the script; no data-error

@@ -85,6 +85,7 @@ def rules(**changes: float | int | None) -> retention.Rules:
     return retention.Rules(**values)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_max_age_frees_one_off_runs_and_their_pipeline_links(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -119,6 +120,7 @@ def test_max_age_frees_one_off_runs_and_their_pipeline_links(
     assert (gone.code, gone.err.strip()) == (2, "once-000/latest: no run yet for that pipeline")
 
 
+@pytest.mark.slow
 def test_within_max_age_the_newest_and_each_pipelines_latest_stay(
     spool: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
@@ -247,6 +249,7 @@ def test_gc_never_removes_a_running_or_queued_run(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_cache_beyond_its_size_loses_the_least_recently_used_entries_first(
     spool: Path, chute: Chute, write_spec: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
@@ -343,6 +346,7 @@ def test_a_pass_shares_its_limit_between_runs_rejected_files_and_cache(
 @pytest.mark.parametrize(
     "point", ["gc.link_aside", "gc.renamed", "gc.rejected_file_removed", "gc.entry_renamed"]
 )
+@pytest.mark.slow
 def test_a_gc_killed_at_any_point_is_finished_by_the_next(
     spool: Path, chute: Chute, write_spec: Callable[[str, str], Path], tmp_path: Path, point: str
 ) -> None:

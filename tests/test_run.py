@@ -578,6 +578,7 @@ def test_schema_command_prints_a_json_schema(chute: Chute, what: str) -> None:
     jsonschema.Draft202012Validator.check_schema(doc)
 
 
+@pytest.mark.slow
 def test_gc_removes_finished_runs_beyond_retention_but_never_latest_or_queued(
     spool: Path, chute: Chute, tmp_path: Path
 ) -> None:

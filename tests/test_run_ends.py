@@ -81,6 +81,7 @@ def test_runs_that_succeed_fail_time_out_or_are_cancelled_leave_nothing_open(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_a_run_stopped_with_no_stage_running_and_the_next_start_resumes_it(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -141,6 +142,7 @@ def test_a_stopped_run_cancelled_without_a_daemon_ends_with_its_stages_cancelled
     assert not (spool / "queue" / f"{run_id}.yaml").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_with_on_restart_fail_ends_the_run_interrupted_at_once_and_for_good(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -173,6 +175,7 @@ def test_sigterm_with_on_restart_fail_ends_the_run_interrupted_at_once_and_for_g
 
 
 @pytest.mark.parametrize("on_restart", ["fail", "resume"])
+@pytest.mark.slow
 def test_a_kill_9_then_a_restart_settles_the_manifest_whatever_on_restart_says(
     spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path, on_restart: str
 ) -> None:

@@ -370,6 +370,7 @@ AS_MEMBER = (
     os.geteuid() != 0 or shutil.which("setpriv") is None,
     reason="needs root and setpriv (util-linux) to act as a member of the submit group",
 )
+@pytest.mark.slow
 def test_a_member_of_the_submit_group_submits_and_reads_status_on_the_tmpfiles_layout(
     spool: Path, tmp_path: Path, daemon_factory: Callable[..., Daemon], chute: Chute
 ) -> None:

@@ -132,6 +132,7 @@ _COMPOUNDS = st.lists(
 
 @settings(max_examples=1500, deadline=None, database=None)
 @given(_COMPOUNDS)
+@pytest.mark.slow
 def test_duration_patterns_say_what_the_parser_and_its_bounds_say(text: str) -> None:
     try:
         seconds: Fraction | None = duration_seconds(text)

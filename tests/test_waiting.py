@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Chute, load_json, tmpfs, wait_for
@@ -76,6 +77,7 @@ def gated(gate: Path) -> str:
     return f"until test -e {gate}; do sleep 0.05; done"
 
 
+@pytest.mark.slow
 def test_a_run_waiting_for_memory_says_memory_in_status_show_api_and_metrics(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -130,6 +132,7 @@ def test_a_run_waiting_for_memory_says_memory_in_status_show_api_and_metrics(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_cpus_a_retry_delay_a_schedule_a_held_fire_and_a_stopping_daemon(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -178,6 +181,7 @@ def test_cpus_a_retry_delay_a_schedule_a_held_fire_and_a_stopping_daemon(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_backfill_s_reservation_and_a_node_made_too_small_by_a_reload(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -207,6 +211,7 @@ def test_backfill_s_reservation_and_a_node_made_too_small_by_a_reload(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_show_of_a_run_behind_the_first_200_says_so_and_the_api_gives_its_place(
     spool: Path, daemon_factory: Callable[..., Daemon], chute: Chute, tmp_path: Path
 ) -> None:
@@ -229,6 +234,7 @@ def test_show_of_a_run_behind_the_first_200_says_so_and_the_api_gives_its_place(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_tasks_held_back_by_a_full_disk_wait_for_disk(
     spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
 ) -> None:

@@ -112,6 +112,7 @@ def test_a_file_written_slowly_in_place_is_never_read_half_written(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_file_held_open_for_writing_is_taken_only_after_close(
     spool: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:

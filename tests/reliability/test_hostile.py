@@ -83,6 +83,7 @@ def test_hostile_files_are_each_rejected_with_a_reason_and_the_daemon_goes_on(
     ["with space.yaml", "ünïcødé-名前.yaml", "new\nline.yaml", "tab\there.yaml", "-dash.yaml"],
     ids=["space", "unicode", "newline", "tab", "dash"],
 )
+@pytest.mark.slow
 def test_odd_names_run_and_keep_their_name(
     spool: Path, daemon_factory: Callable[..., Daemon], name: str
 ) -> None:
@@ -132,6 +133,7 @@ def test_random_structures_under_spec_give_spec_errors_only(value: object) -> No
     assert issues is None or issues
 
 
+@pytest.mark.slow
 def test_chute_validate_answers_hostile_files_with_exit_2_quickly(tmp_path: Path) -> None:
     for name, data in HOSTILE.items():
         path = tmp_path / name
@@ -227,6 +229,7 @@ def _metric(address: str, name: str, reason: str) -> float:
     return float(line.split()[-1])
 
 
+@pytest.mark.slow
 def test_bad_control_files_are_rejected_with_a_reason_and_the_daemon_goes_on(
     spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
 ) -> None:

@@ -120,6 +120,7 @@ def ledger_call(tmp_path: Path, seconds: float) -> tuple[str, Path, Path]:
     return spec, ledger, pids
 
 
+@pytest.mark.slow
 def test_a_call_stage_has_its_side_effect_once_per_attempt_across_a_kill_9(
     spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path, fence: list[str]
 ) -> None:
@@ -142,6 +143,7 @@ def test_a_call_stage_has_its_side_effect_once_per_attempt_across_a_kill_9(
     assert d2.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_call_worker_dies_with_its_daemon_not_at_the_next_start(
     spool: Path, daemon_factory: Callable[..., Daemon], tmp_path: Path
 ) -> None:
@@ -198,6 +200,7 @@ def test_a_daemon_start_leaves_a_live_chute_run_alone(
 
 
 @pytest.mark.parametrize("sweeper", ["daemon start", "chute gc"])
+@pytest.mark.slow
 def test_a_chute_run_killed_9_has_its_tasks_ended_and_its_run_interrupted(
     spool: Path,
     daemon_factory: Callable[..., Daemon],
@@ -252,6 +255,7 @@ def test_a_chute_run_killed_9_has_its_tasks_ended_and_its_run_interrupted(
 
 
 @pytest.mark.parametrize("point", ["owners.ended", "owners.interrupted"])
+@pytest.mark.slow
 def test_a_chute_gc_killed_while_it_ends_a_dead_chute_run_leaves_the_rest_to_the_next(
     spool: Path,
     chute: Chute,

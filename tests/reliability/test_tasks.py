@@ -87,6 +87,7 @@ def test_setsid_grandchild_does_not_outlive_a_task_that_exits_0(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_task_that_ignores_sigterm_is_killed_at_its_timeout(
     spool: Path, daemon_factory: Callable[..., Daemon]
 ) -> None:
