@@ -50,7 +50,7 @@ from chute.faults import crash_point
 from chute.intake import access
 from chute.intake.rejections import rejected_path, unreported, write_report
 from chute.spec.load import Issue, read_upto
-from chute.store import atomic, rundir
+from chute.store import atomic, rundir, taskfiles
 from chute.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,8 @@ def _read(path: Path) -> tuple[Request, int]:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise BadRequest("not_regular", "", f"is {_kind(st.st_mode)}, not a regular file")
+            what = taskfiles.kind(st.st_mode)
+            raise BadRequest("not_regular", "", f"is {what}, not a regular file")
         # Its owner is the requester: it must be that user's own file, which nobody else
         # could have written (as intake's rules for a dropped file).
         if st.st_nlink > 1:
@@ -331,16 +332,6 @@ def unschedule_file(spool: Spool, name: str) -> bool:
     atomic.fsync_dir(spool.schedules)
     access.forget_schedule(spool, name)
     return True
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "a special file"
 
 
 def _json_kind(doc: object) -> str:

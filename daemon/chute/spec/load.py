@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from chute.spec.yaml12 import NULL_TAG, TAG, CoreLoader, Loader, core_value
+from chute.store import taskfiles
 from chute.units import format_size
 
 MAX_DEPTH = 64
@@ -135,7 +136,7 @@ def read_file(path: str | Path, *, max_file_size: int, display_name: str | None 
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise fail(f"is {_file_type(st.st_mode)}, not a regular file; drop a YAML file")
+            raise fail(f"is {taskfiles.kind(st.st_mode)}, not a regular file; drop a YAML file")
         if st.st_size > max_file_size:
             raise fail(
                 f"is {format_size(st.st_size)} ({st.st_size} bytes), over the limit of "
@@ -154,18 +155,6 @@ def read_file(path: str | Path, *, max_file_size: int, display_name: str | None 
         raise fail(f"cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
-
-
-def _file_type(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
 
 
 def _line_at(data: bytes, offset: int) -> int:
